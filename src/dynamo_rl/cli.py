@@ -1,0 +1,63 @@
+"""``dynamo-rl``: the command line. A thin shell: every command calls one library function.
+
+Commands: ``train`` (GRPO), ``serve`` (the embedded Dynamo stack), ``k8s ...`` (DGD +
+KubeRay launcher).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="dynamo-rl",
+    help="GRPO post-training with rollouts served by an NVIDIA Dynamo inference graph.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml")],
+    run_dir: Annotated[Optional[str], typer.Option(help="output directory (default runs/<name>-<time>)")] = None,
+) -> None:
+    """Run GRPO. Extra arguments are dotted overrides: grpo.num_steps=20 +generation.dynamo.dgd_name=x.
+
+    Starts the embedded Dynamo stack (frontend + workers on 127.0.0.1) unless the recipe
+    sets generation.dynamo.frontend_url or generation.dynamo.dgd_name.
+    """
+    from dynamo_rl.config import ConfigError, load_recipe
+    from dynamo_rl.rl.loop import run_training
+
+    try:
+        cfg = load_recipe(recipe, list(ctx.args))
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    code = run_training(cfg, recipe_path=recipe, run_dir=run_dir)
+    raise typer.Exit(code)
+
+
+def _mount_subcommands() -> None:
+    try:
+        from dynamo_rl.serving.cli import serve
+    except ImportError:  # pragma: no cover - module not built yet
+        pass
+    else:
+        app.command()(serve)
+    try:
+        from dynamo_rl.k8s.cli import app as k8s_app
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        app.add_typer(k8s_app, name="k8s", help="Kubernetes: DGD + KubeRay RayCluster/RayJob launcher.")
+
+
+_mount_subcommands()
+
+if __name__ == "__main__":
+    app()

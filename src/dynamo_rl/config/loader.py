@@ -1,0 +1,108 @@
+"""Load a recipe from YAML, apply dotted overrides, validate, and explain errors.
+
+Merge order: schema defaults ← YAML file ← overrides in the order given. An override is
+``a.b.c=VALUE`` (the key must exist in the schema) or ``+a.b.c=VALUE`` (the same; the
+``+`` is accepted for Hydra habits and also creates intermediate sections that are null).
+``VALUE`` is parsed as YAML (``3``, ``1e-3``, ``true``, ``null``, ``[1, 2]``, ``text``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ValidationError
+
+from dynamo_rl.config.schema import Recipe
+
+
+class ConfigError(ValueError):
+    """A recipe could not be read or validated; the message names the key and the fix."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one YAML mapping. Raises :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return ``data`` with each ``[+]dotted.key=value`` override applied (new dict).
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    cfg = OmegaConf.create(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("+")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. grpo.num_steps=20)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = Recipe) -> str:
+    """One line per problem: ``source: dotted.key: what is wrong (and the likely fix)``."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else (
+                f"; known keys here: {', '.join(known)}" if known else "")
+            lines.append(f"{source}: {key}: unknown key{hint}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        path: YAML file, or None for the schema defaults.
+        overrides: ``["grpo.num_steps=20", "+generation.dynamo.dgd_name=x"]``.
+    Returns:
+        A validated :class:`Recipe`.
+    Raises:
+        ConfigError: unreadable file, malformed override, unknown key (with a suggestion),
+            or a value of the wrong type; the message names the key.
+    """
+    source = str(path) if path is not None else "recipe"
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None

@@ -1,0 +1,161 @@
+"""The recipe: one pydantic model per section, unknown keys rejected (``extra="forbid"``).
+
+Sections: ``policy`` (model, dtype, optimizer, warm start), ``generation`` (backend,
+Dynamo endpoint, sampling), ``grpo`` (algorithm), ``refit`` (transport), ``task``
+(reward), ``logging`` (run directory, TensorBoard, W&B), ``cluster`` (the embedded
+Dynamo stack's workers).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModel(_Section):
+    """Shapes of the locally built tiny Qwen3 model (see ``dynamo_rl.models.tiny``)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+
+class OptimizerConfig(_Section):
+    """AdamW settings. ``lr`` in units of the parameters per step."""
+
+    lr: float = Field(5e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables")
+
+
+class WarmStartConfig(_Section):
+    """Supervised warm start on the task's reference answers, fixed by step count."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+
+
+class PolicyConfig(_Section):
+    """The trained policy. ``model_path`` (a HF checkpoint dir) or, when null, the tiny model."""
+
+    model_path: str | None = None
+    tiny: TinyModel = TinyModel()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    num_threads: int = Field(1, ge=1, description="torch intra-op threads of the trainer")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+
+
+class DynamoConfig(_Section):
+    """Where the Dynamo frontend is: ``dgd_name`` (in-cluster) **or** ``frontend_url``.
+
+    With ``dgd_name`` the URL is ``http://<dgd_name>-frontend.<namespace>.svc.cluster.local:<frontend_port>``
+    (the Service the Dynamo operator creates for a DGD's frontend); it resolves only inside
+    a pod of that cluster. ``frontend_url`` works anywhere. With neither, ``dynamo-rl
+    train`` starts the embedded local stack and fills ``frontend_url`` itself.
+    """
+
+    dgd_name: str | None = None
+    namespace: str = "default"
+    frontend_port: int = Field(8000, gt=0, lt=65536)
+    frontend_url: str | None = None
+    model: str | None = Field(None, description="served model name; discovered from /v1/models when null")
+
+    @model_validator(mode="after")
+    def _one_endpoint(self):
+        if self.dgd_name and self.frontend_url:
+            raise ValueError(
+                "generation.dynamo: set either dgd_name (in-cluster) or frontend_url, not both"
+            )
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        """True when the recipe points at an existing deployment (no embedded stack)."""
+        return bool(self.dgd_name or self.frontend_url)
+
+
+class SamplingConfig(_Section):
+    """Sampling for rollouts. Logprobs are always of the raw (temperature-1) distribution."""
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    max_tokens: int = Field(8, gt=0)
+
+
+class GenerationConfig(_Section):
+    backend: Literal["dynamo"] = "dynamo"
+    dynamo: DynamoConfig = DynamoConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    max_concurrency: int = Field(64, gt=0, description="requests in flight on one HTTP client")
+    request_timeout_s: float = Field(60.0, gt=0)
+    retry_deadline_s: float = Field(30.0, ge=0, description="retry connection errors/502/503 this long")
+
+
+class GRPOConfig(_Section):
+    num_steps: int = Field(60, ge=0)
+    prompts_per_step: int = Field(16, gt=0)
+    samples_per_prompt: int = Field(8, ge=2, description="group size; advantages are normalized per group")
+    clip_eps: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the reference policy; 0 disables")
+    updates_per_batch: int = Field(2, ge=1)
+    loop: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(1, ge=0, description="async: drop samples older than this many versions")
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="greedy eval every N steps through the frontend; 0 disables")
+    eval_prompts: int = Field(64, gt=0)
+
+
+class RefitConfig(_Section):
+    transport: Literal["shm", "dist", "nixl", "checkpoint"] = "shm"
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class TaskConfig(_Section):
+    name: Literal["reverse_digits", "multiturn_reverse"] = "reverse_digits"
+    num_digits: int = Field(3, ge=1, le=12)
+    turns: int = Field(2, ge=1, description="multiturn tasks: user turns per episode")
+
+
+class LoggingConfig(_Section):
+    run_dir: str | None = Field(None, description="default: runs/<recipe>-<timestamp>")
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "dynamo-rl"
+
+
+class ClusterConfig(_Section):
+    """The embedded local Dynamo stack (ignored when generation points at a deployment)."""
+
+    workers: int = Field(2, ge=1)
+    worker_threads: int = Field(1, ge=1, description="torch threads per worker process")
+    worker_device: str = "cpu"
+    startup_timeout_s: float = Field(180.0, gt=0)
+
+
+class Recipe(_Section):
+    """A whole training recipe. See ``examples/grpo_tiny.yaml``."""
+
+    name: str = "grpo"
+    policy: PolicyConfig = PolicyConfig()
+    generation: GenerationConfig = GenerationConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    refit: RefitConfig = RefitConfig()
+    task: TaskConfig = TaskConfig()
+    logging: LoggingConfig = LoggingConfig()
+    cluster: ClusterConfig = ClusterConfig()

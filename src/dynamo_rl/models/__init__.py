@@ -1,0 +1,20 @@
+"""Model and tokenizer construction and loading (HF format, safetensors).
+
+Owns: the tiny Qwen3-architecture model and character tokenizer built locally for the
+embedded default and the tests, and the ordinary HF loading path used for any checkpoint
+directory. Must not import any other ``dynamo_rl`` module.
+"""
+
+from dynamo_rl.models.chat import splice_required_prefix
+from dynamo_rl.models.loading import load_model, load_tokenizer, save_checkpoint
+from dynamo_rl.models.tiny import TinyModelSpec, build_tiny_model, ensure_tiny_model
+
+__all__ = [
+    "TinyModelSpec",
+    "build_tiny_model",
+    "ensure_tiny_model",
+    "load_model",
+    "load_tokenizer",
+    "save_checkpoint",
+    "splice_required_prefix",
+]
