@@ -1,0 +1,636 @@
+"""The launcher's flows: render a plan, ``up``, ``down``, ``run`` — with rollback.
+
+Order and lifetimes (issue 7):
+
+* **RayCluster mode** (``run --raycluster``): the training RayCluster first; then each
+  DGD carrying a non-controlling ownerReference to it (``manifests.owner_reference``);
+  wait until the cluster is provisioned and every DGD passes the three readiness gates
+  (``readiness``); then submit the driver through the Ray dashboard
+  (``POST /api/jobs/``) and, unless told not to wait, follow it to the end.
+* **RayJob mode** (``run --rayjob``): the DGDs first; wait for readiness; apply the
+  RayJob; read ``.status.rayClusterName`` (KubeRay adds a random suffix); patch the
+  ownerReference to that cluster onto each DGD; follow the RayJob (``status.rayjob_outcome``),
+  submitting the driver through the dashboard with ``submission_id = status.jobId`` when
+  the operator has not done so ``launch.submissionGraceS`` seconds after the cluster
+  is provisioned.
+
+Deleting the training RayCluster (``down``, or KubeRay's ``shutdownAfterJobFinishes``)
+garbage-collects the DGDs and frees the inference GPUs.
+
+**Rollback**: any failure (or Ctrl-C) before the driver is running deletes, in reverse
+order, every object this run *created* (objects it found and reused are left alone).
+A driver that fails is not a launch failure: its exit code is returned.
+
+The trainer is started as ``<launch.command> <recipe>`` with the recipe stamped
+(``manifests.stamp_recipe``) and written in the head pod by the entrypoint. All waits
+are bounded loops with a deadline and a poll interval in seconds (``Timing``).
+
+Imports every other ``k8s`` module except ``cli``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import httpx
+import yaml
+
+from .api import Applied, Kube, in_pod
+from .errors import CRDMissingError, JobFailed, K8sError, KubeApiError, ManifestError, WaitTimeout
+from .manifests import (
+    RAY_API,
+    ObjRef,
+    driver_entrypoint,
+    guess_served_model,
+    owner_reference,
+    render_deployment,
+    render_dgd,
+    render_raycluster,
+    render_rayjob,
+    stamp_recipe,
+)
+from .readiness import Readiness, wait_dgd_ready
+from .schema import Infra
+from .status import JobOutcome, raycluster_provisioned, rayjob_cluster_name, rayjob_outcome
+from .validate import validate_manifest
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+DASHBOARD_PORT = 8265  # KubeRay head service port name "dashboard"
+
+
+@dataclass
+class Timing:
+    """Poll interval and deletion bound, in seconds. Readiness/job bounds come from the infra file."""
+
+    poll_s: float = 5.0
+    gone_timeout_s: float = 300.0
+
+
+@dataclass
+class Plan:
+    """Everything one command would send, rendered and validated against the CRDs.
+
+    ``rayclusters``/``dgds``/``deployments`` map ``role``/``key`` → manifest; ``rayjob`` is
+    set in RayJob mode; ``recipe`` is the stamped recipe (``run`` only).
+    """
+
+    infra: Infra
+    mode: str | None
+    rayclusters: dict[str, dict] = field(default_factory=dict)
+    dgds: dict[str, dict] = field(default_factory=dict)
+    deployments: dict[str, dict] = field(default_factory=dict)
+    rayjob: dict | None = None
+    recipe: dict | None = None
+
+    def manifests(self) -> list[dict]:
+        """In the order they are applied."""
+        if self.mode == "rayjob":
+            return [*self.dgds.values(), *([self.rayjob] if self.rayjob else []), *self.deployments.values()]
+        return [*self.rayclusters.values(), *self.dgds.values(), *self.deployments.values()]
+
+    def served_model(self, key: str) -> str | None:
+        g = self.infra.dynamo[key]
+        return g.served_model_name or guess_served_model(self.dgds[key])
+
+
+def parse_targets(infra: Infra, targets: Iterable[str] | None) -> tuple[list[str], list[str]]:
+    """``["dynamo.<key>", "kuberay.<role>"]`` → (roles, dgd keys). None/empty → everything.
+
+    Raises :class:`ManifestError` on an unknown target.
+    """
+    targets = list(targets or [])
+    if not targets:
+        return list(infra.kuberay), list(infra.dynamo)
+    roles, keys = [], []
+    for t in targets:
+        section, _, name = t.partition(".")
+        if section == "kuberay" and name in infra.kuberay:
+            roles.append(name)
+        elif section == "dynamo" and name in infra.dynamo:
+            keys.append(name)
+        else:
+            known = [f"kuberay.{r}" for r in infra.kuberay] + [f"dynamo.{k}" for k in infra.dynamo]
+            raise ManifestError(f"unknown target {t!r}; the infra file declares {known}")
+    return roles, keys
+
+
+def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str] | None = None,
+                recipe: dict | None = None, recipe_overrides: Iterable[str] = (), validate: bool = True) -> Plan:
+    """Render (and by default validate against the CRDs) what a command would send.
+
+    ``mode`` None (``up``/``render``): a RayCluster per targeted role. ``raycluster``/``rayjob``
+    (``run``): only ``launch.role``, as a RayCluster or as a RayJob whose entrypoint runs
+    the stamped ``recipe``. Raises :class:`ManifestError`, :class:`SchemaValidationError`.
+    """
+    roles, keys = parse_targets(infra, targets)
+    plan = Plan(infra, mode)
+    for key in keys:
+        plan.dgds[key] = render_dgd(infra, key)
+    if mode is not None:
+        role = infra.launch.role
+        if role not in infra.kuberay:
+            raise ManifestError(f"launch.role is {role!r} but the infra file has no kuberay.{role}")
+        plan.recipe = stamp_recipe(recipe or {}, list(plan.dgds.values()),
+                                   {m["metadata"]["name"]: infra.dynamo[k].frontend_port for k, m in plan.dgds.items()})
+        if mode == "rayjob":
+            plan.rayjob = render_rayjob(infra, role, _entrypoint(infra, plan.recipe, recipe_overrides))
+        else:
+            plan.rayclusters[role] = render_raycluster(infra, role)
+    else:
+        for role in roles:
+            plan.rayclusters[role] = render_raycluster(infra, role)
+        if not targets:
+            for key in infra.deployments:
+                plan.deployments[key] = render_deployment(infra, key)
+    if validate:
+        for role, m in plan.rayclusters.items():
+            validate_manifest(m, source=f"kuberay.{role}")
+        for key, m in plan.dgds.items():
+            g = infra.dynamo[key]
+            validate_manifest(m, source=f"dynamo.{key} ({g.manifest or 'inline spec'}{' + overrides' if g.overrides else ''})")
+        if plan.rayjob is not None:
+            validate_manifest(plan.rayjob, source=f"kuberay.{infra.launch.role} as a RayJob (+ launch.rayJob)")
+    return plan
+
+
+def _entrypoint(infra: Infra, recipe: dict, overrides: Iterable[str]) -> str:
+    env = " ".join(f"{k}={json.dumps(v)}" for k, v in infra.launch.env.items())
+    cmd = f"env {env} {infra.launch.command}" if env else infra.launch.command
+    return driver_entrypoint(recipe, cmd, infra.launch.recipe_path, overrides)
+
+
+def load_recipe_dict(path: str | Path) -> dict:
+    """The recipe YAML as a plain mapping (stamping edits it as a dict). Raises :class:`ManifestError`."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: the recipe is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ManifestError(f"{path}: the recipe must be a mapping")
+    return data or {}
+
+
+# ------------------------------------------------------------------ rollback
+
+
+class Rollback:
+    """Records what this run created; :meth:`undo` deletes it in reverse order.
+
+    Deletion failures are logged and collected in ``errors`` (never raised), so the
+    original failure is what the caller sees.
+    """
+
+    def __init__(self, kube: Kube, progress: Progress):
+        self.kube = kube
+        self.progress = progress
+        self.created: list[ObjRef] = []
+        self.errors: list[str] = []
+
+    def record(self, applied: Applied) -> Applied:
+        if applied.created:
+            self.created.append(ObjRef.of(applied.obj))
+        return applied
+
+    def undo(self) -> list[ObjRef]:
+        done = []
+        for ref in reversed(self.created):
+            try:
+                self.kube.delete(ref)
+                done.append(ref)
+                self.progress(f"rollback: deleted {ref}")
+            except K8sError as e:
+                self.errors.append(str(e))
+                log.error("rollback: could not delete %s: %s", ref, e)
+        self.created.clear()
+        return done
+
+
+# ------------------------------------------------------------------ dashboard
+
+
+def dashboard(kube: Kube, namespace: str, cluster: str, method: str, path: str,
+              body: dict | None = None, *, in_cluster: bool | None = None) -> tuple[int, dict | str]:
+    """Call the Ray dashboard of ``cluster`` (Service ``<cluster>-head-svc:8265``, KubeRay naming)
+    in-cluster or through the API server proxy. Returns ``(status, JSON or text)``."""
+    svc = f"{cluster}-head-svc"
+    if in_cluster if in_cluster is not None else in_pod():
+        url = f"http://{svc}.{namespace}.svc.cluster.local:{DASHBOARD_PORT}/{path.lstrip('/')}"
+        try:
+            r = httpx.request(method, url, json=body, timeout=30)
+            status, text = r.status_code, r.text
+        except httpx.HTTPError as e:
+            return 0, str(e)
+    else:
+        status, text = kube.proxy(method, namespace, svc, DASHBOARD_PORT, path, body, timeout_s=30)
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def submit_driver(kube: Kube, namespace: str, cluster: str, entrypoint: str, submission_id: str,
+                  env: dict[str, str] | None = None) -> str:
+    """Submit the driver through the Ray Jobs REST API (``POST /api/jobs/``) with ``submission_id``.
+
+    Idempotent: an existing job with that id counts as submitted. Raises :class:`KubeApiError`.
+    """
+    body: dict = {"entrypoint": entrypoint, "submission_id": submission_id}
+    if env:
+        body["runtime_env"] = {"env_vars": dict(env)}
+    status, data = dashboard(kube, namespace, cluster, "POST", "api/jobs/", body)
+    if 200 <= status < 300:
+        return submission_id
+    st, _ = dashboard(kube, namespace, cluster, "GET", f"api/jobs/{submission_id}")
+    if st == 200:
+        return submission_id
+    raise KubeApiError(f"submitting the driver to RayCluster {cluster}'s dashboard failed: HTTP {status}: {str(data)[:300]}", status)
+
+
+def dashboard_outcome(info: dict) -> JobOutcome:
+    """A Ray Jobs API job record (``status``, ``message``, ``driver_exit_code``) as a :class:`JobOutcome`."""
+    st = info.get("status") or ""
+    code = info.get("driver_exit_code")
+    summary = f"job {info.get('submission_id') or info.get('job_id')}: {st}" + (f" ({info.get('message')})" if info.get("message") else "")
+    if st == "SUCCEEDED":
+        return JobOutcome(True, True, 0, summary)
+    if st in ("FAILED", "STOPPED"):
+        return JobOutcome(True, False, code if isinstance(code, int) and code != 0 else 1, summary)
+    return JobOutcome(False, False, 1, summary)
+
+
+# ------------------------------------------------------------------ flows
+
+
+@dataclass
+class RunResult:
+    """What ``run`` did: the mode, the objects created, the training cluster, the
+    submission/job id, and — when it waited — the driver's outcome and exit code."""
+
+    mode: str
+    created: list[str]
+    cluster: str | None = None
+    job_id: str | None = None
+    outcome: JobOutcome | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.outcome is None else self.outcome.exit_code
+
+
+def _log(msg: str) -> None:
+    log.info("%s", msg)
+
+
+def _with_owner(dgd: dict, owner: dict) -> dict:
+    m = copy.deepcopy(dgd)
+    refs = [r for r in m["metadata"].get("ownerReferences") or [] if r.get("uid") != owner["metadata"]["uid"]]
+    m["metadata"]["ownerReferences"] = refs + [owner_reference(owner)]
+    return m
+
+
+def attach_owner(kube: Kube, dgd_ref: ObjRef, owner: dict) -> dict:
+    """Add a non-controlling ownerReference to ``owner`` onto a live DGD (merge patch of
+    ``metadata.ownerReferences``, existing references kept; ``resourceVersion`` sent so a
+    concurrent change fails with 409 instead of being overwritten). No-op when present."""
+    live = kube.get(dgd_ref)
+    if live is None:
+        raise KubeApiError(f"{dgd_ref} vanished before its ownerReference could be set", 404)
+    refs = (live.get("metadata") or {}).get("ownerReferences") or []
+    if any(r.get("uid") == owner["metadata"]["uid"] for r in refs):
+        return live
+    body = {"metadata": {"resourceVersion": live["metadata"].get("resourceVersion"),
+                         "ownerReferences": refs + [owner_reference(owner)]}}
+    if body["metadata"]["resourceVersion"] is None:
+        del body["metadata"]["resourceVersion"]
+    return kube.patch(dgd_ref, body)
+
+
+def wait_raycluster(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: float) -> dict:
+    """Poll until the RayCluster is provisioned (``status.raycluster_provisioned``). Raises :class:`WaitTimeout`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rc = kube.get(ref)
+        if rc is not None and raycluster_provisioned(rc.get("status") or {}):
+            return rc
+        if time.monotonic() >= deadline:
+            st = (rc or {}).get("status") or {}
+            raise WaitTimeout(f"{ref} not provisioned after {timeout_s:.0f}s (state {st.get('state')!r}, "
+                              f"conditions {[(c.get('type'), c.get('status')) for c in st.get('conditions') or []]}); "
+                              "raise launch.clusterReadyTimeoutS or check `kubectl describe raycluster`")
+        time.sleep(poll_s)
+
+
+def _apply_dgds(kube: Kube, plan: Plan, rb: Rollback, owner: dict | None, recreate: bool,
+                timing: Timing, progress: Progress) -> dict[str, ObjRef]:
+    refs = {}
+    for key, m in plan.dgds.items():
+        body = _with_owner(m, owner) if owner is not None else m
+        a = rb.record(kube.apply(body, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
+        ref = ObjRef.of(a.obj)
+        progress(f"dynamo.{key}: {ref} {a.action}")
+        if owner is not None and not a.created:
+            attach_owner(kube, ref, owner)
+        refs[key] = ref
+    return refs
+
+
+def _wait_dgds(kube: Kube, plan: Plan, refs: dict[str, ObjRef], timing: Timing, progress: Progress) -> None:
+    for key, ref in refs.items():
+        g = plan.infra.dynamo[key]
+        last: list[str] = []
+
+        def note(r: Readiness, last=last) -> None:
+            d = r.describe()
+            if not last or last[-1] != d:
+                last.append(d)
+                progress(d)
+
+        wait_dgd_ready(kube, ref, plan.served_model(key), g.frontend_port,
+                       timeout_s=g.ready_timeout_s, poll_s=timing.poll_s, on_progress=note)
+        progress(f"dynamo.{key}: {ref.name} ready")
+
+
+def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recreate: bool = False,
+       wait: bool = True, timing: Timing | None = None, progress: Progress = _log) -> Plan:
+    """Bring up the targeted RayClusters, then the targeted DGDs (owned by the
+    ``launch.role`` RayCluster when it exists), and wait for readiness unless ``wait`` is False.
+
+    Rolls back what it created on any failure, then re-raises it.
+    """
+    timing = timing or Timing()
+    plan = render_plan(infra, targets=targets)
+    if plan.deployments:
+        progress(f"note: deployments {sorted(plan.deployments)} are rendered but not applied by this launcher")
+    rb = Rollback(kube, progress)
+    try:
+        clusters = {}
+        for role, m in plan.rayclusters.items():
+            a = rb.record(kube.apply(m, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
+            progress(f"kuberay.{role}: {ObjRef.of(a.obj)} {a.action}")
+            clusters[role] = a.obj
+        owner = clusters.get(infra.launch.role)
+        if owner is None and plan.dgds and infra.launch.role in infra.kuberay:
+            owner = kube.get(ObjRef(RAY_API, "RayCluster", infra.namespace, infra.kuberay[infra.launch.role].name))
+        if owner is None and plan.dgds:
+            progress("note: no training RayCluster exists; the DGDs get no owner and live until `down`")
+        refs = _apply_dgds(kube, plan, rb, owner, recreate, timing, progress)
+        if wait:
+            for role, rc in clusters.items():
+                wait_raycluster(kube, ObjRef.of(rc), infra.launch.cluster_ready_timeout_s, timing.poll_s)
+                progress(f"kuberay.{role}: provisioned")
+            _wait_dgds(kube, plan, refs, timing, progress)
+    except BaseException:
+        rb.undo()
+        raise
+    return plan
+
+
+def down(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, wait: bool = True,
+         timing: Timing | None = None, progress: Progress = _log) -> list[str]:
+    """Delete the targeted DGDs, then the RayJobs/RayClusters of the targeted roles
+    (reverse of creation). Absent objects are skipped. With ``wait``, blocks until each is
+    gone (``Timing.gone_timeout_s``). Returns what was deleted."""
+    timing = timing or Timing()
+    roles, keys = parse_targets(infra, targets)
+    refs: list[ObjRef] = []
+    for key in keys:
+        refs.append(ObjRef.of(render_dgd(infra, key)))
+    for role in roles:
+        name = infra.kuberay[role].name
+        refs += [ObjRef(RAY_API, "RayJob", infra.namespace, name), ObjRef(RAY_API, "RayCluster", infra.namespace, name)]
+    deleted = []
+    for ref in refs:
+        if kube.delete(ref):
+            deleted.append(str(ref))
+            progress(f"deleted {ref}")
+    if wait:
+        for ref in refs:
+            kube.wait_gone(ref, timing.gone_timeout_s, timing.poll_s)
+    return deleted
+
+
+def run(kube: Kube, infra: Infra, recipe_path: str | Path | None, *, mode: str | None = None,
+        recipe_overrides: Iterable[str] = (), recreate: bool = False, wait: bool = True,
+        timing: Timing | None = None, progress: Progress = _log) -> RunResult:
+    """Launch inference and training in the order of ``mode`` (default ``launch.mode``).
+
+    Returns a :class:`RunResult`; with ``wait`` its ``exit_code`` is the driver's. Any
+    failure before the driver runs rolls back what this run created and is re-raised:
+    :class:`ManifestError`/:class:`SchemaValidationError` (nothing sent),
+    :class:`CRDMissingError`, :class:`KubeApiError`, :class:`WaitTimeout`,
+    :class:`DeploymentFailed`.
+    """
+    timing = timing or Timing()
+    mode = mode or infra.launch.mode
+    recipe = load_recipe_dict(recipe_path) if recipe_path else {}
+    plan = render_plan(infra, mode=mode, recipe=recipe, recipe_overrides=recipe_overrides)
+    rb = Rollback(kube, progress)
+    try:
+        if mode == "raycluster":
+            return _run_raycluster(kube, plan, rb, recreate, wait, timing, progress)
+        return _run_rayjob(kube, plan, rb, recreate, wait, timing, progress)
+    except BaseException:
+        rb.undo()
+        raise
+
+
+def _run_raycluster(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool,
+                    timing: Timing, progress: Progress) -> RunResult:
+    infra = plan.infra
+    role = infra.launch.role
+    a = rb.record(kube.apply(plan.rayclusters[role], recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
+    rc = a.obj
+    rc_ref = ObjRef.of(rc)
+    progress(f"kuberay.{role}: {rc_ref} {a.action}")
+    dgd_refs = _apply_dgds(kube, plan, rb, rc, recreate, timing, progress)
+    wait_raycluster(kube, rc_ref, infra.launch.cluster_ready_timeout_s, timing.poll_s)
+    progress(f"kuberay.{role}: provisioned")
+    _wait_dgds(kube, plan, dgd_refs, timing, progress)
+    sid = f"dynamo-rl-{rc_ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    entry = _entrypoint(infra, plan.recipe or {}, ())
+    submit_driver(kube, infra.namespace, rc_ref.name, entry, sid)
+    progress(f"driver submitted to {rc_ref.name} as {sid}")
+    result = RunResult("raycluster", [str(r) for r in rb.created], rc_ref.name, sid)
+    rb.created.clear()  # the driver runs: from here on, objects stay for `down`
+    if wait:
+        result.outcome = follow_dashboard_job(kube, infra.namespace, rc_ref.name, sid,
+                                              infra.launch.job_timeout_s, timing.poll_s, progress)
+    return result
+
+
+def follow_dashboard_job(kube: Kube, namespace: str, cluster: str, submission_id: str,
+                         timeout_s: float, poll_s: float, progress: Progress = _log) -> JobOutcome:
+    """Poll ``GET /api/jobs/<id>`` until the job ends. Raises :class:`WaitTimeout`."""
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        status, info = dashboard(kube, namespace, cluster, "GET", f"api/jobs/{submission_id}")
+        if status == 200 and isinstance(info, dict):
+            out = dashboard_outcome(info)
+            if out.summary != last:
+                progress(out.summary)
+                last = out.summary
+            if out.terminal:
+                return out
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"driver {submission_id} on {cluster} still running after {timeout_s:.0f}s", last=last)
+        time.sleep(poll_s)
+
+
+def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool,
+                timing: Timing, progress: Progress) -> RunResult:
+    infra = plan.infra
+    assert plan.rayjob is not None
+    dgd_refs = _apply_dgds(kube, plan, rb, None, recreate, timing, progress)
+    _wait_dgds(kube, plan, dgd_refs, timing, progress)
+    a = rb.record(kube.apply(plan.rayjob, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
+    job_ref = ObjRef.of(a.obj)
+    progress(f"kuberay.{infra.launch.role}: {job_ref} {a.action}")
+    cluster, job = _wait_rayjob_cluster(kube, job_ref, infra.launch.cluster_ready_timeout_s, timing.poll_s)
+    rc = kube.get(ObjRef(RAY_API, "RayCluster", infra.namespace, cluster))
+    if rc is None:
+        raise KubeApiError(f"RayJob {job_ref.name} names cluster {cluster}, which does not exist", 404)
+    for key, ref in dgd_refs.items():
+        attach_owner(kube, ref, rc)
+        progress(f"dynamo.{key}: owned by RayCluster {cluster}")
+    result = RunResult("rayjob", [str(r) for r in rb.created], cluster, (job.get("status") or {}).get("jobId"))
+    rb.created.clear()  # the RayJob owns the run now; its cluster owns the DGDs
+    if wait:
+        result.outcome = follow_rayjob(kube, job_ref, infra.launch.submission_grace_s,
+                                       infra.launch.job_timeout_s, timing.poll_s, progress)
+        result.job_id = result.job_id or ((kube.get(job_ref) or {}).get("status") or {}).get("jobId")
+    return result
+
+
+def _wait_rayjob_cluster(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: float) -> tuple[str, dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = kube.get(ref)
+        if job is None:
+            raise KubeApiError(f"{ref} vanished while waiting for its RayCluster", 404)
+        name = rayjob_cluster_name(kube, job)
+        if name:
+            return name, job
+        out = rayjob_outcome(job)
+        if out.terminal:
+            raise JobFailed(f"{ref} ended before its RayCluster appeared: {out.summary}")
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"{ref}: KubeRay set no status.rayClusterName within {timeout_s:.0f}s "
+                              f"({out.summary}); is the KubeRay operator running?")
+        time.sleep(poll_s)
+
+
+def follow_rayjob(kube: Kube, ref: ObjRef, grace_s: float, timeout_s: float, poll_s: float,
+                  progress: Progress = _log) -> JobOutcome:
+    """Poll a RayJob until :func:`status.rayjob_outcome` says terminal.
+
+    Fallback: once the job's cluster is provisioned, if ``grace_s`` seconds pass with no
+    ``jobStatus`` and the dashboard has no job ``status.jobId``, submit
+    ``spec.entrypoint`` through the dashboard with ``submission_id = jobId`` (once) — the
+    operator's submitter then finds the job and follows it. Raises :class:`WaitTimeout`.
+    """
+    deadline = time.monotonic() + timeout_s
+    provisioned_at: float | None = None
+    fallback_done = False
+    last = ""
+    while True:
+        job = kube.get(ref)
+        if job is None:
+            raise KubeApiError(f"{ref} was deleted while the driver ran", 404)
+        out = rayjob_outcome(job)
+        if out.summary != last:
+            progress(f"{ref.name}: {out.summary}")
+            last = out.summary
+        if out.terminal:
+            return out
+        st = job.get("status") or {}
+        if provisioned_at is None and raycluster_provisioned(st.get("rayClusterStatus") or {}):
+            provisioned_at = time.monotonic()
+        if (not fallback_done and provisioned_at is not None and not st.get("jobStatus") and st.get("jobId")
+                and st.get("rayClusterName") and time.monotonic() - provisioned_at >= grace_s):
+            fallback_done = True
+            code, _ = dashboard(kube, ref.namespace, st["rayClusterName"], "GET", f"api/jobs/{st['jobId']}")
+            if code == 404:
+                progress(f"{ref.name}: the operator has not submitted {st['jobId']} after {grace_s:.0f}s; submitting it through the dashboard")
+                submit_driver(kube, ref.namespace, st["rayClusterName"], job["spec"]["entrypoint"], st["jobId"])
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"{ref} not finished after {timeout_s:.0f}s ({out.summary})", last=out.summary)
+        time.sleep(poll_s)
+
+
+INSTALL_HINTS = {
+    "dynamographdeployments": "install the NVIDIA Dynamo Kubernetes platform (its Helm chart installs the "
+    "Dynamo operator and the DynamoGraphDeployment CRD), as the Dynamo deployment guide describes",
+    "rayclusters": "install the KubeRay operator: `helm repo add kuberay https://ray-project.github.io/kuberay-helm/ "
+    "&& helm install kuberay-operator kuberay/kuberay-operator`",
+}
+INSTALL_HINTS["rayjobs"] = INSTALL_HINTS["rayclusters"]
+
+
+@dataclass
+class CheckReport:
+    """What ``check`` found: the rendered plan (RayCluster mode view plus the RayJob),
+    the CRD probe results (``plural`` → state) and warnings."""
+
+    plan: Plan
+    rayjob: dict | None
+    crds: dict[str, str]
+    warnings: list[str]
+
+
+def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None) -> CheckReport:
+    """Render and validate everything (RayClusters, DGDs, the RayJob of ``launch.role``),
+    then, when ``kube`` is given, probe the CRDs.
+
+    Raises :class:`ManifestError`/:class:`SchemaValidationError` for bad manifests and
+    :class:`CRDMissingError` (with an install hint) when a needed CRD is missing. A CRD
+    that answers 403 counts as installed (a warning says list permission is missing).
+    """
+    plan = render_plan(infra)
+    rayjob = None
+    warnings: list[str] = []
+    if infra.launch.role in infra.kuberay:
+        rj = render_plan(infra, mode="rayjob", recipe=recipe or {})
+        rayjob = rj.rayjob
+    elif infra.kuberay:
+        warnings.append(f"launch.role {infra.launch.role!r} is not a kuberay role; `run` will fail")
+    for key, m in plan.dgds.items():
+        if plan.served_model(key) is None:
+            warnings.append(f"dynamo.{key}: served model name unknown; readiness accepts any model listed "
+                            "by the frontend (set servedModelName)")
+    crds: dict[str, str] = {}
+    if kube is not None:
+        dgd_versions = sorted({m["apiVersion"].split("/")[1] for m in plan.dgds.values()}) or ["v1alpha1"]
+        probes = [("nvidia.com", v, "dynamographdeployments") for v in dgd_versions]
+        if infra.kuberay:
+            probes += [("ray.io", "v1", "rayclusters"), ("ray.io", "v1", "rayjobs")]
+        missing = []
+        for group, version, plural in probes:
+            state = kube.probe_crd(group, version, plural, infra.namespace)
+            crds[f"{plural}.{group}/{version}"] = state
+            if state == "missing":
+                missing.append(f"{plural}.{group}/{version}: {INSTALL_HINTS[plural]}")
+            elif state == "installed-no-list-permission":
+                warnings.append(f"{plural}.{group}/{version} is installed but you may not list it in "
+                                f"namespace {infra.namespace}; `status`/`down` need get/list/delete on it")
+        if missing:
+            raise CRDMissingError("missing CRD(s) in the cluster:\n  " + "\n  ".join(missing))
+    return CheckReport(plan, rayjob, crds, warnings)
+
+
+__all__ = [
+    "Plan", "RunResult", "Rollback", "Timing", "render_plan", "up", "down", "run", "attach_owner",
+    "follow_rayjob", "follow_dashboard_job", "check", "CheckReport", "submit_driver", "wait_raycluster", "load_recipe_dict",
+    "CRDMissingError",
+]

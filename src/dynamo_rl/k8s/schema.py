@@ -1,0 +1,217 @@
+"""Infra schema: what to run on Kubernetes (pydantic, ``extra="forbid"``).
+
+Owns the shape of the *infra* YAML file (not the training recipe): the namespace and
+defaults, the KubeRay roles (``kuberay.<role>`` → a RayClusterSpec), plain Kubernetes
+``deployments``, the Dynamo graphs (``dynamo.<key>`` → a DGD manifest file or inline
+spec, an optional name override and ``overrides`` deep-merged onto ``.spec``), and how
+the trainer is launched. Keys are camelCase like the Kubernetes objects they feed and
+like the ``nrl-k8s`` infra files this format descends from.
+
+Merge order of a DGD (applied by ``manifests.render_dgd``): the manifest file (or
+inline ``spec``) → ``overrides`` deep-merged onto ``.spec`` → name override →
+namespace/labels → ``image`` only where a container has none → ``imagePullSecrets``.
+
+Keys that ``nrl-k8s`` knows but this launcher does not (``submit``, ``scheduler``,
+``workspace``, ...) are rejected by name with a hint; top-level keys starting with ``_``
+(YAML-anchor holders such as ``_shared``) are ignored. No ``${...}`` interpolation is
+done: a placeholder left in a name or image is an error at render time.
+
+Imports only pydantic, yaml and ``k8s.errors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InfraConfigError
+
+#: nrl-k8s infra keys with no equivalent here, and what to do instead.
+NRL_ONLY_KEYS: dict[str, str] = {
+    "submit": "dynamo-rl submits through the RayJob operator or the Ray dashboard; remove it",
+    "scheduler": "put schedulerName/annotations into kuberay.<role>.spec pod templates",
+    "placement": "put nodeSelector/tolerations into the pod templates",
+    "networking": "put NCCL/Gloo env vars into the pod templates",
+    "workspace": "mount volumes in the pod templates",
+    "hf_cache": "mount volumes in the pod templates",
+    "checkpoints": "mount volumes in the pod templates",
+    "resources": "set resources in the pod templates",
+    "infra": "this file is the infra block itself: move the keys under `infra:` to the top level",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RayClusterRole(_Model):
+    """One KubeRay role: a RayCluster named ``name`` with ``spec`` (a ray.io/v1 RayClusterSpec)."""
+
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    spec: dict[str, Any]
+
+
+class DeploymentSpec(_Model):
+    """A plain ``apps/v1`` Deployment (e.g. a sandbox/tool server) rendered next to the clusters."""
+
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    spec: dict[str, Any]
+
+
+class DynamoGraphSpec(_Model):
+    """One DynamoGraphDeployment.
+
+    Exactly one of ``manifest`` (a YAML file, path relative to the infra file; may hold
+    several documents) or ``spec`` (an inline DGD ``.spec``) is required.
+    ``select`` names the DGD to take from a file holding several. ``name`` overrides
+    ``metadata.name``. ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
+    lists and scalars replace, ``null`` deletes). ``servedModelName`` is the model the
+    frontend must list before the graph counts as ready (guessed from the manifest's
+    ``--served-model-name``/``--model`` args or ``SERVED_MODEL_NAME`` env when unset).
+    ``readyTimeoutS`` bounds the readiness wait, in seconds.
+    """
+
+    manifest: str | None = None
+    spec: dict[str, Any] | None = None
+    api_version: str | None = Field(None, alias="apiVersion")
+    select: str | None = None
+    name: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    served_model_name: str | None = Field(None, alias="servedModelName")
+    frontend_port: int = Field(8000, alias="frontendPort", gt=0, lt=65536)
+    ready_timeout_s: float = Field(900.0, alias="readyTimeoutS", gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.manifest is None) == (self.spec is None):
+            raise ValueError("set exactly one of `manifest` (a DGD YAML file) or `spec` (an inline DGD spec)")
+        if self.api_version is not None and self.spec is None:
+            raise ValueError("`apiVersion` only applies to an inline `spec`; a manifest file carries its own")
+        return self
+
+
+class LaunchSpec(_Model):
+    """How the trainer starts.
+
+    ``mode``: ``raycluster`` (cluster first, then DGDs owned by it, driver submitted
+    through the Ray dashboard) or ``rayjob`` (DGDs first, then a RayJob whose cluster
+    becomes the DGDs' owner). ``role`` is the ``kuberay`` role that trains.
+    ``command`` is the trainer command; the (stamped) recipe path is appended.
+    ``recipePath`` is where the recipe is written inside the head pod. ``rayJob`` is
+    deep-merged onto the rendered RayJob ``.spec`` (KubeRay field names, e.g.
+    ``ttlSecondsAfterFinished``). ``submissionGraceS``: seconds after
+    ``RayClusterProvisioned`` before the driver is submitted through the dashboard
+    when the operator has not done it. ``clusterReadyTimeoutS``, ``jobTimeoutS``:
+    bounds in seconds.
+    """
+
+    mode: Literal["raycluster", "rayjob"] = "rayjob"
+    role: str = "training"
+    command: str = "dynamo-rl train"
+    recipe_path: str = Field("/tmp/dynamo-rl/recipe.yaml", alias="recipePath")
+    env: dict[str, str] = Field(default_factory=dict)
+    ray_job: dict[str, Any] = Field(default_factory=dict, alias="rayJob")
+    submission_grace_s: float = Field(120.0, alias="submissionGraceS", ge=0)
+    cluster_ready_timeout_s: float = Field(900.0, alias="clusterReadyTimeoutS", gt=0)
+    job_timeout_s: float = Field(7 * 24 * 3600.0, alias="jobTimeoutS", gt=0)
+
+
+class Infra(_Model):
+    """The whole infra file. ``base_dir`` (not a YAML key) resolves relative manifest paths."""
+
+    namespace: str = "default"
+    image: str | None = None
+    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
+    service_account: str | None = Field(None, alias="serviceAccount")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    kuberay: dict[str, RayClusterRole] = Field(default_factory=dict)
+    deployments: dict[str, DeploymentSpec] = Field(default_factory=dict)
+    dynamo: dict[str, DynamoGraphSpec] = Field(default_factory=dict)
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_none_roles(cls, data: Any) -> Any:
+        # nrl-k8s writes unset roles as `training: null`; treat them as absent.
+        if isinstance(data, dict):
+            for section in ("kuberay", "deployments", "dynamo"):
+                if isinstance(data.get(section), dict):
+                    data[section] = {k: v for k, v in data[section].items() if v is not None}
+        return data
+
+    def dgd_path(self, key: str) -> Path:
+        """Absolute path of ``dynamo.<key>.manifest`` (relative paths resolve against ``base_dir``)."""
+        spec = self.dynamo[key]
+        assert spec.manifest is not None
+        p = Path(spec.manifest)
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "<top level>"
+
+
+def parse_infra(data: Any, *, source: str = "<infra>", base_dir: Path | None = None) -> Infra:
+    """Validate an already-loaded infra mapping.
+
+    Raises :class:`InfraConfigError` naming every bad key (``source: key.path: problem``)
+    — unknown keys (with a hint for nrl-k8s-only ones), wrong types, missing fields.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InfraConfigError(f"{source}: the infra file must be a mapping at the top level, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    problems: list[str] = []
+    for key, hint in NRL_ONLY_KEYS.items():
+        if key in data:
+            problems.append(f"{key}: an nrl-k8s setting with no equivalent in dynamo-rl ({hint})")
+            data.pop(key)
+    launch = data.get("launch")
+    if isinstance(launch, dict) and "mode" in launch and launch["mode"] not in ("raycluster", "rayjob"):
+        problems.append(
+            f"launch.mode: {launch['mode']!r} is not a dynamo-rl mode; use `raycluster` or `rayjob`"
+        )
+    if base_dir is not None:
+        data["base_dir"] = base_dir
+    try:
+        infra = Infra.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors():
+            loc = _loc(err["loc"])
+            if loc.startswith("launch.mode") and any(p.startswith("launch.mode") for p in problems):
+                continue
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{loc}: unknown key (check the spelling; see dynamo_rl.k8s.schema for the allowed keys)")
+            else:
+                problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r:.80})")
+        infra = None
+    if problems:
+        raise InfraConfigError(f"{source}: invalid infra file:\n  " + "\n  ".join(problems))
+    assert infra is not None
+    return infra
+
+
+def load_infra(path: str | Path) -> Infra:
+    """Load and validate an infra YAML file; manifest paths resolve relative to its directory.
+
+    Raises :class:`InfraConfigError` when the file is missing, is not YAML, or fails the schema.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InfraConfigError(f"{p}: cannot read the infra file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InfraConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_infra(data, source=str(p), base_dir=p.resolve().parent)
