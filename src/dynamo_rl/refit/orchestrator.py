@@ -289,7 +289,8 @@ async def _call(client: httpx.AsyncClient, method: str, url: str, route: str, bo
     if isinstance(data, dict) and "error" in data:
         status = data.get("status")
         status = int(status) if isinstance(status, int) else (r.status_code if r.status_code >= 400 else 500)
-        raise _CallError(route, url, f"error {status}: {data['error']}", status=status,
+        msg = f"{data['error']}" + (f" ({data['message']})" if data.get("message") else "")
+        raise _CallError(route, url, f"error {status}: {msg}", status=status,
                          retryable=status >= 500)
     if r.status_code >= 400 or not isinstance(data, dict):
         raise _CallError(route, url, f"HTTP {r.status_code}: {r.text[:500]!r}", status=r.status_code,
@@ -453,6 +454,14 @@ def _check_source(source: Mapping[str, Any]) -> dict:
     return src
 
 
+def _with_pull_timeout(src: dict, t: RefitTimeouts) -> dict:
+    """A publisher pull gets a worker-side timeout shorter than our HTTP timeout, so a stuck
+    pull comes back as the worker's error (naming the publisher) rather than as our timeout."""
+    if "publisher" in src and "timeout_s" not in src:
+        return {**src, "timeout_s": 0.9 * t.update_s}
+    return src
+
+
 async def refit_all(frontend_url: str, resolver: Resolver, version: int, source: Mapping[str, Any], *,
                     concurrency: int = 8, max_passes: int = 3, retries: int = 1,
                     missing: Literal["error", "warn"] = "error",
@@ -499,8 +508,8 @@ async def refit_all(frontend_url: str, resolver: Resolver, version: int, source:
     if concurrency < 1 or max_passes < 1 or retries < 0:
         raise ValueError(f"need concurrency >= 1, max_passes >= 1, retries >= 0; got "
                          f"{concurrency}, {max_passes}, {retries}")
-    src = _check_source(source)
     t = timeouts or RefitTimeouts()
+    src = _with_pull_timeout(_check_source(source), t)
     filters = dict(endpoint=endpoint, component=component, namespace=namespace)
     t0 = time.monotonic()
     report = RefitReport(version=version)
@@ -609,7 +618,8 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
     attempts, result, upd_s = 0, {}, 0.0
     try:
         try:
-            await _call(client, "POST", url, "pause_generation", {}, t.pause_s)
+            # the worker's own drain timeout is shorter than ours, so it answers with an error first
+            await _call(client, "POST", url, "pause_generation", {"timeout_s": 0.9 * t.pause_s}, t.pause_s + 5.0)
         except _CallError as e:
             # unknown state: do not resume (if the pause lands late the worker stays paused: safe)
             stage = "pause_failed"
