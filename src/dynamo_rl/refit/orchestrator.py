@@ -35,7 +35,8 @@ Resolver (pluggable; called once per discovery, so it sees workers that appeared
 
 Mapping form: each URL must answer ``/engine/info`` with that instance_id (else
 :class:`DiscoveryError`); a hinted URL that does not answer makes its instance a failed
-worker. Candidate form: every URL is probed and mapped by the instance_id it reports;
+worker; a ``None`` key (id not known yet: a worker still starting) is probed like a
+candidate. Candidate form: every URL is probed and mapped by the instance_id it reports;
 unreachable candidates are ignored (pods starting or gone). A URL is
 ``scheme://host:port`` without a trailing path. Instances that the resolver confirms but
 /health does not list yet are refitted too (they are about to serve).
@@ -359,31 +360,38 @@ async def _discover_once(client, frontend_url, resolver, t: RefitTimeouts, filte
             return e
 
     if isinstance(resolved, Mapping):
-        hints = {_norm_id(k): _norm_url(v) for k, v in resolved.items()}
-        answers = await asyncio.gather(*(info(u) for u in hints.values()))
-        for (iid, url), ans in zip(hints.items(), answers):
-            if isinstance(ans, _CallError):
-                unreachable[iid] = str(ans)
-                continue
-            got = _norm_id(ans.get("instance_id", ""))
-            if got != iid:
-                raise DiscoveryError(
-                    f"control URL {url} was given for instance {iid!r} but its /engine/info reports "
-                    f"instance_id {got!r}; fix the resolver's mapping (stale URL or port reused?)")
-            urls[iid], infos[iid] = url, ans
+        # a None key means "id not known yet" (e.g. a worker still starting): probe it as a candidate
+        hints = {_norm_id(k): _norm_url(v) for k, v in resolved.items() if k is not None}
+        cands = sorted({_norm_url(v) for k, v in resolved.items() if k is None} - set(hints.values()))
     else:
-        cands = sorted({_norm_url(u) for u in resolved})
-        answers = await asyncio.gather(*(info(u) for u in cands))
-        for url, ans in zip(cands, answers):
-            if isinstance(ans, _CallError):
-                log.debug("refit: candidate control URL ignored: %s", ans)
-                continue
-            got = _norm_id(ans.get("instance_id", ""))
-            if got in urls:
-                raise DiscoveryError(
-                    f"control URLs {urls[got]} and {url} both report instance_id {got!r}; "
-                    "the resolver must list each worker once")
-            urls[got], infos[got] = url, ans
+        hints, cands = {}, sorted({_norm_url(u) for u in resolved})
+    answers = await asyncio.gather(*(info(u) for u in [*hints.values(), *cands]))
+    for (iid, url), ans in zip(hints.items(), answers[:len(hints)]):
+        if isinstance(ans, _CallError):
+            unreachable[iid] = str(ans)
+            continue
+        if ans.get("instance_id") is None:
+            unreachable[iid] = f"{url}/engine/info reports no instance_id yet (worker still starting?)"
+            continue
+        got = _norm_id(ans["instance_id"])
+        if got != iid:
+            raise DiscoveryError(
+                f"control URL {url} was given for instance {iid!r} but its /engine/info reports "
+                f"instance_id {got!r}; fix the resolver's mapping (stale URL or port reused?)")
+        urls[iid], infos[iid] = url, ans
+    for url, ans in zip(cands, answers[len(hints):]):
+        if isinstance(ans, _CallError):
+            log.debug("refit: candidate control URL ignored: %s", ans)
+            continue
+        if ans.get("instance_id") is None:
+            log.debug("refit: candidate control URL %s has no instance_id yet; ignored", url)
+            continue
+        got = _norm_id(ans["instance_id"])
+        if got in urls:
+            raise DiscoveryError(
+                f"control URLs {urls[got]} and {url} both report instance_id {got!r}; "
+                "the resolver must list each worker once")
+        urls[got], infos[got] = url, ans
     missing = [i.instance_id for i in instances if i.instance_id not in urls and i.instance_id not in unreachable]
     # an unreachable hint for an instance the frontend does not route to is a departed worker
     listed = {i.instance_id for i in instances}
