@@ -122,8 +122,19 @@ class GRPOConfig(_Section):
 
 
 class RefitConfig(_Section):
+    """How new weights reach the serving workers after every step.
+
+    ``transport``: ``shm`` (same host, shared memory / CUDA IPC), ``dist``
+    (torch.distributed gloo/NCCL), ``nixl``, or ``checkpoint`` (a safetensors directory the
+    workers read; slowest, works anywhere a shared filesystem exists).
+    ``control_urls``: the workers' system servers (``http://host:DYN_SYSTEM_PORT``) when
+    generation is remote; the embedded stack fills them itself.
+    """
+
     transport: Literal["shm", "dist", "nixl", "checkpoint"] = "shm"
     timeout_s: float = Field(120.0, gt=0)
+    publisher_host: str = Field("127.0.0.1", description="address the trainer's publisher binds (pod IP on K8s)")
+    control_urls: list[str] = Field(default_factory=list)
 
 
 class TaskConfig(_Section):
