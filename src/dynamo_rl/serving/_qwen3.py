@@ -1,0 +1,273 @@
+"""Functional forward of a Qwen3 / Llama-family decoder over a slot-based KV cache.
+
+The forward reads the Hugging Face module's own parameters at every call (never copies
+of them), so a weight swap on the module (``param.data = t`` or ``param.data.copy_(t)``)
+is seen by the next forward. Supported: the ``<Family>ForCausalLM`` layout of Qwen3,
+Qwen2 and Llama (``model.embed_tokens``, ``model.layers[i].{input_layernorm, self_attn,
+post_attention_layernorm, mlp}``, ``model.norm``, ``lm_head``), optional q/k/v/o biases,
+optional per-head ``q_norm``/``k_norm`` (Qwen3), grouped-query attention, any RoPE type the
+model's own ``rotary_emb`` implements (its cos/sin are tabulated once per position), a
+gated MLP (``down(act(gate(x)) * up(x))``), tied or untied ``lm_head``. Not supported
+(refused at construction): sliding-window layers, mixture-of-experts MLPs.
+
+KV cache layout: per layer one key and one value tensor
+``[num_slots, n_kv_heads, max_seq_len, head_dim]`` in the model dtype. A request owns a
+slot; the caller tracks how many positions of its slot are valid. Numerics follow
+``transformers`` (RMSNorm in fp32 then cast back, RoPE tables computed in fp32 and cast
+to the model dtype, softmax of attention in fp32 inside SDPA) so that the logits match a
+plain HF forward of the same sequence to float round-off.
+
+Must not import any other ``dynamo_rl`` module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedModelError(ValueError):
+    """The HF model does not have the decoder layout this forward implements."""
+
+
+@dataclass
+class DecoderShape:
+    """Static shape facts of the decoder, read from the HF config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+def describe_decoder(model) -> DecoderShape:
+    """Check that ``model`` has the supported layout and return its shape facts.
+
+    Raises:
+        UnsupportedModelError: naming the missing module or the unsupported feature.
+    """
+    cfg = model.config
+    base = getattr(model, "model", None)
+    for owner, attr in ((model, "model"), (base, "embed_tokens"), (base, "layers"), (base, "norm"),
+                        (model, "lm_head")):
+        if owner is None or not hasattr(owner, attr):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no '{attr}' module; the engine serves the "
+                "Qwen3/Qwen2/Llama <Family>ForCausalLM layout only"
+            )
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UnsupportedModelError(
+            f"layer types {sorted(set(layer_types))} are not supported (sliding-window attention); "
+            "serve a model whose config has use_sliding_window=false"
+        )
+    for i, layer in enumerate(base.layers):
+        mlp = layer.mlp
+        if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise UnsupportedModelError(
+                f"layer {i} mlp ({type(mlp).__name__}) is not a gated MLP (mixture-of-experts?); "
+                "the engine serves dense Qwen3/Qwen2/Llama models only"
+            )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return DecoderShape(
+        num_layers=len(base.layers),
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as in ``transformers`` (normalize in fp32, cast back, then scale).
+
+    Args:
+        x: ``[..., D]`` in the model dtype.
+        weight: ``[D]``.
+    Returns:
+        ``[..., D]`` in ``x.dtype`` (``weight.dtype`` when they differ, as in HF).
+    """
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` → ``[..., D]``: ``cat(-x[D/2:], x[:D/2])`` (the HF/GPT-NeoX RoPE convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D]`` by ``cos``/``sin`` ``[B, T, D]`` (broadcast over heads)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def rope_tables(model, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[max_seq_len, head_dim]`` (model dtype, model device) for positions 0..L-1.
+
+    Uses the model's own ``model.rotary_emb`` (so every RoPE type ``transformers`` implements,
+    read from ``config.rope_parameters``, is honoured); the values are bitwise those HF
+    computes for the same positions.
+    """
+    ref = model.model.embed_tokens.weight
+    positions = torch.arange(max_seq_len, device=ref.device)[None]
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(ref[:1, :1].expand(1, max_seq_len, 1), positions)
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+def linear(x: torch.Tensor, proj) -> torch.Tensor:
+    """``x @ proj.weight.T (+ proj.bias)``, reading the HF ``nn.Linear``'s current parameters."""
+    return F.linear(x, proj.weight, proj.bias)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Key/value tensors per layer, ``[num_slots, n_kv_heads, max_seq_len, head_dim]`` each.
+
+    Zero-initialised, so a masked-out position never holds NaN/inf. ``nbytes`` is the
+    total size in bytes.
+    """
+
+    def __init__(self, shape: DecoderShape, num_slots: int, max_seq_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        dims = (num_slots, shape.num_kv_heads, max_seq_len, shape.head_dim)
+        self.k = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.v = [torch.zeros(dims, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class Batch:
+    """Index tensors of one forward (all on the model device).
+
+    ``tokens`` int64 ``[B, T]`` (rows right-padded), ``slots`` int64 ``[B]`` (KV slot per
+    row), ``starts`` int64 ``[B]`` (positions already in the slot's cache; the row's tokens
+    go to positions ``starts .. starts + n_new - 1``), ``n_new`` int64 ``[B]`` (valid
+    tokens per row, ≥ 1). A decode step is ``T == 1``.
+    """
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    starts: torch.Tensor
+    n_new: torch.Tensor
+
+
+def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
+    """Right-pad ``rows`` (token ids) to one ``[B, T]`` tensor and build the index tensors."""
+    width = max(len(r) for r in rows)
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Batch(
+        tokens=tokens.to(device),
+        slots=as_long(slots).to(device),
+        starts=as_long(starts).to(device),
+        n_new=as_long([len(r) for r in rows]).to(device),
+    )
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
+              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Self-attention of one layer; writes the rows' keys/values into their slots.
+
+    Args:
+        x: ``[B, T, hidden]`` normalized hidden states.
+        cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
+        mask: bool ``[B, 1, T, width]``; True where query t may attend to cache position j.
+        width: number of cache positions read (max over rows of ``starts + n_new``).
+    Returns:
+        ``[B, T, hidden]`` after ``o_proj``.
+    """
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    head_dim = cos.shape[-1]
+    q = linear(x, attn.q_proj).view(B, T, -1, head_dim)
+    k = linear(x, attn.k_proj).view(B, T, -1, head_dim)
+    v = linear(x, attn.v_proj).view(B, T, -1, head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim, before RoPE
+        q = rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
+        k = rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+    q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+    k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+    v = v.transpose(1, 2)
+
+    # write the valid (row, t) positions into the cache
+    valid = torch.arange(T, device=x.device)[None] < batch.n_new[:, None]  # [B, T]
+    slot_idx = batch.slots[:, None].expand(B, T)[valid]
+    pos_idx = (batch.starts[:, None] + torch.arange(T, device=x.device)[None])[valid]
+    k_cache, v_cache = cache.k[index], cache.v[index]
+    k_cache[slot_idx, :, pos_idx] = k.transpose(1, 2)[valid]
+    v_cache[slot_idx, :, pos_idx] = v.transpose(1, 2)[valid]
+
+    keys = k_cache[:, :, :width].index_select(0, batch.slots)  # [B, Hkv, width, D]
+    values = v_cache[:, :, :width].index_select(0, batch.slots)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=attn.scaling,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )  # [B, H, T, D]
+    return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj)
+
+
+def mlp(layer, x: torch.Tensor) -> torch.Tensor:
+    """Gated MLP ``down(act(gate(x)) * up(x))``, ``[B, T, hidden]`` → ``[B, T, hidden]``."""
+    m = layer.mlp
+    return linear(m.act_fn(linear(x, m.gate_proj)) * linear(x, m.up_proj), m.down_proj)
+
+
+def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
+            sin_table: torch.Tensor) -> torch.Tensor:
+    """Run the decoder on ``batch`` and return the logits of each row's last valid token.
+
+    Keys/values of every valid token are written into the row's slot at positions
+    ``starts .. starts + n_new - 1``; attention sees the slot's positions ``0 .. p`` for the
+    token at position ``p`` (causal). Padded tokens are computed but never read.
+
+    Args:
+        model: the HF ``<Family>ForCausalLM`` (checked by :func:`describe_decoder`).
+        cos_table, sin_table: ``[max_seq_len, head_dim]`` from :func:`rope_tables`.
+    Returns:
+        logits ``[B, vocab]`` in the model dtype.
+    """
+    base = model.model
+    tokens = batch.tokens
+    B, T = tokens.shape
+    device = tokens.device
+    t = torch.arange(T, device=device)
+    positions = batch.starts[:, None] + t[None]  # [B, T]
+    lookup = positions.clamp(max=cos_table.shape[0] - 1)
+    cos, sin = cos_table[lookup], sin_table[lookup]  # [B, T, D]
+    width = int((batch.starts + batch.n_new).max())
+    j = torch.arange(width, device=device)
+    ends = (batch.starts + batch.n_new)[:, None, None]  # [B, 1, 1]
+    mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < ends)
+    mask = mask[:, None]  # [B, 1, T, width]
+
+    h = F.embedding(tokens, base.embed_tokens.weight)
+    for i, layer in enumerate(base.layers):
+        ln1 = layer.input_layernorm
+        h = h + attention(layer, rms_norm(h, ln1.weight, ln1.variance_epsilon), cache, i, batch,
+                          cos, sin, mask, width)
+        ln2 = layer.post_attention_layernorm
+        h = h + mlp(layer, rms_norm(h, ln2.weight, ln2.variance_epsilon))
+    last = h[torch.arange(B, device=device), batch.n_new - 1]  # [B, hidden]
+    last = rms_norm(last, base.norm.weight, base.norm.variance_epsilon)
+    return linear(last, model.lm_head)

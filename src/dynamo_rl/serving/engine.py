@@ -1,0 +1,686 @@
+"""The inference engine behind our Dynamo workers: continuous batching over a KV cache.
+
+Owns: scheduling of concurrent requests, the slot-based KV cache, sampling, the weights
+version, pause/resume/flush and in-place weight loading. Must not import
+``dynamo_rl.serving.worker``/``stack`` or anything below ``serving`` in the module map
+(``generation``, ``rl``, ``k8s``, ``cli``); it uses ``dynamo_rl.models`` only in
+:meth:`Engine.from_pretrained`.
+
+How a request flows
+    :meth:`Engine.generate` validates the prompt and returns an async iterator. The
+    request waits in a FIFO queue. The scheduling loop (an asyncio task on the caller's
+    event loop) admits waiting requests at step boundaries: each gets a KV slot
+    (``max_batch_size`` slots) and all admitted together are prefilled in ONE forward
+    (right-padded). Then every running request is decoded in ONE batched forward per step
+    (``stats["max_decode_batch"]`` shows the largest). A forward runs on a dedicated
+    thread (``run_in_executor``) so the event loop stays responsive; tokens reach each
+    request through its own ``asyncio.Queue``.
+
+Prefix reuse
+    A finished request's slot keeps its keys/values until the slot is needed again. A new
+    prompt that starts with the tokens held by a free slot takes that slot and prefills
+    only the rest (``stats["prefix_cache_hit_tokens"]``): turn N+1 of a multi-turn rollout
+    re-uses turn N. :meth:`Engine.flush_cache` drops all of them
+    (``stats["kv_cache_tokens"]`` becomes 0); :meth:`Engine.load_weights` drops them too,
+    since keys/values computed by old weights must not serve a new version.
+
+Logprobs
+    The logprob of every sampled token is ``log_softmax(logits.float())`` at that token:
+    the RAW distribution of the model (temperature 1, before top-k/top-p), in fp32, where
+    ``logits`` is the model's output in its own dtype. The trainer computes the same
+    quantity. Sampling conventions are in :mod:`dynamo_rl.serving._sampling`.
+
+Determinism
+    Each sampling request draws from its own ``torch.Generator`` seeded with
+    ``SamplingParams.seed`` (random when ``None``), so the same seed gives the same ids
+    whatever else is in the batch, up to float round-off of batched matmuls (a near-tie
+    may flip).
+
+Pause (drain) and weights versions
+    :meth:`Engine.pause` stops admitting and waits until every in-flight request has
+    finished its whole stream; requests that arrive while paused wait without tokens
+    until :meth:`Engine.resume`. With ``timeout_s``, requests still running at the
+    deadline are ended at the next step with ``finish_reason="abort"`` (their last token
+    carries it). :meth:`Engine.load_weights` drains the same way before it swaps, so every
+    token of a response carries one ``weights_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dynamo_rl.serving import _qwen3, _sampling
+
+__all__ = ["Engine", "EngineStoppedError", "SamplingParams", "TokenOutput", "WeightsError"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stop settings.
+
+    ``temperature`` 0 → greedy; ``top_k`` 0 (or -1, vLLM's spelling) → off; ``top_p`` 1 →
+    off; ``seed`` None → a random seed; ``stop_token_ids`` end the stream with
+    ``finish_reason="stop"`` (the stop token is returned), as do the engine's EOS ids
+    unless ``ignore_eos``; ``max_tokens`` generated tokens end it with ``"length"``.
+
+    Raises:
+        ValueError: naming the field, for values out of range.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0 (0 or -1 is off), got {self.top_k}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One generated token, in order.
+
+    ``logprob``: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
+    ``finish_reason``: ``"stop" | "length" | "abort"`` on the last token, else ``None``.
+    ``weights_version``: the version of the weights that produced the token.
+    """
+
+    token_id: int
+    logprob: float
+    finish_reason: str | None
+    weights_version: int
+
+
+class WeightsError(ValueError):
+    """A weight set was refused; nothing was changed.
+
+    Attributes ``missing``, ``unexpected``, ``mismatched`` (lists of names) say which
+    tensors are wrong; the message lists every one of them with the expected value.
+    """
+
+    def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = list(mismatched)
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine was stopped (or its forward failed) before the request finished."""
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    queue: asyncio.Queue | None = None
+    generator: torch.Generator | None = None
+    slot: int = -1
+    output: list[int] = field(default_factory=list)
+    abort_requested: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    tokens: list[int] = field(default_factory=list)  # ids whose keys/values the slot holds
+    owner: _Request | None = None
+    last_used: int = 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Continuous-batching engine for a HF Qwen3/Qwen2/Llama causal LM (CPU or CUDA).
+
+    Args:
+        model: a ``transformers`` ``<Family>ForCausalLM`` (eval mode; moved to ``device``).
+        eos_token_ids: ids that end a stream with ``"stop"`` unless ``ignore_eos``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        max_batch_size: KV slots = the most requests decoded at once.
+        weights_version: version of the weights ``model`` holds now.
+        max_seq_len: positions per slot (prompt + generation); default
+            ``min(config.max_position_embeddings, 4096)``. A longer prompt is refused; a
+            generation reaching it ends with ``"length"``.
+        max_prefill_tokens: padded tokens (rows x longest row) per prefill forward; at
+            least one request is always admitted.
+        prefix_caching: re-use a free slot's keys/values for a prompt that extends them.
+    Raises:
+        UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
+    """
+
+    def __init__(self, model, *, eos_token_ids: Sequence[int], device="cpu", max_batch_size=64,
+                 weights_version: int = 0, max_seq_len: int | None = None,
+                 max_prefill_tokens: int = 8192, prefix_caching: bool = True):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.shape = _qwen3.describe_decoder(model)
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.max_batch_size = int(max_batch_size)
+        self.max_seq_len = int(max_seq_len or min(self.shape.max_position_embeddings, 4096))
+        self.max_prefill_tokens = int(max_prefill_tokens)
+        self.prefix_caching = prefix_caching
+        self.weights_version = int(weights_version)
+        self.paused = False
+        self.layout = {"tp_rank": 0, "tp_size": 1}
+        self.model_config = model.config.to_dict()
+        self.dtype = model.model.embed_tokens.weight.dtype
+
+        self._params = dict(model.named_parameters())  # deduplicated: a tied lm_head is omitted
+        self._cos, self._sin = _qwen3.rope_tables(model, self.max_seq_len)
+        self._cache = _qwen3.KVCache(self.shape, self.max_batch_size, self.max_seq_len,
+                                     self.dtype, self.device)
+        self._slots = [_Slot() for _ in range(self.max_batch_size)]
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._requests: dict[str, _Request] = {}
+        self._clock = 0
+        self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
+        self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
+                              max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
+                              prefix_cache_hit_tokens=0, requests_finished=0)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._changed: asyncio.Condition | None = None
+        self._load_lock: asyncio.Lock | None = None
+        self._busy = False
+        self._stopping = False
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu", dtype="float32", **kw) -> Engine:
+        """Load a HF checkpoint directory with :func:`dynamo_rl.models.load_model`.
+
+        ``eos_token_ids`` defaults to ``generation_config.eos_token_id`` (else
+        ``config.eos_token_id``); other keywords go to :class:`Engine`.
+
+        Raises:
+            FileNotFoundError: ``path`` has no ``config.json``.
+            ValueError: no EOS id is known (pass ``eos_token_ids=``), or the layout is unsupported.
+        """
+        from dynamo_rl.models import load_model
+
+        model = load_model(path, dtype=dtype, device=device)
+        if "eos_token_ids" not in kw:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            if eos is None:
+                eos = model.config.eos_token_id
+            if eos is None:
+                raise ValueError(f"{path}: no eos_token_id in generation_config.json or config.json; "
+                                 "pass eos_token_ids=[...]")
+            kw["eos_token_ids"] = [eos] if isinstance(eos, int) else list(eos)
+        return cls(model, device=device, **kw)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the scheduling loop on the running event loop (idempotent)."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._loop is loop:
+            return
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._load_lock = asyncio.Lock()
+        self._stopping = False
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine-forward")
+        self._task = loop.create_task(self._schedule(), name="engine-scheduler")
+
+    async def stop(self) -> None:
+        """Stop the loop after the current step; unfinished requests raise :class:`EngineStoppedError`."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await self._task
+        self._task = None
+        error = EngineStoppedError("the engine was stopped before this request finished")
+        for req in list(self._requests.values()):
+            self._fail(req, error)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 request_id: str | None = None) -> AsyncIterator[TokenOutput]:
+        """Stream the generated tokens of one request as :class:`TokenOutput`.
+
+        Args:
+            prompt_ids: ``len >= 1`` token ids, each in ``[0, vocab_size)``, fewer than ``max_seq_len``.
+            params: sampling settings (default :class:`SamplingParams()`).
+            request_id: unique among in-flight requests; a uuid when ``None``.
+        Returns:
+            an async iterator; its last item has ``finish_reason`` set. Closing it early
+            aborts the request.
+        Raises:
+            ValueError: (at call time) empty/too long prompt, id out of vocabulary, duplicate id.
+            EngineStoppedError: (while iterating) the engine stopped or its forward failed.
+        """
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids is empty; give at least one token id")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; this engine holds at most "
+                             f"max_seq_len={self.max_seq_len} per sequence (prompt + generation)")
+        bad = [t for t in prompt if not 0 <= t < self.shape.vocab_size]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:8]} are outside the vocabulary [0, {self.shape.vocab_size})")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        req = _Request(request_id, prompt, params, frozenset(stop_ids))
+        self._requests[request_id] = req
+        return self._stream(req)
+
+    async def _stream(self, req: _Request) -> AsyncIterator[TokenOutput]:
+        try:
+            await self.start()
+            req.queue = asyncio.Queue()
+            if req.params.temperature > 0:
+                req.generator = torch.Generator(device=self.device)
+                seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
+                req.generator.manual_seed(seed)
+            self._waiting.append(req)
+            self._wake.set()
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not req.done:  # closed early by the consumer: free it at the next step
+                req.abort_requested = True
+                if req.slot < 0:
+                    if req in self._waiting:
+                        self._waiting.remove(req)
+                    self._finish_unstarted(req)
+                if self._wake is not None:
+                    self._wake.set()
+
+    async def complete(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+                       ) -> list[TokenOutput]:
+        """Run one request to the end and return all of its :class:`TokenOutput`."""
+        return [out async for out in self.generate(prompt_ids, params)]
+
+    def abort(self, request_id: str) -> bool:
+        """End a request: a waiting one is dropped, a running one ends at the next step with
+        ``finish_reason="abort"``. Returns False when no such request is in flight."""
+        req = self._requests.get(request_id)
+        if req is None or req.done:
+            return False
+        req.abort_requested = True
+        if self._wake is not None:
+            self._wake.set()
+        return True
+
+    # ------------------------------------------------------------------ control
+
+    async def pause(self, timeout_s: float | None = None) -> dict:
+        """Stop admitting requests and wait until no request is mid-stream (drain).
+
+        Requests still running after ``timeout_s`` seconds end at the next step with
+        ``finish_reason="abort"``. Returns ``{"paused": True, "drained": n_finished,
+        "aborted": n_aborted, "seconds": s}``.
+        """
+        await self.start()
+        t0 = time.perf_counter()
+        self.paused = True
+        running = [s.owner for s in self._slots if s.owner is not None]
+        aborted = 0
+        try:
+            await asyncio.wait_for(self._wait_idle(), timeout_s)
+        except TimeoutError:
+            still = [s.owner for s in self._slots if s.owner is not None]
+            for req in still:
+                req.abort_requested = True
+            aborted = len(still)
+            self._wake.set()
+            await self._wait_idle()
+        return {"paused": True, "drained": len(running) - aborted, "aborted": aborted,
+                "seconds": time.perf_counter() - t0}
+
+    async def resume(self) -> dict:
+        """Admit requests again. Returns ``{"paused": False, "waiting": n}``."""
+        await self.start()
+        self.paused = False
+        self._wake.set()
+        return {"paused": False, "waiting": len(self._waiting)}
+
+    def flush_cache(self) -> dict:
+        """Drop every cached key/value; ``stats["kv_cache_tokens"]`` is 0 afterwards.
+
+        Returns ``{"freed_tokens": n}``.
+        Raises:
+            RuntimeError: requests are running (their keys/values are needed); call
+                :meth:`pause` first.
+        """
+        running = sum(1 for s in self._slots if s.owner is not None)
+        if running or self._busy:
+            raise RuntimeError(f"flush_cache: {running} requests are running and need their KV cache; "
+                               "call pause() first (it waits for them), then flush_cache()")
+        return {"freed_tokens": self._drop_cached_slots()}
+
+    def _drop_cached_slots(self) -> int:
+        freed = 0
+        for slot in self._slots:
+            if slot.owner is None:
+                freed += len(slot.tokens)
+                slot.tokens = []
+        return freed
+
+    @property
+    def stats(self) -> dict:
+        """Counters (ints): forward_passes, prefill_batches, decode_batches, max_decode_batch,
+        tokens_generated, prompt_tokens, prefix_cache_hit_tokens, requests_finished,
+        requests_running, requests_waiting, kv_cache_tokens (tokens whose keys/values the
+        cache holds now), kv_cache_capacity_tokens."""
+        return {
+            **self._counters,
+            "requests_running": sum(1 for s in self._slots if s.owner is not None),
+            "requests_waiting": len(self._waiting),
+            "kv_cache_tokens": sum(len(s.tokens) for s in self._slots),
+            "kv_cache_capacity_tokens": self.max_batch_size * self.max_seq_len,
+        }
+
+    # ------------------------------------------------------------------ weights
+
+    def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """HF parameter names → ``(shape, dtype)`` of this engine's weights (tied ``lm_head`` omitted)."""
+        return {name: (tuple(p.shape), p.dtype) for name, p in self._params.items()}
+
+    def _validate(self, tensors: Mapping[str, torch.Tensor], version: int, adopt: bool) -> None:
+        specs = self.param_specs()
+        missing = sorted(set(specs) - set(tensors))
+        unexpected = sorted(set(tensors) - set(specs))
+        mismatched, problems = [], []
+        for name in sorted(set(specs) & set(tensors)):
+            t = tensors[name]
+            shape, dtype = specs[name]
+            if not isinstance(t, torch.Tensor):
+                problems.append(f"{name}: not a torch.Tensor ({type(t).__name__})")
+            elif tuple(t.shape) != shape:
+                problems.append(f"{name}: shape {tuple(t.shape)}, expected {shape}")
+            elif t.dtype != dtype:
+                problems.append(f"{name}: dtype {t.dtype}, expected {dtype}")
+            elif adopt and t.device != self._params[name].device:
+                problems.append(f"{name}: on {t.device}, expected {self._params[name].device} "
+                                "(adopt=True takes the tensor as is; move it or use adopt=False)")
+            else:
+                continue
+            mismatched.append(name)
+        if not (missing or unexpected or mismatched):
+            return
+        lines = [f"weights for version {version} refused, served weights unchanged (version "
+                 f"{self.weights_version}):"]
+        if missing:
+            lines.append(f"missing ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            hint = (" (lm_head.weight is tied to model.embed_tokens.weight here: omit it)"
+                    if "lm_head.weight" in unexpected else "")
+            lines.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected) + hint)
+        if problems:
+            lines.append(f"mismatched ({len(problems)}): " + "; ".join(problems))
+        lines.append("send exactly the names, shapes and dtypes of Engine.param_specs()")
+        raise WeightsError("\n  ".join(lines), missing=missing, unexpected=unexpected,
+                           mismatched=mismatched)
+
+    async def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *,
+                           adopt: bool = False) -> dict:
+        """Replace every weight with ``tensors`` (HF names, :meth:`param_specs` layout) as ``version``.
+
+        Validates all names, shapes and dtypes first; then stops admitting, waits for the
+        in-flight requests to finish (as :meth:`pause`), swaps, drops the prefix cache,
+        sets ``weights_version`` and admits again (unless :meth:`pause` was called).
+        ``adopt=True`` makes each tensor the parameter's storage (``param.data = t``, no
+        copy; tied weights stay tied); otherwise the values are copied in.
+
+        Returns:
+            ``{"version", "bytes", "tensors", "seconds", "freed_tokens"}``, or
+            ``{"noop": True, "version", "bytes": 0, "tensors": 0, "seconds"}`` when
+            ``version`` is the current one.
+        Raises:
+            WeightsError: ``version`` is older than the current one, or the set does not
+                match (every missing/unexpected/mismatched name listed). Nothing changes.
+        """
+        await self.start()
+        t0 = time.perf_counter()
+        async with self._load_lock:
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise WeightsError(f"version must be an int, got {version!r}")
+            if version == self.weights_version:
+                return {"noop": True, "version": version, "bytes": 0, "tensors": 0,
+                        "seconds": time.perf_counter() - t0}
+            if version < self.weights_version:
+                raise WeightsError(f"weights version {version} is older than the served version "
+                                   f"{self.weights_version}; refusing to go back (send a newer version)")
+            self._validate(tensors, version, adopt)
+            self._hold += 1
+            try:
+                await self._wait_idle()
+                nbytes = await self._loop.run_in_executor(self._executor, self._swap, tensors, adopt)
+                freed = self._drop_cached_slots()
+                self.weights_version = version
+            finally:
+                self._hold -= 1
+                self._wake.set()
+        return {"version": version, "bytes": nbytes, "tensors": len(self._params),
+                "seconds": time.perf_counter() - t0, "freed_tokens": freed}
+
+    def _swap(self, tensors: Mapping[str, torch.Tensor], adopt: bool) -> int:
+        nbytes = 0
+        with torch.no_grad():
+            for name, param in self._params.items():
+                t = tensors[name]
+                if adopt:
+                    param.data = t.detach()
+                else:
+                    param.data.copy_(t)
+                nbytes += t.numel() * t.element_size()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return nbytes
+
+    # ------------------------------------------------------------------ scheduling
+
+    async def _wait_idle(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not self._busy and all(s.owner is None for s in self._slots))
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _schedule(self) -> None:
+        try:
+            await self._schedule_steps()
+        except BaseException as exc:  # a bug here must not leave requests waiting forever
+            error = EngineStoppedError(f"the scheduling loop died: {type(exc).__name__}: {exc}")
+            for req in list(self._requests.values()):
+                self._fail(req, error)
+            raise
+
+    async def _schedule_steps(self) -> None:
+        while not self._stopping:
+            admitted = self._admit()
+            if admitted:
+                await self._step(admitted, prefill=True)
+            running = [s.owner for s in self._slots if s.owner is not None]
+            if running:
+                await self._step(running, prefill=False)
+            if not admitted and not running:
+                await self._notify()
+                self._wake.clear()
+                if self._stopping or self._admissible():
+                    continue
+                await self._wake.wait()
+
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and not self.paused and not self._hold
+
+    def _admit(self) -> list[_Request]:
+        """Give waiting requests (FIFO) free slots, within the prefill token budget."""
+        while self._waiting and self._waiting[0].abort_requested:
+            self._finish_unstarted(self._waiting.popleft())
+        if not self._admissible():
+            return []
+        admitted: list[_Request] = []
+        width = 0
+        free = [i for i, s in enumerate(self._slots) if s.owner is None]
+        while self._waiting and free:
+            req = self._waiting[0]
+            if req.abort_requested:
+                self._finish_unstarted(self._waiting.popleft())
+                continue
+            index, reuse = self._choose_slot(req.prompt, free)
+            new_width = max(width, len(req.prompt) - reuse)
+            if admitted and (len(admitted) + 1) * new_width > self.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            free.remove(index)
+            slot = self._slots[index]
+            slot.tokens = slot.tokens[:reuse]
+            slot.owner = req
+            req.slot = index
+            width = new_width
+            admitted.append(req)
+            self._counters["prefix_cache_hit_tokens"] += reuse
+            self._counters["prompt_tokens"] += len(req.prompt)
+        return admitted
+
+    def _choose_slot(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
+        """Free slot for ``prompt`` and how many of its cached tokens to keep (≤ len(prompt) - 1)."""
+        best, best_len = None, 0
+        if self.prefix_caching:
+            for i in free:
+                n = min(_common_prefix(self._slots[i].tokens, prompt), len(prompt) - 1)
+                if n > best_len:
+                    best, best_len = i, n
+        if best is None:  # an empty slot, else the least recently used one
+            best = min(free, key=lambda i: (len(self._slots[i].tokens) > 0, self._slots[i].last_used))
+        return best, best_len
+
+    async def _step(self, reqs: list[_Request], prefill: bool) -> None:
+        """One forward over ``reqs`` (prefill: their prompts; decode: their last token), then deliver."""
+        if prefill:
+            rows = [r.prompt[len(self._slots[r.slot].tokens):] for r in reqs]
+        else:
+            rows = [[r.output[-1]] for r in reqs]
+        starts = [len(self._slots[r.slot].tokens) for r in reqs]
+        self._busy = True
+        try:
+            ids, logprobs = await self._loop.run_in_executor(
+                self._executor, self._forward_and_sample, reqs, rows, starts)
+        except Exception as exc:  # a failed forward ends these requests, the engine goes on
+            error = EngineStoppedError(f"forward failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            for r in reqs:
+                self._slots[r.slot].tokens = []
+                self._fail(r, error)
+            return
+        finally:
+            self._busy = False
+        c = self._counters
+        c["forward_passes"] += 1
+        if prefill:
+            c["prefill_batches"] += 1
+        else:
+            c["decode_batches"] += 1
+            c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))
+        c["tokens_generated"] += len(reqs)
+        self._clock += 1
+        for r, row, tok, lp in zip(reqs, rows, ids, logprobs):
+            slot = self._slots[r.slot]
+            slot.tokens.extend(row)
+            slot.last_used = self._clock
+            r.output.append(tok)
+            reason = self._finish_reason(r, tok)
+            r.queue.put_nowait(TokenOutput(tok, lp, reason, self.weights_version))
+            if reason is not None:
+                self._release(r)
+                c["requests_finished"] += 1
+        await self._notify()
+
+    def _forward_and_sample(self, reqs, rows, starts) -> tuple[list[int], list[float]]:
+        """Runs on the engine thread: one forward, then sampling."""
+        slots = [r.slot for r in reqs]
+        batch = _qwen3.make_batch(rows, slots, starts, self.device)
+        with torch.no_grad():
+            logits = _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+            return _sampling.sample(
+                logits,
+                [r.params.temperature for r in reqs],
+                [r.params.top_k for r in reqs],
+                [r.params.top_p for r in reqs],
+                [r.generator for r in reqs],
+            )
+
+    def _finish_reason(self, req: _Request, token: int) -> str | None:
+        if req.abort_requested:
+            return "abort"
+        if token in req.stop_ids:
+            return "stop"
+        if len(req.output) >= req.params.max_tokens:
+            return "length"
+        if len(req.prompt) + len(req.output) >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _release(self, req: _Request) -> None:
+        req.done = True
+        if req.slot >= 0:
+            self._slots[req.slot].owner = None
+        self._requests.pop(req.id, None)
+
+    def _finish_unstarted(self, req: _Request) -> None:
+        req.done = True
+        self._requests.pop(req.id, None)
+
+    def _fail(self, req: _Request, error: BaseException) -> None:
+        if req.done:
+            return
+        if req in self._waiting:
+            self._waiting.remove(req)
+        self._release(req)
+        if req.queue is not None:
+            req.queue.put_nowait(error)
