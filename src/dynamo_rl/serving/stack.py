@@ -1,0 +1,495 @@
+"""The embedded default: a loopback-only Dynamo stack of processes on this machine.
+
+:class:`LocalStack` starts, in a run directory, a ZMQ broker
+(:mod:`dynamo_rl.serving.broker`), ``python -m dynamo.frontend`` and N of our workers
+(:mod:`dynamo_rl.serving.worker`); it waits until the model is listed in ``/v1/models``,
+every worker's instance is in the frontend's ``/health`` and answers ``/engine/info``;
+and it tears down every process it started (SIGTERM, then SIGKILL after a grace period,
+by PID, grandchildren included).
+
+Run directory layout::
+
+    <run_dir>/logs/{broker,frontend,worker-<i>}.log
+    <run_dir>/kv/        file-discovery state (DYN_FILE_KV); isolates this stack from others
+    <run_dir>/home/      HOME of every child (Dynamo copies model files to ~/.cache/dynamo)
+    <run_dir>/records/worker-<i>.jsonl   with record=True (one JSON line per request)
+
+The model directory is only read (the frontend refuses a model directory whose files keep
+growing, so nothing is ever written there).
+
+Loopback: every child gets ``DYN_TCP_RPC_HOST``, ``DYN_TCP_RESPONSE_STREAM_HOST``,
+``DYN_EVENT_PLANE_HOST``, ``DYN_SYSTEM_HOST`` = 127.0.0.1 and ``DYN_ZMQ_BROKER_URL`` (event
+publishers connect to the broker instead of binding 0.0.0.0); the frontend binds
+``--http-host 127.0.0.1``. Ports are chosen free at runtime.
+
+Crashes: a watcher thread polls the children; when one exits that was not stopped on
+purpose (``stop``/``kill_worker``), the stack logs which one with the tail of its log,
+records it in :attr:`LocalStack.failure`, and tears everything down. Children get
+``PR_SET_PDEATHSIG`` = SIGTERM, so they also go when this process dies without cleanup.
+
+Must not import ``generation``, ``rl`` or ``k8s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dynamo_rl.serving.broker import broker_url
+
+log = logging.getLogger("dynamo_rl.serving.stack")
+
+LOOPBACK = "127.0.0.1"
+
+
+class StackError(RuntimeError):
+    """The stack could not start, or one of its processes died (message holds its log tail)."""
+
+
+def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
+    """A TCP port that was free on ``host`` a moment ago.
+
+    Without ``below``: bind to port 0 and read the kernel's choice. With ``below``: try
+    random ports in ``[10000, below)`` (Dynamo 1.6.1 parses ``DYN_SYSTEM_PORT`` as a signed
+    16-bit integer, so system ports must be < 32768, below Linux's ephemeral range).
+    """
+    import random
+
+    if below is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randrange(10000, below)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
+
+
+def tail(path: str | os.PathLike, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file ('' if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: rely on explicit teardown
+        pass
+
+
+@dataclass
+class ChildProcess:
+    """One process of the stack."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    expected_exit: bool = False
+    descendants: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+@dataclass
+class WorkerProcess(ChildProcess):
+    """A worker of the stack: ``system_url`` serves ``/engine/*``; ``instance_id`` is its Dynamo id."""
+
+    index: int = 0
+    system_port: int = 0
+    system_url: str = ""
+    instance_id: int | None = None
+    record_file: Path | None = None
+
+
+class LocalStack:
+    """ZMQ broker + Dynamo frontend + N workers on 127.0.0.1 (a context manager).
+
+    Args:
+        model_dir: HF checkpoint directory served by every worker (read only).
+        served_model_name: the model name of ``/v1/models`` and of requests.
+        workers: number of workers started by :meth:`start`.
+        run_dir: where logs/, kv/, home/, records/ go (default: a new temp directory).
+        worker_threads: torch threads per worker.
+        device, dtype: engine placement and precision.
+        record: each worker appends its finished requests to ``records/worker-<i>.jsonl``.
+        startup_timeout_s: seconds to wait for readiness (per :meth:`start`/:meth:`add_worker`).
+        frontend_port: 0 → a free port.
+        max_batch_size: engine batch limit per worker.
+        stop_grace_s: seconds between SIGTERM and SIGKILL at teardown.
+        quiet: no progress lines on stderr.
+
+    Attributes:
+        frontend_url: ``http://127.0.0.1:PORT``.
+        workers: the live workers, in start order (a killed worker is removed).
+        failure: ``None``, or the report of the child whose crash tore the stack down.
+        run_dir: ``Path``.
+    Raises (from :meth:`start`): StackError naming the child that failed, with its log tail.
+    """
+
+    def __init__(self, model_dir, *, served_model_name: str = "tiny", workers: int = 1, run_dir=None,
+                 worker_threads: int = 1, device: str = "cpu", record: bool = False,
+                 startup_timeout_s: float = 180.0, frontend_port: int = 0, dtype: str = "float32",
+                 max_batch_size: int = 64, stop_grace_s: float = 10.0, quiet: bool = False,
+                 namespace: str = "dynamo", on_crash: Callable[[str], None] | None = None):
+        self.model_dir = Path(model_dir).resolve()
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
+                                    "checkpoint directory (e.g. dynamo_rl.models.ensure_tiny_model(dir))")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.served_model_name = served_model_name
+        self.num_workers = workers
+        self._run_dir_arg = run_dir
+        self.run_dir: Path | None = None
+        self.worker_threads = worker_threads
+        self.device = device
+        self.dtype = dtype
+        self.record = record
+        self.startup_timeout_s = startup_timeout_s
+        self.frontend_port = frontend_port
+        self.max_batch_size = max_batch_size
+        self.stop_grace_s = stop_grace_s
+        self.quiet = quiet
+        self.namespace = namespace
+        self.on_crash = on_crash
+        self.frontend_url = ""
+        self.workers: list[WorkerProcess] = []
+        self.failure: str | None = None
+        self._children: list[ChildProcess] = []
+        self._env: dict[str, str] = {}
+        self._next_index = 0
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+
+    # ------------------------------------------------------------------ public
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "LocalStack":
+        """Start broker, frontend and workers; return when all serve. Stops everything on failure."""
+        t0 = time.monotonic()
+        try:
+            self._prepare_run_dir()
+            self._start_broker()
+            self._start_frontend()
+            new = [self._spawn_worker() for _ in range(self.num_workers)]
+            self._wait_ready(new, t0)
+        except BaseException:
+            self.stop()
+            raise
+        self._say(f"stack ready in {time.monotonic() - t0:.1f}s: {self.frontend_url} "
+                  f"(model {self.served_model_name!r}, {len(self.workers)} worker(s), run dir {self.run_dir})")
+        self._start_watcher()
+        return self
+
+    def add_worker(self) -> WorkerProcess:
+        """Start one more worker and wait until the frontend routes to it."""
+        if not self.frontend_url:
+            raise StackError("add_worker() needs a started stack; call start() first")
+        t0 = time.monotonic()
+        w = self._spawn_worker()
+        try:
+            self._wait_ready([w], t0)
+        except BaseException:
+            self._terminate([w])
+            with self._lock:
+                if w in self.workers:
+                    self.workers.remove(w)
+            raise
+        return w
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL ``workers[index]`` (no grace) and drop it from :attr:`workers`.
+
+        Frontend discovery forgets a killed worker after ~10-13 s (Dynamo 1.6.1, file backend).
+        """
+        with self._lock:
+            w = self.workers.pop(index)
+            w.expected_exit = True
+        self._record_descendants(w)
+        self._signal(w.pid, signal.SIGKILL)
+        try:
+            w.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            log.warning("worker %s (pid %s) did not die after SIGKILL", w.index, w.pid)
+        for pid in w.descendants:
+            self._signal(pid, signal.SIGKILL)
+
+    def control_urls(self) -> dict[int | str, str]:
+        """``{instance_id: system_url}`` of the live workers."""
+        return {w.instance_id: w.system_url for w in self.workers}
+
+    def pids(self) -> list[int]:
+        """Every PID this stack started, plus their descendants seen so far."""
+        out: list[int] = []
+        for c in self._children:
+            out.append(c.pid)
+            self._record_descendants(c)
+            out.extend(sorted(c.descendants))
+        return out
+
+    def check(self) -> None:
+        """Raise :class:`StackError` if a child of the stack crashed."""
+        if self.failure:
+            raise StackError(self.failure)
+        for c in list(self._children):
+            if not c.expected_exit and c.popen.poll() is not None:
+                raise StackError(self._crash_report(c))
+
+    def stop(self) -> None:
+        """Terminate every child (SIGTERM, SIGKILL after ``stop_grace_s``). Idempotent."""
+        with self._lock:
+            if self._stopping and not self._children:
+                return
+            self._stopping = True
+            children = list(self._children)
+        self._watch_stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+        # workers first (they deregister), then the frontend, then the broker
+        order = [c for c in children if isinstance(c, WorkerProcess)] + \
+                [c for c in children if not isinstance(c, WorkerProcess)]
+        self._terminate(order)
+        with self._lock:
+            self._children.clear()
+            self.workers.clear()
+            self._stopped_pids = [c.pid for c in children]
+
+    # ----------------------------------------------------------------- helpers
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        if not self.quiet:
+            print(f"[dynamo-rl stack] {msg}", file=sys.stderr, flush=True)
+
+    def _prepare_run_dir(self) -> None:
+        rd = Path(self._run_dir_arg) if self._run_dir_arg else Path(tempfile.mkdtemp(prefix="dynamo-rl-stack-"))
+        rd = rd.resolve()
+        if rd == self.model_dir or self.model_dir in rd.parents:
+            raise StackError(f"run_dir {rd} lies inside the model directory {self.model_dir}; the frontend "
+                             "refuses a model directory that changes. Choose a run_dir elsewhere")
+        for sub in ("logs", "kv", "home", "records"):
+            (rd / sub).mkdir(parents=True, exist_ok=True)
+        self.run_dir = rd
+        self._stopping = False
+        self.failure = None
+        env = dict(os.environ)
+        env.update({
+            "DYN_DISCOVERY_BACKEND": "file",
+            "DYN_FILE_KV": str(rd / "kv"),
+            "DYN_TCP_RPC_HOST": LOOPBACK,
+            "DYN_TCP_RESPONSE_STREAM_HOST": LOOPBACK,
+            "DYN_EVENT_PLANE_HOST": LOOPBACK,
+            "DYN_SYSTEM_HOST": LOOPBACK,
+            "DYN_HTTP_HOST": LOOPBACK,
+            "HF_HUB_OFFLINE": "1",
+            "HOME": str(rd / "home"),
+            "PYTHONUNBUFFERED": "1",
+        })
+        for k in ("DYN_SYSTEM_PORT", "DYN_SYSTEM_ENABLED", "DYN_HTTP_PORT", "DYN_NAMESPACE"):
+            env.pop(k, None)
+        self._env = env
+
+    def _popen(self, name: str, argv: list[str], env: dict[str, str], cls=ChildProcess, **kw) -> ChildProcess:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        f = open(log_path, "wb")  # a fresh log per start (a stale line must not be read as current)
+        try:
+            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 cwd=str(self.run_dir), start_new_session=True, preexec_fn=_pdeathsig)
+        finally:
+            f.close()
+        child = cls(name=name, popen=p, log_path=log_path, **kw)
+        with self._lock:
+            self._children.append(child)
+        return child
+
+    def _start_broker(self) -> None:
+        c = self._popen("broker", [sys.executable, "-m", "dynamo_rl.serving.broker", "--host", LOOPBACK],
+                        self._env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for line in tail(c.log_path, 5).splitlines():
+                if line.startswith("broker xsub="):
+                    parts = dict(kv.split("=", 1) for kv in line.split()[1:])
+                    a = int(parts["xsub"].rsplit(":", 1)[1])
+                    b = int(parts["xpub"].rsplit(":", 1)[1])
+                    self._env["DYN_ZMQ_BROKER_URL"] = broker_url(a, b)
+                    self._say(f"broker up (pid {c.pid}, xsub :{a}, xpub :{b})")
+                    return
+            if c.popen.poll() is not None:
+                raise StackError(self._crash_report(c))
+            time.sleep(0.05)
+        raise StackError(f"broker did not report its ports within 30 s\n{self._crash_report(c)}")
+
+    def _start_frontend(self) -> None:
+        port = self.frontend_port or free_port()
+        argv = [sys.executable, "-m", "dynamo.frontend", "--http-host", LOOPBACK, "--http-port", str(port),
+                "--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
+        c = self._popen("frontend", argv, self._env)
+        self.frontend_url = f"http://{LOOPBACK}:{port}"
+        self._say(f"frontend starting (pid {c.pid}) on {self.frontend_url}")
+
+    def _spawn_worker(self) -> WorkerProcess:
+        with self._lock:
+            i = self._next_index
+            self._next_index += 1
+        port = free_port(below=32768)
+        env = dict(self._env)
+        env.update({"DYN_SYSTEM_PORT": str(port),
+                    "OMP_NUM_THREADS": str(self.worker_threads), "MKL_NUM_THREADS": str(self.worker_threads)})
+        record = self.run_dir / "records" / f"worker-{i}.jsonl" if self.record else None
+        argv = [sys.executable, "-m", "dynamo_rl.serving.worker", "--model-path", str(self.model_dir),
+                "--served-model-name", self.served_model_name, "--device", self.device, "--dtype", self.dtype,
+                "--namespace", self.namespace, "--max-batch-size", str(self.max_batch_size),
+                "--threads", str(self.worker_threads), "--discovery-backend", "file"]
+        if record is not None:
+            argv += ["--record-file", str(record)]
+        w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
+                        system_url=f"http://{LOOPBACK}:{port}", record_file=record)
+        with self._lock:
+            self.workers.append(w)
+        self._say(f"worker-{i} starting (pid {w.pid}), control {w.system_url}")
+        return w
+
+    def _wait_ready(self, new: list[WorkerProcess], t0: float) -> None:
+        import httpx
+
+        deadline = t0 + self.startup_timeout_s
+        model_listed = False
+        pending = list(new)
+        with httpx.Client(timeout=5.0) as http:
+            while True:
+                self.check()
+                for w in list(pending):
+                    try:
+                        r = http.get(f"{w.system_url}/engine/info")
+                        info = r.json() if r.status_code == 200 else None
+                    except (httpx.HTTPError, ValueError):
+                        info = None
+                    if info and info.get("instance_id") is not None:
+                        w.instance_id = info["instance_id"]
+                        pending.remove(w)
+                        self._say(f"worker-{w.index} answers /engine/info (instance {w.instance_id}, "
+                                  f"weights v{info.get('weights_version')})")
+                if not model_listed:
+                    try:
+                        r = http.get(f"{self.frontend_url}/v1/models")
+                        model_listed = r.status_code == 200 and any(
+                            m.get("id") == self.served_model_name for m in r.json().get("data", []))
+                        if model_listed:
+                            self._say(f"frontend lists model {self.served_model_name!r}")
+                    except (httpx.HTTPError, ValueError):
+                        pass
+                if not pending and (model_listed or not self.workers):
+                    want = {w.instance_id for w in new}
+                    try:
+                        h = http.get(f"{self.frontend_url}/health").json()
+                        seen = {i.get("instance_id") for i in h.get("instances", []) if i.get("endpoint") == "generate"}
+                    except (httpx.HTTPError, ValueError):
+                        seen = set()
+                    if want <= seen:
+                        return
+                if time.monotonic() > deadline:
+                    waiting = ", ".join(w.name for w in pending) or "frontend /health listing"
+                    logs = "\n".join(f"--- {c.name} ({c.log_path}):\n{tail(c.log_path, 15)}" for c in self._children)
+                    raise StackError(f"stack not ready after {self.startup_timeout_s:.0f} s (waiting for {waiting}; "
+                                     f"model listed: {model_listed})\n{logs}")
+                time.sleep(0.25)
+
+    def _crash_report(self, c: ChildProcess) -> str:
+        rc = c.popen.poll()
+        return (f"{c.name} (pid {c.pid}) exited with code {rc}; last lines of {c.log_path}:\n"
+                f"{tail(c.log_path, 30)}")
+
+    def _start_watcher(self) -> None:
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="dynamo-rl-stack-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._watch_stop.wait(0.5):
+            with self._lock:
+                children = list(self._children)
+            for c in children:
+                self._record_descendants(c)
+                if not c.expected_exit and c.popen.poll() is not None and not self._stopping:
+                    self.failure = self._crash_report(c)
+                    log.error("stack child crashed, tearing the stack down: %s", self.failure)
+                    if not self.quiet:
+                        print(f"[dynamo-rl stack] CRASH: {self.failure}", file=sys.stderr, flush=True)
+                    if self.on_crash is not None:
+                        try:
+                            self.on_crash(self.failure)
+                        except Exception:  # noqa: BLE001
+                            log.exception("on_crash callback failed")
+                    self.stop()
+                    return
+
+    @staticmethod
+    def _record_descendants(c: ChildProcess) -> None:
+        try:
+            import psutil
+
+            c.descendants.update(p.pid for p in psutil.Process(c.pid).children(recursive=True))
+        except Exception:  # noqa: BLE001 - gone already, or psutil missing
+            pass
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _terminate(self, children: list[ChildProcess]) -> None:
+        for c in children:
+            self._record_descendants(c)
+            c.expected_exit = True
+        for c in children:
+            if c.popen.poll() is None:
+                self._signal(c.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace_s
+        for c in children:
+            try:
+                c.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %s) ignored SIGTERM for %.0f s; SIGKILL", c.name, c.pid, self.stop_grace_s)
+                self._signal(c.pid, signal.SIGKILL)
+                try:
+                    c.popen.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # pragma: no cover
+                    log.error("%s (pid %s) survived SIGKILL", c.name, c.pid)
+        for c in children:
+            for pid in c.descendants:
+                self._signal(pid, signal.SIGKILL)
+        if children and not self.quiet and any(c.name == "frontend" for c in children):
+            self._say("stack stopped")

@@ -1,0 +1,512 @@
+"""Our Dynamo worker: one :class:`~dynamo_rl.serving.engine.Engine` behind the Dynamo frontend.
+
+Run: ``python -m dynamo_rl.serving.worker --model-path DIR --served-model-name NAME
+[--device cpu] [--dtype float32] [--namespace dynamo] [--component backend]
+[--max-batch-size 64] [--threads 1] [--record-file PATH]``. The same module runs in the
+local stack (:mod:`dynamo_rl.serving.stack`) and in a DynamoGraphDeployment pod.
+
+Data plane (Dynamo 1.6.1, low-level API): ``register_model(ModelInput.Tokens,
+ModelType.Chat | ModelType.Completions, ...)`` makes the frontend apply the chat template
+and tokenize; :meth:`Worker.generate` receives the *preprocessed* request, a dict::
+
+    {"model", "token_ids": [int], "eos_token_ids": [int], "annotations": [str],
+     "stop_conditions": {"max_tokens", "stop", "stop_token_ids", "stop_token_ids_visible",
+                         "stop_token_ids_hidden", "min_tokens", "ignore_eos", ...},
+     "sampling_options": {"temperature", "top_p", "top_k", "seed", "n", "min_p", ...},
+     "output_options": {"logprobs", "prompt_logprobs", ...},
+     "routing": {...}, "mdc_sum": str, "extra_args": {"nvext": {...}}   # extra_args only if nvext was sent
+    }
+
+and yields one chunk per token: ``{"token_ids": [id], "index": 0, "log_probs": [lp],
+"engine_data": {"weights_version": v}}``; the last chunk adds ``finish_reason``
+(``stop``/``length``/``cancelled``) and ``completion_usage``, and its ``engine_data`` adds
+``prompt_token_ids`` (the prompt actually run, after any prefix splice). Logprobs are the
+engine's: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
+The stop/EOS token that ends a sequence IS emitted (it is part of the generation the
+trainer scores). ``min_tokens``, ``stop`` strings, penalties and ``n`` > 1 are not
+implemented by the engine and are ignored.
+
+Channels through the 1.6.1 frontend (verified on ``/v1/completions`` and
+``/v1/chat/completions``, streaming and not):
+
+- **weights_version → client**: the chunk's ``engine_data`` comes back as
+  ``nvext.engine_data`` when the request asks for it with
+  ``"nvext": {"extra_fields": ["engine_data", "worker_id", "completion_token_ids"]}``.
+  Streaming: on every chunk. Non-streaming: the LAST chunk's ``engine_data`` (so
+  ``{"weights_version", "prompt_token_ids"}``). ``worker_id`` gives
+  ``nvext.worker_id.decode_worker_id`` = this worker's ``instance_id``;
+  ``completion_token_ids`` gives the generated ids. Unknown top-level chunk keys and
+  ``disaggregated_params`` are dropped by the frontend.
+- **required_prefix_token_ids → worker**: 1.6.1 rejects unknown top-level body fields
+  (``extra_args`` too, although newer docs list it) and unknown ``nvext`` keys, but passes
+  ``nvext.annotations`` (a list of strings) through to the request's ``annotations``.
+  Send ``"nvext": {"annotations": ["required_prefix_token_ids:1,5,6,2"]}`` (comma-separated
+  ints; a JSON array after the colon is accepted too). A future ``extra_args
+  {"required_prefix_token_ids": [...]}`` is honoured as well. The worker then runs
+  ``splice_required_prefix(token_ids, prefix, eos)`` (eos = the tokenizer's eos token,
+  ``<|im_end|>`` for ChatML). A prefix that does not fit the rendered history ends the
+  request with an error. (``nvext.token_data: [ids]`` on the chat endpoint replaces the
+  rendered prompt entirely; the frontend handles it, the worker sees plain ``token_ids``.)
+
+Control plane: routes on Dynamo's system server (``DYN_SYSTEM_PORT``, host
+``DYN_SYSTEM_HOST``), registered with ``rt.register_engine_route``:
+``GET /engine/info``, ``POST /engine/pause_generation`` (``{"timeout_s"}`` optional),
+``/engine/resume_generation``, ``/engine/flush_cache``, ``/engine/update_weights``.
+Error reporting of engine routes in 1.6.1: a dict returned by the callback is always
+sent with HTTP 200; an exception raised in the callback becomes HTTP 500 with body
+``{"error": "Handler error", "message": "Python callback failed: <Type>: <msg>"}``.
+So our routes never raise: a failure is returned as ``{"error": msg, "status": code}``
+(HTTP 200 on the wire; clients must check for ``"error"``), with ``status`` 400 bad
+body, 404 checkpoint path missing, 409 stale version, 422 tensors do not match the
+engine, 502 publisher unreachable, 503 refit receiver unavailable, 500 anything else.
+
+``update_weights`` is serialized (one at a time). If generation is not paused, the
+worker pauses (drain: in-flight requests finish on the old weights), loads, and resumes,
+so a response never mixes two versions. The system server's ``/health`` turns ready
+once the model is registered (``rt.set_health_status(True)``; 1.6.1 ignores the
+deprecated ``DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS``). ``DYN_SYSTEM_PORT`` must be < 32768:
+1.6.1 parses it as a signed 16-bit integer and the worker fails at start otherwise.
+
+Must not import ``generation``, ``rl`` or ``k8s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dynamo_rl.serving.worker")
+
+ANNOTATION_PREFIX = "required_prefix_token_ids:"
+ENDPOINT_NAME = "generate"
+
+
+class RouteError(Exception):
+    """A control-route failure with an HTTP-ish status; becomes ``{"error", "status"}``."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_required_prefix(request: Mapping[str, Any]) -> list[int] | None:
+    """The ``required_prefix_token_ids`` of a preprocessed request, or ``None``.
+
+    Looks at ``annotations`` (``"required_prefix_token_ids:1,2,3"`` or ``...:[1,2,3]``) and
+    at ``extra_args["required_prefix_token_ids"]``.
+
+    Raises:
+        ValueError: when the annotation does not hold integers.
+    """
+    extra = request.get("extra_args") or {}
+    if isinstance(extra, Mapping) and extra.get("required_prefix_token_ids") is not None:
+        return [int(t) for t in extra["required_prefix_token_ids"]]
+    for ann in request.get("annotations") or ():
+        if isinstance(ann, str) and ann.startswith(ANNOTATION_PREFIX):
+            body = ann[len(ANNOTATION_PREFIX):].strip()
+            try:
+                if body.startswith("["):
+                    return [int(t) for t in json.loads(body)]
+                return [int(t) for t in body.split(",") if t.strip()]
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"annotation {ann[:80]!r} must be 'required_prefix_token_ids:' followed by "
+                    "comma-separated token ids, e.g. 'required_prefix_token_ids:1,5,6'"
+                ) from None
+    return None
+
+
+def sampling_params_from_request(request: Mapping[str, Any], *, context_window: int | None = None):
+    """Map a Dynamo preprocessed request onto :class:`~dynamo_rl.serving.engine.SamplingParams`.
+
+    OpenAI defaults where the request leaves a field null: temperature 1.0, top_p 1.0,
+    top_k off (``None``/``-1``/``0``). ``max_tokens`` null → what is left of the context
+    window (or 16 without one). Stop ids = ``stop_token_ids_hidden`` ∪ ``stop_token_ids``
+    ∪ ``stop_token_ids_visible``; with ``ignore_eos`` the EOS ids are removed from them.
+    """
+    from dynamo_rl.serving.engine import SamplingParams
+
+    so = request.get("sampling_options") or {}
+    sc = request.get("stop_conditions") or {}
+    prompt_len = len(request.get("token_ids") or ())
+    max_tokens = sc.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = max(1, context_window - prompt_len) if context_window else 16
+    ignore_eos = bool(sc.get("ignore_eos"))
+    stops: set[int] = set()
+    for key in ("stop_token_ids_hidden", "stop_token_ids", "stop_token_ids_visible"):
+        stops.update(int(t) for t in (sc.get(key) or ()))
+    if ignore_eos:
+        stops -= {int(t) for t in (request.get("eos_token_ids") or ())}
+    temperature = so.get("temperature")
+    top_p = so.get("top_p")
+    top_k = so.get("top_k")
+    seed = so.get("seed")
+    return SamplingParams(
+        max_tokens=int(max_tokens),
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=0 if top_k is None or int(top_k) < 0 else int(top_k),
+        seed=None if seed is None else int(seed),
+        stop_token_ids=tuple(sorted(stops)),
+        ignore_eos=ignore_eos,
+    )
+
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class Worker:
+    """The request handler and control routes around one engine (no Dynamo objects inside).
+
+    Args:
+        engine: a started :class:`~dynamo_rl.serving.engine.Engine`.
+        served_model_name: the model name the frontend lists.
+        message_eos_id: the token that ends a chat message (for prefix splicing).
+        device: where update_weights puts loaded tensors.
+        record_file: if set, one JSON line per finished request is appended there.
+        instance_id: this worker's Dynamo instance id (set once the endpoint exists).
+    """
+
+    def __init__(self, engine, *, served_model_name: str, model_path: str, message_eos_id: int | None,
+                 device: str = "cpu", record_file: str | None = None):
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.model_path = model_path
+        self.message_eos_id = message_eos_id
+        self.device = device
+        self.record_file = record_file
+        self.instance_id: int | None = None
+        self._weights_lock = asyncio.Lock()
+        self._receiver = None
+        cfg = getattr(engine, "model_config", {}) or {}
+        self.context_window = cfg.get("max_position_embeddings")
+
+    # ---------------------------------------------------------------- data plane
+    async def generate(self, request: dict, context=None) -> AsyncIterator[dict]:
+        """Dynamo handler: preprocessed request in, LLMEngineOutput-shaped chunks out."""
+        prompt = [int(t) for t in request["token_ids"]]
+        prefix = parse_required_prefix(request)
+        if prefix is not None:
+            eos = self.message_eos_id
+            if eos is None:
+                eos = int((request.get("eos_token_ids") or [0])[0])
+            from dynamo_rl.models import splice_required_prefix
+
+            prompt = splice_required_prefix(prompt, prefix, eos)
+        params = sampling_params_from_request({**request, "token_ids": prompt},
+                                              context_window=self.context_window)
+        request_id = None
+        if context is not None:
+            try:
+                request_id = context.id()
+            except Exception:  # pragma: no cover - older bindings
+                request_id = None
+        request_id = request_id or uuid.uuid4().hex
+        ids: list[int] = []
+        lps: list[float] = []
+        finish: str | None = None
+        version: int | None = None
+        stream = self.engine.generate(prompt, params, request_id=request_id)
+        try:
+            async for out in stream:
+                ids.append(out.token_id)
+                lps.append(out.logprob)
+                version = out.weights_version
+                chunk: dict[str, Any] = {
+                    "token_ids": [out.token_id],
+                    "index": 0,
+                    "log_probs": [out.logprob],
+                    "engine_data": {"weights_version": out.weights_version},
+                }
+                if out.finish_reason is not None:
+                    finish = _FINISH.get(out.finish_reason, out.finish_reason)
+                    chunk["finish_reason"] = finish
+                    chunk["completion_usage"] = {
+                        "prompt_tokens": len(prompt),
+                        "completion_tokens": len(ids),
+                        "total_tokens": len(prompt) + len(ids),
+                    }
+                    chunk["engine_data"]["prompt_token_ids"] = prompt
+                    yield chunk
+                    break
+                yield chunk
+                if context is not None and context.is_stopped():
+                    finish = "cancelled"
+                    break
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # aborts the request in the engine if it is still running
+            self._record(request_id, prompt, ids, lps, finish or "cancelled", version, params)
+
+    def _record(self, request_id, prompt, ids, lps, finish, version, params) -> None:
+        if not self.record_file:
+            return
+        rec = {
+            "request_id": request_id,
+            "prompt_token_ids": prompt,
+            "token_ids": ids,
+            "logprobs": lps,
+            "finish_reason": finish,
+            "weights_version": version,
+            "sampling": {
+                "max_tokens": params.max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+                "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos,
+            },
+        }
+        with open(self.record_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------- control plane
+    def routes(self) -> dict[str, Any]:
+        """``{route_name: async fn(body) -> dict}`` for ``rt.register_engine_route``."""
+        return {
+            "info": self._guard(self.info),
+            "pause_generation": self._guard(self.pause_generation),
+            "resume_generation": self._guard(self.resume_generation),
+            "flush_cache": self._guard(self.flush_cache),
+            "update_weights": self._guard(self.update_weights),
+        }
+
+    @staticmethod
+    def _guard(fn):
+        async def route(body: dict | None) -> dict:
+            try:
+                return await fn(body or {})
+            except RouteError as e:
+                return {"error": str(e), "status": e.status}
+            except Exception as e:  # noqa: BLE001 - a route must answer, never raise
+                log.exception("route %s failed", fn.__name__)
+                return {"error": f"{type(e).__name__}: {e}", "status": 500}
+
+        route.__name__ = fn.__name__
+        return route
+
+    async def info(self, body: dict) -> dict:
+        e = self.engine
+        return {
+            "instance_id": self.instance_id,
+            "model": self.served_model_name,
+            "model_path": self.model_path,
+            "weights_version": e.weights_version,
+            "paused": e.paused,
+            "layout": dict(e.layout),
+            "stats": dict(e.stats),
+            "pid": os.getpid(),
+        }
+
+    async def pause_generation(self, body: dict) -> dict:
+        timeout = body.get("timeout_s")
+        res = await self.engine.pause(timeout_s=None if timeout is None else float(timeout))
+        return {"status": "ok", "paused": True, "weights_version": self.engine.weights_version, **(res or {})}
+
+    async def resume_generation(self, body: dict) -> dict:
+        res = await self.engine.resume()
+        return {"status": "ok", "paused": False, "weights_version": self.engine.weights_version, **(res or {})}
+
+    async def flush_cache(self, body: dict) -> dict:
+        res = self.engine.flush_cache()
+        return {"status": "ok", **(res or {})}
+
+    async def update_weights(self, body: dict) -> dict:
+        """Load weights version ``body["version"]`` from ``path`` or from a refit ``publisher``."""
+        version = body.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise RouteError(f"update_weights needs an integer 'version' >= 0, got {version!r}", 400)
+        has_path, has_pub = body.get("path") is not None, body.get("publisher") is not None
+        if has_path == has_pub:
+            raise RouteError(
+                "update_weights needs exactly one source: {'version', 'path': <safetensors dir>} or "
+                "{'version', 'publisher': <manifest URL>, 'transport': 'shm'|'dist'|'nixl'|null}", 400)
+        async with self._weights_lock:
+            current = self.engine.weights_version
+            if version < current:
+                raise RouteError(
+                    f"weights version {version} is older than the served version {current}; "
+                    "send a version >= the current one (versions only move forward)", 409)
+            if version == current:
+                return {"noop": True, "version": version, "bytes": 0, "tensors": 0, "seconds": 0.0}
+            t0 = time.perf_counter()
+            if has_path:
+                tensors = await asyncio.to_thread(self._load_checkpoint, str(body["path"]))
+                report: dict[str, Any] = {"source": "path"}
+            else:
+                tensors, report = await self._pull(body)
+                report = {"source": "publisher", **dict(report)}
+            res = await self._load_paused(tensors, version)
+            res = {**report, **res, "seconds": res.get("seconds", time.perf_counter() - t0),
+                   "total_seconds": time.perf_counter() - t0}
+            log.info("weights version %s loaded: %s", version, res)
+            return res
+
+    async def _load_paused(self, tensors, version: int) -> dict:
+        from dynamo_rl.serving.engine import WeightsError
+
+        was_paused = self.engine.paused
+        if not was_paused:
+            await self.engine.pause()
+        try:
+            return dict(await self.engine.load_weights(tensors, version, adopt=True))
+        except WeightsError as e:
+            raise RouteError(f"weights version {version} rejected, served weights unchanged: {e}",
+                             409 if version < self.engine.weights_version else 422) from None
+        finally:
+            if not was_paused:
+                await self.engine.resume()
+
+    def _load_checkpoint(self, path: str):
+        """All tensors of the ``*.safetensors`` files in ``path``, cast to the engine's dtypes."""
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+        if not files:
+            raise RouteError(
+                f"update_weights path {path!r} is not a directory holding *.safetensors files; "
+                "point it at a checkpoint written by save_pretrained/save_checkpoint", 404)
+        specs = self.engine.param_specs()
+        tensors = {}
+        for f in files:
+            try:
+                part = load_file(str(f), device=self.device)
+            except Exception as e:  # noqa: BLE001 - corrupt file
+                raise RouteError(f"cannot read {f}: {type(e).__name__}: {e}", 422) from None
+            tensors.update(part)
+        if "lm_head.weight" in tensors and "lm_head.weight" not in specs:
+            tensors.pop("lm_head.weight")  # tied to embed_tokens in this engine
+        for name, t in tensors.items():
+            spec = specs.get(name)
+            if spec is not None and t.dtype != spec[1]:
+                tensors[name] = t.to(spec[1])
+        return tensors
+
+    async def _pull(self, body: dict):
+        try:
+            from dynamo_rl.refit.receiver import Receiver
+        except ImportError as e:
+            raise RouteError(f"refit receiver is not available in this build ({e}); "
+                             "use {'version', 'path'} or install dynamo_rl.refit", 503) from None
+        errors: tuple = ()
+        try:
+            from dynamo_rl.refit import errors as refit_errors
+
+            errors = (refit_errors.RefitError,)
+        except ImportError:
+            pass
+        if self._receiver is None:
+            layout = self.engine.layout
+            self._receiver = Receiver(tp_rank=int(layout.get("tp_rank", 0)), tp_size=int(layout.get("tp_size", 1)),
+                                      param_specs=self.engine.param_specs(), device=self.device)
+        try:
+            return await asyncio.to_thread(self._receiver.pull, str(body["publisher"]), int(body["version"]),
+                                           body.get("transport"), float(body.get("timeout_s", 120.0)))
+        except errors as e:
+            name = type(e).__name__.lower()
+            status = 409 if "stale" in name else 502 if ("gone" in name or "unreach" in name) else 422
+            raise RouteError(f"refit pull of version {body['version']} from {body['publisher']} failed "
+                             f"({type(e).__name__}): {e}; served weights unchanged", status) from None
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise RouteError(f"refit publisher {body['publisher']} unreachable: {type(e).__name__}: {e}; "
+                             "served weights unchanged", 502) from None
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            try:
+                self._receiver.close()
+            except Exception:  # noqa: BLE001
+                log.exception("receiver close failed")
+
+
+def _message_eos_id(model_path: str) -> int | None:
+    try:
+        from dynamo_rl.models import load_tokenizer
+
+        return load_tokenizer(model_path).eos_token_id
+    except Exception:  # noqa: BLE001 - fall back to the request's eos ids
+        log.warning("no tokenizer eos in %s; splicing uses the request's first eos id", model_path)
+        return None
+
+
+async def amain(args: argparse.Namespace) -> None:
+    import torch
+
+    from dynamo.llm import ModelInput, ModelType, WorkerType, register_model
+    from dynamo.runtime import DistributedRuntime
+
+    from dynamo_rl.serving.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    served = args.served_model_name or Path(args.model_path).name
+    engine = Engine.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
+                                    max_batch_size=args.max_batch_size)
+    await engine.start()
+    worker = Worker(engine, served_model_name=served, model_path=args.model_path,
+                    message_eos_id=_message_eos_id(args.model_path), device=args.device,
+                    record_file=args.record_file)
+
+    loop = asyncio.get_running_loop()
+    rt = DistributedRuntime(loop, args.discovery_backend, "tcp")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, rt.shutdown)
+    ep = rt.endpoint(f"{args.namespace}.{args.component}.{ENDPOINT_NAME}")
+    worker.instance_id = ep.connection_id()
+    for name, fn in worker.routes().items():
+        rt.register_engine_route(name, fn)
+    await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, args.model_path,
+                         served, worker_type=WorkerType.Aggregated)
+    log.info("worker pid=%s instance_id=%s serving %r from %s", os.getpid(), worker.instance_id, served,
+             args.model_path)
+    # System /health: 1.6.1 ignores DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS (deprecated) and
+    # would otherwise answer 503 "notready"; the model is registered and the engine runs.
+    rt.set_health_status(True)
+    try:
+        await ep.serve_endpoint(worker.generate)
+    finally:
+        worker.close()
+        await engine.stop()
+        log.info("worker pid=%s stopped", os.getpid())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dynamo_rl.serving.worker",
+                                description="dynamo-rl Dynamo worker (engine + control routes)")
+    p.add_argument("--model-path", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--served-model-name", default=None, help="name listed by the frontend (default: dir name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"))
+    p.add_argument("--component", default="backend")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
+    p.add_argument("--discovery-backend", default=os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
+                   choices=["file", "etcd", "kubernetes", "mem"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=os.environ.get("DYNAMO_RL_LOG", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(amain(args))
+    except ImportError:  # pragma: no cover
+        asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()
