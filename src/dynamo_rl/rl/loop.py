@@ -272,16 +272,20 @@ async def _train(cfg: Recipe, out: Path) -> int:
             publisher = Publisher(host=cfg.refit.publisher_host, transport=cfg.refit.transport)
             stack.callback(publisher.close)
 
-            def refit(version: int) -> dict:
-                from dynamo_rl.refit.orchestrator import refit_workers
+            from dynamo_rl.refit.orchestrator import RefitTimeouts, refit_all
 
-                publisher.publish(version, {n: p.detach() for n, p in trainer.model.named_parameters()},
-                                  naming="hf", model_config=trainer.model.config.to_dict())
-                urls = local.control_urls() if control_urls is None else control_urls
-                rep = refit_workers(frontend_url or gen.base_url, urls, version,
-                                    {"publisher": publisher.url, "transport": cfg.refit.transport},
-                                    timeout_s=cfg.refit.timeout_s)
-                return rep
+            resolver = local.control_urls if control_urls is None else (lambda: control_urls)
+            timeouts = RefitTimeouts(update_s=cfg.refit.timeout_s)
+
+            async def refit(version: int) -> dict:
+                """Publish the trainer's weights as ``version`` and refit every worker to it."""
+                params = {n: p.detach() for n, p in trainer.model.named_parameters()}
+                await asyncio.to_thread(publisher.publish, version, params, naming="hf",
+                                        model_config=trainer.model.config.to_dict())
+                rep = await refit_all(frontend_url or gen.base_url, resolver, version,
+                                      {"publisher": publisher.url, "transport": cfg.refit.transport},
+                                      timeouts=timeouts)
+                return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": rep.total_bytes}
 
             return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start)
         finally:
@@ -310,8 +314,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             console.print(f"warm start done in {extra['warm_start_seconds']:.1f}s (loss {extra['warm_start_loss']:.3f})")
         trainer.freeze_reference()
         version = 1
-        rep = await asyncio.to_thread(refit, version)
-        console.print(f"refit → weights version {version} on {len(rep['workers'])} workers ({rep['seconds']:.2f}s)")
+        rep = await refit(version)
+        console.print(f"refit → weights version {version} on {rep['workers']} workers ({rep['seconds']:.2f}s)")
         if g.eval_every:
             extra["eval_reward_initial"] = await _evaluate(gen, tokenizer, cfg, eval_problems)
             console.print(f"greedy eval reward before GRPO: {extra['eval_reward_initial']:.3f}")
@@ -350,7 +354,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             if keep_groups:
                 rec.update(await asyncio.to_thread(trainer.step, keep_groups, tokenizer.pad_token_id, version))
             version += 1
-            rep = await asyncio.to_thread(refit, version)
+            rep = await refit(version)
             rec["weights_version"] = version
             rec["refit_seconds"] = rep["seconds"]
             rec["refit_bytes"] = rep["bytes"]
