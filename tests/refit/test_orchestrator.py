@@ -1,0 +1,336 @@
+"""Refit orchestrator against the real stack: Dynamo 1.6.1 frontend + 3 of our workers (CPU).
+
+One module-scoped :class:`LocalStack`; the tests run in file order and each moves the fleet
+to a new, higher weights version ``v`` whose weights are ``build_tiny_model(TinyModelSpec(seed=v))``
+(the "trainer model"). A worker's greedy output is read through the frontend with
+``nvext.backend_instance_id`` (Dynamo's direct routing to one instance) and compared with the
+trainer model's own greedy decode: equal token ids prove that worker serves those weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+
+import httpx
+import pytest
+import torch
+
+from dynamo_rl.models import TinyModelSpec, build_tiny_model, save_checkpoint
+from dynamo_rl.refit.errors import RefitError
+from dynamo_rl.refit.orchestrator import (
+    DiscoveryError,
+    RefitCycleError,
+    RefitReport,
+    StaticResolver,
+    discover_instances,
+    refit_all,
+    refit_all_sync,
+)
+
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
+
+PROMPT = [1, 30, 18, 35, 4, 11, 5, 2, 10]   # arbitrary ids of the 50-token character vocabulary
+GREEDY_TOKENS = 8
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir, tmp_path_factory):
+    stack_mod = pytest.importorskip("dynamo_rl.serving.stack")
+    with stack_mod.LocalStack(tiny_model_dir, workers=3, run_dir=tmp_path_factory.mktemp("stack"),
+                              quiet=True) as s:
+        yield s
+
+
+_models: dict[int, torch.nn.Module] = {}
+
+
+def trainer_model(version: int):
+    """The trainer's weights for ``version`` (version 0 = the served tiny model, seed 0)."""
+    if version not in _models:
+        _models[version] = build_tiny_model(TinyModelSpec(seed=version))
+    return _models[version]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+
+    def make(version: int) -> str:
+        path = root / f"v{version}"
+        if not path.exists():
+            save_checkpoint(trainer_model(version), path)
+        return str(path)
+
+    return make
+
+
+def hf_greedy(version: int, prompt=PROMPT, n: int = GREEDY_TOKENS) -> list[int]:
+    """Greedy ids of the trainer model (full forward per step, no cache), ``n`` tokens."""
+    model = trainer_model(version)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt):]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _body(stack, *, max_tokens=GREEDY_TOKENS, instance=None, stream=False, prompt=PROMPT, temperature=0.0):
+    nvext = {"extra_fields": ["engine_data", "worker_id", "completion_token_ids"]}
+    if instance is not None:
+        nvext["backend_instance_id"] = instance
+    return {"model": stack.served_model_name, "prompt": list(prompt), "max_tokens": max_tokens,
+            "temperature": temperature, "stream": stream, "ignore_eos": True, "nvext": nvext}
+
+
+def _worker_of(nvext: dict):
+    wid = nvext.get("worker_id")
+    return wid.get("decode_worker_id") if isinstance(wid, dict) else wid
+
+
+async def complete_on(client, stack, instance) -> tuple[list[int], int, object]:
+    """Greedy completion on one instance → (token ids, weights_version, worker that served it)."""
+    r = await client.post(f"{stack.frontend_url}/v1/completions", json=_body(stack, instance=instance))
+    assert r.status_code == 200, r.text
+    nv = r.json()["nvext"]
+    return nv["completion_token_ids"], nv["engine_data"]["weights_version"], _worker_of(nv)
+
+
+async def info(client, url) -> dict:
+    r = await client.get(f"{url}/engine/info")
+    r.raise_for_status()
+    return r.json()
+
+
+async def assert_serves(client, stack, version: int, instances) -> None:
+    """Every instance reports ``version``, is not paused, and greedy-decodes like the trainer model."""
+    want = hf_greedy(version)
+    urls = stack.control_urls()
+    for iid in instances:
+        i = await info(client, urls[iid])
+        assert (i["weights_version"], i["paused"]) == (version, False), (iid, i)
+        ids, v, served_by = await complete_on(client, stack, iid)
+        assert served_by == iid
+        assert v == version
+        assert ids == want, f"instance {iid} greedy {ids} != trainer v{version} greedy {want}"
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.asyncio
+async def test_discovery_maps_every_instance_and_rejects_bad_resolvers(stack):
+    urls = stack.control_urls()
+    assert len(urls) == 3
+    async with httpx.AsyncClient(timeout=30) as client:
+        health = (await client.get(f"{stack.frontend_url}/health")).json()
+        listed = {i["instance_id"] for i in health["instances"] if i["endpoint"] == "generate"}
+        assert listed == set(urls)
+        # mapping form (local stack) and candidate-URL form (a pod lister) give the same map
+        assert await discover_instances(stack.frontend_url, stack.control_urls) == urls
+        assert await discover_instances(stack.frontend_url, StaticResolver(list(urls.values()))) == urls
+        # a mapping that points an instance at another worker's URL is refused
+        a, b = sorted(urls)[:2]
+        swapped = {**urls, a: urls[b], b: urls[a]}
+        with pytest.raises(DiscoveryError, match="reports instance_id"):
+            await discover_instances(stack.frontend_url, StaticResolver(swapped))
+        # an instance without a control URL: refit refuses before touching any worker
+        partial = {k: v for k, v in urls.items() if k != a}
+        from dynamo_rl.refit.orchestrator import RefitTimeouts
+
+        with pytest.raises(DiscoveryError, match=rf"\[{a}\].*nothing was refitted"):
+            await refit_all(stack.frontend_url, StaticResolver(partial), 1, {"path": "/nonexistent"},
+                            timeouts=RefitTimeouts(resolve_grace_s=0.5))
+        for url in urls.values():
+            i = await info(client, url)
+            assert (i["weights_version"], i["paused"]) == (0, False)
+        # before any refit every worker serves the seed-0 model, whose greedy output differs
+        # from the version-1 trainer model's (so the next test's equality is meaningful)
+        assert hf_greedy(0) != hf_greedy(1)
+        await assert_serves(client, stack, 0, urls)
+
+
+def test_refit_from_checkpoint_path_every_worker_serves_trainer_weights(stack, checkpoints):
+    path = checkpoints(1)
+    report = refit_all_sync(stack.frontend_url, stack.control_urls, 1, {"path": path})
+    assert isinstance(report, RefitReport)
+    urls = stack.control_urls()
+    model_bytes = sum(p.numel() * p.element_size() for p in trainer_model(1).parameters())
+    assert sorted(w.instance_id for w in report.workers) == sorted(urls)
+    for w in report.workers:
+        assert (w.version, w.url, w.attempts, w.pass_index, w.noop) == (1, urls[w.instance_id], 1, 1, False)
+        assert w.bytes == model_bytes
+    assert report.total_bytes == 3 * model_bytes
+    assert report.passes == 1 and report.skipped == []
+    json.dumps(report.to_dict())  # serialisable for metrics
+    asyncio.run(_assert_serves_all(stack, 1))
+    # the same version again is a no-op on every worker
+    again = refit_all_sync(stack.frontend_url, stack.control_urls, 1, {"path": path})
+    assert [w.noop for w in again.workers] == [True] * 3 and again.total_bytes == 0
+
+
+async def _assert_serves_all(stack, version):
+    async with httpx.AsyncClient(timeout=60) as client:
+        await assert_serves(client, stack, version, stack.control_urls())
+
+
+@pytest.mark.asyncio
+async def test_refit_from_publisher(stack):
+    publisher_mod = pytest.importorskip("dynamo_rl.refit.publisher")
+    model = trainer_model(2)
+    pub = publisher_mod.Publisher(transport="shm")
+    try:
+        pub.publish(2, dict(model.state_dict()), naming="hf", model_config=model.config.to_dict())
+        report = await refit_all(stack.frontend_url, stack.control_urls, 2,
+                                 {"publisher": pub.url, "transport": "shm"})
+    finally:
+        pub.close()
+    assert sorted(w.version for w in report.workers) == [2, 2, 2]
+    await _assert_serves_all(stack, 2)
+
+
+@pytest.mark.asyncio
+async def test_missing_warn_skips_instance_loudly(stack, checkpoints):
+    urls = stack.control_urls()
+    skip = sorted(urls)[0]
+    before = (await _info_all(urls))[skip]["weights_version"]
+    from dynamo_rl.refit.orchestrator import RefitTimeouts
+
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        report = await refit_all(stack.frontend_url, StaticResolver({k: v for k, v in urls.items() if k != skip}),
+                                 3, {"path": checkpoints(3)}, missing="warn",
+                                 timeouts=RefitTimeouts(resolve_grace_s=0.5))
+    assert report.skipped == [skip]
+    assert sorted(w.instance_id for w in report.workers) == sorted(k for k in urls if k != skip)
+    infos = await _info_all(urls)
+    assert infos[skip]["weights_version"] == before
+    assert all(infos[k]["weights_version"] == 3 for k in urls if k != skip)
+    # the default policy then brings the skipped one along
+    await refit_all(stack.frontend_url, stack.control_urls, 3, {"path": checkpoints(3)})
+    await _assert_serves_all(stack, 3)
+
+
+async def _info_all(urls) -> dict:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return {k: await info(client, u) for k, u in urls.items()}
+
+
+@pytest.mark.asyncio
+async def test_failed_worker_stays_paused_others_resume_and_serve(stack, checkpoints):
+    urls = stack.control_urls()
+    victim = sorted(urls)[1]
+    async with httpx.AsyncClient(timeout=60) as client:
+        # the victim already holds version 10, so it refuses version 4 (409, not retried)
+        r = await client.post(f"{urls[victim]}/engine/update_weights", json={"version": 10, "path": checkpoints(10)})
+        assert r.json()["version"] == 10, r.text
+        with pytest.raises(RefitCycleError) as ei:
+            await refit_all(stack.frontend_url, stack.control_urls, 4, {"path": checkpoints(4)})
+        err = ei.value
+        assert isinstance(err, RefitError)
+        assert list(err.failed) == [victim]
+        assert str(victim) in str(err) and "older than the served version" in err.failed[victim]
+        assert "after 1 attempt" in err.failed[victim]
+        assert sorted(w.instance_id for w in err.report.workers) == sorted(k for k in urls if k != victim)
+        i = await info(client, urls[victim])
+        assert (i["weights_version"], i["paused"]) == (10, True)
+        await assert_serves(client, stack, 4, [k for k in urls if k != victim])
+        r = await client.post(f"{urls[victim]}/engine/resume_generation", json={})
+        assert r.json()["paused"] is False
+
+
+async def _stream(client, stack, prompt, max_tokens, first_chunk: asyncio.Event | None = None):
+    """One streamed completion → (token ids, set of weights_versions over its chunks, finish_reason)."""
+    ids, versions, finish = [], set(), None
+    body = _body(stack, max_tokens=max_tokens, stream=True, prompt=prompt, temperature=1.0)
+    async with client.stream("POST", f"{stack.frontend_url}/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            nv = chunk.get("nvext") or {}
+            if "engine_data" in nv:
+                versions.add(nv["engine_data"]["weights_version"])
+            ids += nv.get("completion_token_ids") or []
+            for c in chunk.get("choices", []):
+                finish = c.get("finish_reason") or finish
+            if first_chunk is not None and versions:
+                first_chunk.set()
+    return ids, versions, finish
+
+
+@pytest.mark.asyncio
+async def test_in_flight_requests_complete_and_never_mix_versions(stack, checkpoints):
+    old, new, n_tok = 10, 11, 48
+    path = checkpoints(new)
+    async with httpx.AsyncClient(timeout=120) as client:
+        started = [asyncio.Event() for _ in range(6)]
+        before = [asyncio.create_task(_stream(client, stack, PROMPT[: 3 + k], n_tok, started[k]))
+                  for k in range(6)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        refit = asyncio.create_task(refit_all(stack.frontend_url, stack.control_urls, new, {"path": path}))
+        during = [asyncio.create_task(_stream(client, stack, PROMPT[: 3 + k], n_tok)) for k in range(6)]
+        report = await refit
+        results_before = await asyncio.gather(*before)
+        results_during = await asyncio.gather(*during)
+        after = await _stream(client, stack, PROMPT, n_tok)
+    assert sorted(w.version for w in report.workers) == [new] * 3
+    for ids, versions, finish in results_before + results_during + [after]:
+        assert len(ids) == n_tok and finish == "length"
+        assert len(versions) == 1, f"one response mixed weights versions {versions}"
+    # workers were at 4 (two) / 10 (the resumed victim); each streamed a token before the
+    # refit began, and pause drains, so they finished on the old weights
+    assert all(v <= old for _, (v,), _ in results_before)
+    assert all(v in (4, old, new) for _, (v,), _ in results_during)
+    assert after[1] == {new}
+
+
+@pytest.mark.asyncio
+async def test_worker_started_during_refit_is_refitted_in_next_pass(stack, checkpoints):
+    version = 12
+    added = []
+
+    async def on_event(ev):
+        if ev.stage == "pass_done" and ev.pass_index == 1:
+            added.append(await asyncio.to_thread(stack.add_worker))
+
+    report = await refit_all(stack.frontend_url, stack.control_urls, version, {"path": checkpoints(version)},
+                             on_event=on_event)
+    assert len(added) == 1 and len(stack.control_urls()) == 4
+    new = added[0].instance_id
+    by = report.by_instance()
+    assert by[new].pass_index == 2 and by[new].version == version and not by[new].noop
+    assert sorted(w.pass_index for w in report.workers) == [1, 1, 1, 2]
+    assert report.passes == 2
+    await _assert_serves_all(stack, version)
+
+
+@pytest.mark.asyncio
+async def test_worker_killed_during_refit_is_named_others_serve_new_version(stack, checkpoints):
+    version = 13
+    urls = stack.control_urls()
+    victim = sorted(urls)[2]
+    index = [w.instance_id for w in stack.workers].index(victim)
+
+    def on_event(ev):
+        if ev.stage == "paused" and ev.instance_id == victim:
+            stack.kill_worker(index)
+
+    with pytest.raises(RefitCycleError) as ei:
+        await refit_all(stack.frontend_url, stack.control_urls, version, {"path": checkpoints(version)},
+                        on_event=on_event)
+    err = ei.value
+    assert list(err.failed) == [victim] and str(victim) in str(err)
+    assert "after 2 attempt" in err.failed[victim]      # a transport failure is retried once
+    survivors = [k for k in urls if k != victim]
+    assert sorted(w.instance_id for w in err.report.workers) == sorted(survivors)
+    async with httpx.AsyncClient(timeout=60) as client:
+        await assert_serves(client, stack, version, survivors)
