@@ -60,9 +60,9 @@ So our routes never raise: a failure is returned as ``{"error": msg, "status": c
 body, 404 checkpoint path missing, 409 stale version, 422 tensors do not match the
 engine, 502 publisher unreachable, 503 refit receiver unavailable, 500 anything else.
 
-``update_weights`` is serialized (one at a time). If generation is not paused, the
-worker pauses (drain: in-flight requests finish on the old weights), loads, and resumes,
-so a response never mixes two versions. The system server's ``/health`` turns ready
+``update_weights`` is serialized (one at a time); the engine drains in-flight requests
+before it swaps (they finish on the old weights), so a response never mixes two
+versions. ``flush_cache`` while requests run answers 409 (pause first). The system server's ``/health`` turns ready
 once the model is registered (``rt.set_health_status(True)``; 1.6.1 ignores the
 deprecated ``DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS``). ``DYN_SYSTEM_PORT`` must be < 32768:
 1.6.1 parses it as a signed 16-bit integer and the worker fails at start otherwise.
@@ -317,7 +317,10 @@ class Worker:
         return {"status": "ok", "paused": False, "weights_version": self.engine.weights_version, **(res or {})}
 
     async def flush_cache(self, body: dict) -> dict:
-        res = self.engine.flush_cache()
+        try:
+            res = self.engine.flush_cache()
+        except RuntimeError as e:  # requests are running: pause first
+            raise RouteError(str(e), 409) from None
         return {"status": "ok", **(res or {})}
 
     async def update_weights(self, body: dict) -> dict:
@@ -345,26 +348,20 @@ class Worker:
             else:
                 tensors, report = await self._pull(body)
                 report = {"source": "publisher", **dict(report)}
-            res = await self._load_paused(tensors, version)
+            res = await self._load(tensors, version)
             res = {**report, **res, "seconds": res.get("seconds", time.perf_counter() - t0),
                    "total_seconds": time.perf_counter() - t0}
             log.info("weights version %s loaded: %s", version, res)
             return res
 
-    async def _load_paused(self, tensors, version: int) -> dict:
+    async def _load(self, tensors, version: int) -> dict:
         from dynamo_rl.serving.engine import WeightsError
 
-        was_paused = self.engine.paused
-        if not was_paused:
-            await self.engine.pause()
-        try:
+        try:  # the engine drains in-flight requests, swaps, and drops stale KV entries
             return dict(await self.engine.load_weights(tensors, version, adopt=True))
         except WeightsError as e:
             raise RouteError(f"weights version {version} rejected, served weights unchanged: {e}",
                              409 if version < self.engine.weights_version else 422) from None
-        finally:
-            if not was_paused:
-                await self.engine.resume()
 
     def _load_checkpoint(self, path: str):
         """All tensors of the ``*.safetensors`` files in ``path``, cast to the engine's dtypes."""
