@@ -80,7 +80,8 @@ class Plan:
     """Everything one command would send, rendered and validated against the CRDs.
 
     ``rayclusters``/``dgds``/``deployments`` map ``role``/``key`` → manifest; ``rayjob`` is
-    set in RayJob mode; ``recipe`` is the stamped recipe (``run`` only).
+    set in RayJob mode; ``recipe`` is the stamped recipe and ``entrypoint`` the driver's
+    shell command (``run`` only).
     """
 
     infra: Infra
@@ -90,6 +91,7 @@ class Plan:
     deployments: dict[str, dict] = field(default_factory=dict)
     rayjob: dict | None = None
     recipe: dict | None = None
+    entrypoint: str | None = None
 
     def manifests(self) -> list[dict]:
         """In the order they are applied."""
@@ -141,8 +143,9 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
             raise ManifestError(f"launch.role is {role!r} but the infra file has no kuberay.{role}")
         plan.recipe = stamp_recipe(recipe or {}, list(plan.dgds.values()),
                                    {m["metadata"]["name"]: infra.dynamo[k].frontend_port for k, m in plan.dgds.items()})
+        plan.entrypoint = _entrypoint(infra, plan.recipe, recipe_overrides)
         if mode == "rayjob":
-            plan.rayjob = render_rayjob(infra, role, _entrypoint(infra, plan.recipe, recipe_overrides))
+            plan.rayjob = render_rayjob(infra, role, plan.entrypoint)
         else:
             plan.rayclusters[role] = render_raycluster(infra, role)
     else:
@@ -458,8 +461,8 @@ def _run_raycluster(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: 
     progress(f"kuberay.{role}: provisioned")
     _wait_dgds(kube, plan, dgd_refs, timing, progress)
     sid = f"dynamo-rl-{rc_ref.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    entry = _entrypoint(infra, plan.recipe or {}, ())
-    submit_driver(kube, infra.namespace, rc_ref.name, entry, sid)
+    assert plan.entrypoint is not None
+    submit_driver(kube, infra.namespace, rc_ref.name, plan.entrypoint, sid)
     progress(f"driver submitted to {rc_ref.name} as {sid}")
     result = RunResult("raycluster", [str(r) for r in rb.created], rc_ref.name, sid)
     rb.created.clear()  # the driver runs: from here on, objects stay for `down`

@@ -1,0 +1,272 @@
+"""``dynamo-rl k8s``: the command-line shell over ``orchestrate`` and ``status``.
+
+Each command parses options, calls one library function, and prints (rich tables for
+humans, plain YAML for ``render``/``--dry-run`` so it pipes into ``kubectl apply -f -``).
+No logic lives here. Exit codes: 0 ok, 1 a launch/cluster failure, 2 a bad input
+(infra file, manifest, CRD schema), or the driver's exit code for ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from . import orchestrate
+from .errors import (
+    CRDMissingError,
+    InfraConfigError,
+    K8sError,
+    ManifestError,
+    SchemaValidationError,
+)
+from .manifests import dgd_api, dgd_components
+from .schema import Infra, load_infra
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Kubernetes launcher: DynamoGraphDeployment (inference) + KubeRay RayCluster/RayJob (training).")
+console = Console(stderr=True)
+
+InfraArg = Annotated[Path, typer.Argument(help="infra YAML (see examples/k8s/infra.yaml)")]
+NamespaceOpt = Annotated[Optional[str], typer.Option("--namespace", "-n", help="override the infra file's namespace")]
+KubeconfigOpt = Annotated[Optional[str], typer.Option(help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
+ContextOpt = Annotated[Optional[str], typer.Option(help="kubeconfig context")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", help="dynamo.<key> or kuberay.<role> (repeatable; default all)")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print every manifest as YAML and send nothing")]
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait for readiness (up) / the driver's end (run)")]
+RecreateOpt = Annotated[bool, typer.Option("--recreate", help="delete and recreate objects that exist")]
+PollOpt = Annotated[float, typer.Option(help="poll interval of every wait, seconds")]
+
+
+def _fail(e: Exception, code: int) -> typer.Exit:
+    console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _code(e: K8sError) -> int:
+    return 2 if isinstance(e, (InfraConfigError, ManifestError, SchemaValidationError)) else 1
+
+
+def _infra(path: Path, namespace: str | None) -> Infra:
+    infra = load_infra(path)
+    return infra.model_copy(update={"namespace": namespace}) if namespace else infra
+
+
+def _progress(msg: str) -> None:
+    console.print(f"[cyan]•[/cyan] {msg}", highlight=False, soft_wrap=True)
+
+
+def _print_yaml(docs: list[dict], note: str | None = None) -> None:
+    if note:
+        typer.echo(f"# {note}")
+    typer.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
+
+
+def _mode(raycluster: bool, rayjob: bool, infra: Infra) -> str:
+    if raycluster and rayjob:
+        raise typer.BadParameter("give at most one of --raycluster / --rayjob")
+    return "raycluster" if raycluster else "rayjob" if rayjob else infra.launch.mode
+
+
+def _kube(kubeconfig: str | None, context: str | None):
+    from .api import Kube
+
+    return Kube.connect(kubeconfig, context)
+
+
+@app.command()
+def check(
+    infra_file: InfraArg,
+    recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML, to render the RayJob entrypoint with it")] = None,
+    offline: Annotated[bool, typer.Option(help="render and validate only; do not contact the cluster")] = False,
+    namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
+) -> None:
+    """Render and validate everything against the CRD schemas, probe the CRDs, print a summary."""
+    try:
+        infra = _infra(infra_file, namespace)
+        kube = None if offline else _kube(kubeconfig, context)
+        rep = orchestrate.check(kube, infra, recipe=orchestrate.load_recipe_dict(recipe) if recipe else None)
+    except CRDMissingError as e:
+        raise _fail(e, 1) from None
+    except K8sError as e:
+        raise _fail(e, _code(e)) from None
+
+    roles = Table(title=f"KubeRay roles (namespace {infra.namespace}, launch.mode {infra.launch.mode}, launch.role {infra.launch.role})")
+    for col in ("role", "RayCluster", "head image", "worker groups"):
+        roles.add_column(col)
+    for role, m in rep.plan.rayclusters.items():
+        head = m["spec"].get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
+        groups = ", ".join(f"{g.get('groupName')}×{g.get('replicas', 1)}" for g in m["spec"].get("workerGroupSpecs") or []) or "none"
+        roles.add_row(role, m["metadata"]["name"], head.get("image", ""), groups)
+    console.print(roles)
+    dgds = Table(title="Dynamo graphs")
+    for col in ("key", "DGD", "api", "service", "type", "replicas", "image"):
+        dgds.add_column(col)
+    for key, m in rep.plan.dgds.items():
+        for i, c in enumerate(dgd_components(m)):
+            dgds.add_row(key if i == 0 else "", m["metadata"]["name"] if i == 0 else "", dgd_api(m) if i == 0 else "",
+                         c["name"], c["type"], str(c["replicas"]), c["image"])
+    console.print(dgds)
+    t = Table(title="Readiness and timeouts (seconds)")
+    for col in ("what", "value"):
+        t.add_column(col)
+    for key in rep.plan.dgds:
+        g = infra.dynamo[key]
+        t.add_row(f"dynamo.{key}", f"model {rep.plan.served_model(key) or '(any)'}, port {g.frontend_port}, readyTimeoutS {g.ready_timeout_s:g}")
+    lc = infra.launch
+    t.add_row("launch", f"clusterReadyTimeoutS {lc.cluster_ready_timeout_s:g}, submissionGraceS {lc.submission_grace_s:g}, jobTimeoutS {lc.job_timeout_s:g}")
+    for crd, state in rep.crds.items():
+        t.add_row(f"CRD {crd}", state)
+    console.print(t)
+    for w in rep.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    console.print("[green]ok[/green]: every manifest validates against its CRD schema" + ("" if offline else "; CRDs installed"))
+
+
+@app.command()
+def render(
+    infra_file: InfraArg,
+    recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML (run mode: stamped into the entrypoint)")] = None,
+    raycluster: Annotated[bool, typer.Option("--raycluster", help="render `run --raycluster`")] = False,
+    rayjob: Annotated[bool, typer.Option("--rayjob", help="render `run --rayjob`")] = False,
+    target: TargetOpt = None, namespace: NamespaceOpt = None,
+) -> None:
+    """Print every manifest as YAML (validated against the CRDs). Without --raycluster/--rayjob: what `up` sends."""
+    try:
+        infra = _infra(infra_file, namespace)
+        mode = ("raycluster" if raycluster else "rayjob") if (raycluster or rayjob) else None
+        if raycluster and rayjob:
+            raise typer.BadParameter("give at most one of --raycluster / --rayjob")
+        plan = orchestrate.render_plan(infra, mode=mode, targets=target,
+                                       recipe=orchestrate.load_recipe_dict(recipe) if recipe else None)
+    except K8sError as e:
+        raise _fail(e, _code(e)) from None
+    _print_yaml(plan.manifests(), _owner_note(plan))
+
+
+def _owner_note(plan: orchestrate.Plan) -> str | None:
+    if plan.dgds and plan.mode != "rayjob" and infra_role_name(plan):
+        return (f"the DGDs get an ownerReference to RayCluster {infra_role_name(plan)} at apply time "
+                "(its uid is known only then)")
+    if plan.dgds and plan.mode == "rayjob":
+        return "after the RayJob's cluster exists, the DGDs get an ownerReference to it (KubeRay names it <rayjob>-<suffix>)"
+    return None
+
+
+def infra_role_name(plan: orchestrate.Plan) -> str | None:
+    r = plan.infra.kuberay.get(plan.infra.launch.role)
+    return r.name if r else None
+
+
+@app.command()
+def up(
+    infra_file: InfraArg, target: TargetOpt = None, recreate: RecreateOpt = False, dry_run: DryRunOpt = False,
+    wait: WaitOpt = True, poll_s: PollOpt = 5.0,
+    namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
+) -> None:
+    """Create the RayClusters, then the DGDs (owned by the training cluster), and wait until ready.
+    On failure, deletes what it created."""
+    try:
+        infra = _infra(infra_file, namespace)
+        if dry_run:
+            plan = orchestrate.render_plan(infra, targets=target)
+            _print_yaml(plan.manifests(), _owner_note(plan))
+            return
+        orchestrate.up(_kube(kubeconfig, context), infra, targets=target, recreate=recreate, wait=wait,
+                       timing=orchestrate.Timing(poll_s=poll_s), progress=_progress)
+    except K8sError as e:
+        raise _fail(e, _code(e)) from None
+    console.print("[green]up[/green]")
+
+
+@app.command()
+def down(
+    infra_file: InfraArg, target: TargetOpt = None, dry_run: DryRunOpt = False, wait: WaitOpt = True,
+    poll_s: PollOpt = 5.0, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
+) -> None:
+    """Delete the DGDs, then the RayJobs/RayClusters (absent ones are skipped)."""
+    try:
+        infra = _infra(infra_file, namespace)
+        if dry_run:
+            plan = orchestrate.render_plan(infra, targets=target, validate=False)
+            _print_yaml([{"apiVersion": m["apiVersion"], "kind": m["kind"], "metadata": {"name": m["metadata"]["name"],
+                          "namespace": m["metadata"]["namespace"]}} for m in [*plan.dgds.values(), *plan.rayclusters.values()]],
+                        "would delete (and any RayJob of the same name as a role's cluster)")
+            return
+        deleted = orchestrate.down(_kube(kubeconfig, context), infra, targets=target, wait=wait,
+                                   timing=orchestrate.Timing(poll_s=poll_s), progress=_progress)
+    except K8sError as e:
+        raise _fail(e, _code(e)) from None
+    console.print(f"[green]down[/green]: {len(deleted)} object(s) deleted")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    infra_file: InfraArg,
+    recipe: Annotated[Path, typer.Argument(help="training recipe YAML; extra arguments are its dotted overrides")],
+    raycluster: Annotated[bool, typer.Option("--raycluster", help="RayCluster first, DGDs owned by it, driver via the dashboard")] = False,
+    rayjob: Annotated[bool, typer.Option("--rayjob", help="DGDs first, then a RayJob; its cluster then owns the DGDs")] = False,
+    recreate: RecreateOpt = False, dry_run: DryRunOpt = False, wait: WaitOpt = True, poll_s: PollOpt = 5.0,
+    namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
+) -> None:
+    """Bring up inference, wait until it serves, start the trainer (`dynamo-rl train <recipe>`).
+
+    Exits with the driver's exit code when waiting. Rolls back what it created on any
+    failure before the driver starts. An existing RayJob of the same name is reused
+    (use --recreate to start a new one).
+    """
+    try:
+        infra = _infra(infra_file, namespace)
+        mode = _mode(raycluster, rayjob, infra)
+        if dry_run:
+            plan = orchestrate.render_plan(infra, mode=mode, recipe=orchestrate.load_recipe_dict(recipe),
+                                           recipe_overrides=list(ctx.args))
+            docs = plan.manifests()
+            _print_yaml(docs, _owner_note(plan))
+            typer.echo("---\n# the stamped recipe the driver runs\n" + yaml.safe_dump(plan.recipe, sort_keys=False), nl=False)
+            if mode == "raycluster":
+                typer.echo(f"# driver entrypoint, submitted through the Ray dashboard:\n# {plan.entrypoint}")
+            return
+        result = orchestrate.run(_kube(kubeconfig, context), infra, recipe, mode=mode, recipe_overrides=list(ctx.args),
+                                 recreate=recreate, wait=wait, timing=orchestrate.Timing(poll_s=poll_s),
+                                 progress=_progress)
+    except K8sError as e:
+        raise _fail(e, _code(e)) from None
+    if result.outcome is None:
+        console.print(f"[green]started[/green] ({result.mode}) on RayCluster {result.cluster}, job {result.job_id}")
+        return
+    color = "green" if result.outcome.succeeded else "red"
+    console.print(f"[{color}]driver {'succeeded' if result.outcome.succeeded else 'failed'}[/{color}]: {result.outcome.summary}",
+                  highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def status(
+    infra_file: InfraArg, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
+) -> None:
+    """Show the DGDs, RayClusters and RayJobs of the infra file (a RayJob's suffixed cluster included)."""
+    from .status import collect_status
+
+    try:
+        infra = _infra(infra_file, namespace)
+        rows = collect_status(_kube(kubeconfig, context), infra)
+    except K8sError as e:
+        raise _fail(e, _code(e)) from None
+    t = Table(title=f"namespace {infra.namespace}")
+    for col in ("target", "kind", "name", "status"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.target, r.kind, r.name, r.summary if r.exists else f"[dim]{r.summary}[/dim]")
+    Console().print(t)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log API activity")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
