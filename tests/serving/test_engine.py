@@ -1,0 +1,394 @@
+"""Engine tests on the tiny Qwen3 (CPU, fp32): numerics against a plain HF forward and
+``generate``, batching, sampling, stop conditions, pause/resume/flush, weight loading.
+A CUDA variant of the numerics test runs on a GPU machine (``-m gpu``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+import torch
+
+from dynamo_rl.models import build_tiny_model
+from dynamo_rl.models.tiny import TinyModelSpec
+from dynamo_rl.serving.engine import Engine, SamplingParams, TokenOutput, WeightsError
+
+EOS = 2
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 40]]
+
+
+@pytest.fixture(scope="module")
+def model_a():
+    torch.set_num_threads(1)
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def model_b():
+    return build_tiny_model(TinyModelSpec(seed=1))
+
+
+def fresh(model):
+    """A private copy of ``model`` (engines may swap its weights)."""
+    m = build_tiny_model(TinyModelSpec(seed=0))
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+@pytest_asyncio.fixture
+async def engine(model_a):
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=48)
+    await eng.start()
+    yield eng
+    await eng.stop()
+
+
+def hf_logprobs(model, prompt, ids, device="cpu"):
+    """log_softmax of a plain HF forward of ``prompt + ids``, at each generated token (fp32)."""
+    with torch.no_grad():
+        full = torch.tensor([prompt + ids], device=device)
+        lp = torch.log_softmax(model(full).logits.float(), dim=-1)[0]
+    return torch.stack([lp[len(prompt) - 1 + i, t] for i, t in enumerate(ids)]).cpu()
+
+
+def hf_greedy(model, prompt, n, device="cpu"):
+    """``model.generate(do_sample=False)`` ids after the prompt (stops at EOS like the engine)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=device), do_sample=False,
+                             max_new_tokens=n, eos_token_id=EOS, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def ids_of(outs: list[TokenOutput]) -> list[int]:
+    return [o.token_id for o in outs]
+
+
+def lps_of(outs: list[TokenOutput]) -> torch.Tensor:
+    return torch.tensor([o.logprob for o in outs], dtype=torch.float32)
+
+
+async def check_numerics(engine, model, device):
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    sampled = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, top_p=0.95, seed=7,
+                             ignore_eos=True)
+    jobs = [engine.complete(p, greedy) for p in PROMPTS] + [engine.complete(p, sampled) for p in PROMPTS]
+    results = await asyncio.gather(*jobs)  # arrive together: padded prefill + batched decode
+    for prompt, outs in zip(PROMPTS + PROMPTS, results):
+        ref = hf_logprobs(model, prompt, ids_of(outs), device)
+        assert (lps_of(outs) - ref).abs().max().item() < 1e-5
+    for prompt, outs in zip(PROMPTS, results[: len(PROMPTS)]):
+        assert ids_of(outs) == hf_greedy(model, prompt, 24, device)
+    assert engine.stats["max_decode_batch"] == 2 * len(PROMPTS)
+
+
+@pytest.mark.asyncio
+async def test_logprobs_and_greedy_match_hf(engine, model_a):
+    await check_numerics(engine, model_a, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.asyncio
+async def test_logprobs_and_greedy_match_hf_cuda(model_a):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = fresh(model_a).to("cuda")
+    eng = Engine(model, eos_token_ids=[EOS], device="cuda", max_batch_size=16)
+    try:
+        await check_numerics(eng, model, "cuda")
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.asyncio
+async def test_from_pretrained_reads_eos_and_serves(tiny_model_dir, model_a):
+    eng = Engine.from_pretrained(tiny_model_dir, max_batch_size=4)
+    try:
+        assert eng.eos_token_ids == (EOS,)
+        assert eng.model_config["model_type"] == "qwen3"
+        assert eng.layout == {"tp_rank": 0, "tp_size": 1}
+        outs = await eng.complete(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0))
+        assert ids_of(outs) == hf_greedy(model_a, PROMPTS[0], 12)
+        assert all(o.weights_version == 0 for o in outs)
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.asyncio
+async def test_seed_fixes_ids_whatever_the_batch(engine):
+    params = lambda seed: SamplingParams(max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True)  # noqa: E731
+    alone = ids_of(await engine.complete(PROMPTS[0], params(123)))
+    crowd = await asyncio.gather(
+        engine.complete(PROMPTS[0], params(123)),
+        engine.complete(PROMPTS[0], params(456)),
+        *[engine.complete(p, params(9)) for p in PROMPTS[1:]],
+    )
+    assert ids_of(crowd[0]) == alone
+    assert ids_of(crowd[1]) != alone
+
+
+@pytest.mark.asyncio
+async def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    greedy = ids_of(await engine.complete(PROMPTS[2], SamplingParams(max_tokens=16, temperature=0)))
+    for params in (SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=1),
+                   SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, seed=2)):
+        assert ids_of(await engine.complete(PROMPTS[2], params)) == greedy
+
+
+@pytest.mark.asyncio
+async def test_32_concurrent_requests_are_decoded_together(engine):
+    prompts = [[1] + [4 + (i * 7 + j) % 40 for j in range(1 + i % 9)] for i in range(32)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    alone = [await engine.complete(p, params) for p in prompts[:3]]
+    before = engine.stats["decode_batches"]
+    results = await asyncio.gather(*[engine.complete(p, params) for p in prompts])
+    stats = engine.stats
+    assert [len(r) for r in results] == [10] * 32
+    assert all(r[-1].finish_reason == "length" for r in results)
+    assert stats["max_decode_batch"] == 32
+    assert stats["decode_batches"] - before == 9  # 1 prefill + 9 batched decode steps for 10 tokens
+    assert stats["requests_running"] == 0 and stats["requests_waiting"] == 0
+    for one, batched in zip(alone, results):  # batching does not change a request's result
+        assert ids_of(one) == ids_of(batched)
+        assert (lps_of(one) - lps_of(batched)).abs().max().item() < 1e-5
+
+
+@pytest.mark.asyncio
+async def test_more_requests_than_slots_all_complete(model_a):
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=4)
+    try:
+        params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        results = await asyncio.gather(*[eng.complete(PROMPTS[i % 4], params) for i in range(10)])
+        assert [len(r) for r in results] == [5] * 10
+        assert eng.stats["max_decode_batch"] == 4
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.asyncio
+async def test_stop_ids_max_tokens_and_eos(model_a):
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=8)
+    try:
+        prompt = PROMPTS[2]
+        free = ids_of(await eng.complete(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)))
+        stop = free[3]
+        first = free.index(stop)
+        outs = await eng.complete(prompt, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop]))
+        assert ids_of(outs) == free[: first + 1] and outs[-1].finish_reason == "stop"
+        assert all(o.finish_reason is None for o in outs[:-1])
+        outs = await eng.complete(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        assert ids_of(outs) == free[:5] and outs[-1].finish_reason == "length"
+    finally:
+        await eng.stop()
+    # the same token as the engine's EOS: ends the stream unless ignore_eos
+    eng = Engine(fresh(model_a), eos_token_ids=[stop], max_batch_size=8)
+    try:
+        outs = await eng.complete(prompt, SamplingParams(max_tokens=20, temperature=0))
+        assert ids_of(outs) == free[: first + 1] and outs[-1].finish_reason == "stop"
+        outs = await eng.complete(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        assert ids_of(outs) == free and outs[-1].finish_reason == "length"
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.asyncio
+async def test_max_seq_len_ends_with_length(model_a):
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=2, max_seq_len=12)
+    try:
+        outs = await eng.complete(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        assert len(PROMPTS[0]) + len(outs) == 12 and outs[-1].finish_reason == "length"
+        with pytest.raises(ValueError, match="max_seq_len=12"):
+            eng.generate(list(range(1, 13)), SamplingParams())
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.asyncio
+async def test_bad_requests_are_refused_at_call(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([1, engine.shape.vocab_size], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+@pytest.mark.asyncio
+async def test_pause_drains_in_flight_and_holds_new_requests(engine):
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    stream = engine.generate(PROMPTS[0], long)
+    first = await anext(stream)
+    assert first.finish_reason is None
+    res = await engine.pause()
+    assert res["paused"] and res["drained"] == 1 and res["aborted"] == 0
+    assert engine.stats["requests_running"] == 0
+    rest = [o async for o in stream]  # already produced: the stream was not cut
+    assert len(rest) == 39 and rest[-1].finish_reason == "length"
+
+    got: list[TokenOutput] = []
+
+    async def consume():
+        async for out in engine.generate(PROMPTS[1], SamplingParams(max_tokens=6, temperature=0,
+                                                                    ignore_eos=True)):
+            got.append(out)
+
+    task = asyncio.create_task(consume())
+    for _ in range(50):  # the scheduler gets many chances to run; paused → no tokens
+        await asyncio.sleep(0.002)
+    assert got == [] and engine.stats["requests_waiting"] == 1 and engine.paused
+    assert (await engine.resume())["paused"] is False
+    await task
+    assert len(got) == 6 and got[-1].finish_reason == "length"
+
+
+@pytest.mark.asyncio
+async def test_pause_timeout_aborts_running_requests(engine):
+    stream = engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    await anext(stream)
+    res = await engine.pause(timeout_s=0.0)
+    assert res["aborted"] == 1
+    rest = [o async for o in stream]
+    assert rest[-1].finish_reason == "abort" and len(rest) < 199
+    await engine.resume()
+
+
+@pytest.mark.asyncio
+async def test_closing_a_stream_aborts_it(engine):
+    stream = engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    await anext(stream)
+    await stream.aclose()
+    await engine.pause()  # returns only when nothing runs
+    assert engine.stats["requests_running"] == 0
+    await engine.resume()
+
+
+@pytest.mark.asyncio
+async def test_flush_cache_empties_kv_cache(engine):
+    await asyncio.gather(*[engine.complete(p, SamplingParams(max_tokens=8, temperature=0)) for p in PROMPTS])
+    held = engine.stats["kv_cache_tokens"]
+    assert held > 0
+    assert engine.flush_cache() == {"freed_tokens": held}
+    assert engine.stats["kv_cache_tokens"] == 0
+    # a running request needs its cache: refused with the fix named
+    stream = engine.generate(PROMPTS[0], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    await anext(stream)
+    with pytest.raises(RuntimeError, match="pause"):
+        engine.flush_cache()
+    await stream.aclose()
+
+
+@pytest.mark.asyncio
+async def test_prefix_reuse_gives_the_same_result(model_a):
+    """Turn 2 extends turn 1's prompt + generation: its prefill re-uses turn 1's KV slot."""
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    turn1 = PROMPTS[2]
+    results = {}
+    for caching in (True, False):
+        eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=4, prefix_caching=caching)
+        try:
+            out1 = await eng.complete(turn1, params)
+            turn2 = turn1 + ids_of(out1) + [2, 1, 40, 41]
+            results[caching] = await eng.complete(turn2, params)
+            hits = eng.stats["prefix_cache_hit_tokens"]
+        finally:
+            await eng.stop()
+        assert hits == (len(turn1) + 9 if caching else 0)  # all but the last generated token
+    assert ids_of(results[True]) == ids_of(results[False])
+    assert (lps_of(results[True]) - lps_of(results[False])).abs().max().item() < 1e-5
+
+
+def snapshot(eng):
+    return {n: p.detach().clone() for n, p in eng.model.named_parameters()}
+
+
+@pytest.mark.asyncio
+async def test_load_weights_serves_the_new_model(engine, model_a, model_b):
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    specs = engine.param_specs()
+    assert "lm_head.weight" not in specs and "model.embed_tokens.weight" in specs
+    b = {n: t.clone() for n, t in model_b.state_dict().items() if n in specs}
+    res = await engine.load_weights(b, version=1)
+    assert res["version"] == 1 and res["tensors"] == len(specs)
+    assert res["bytes"] == sum(t.numel() * 4 for t in b.values())
+    assert engine.weights_version == 1
+    outs = await asyncio.gather(*[engine.complete(p, greedy) for p in PROMPTS])
+    for p, o in zip(PROMPTS, outs):
+        assert ids_of(o) == hf_greedy(model_b, p, 16)
+        assert all(t.weights_version == 1 for t in o)
+    assert (await engine.load_weights(b, version=1))["noop"] is True
+
+    # adopt: the given tensors become the parameters (no copy); the tied lm_head follows
+    a = {n: t.clone() for n, t in model_a.state_dict().items() if n in specs}
+    await engine.load_weights(a, version=2, adopt=True)
+    embed = engine.model.model.embed_tokens.weight
+    assert embed.data_ptr() == a["model.embed_tokens.weight"].data_ptr()
+    assert engine.model.lm_head.weight.data_ptr() == embed.data_ptr()
+    for p, o in zip(PROMPTS, await asyncio.gather(*[engine.complete(p, greedy) for p in PROMPTS])):
+        assert ids_of(o) == hf_greedy(model_a, p, 16)
+        assert {t.weights_version for t in o} == {2}
+
+
+@pytest.mark.asyncio
+async def test_load_weights_waits_for_in_flight_requests(engine, model_b):
+    specs = engine.param_specs()
+    b = {n: t.clone() for n, t in model_b.state_dict().items() if n in specs}
+    stream = engine.generate(PROMPTS[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    first = await anext(stream)
+    await engine.load_weights(b, version=5)
+    rest = [o async for o in stream]
+    assert {o.weights_version for o in [first, *rest]} == {0} and len(rest) == 29
+    after = await engine.complete(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0))
+    assert {o.weights_version for o in after} == {5}
+    assert engine.stats["kv_cache_tokens"] == len(PROMPTS[0]) + 2  # old-version cache was dropped
+
+
+@pytest.mark.asyncio
+async def test_bad_weights_are_refused_and_nothing_changes(engine, model_b):
+    specs = engine.param_specs()
+    good = {n: t.clone() for n, t in model_b.state_dict().items() if n in specs}
+    before = snapshot(engine)
+    bad = dict(good)
+    del bad["model.norm.weight"]
+    bad["model.layers.0.mlp.up_proj.weight"] = torch.zeros(7, 7)
+    bad["model.layers.1.self_attn.q_norm.weight"] = good["model.layers.1.self_attn.q_norm.weight"].double()
+    bad["model.layers.9.mlp.up_proj.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError) as err:
+        await engine.load_weights(bad, version=1)
+    msg = str(err.value)
+    for name in ("model.norm.weight", "model.layers.0.mlp.up_proj.weight",
+                 "model.layers.1.self_attn.q_norm.weight", "model.layers.9.mlp.up_proj.weight"):
+        assert name in msg
+    assert err.value.missing == ["model.norm.weight"]
+    assert err.value.unexpected == ["model.layers.9.mlp.up_proj.weight"]
+    assert sorted(err.value.mismatched) == ["model.layers.0.mlp.up_proj.weight",
+                                            "model.layers.1.self_attn.q_norm.weight"]
+    with pytest.raises(WeightsError, match="tied"):
+        await engine.load_weights({**good, "lm_head.weight": good["model.embed_tokens.weight"]}, version=1)
+
+    await engine.load_weights({n: t.clone() for n, t in before.items()}, version=3)
+    with pytest.raises(WeightsError, match="older"):
+        await engine.load_weights(good, version=2)
+    assert engine.weights_version == 3
+    after = snapshot(engine)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    outs = await engine.complete(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))
+    assert {o.weights_version for o in outs} == {3}
+
+
+def test_engine_runs_under_uvloop(model_a):
+    """The worker runs the engine on Dynamo's uvloop."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=8)
+        try:
+            res = await asyncio.gather(*[eng.complete(p, SamplingParams(max_tokens=6, temperature=0))
+                                         for p in PROMPTS])
+            return [ids_of(r) for r in res]
+        finally:
+            await eng.stop()
+
+    got = uvloop.run(main())
+    assert got == [hf_greedy(model_a, p, 6) for p in PROMPTS]
