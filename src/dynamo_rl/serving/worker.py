@@ -44,8 +44,13 @@ Channels through the 1.6.1 frontend (verified on ``/v1/completions`` and
   ints; a JSON array after the colon is accepted too). A future ``extra_args
   {"required_prefix_token_ids": [...]}`` is honoured as well. The worker then runs
   ``splice_required_prefix(token_ids, prefix, eos)`` (eos = the tokenizer's eos token,
-  ``<|im_end|>`` for ChatML). A prefix that does not fit the rendered history ends the
-  request with an error. (``nvext.token_data: [ids]`` on the chat endpoint replaces the
+  ``<|im_end|>`` for ChatML).
+
+A request the worker cannot run (malformed annotation, a prefix that does not fit the
+rendered history, ids out of vocabulary, prompt too long) is refused by raising Dynamo's
+``InvalidArgument``: the client gets HTTP 400 with ``{"message": "<Type>: <reason>"}``.
+(Yielding ``finish_reason: {"error": msg}`` instead gives a bare HTTP 500, and any other
+exception a 400/500 without the message.) (``nvext.token_data: [ids]`` on the chat endpoint replaces the
   rendered prompt entirely; the frontend handles it, the worker sees plain ``token_ids``.)
 
 Control plane: routes on Dynamo's system server (``DYN_SYSTEM_PORT``, host
@@ -195,29 +200,21 @@ class Worker:
     # ---------------------------------------------------------------- data plane
     async def generate(self, request: dict, context=None) -> AsyncIterator[dict]:
         """Dynamo handler: preprocessed request in, LLMEngineOutput-shaped chunks out."""
-        prompt = [int(t) for t in request["token_ids"]]
-        prefix = parse_required_prefix(request)
-        if prefix is not None:
-            eos = self.message_eos_id
-            if eos is None:
-                eos = int((request.get("eos_token_ids") or [0])[0])
-            from dynamo_rl.models import splice_required_prefix
+        try:
+            prompt = self._prompt(request)
+            params = sampling_params_from_request({**request, "token_ids": prompt},
+                                                  context_window=self.context_window)
+            request_id = self._request_id(context)
+            stream = self.engine.generate(prompt, params, request_id=request_id)
+        except ValueError as e:  # bad prefix / ids / params: end the request with the reason
+            log.warning("request refused: %s", e)
+            from dynamo.llm.exceptions import InvalidArgument
 
-            prompt = splice_required_prefix(prompt, prefix, eos)
-        params = sampling_params_from_request({**request, "token_ids": prompt},
-                                              context_window=self.context_window)
-        request_id = None
-        if context is not None:
-            try:
-                request_id = context.id()
-            except Exception:  # pragma: no cover - older bindings
-                request_id = None
-        request_id = request_id or uuid.uuid4().hex
+            raise InvalidArgument(f"{type(e).__name__}: {e}") from None
         ids: list[int] = []
         lps: list[float] = []
         finish: str | None = None
         version: int | None = None
-        stream = self.engine.generate(prompt, params, request_id=request_id)
         try:
             async for out in stream:
                 ids.append(out.token_id)
@@ -249,6 +246,28 @@ class Worker:
             if aclose is not None:
                 await aclose()  # aborts the request in the engine if it is still running
             self._record(request_id, prompt, ids, lps, finish or "cancelled", version, params)
+
+    def _prompt(self, request: Mapping[str, Any]) -> list[int]:
+        prompt = [int(t) for t in request["token_ids"]]
+        prefix = parse_required_prefix(request)
+        if prefix is None:
+            return prompt
+        eos = self.message_eos_id
+        if eos is None:
+            eos = int((request.get("eos_token_ids") or [0])[0])
+        from dynamo_rl.models import splice_required_prefix
+
+        return splice_required_prefix(prompt, prefix, eos)
+
+    @staticmethod
+    def _request_id(context) -> str:
+        rid = None
+        if context is not None:
+            try:
+                rid = context.id()
+            except Exception:  # noqa: BLE001 - older bindings
+                rid = None
+        return rid or uuid.uuid4().hex
 
     def _record(self, request_id, prompt, ids, lps, finish, version, params) -> None:
         if not self.record_file:
