@@ -145,6 +145,7 @@ class LocalStack:
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
+        frontend, broker: their :class:`ChildProcess` (``.pid``, ``.log_path``).
         workers: the live workers, in start order (a killed worker is removed).
         failure: ``None``, or the report of the child whose crash tore the stack down.
         run_dir: ``Path``.
@@ -178,6 +179,8 @@ class LocalStack:
         self.namespace = namespace
         self.on_crash = on_crash
         self.frontend_url = ""
+        self.frontend: ChildProcess | None = None
+        self.broker: ChildProcess | None = None
         self.workers: list[WorkerProcess] = []
         self.failure: str | None = None
         self._children: list[ChildProcess] = []
@@ -343,6 +346,7 @@ class LocalStack:
                     a = int(parts["xsub"].rsplit(":", 1)[1])
                     b = int(parts["xpub"].rsplit(":", 1)[1])
                     self._env["DYN_ZMQ_BROKER_URL"] = broker_url(a, b)
+                    self.broker = c
                     self._say(f"broker up (pid {c.pid}, xsub :{a}, xpub :{b})")
                     return
             if c.popen.poll() is not None:
@@ -356,6 +360,7 @@ class LocalStack:
                 "--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
         c = self._popen("frontend", argv, self._env)
         self.frontend_url = f"http://{LOOPBACK}:{port}"
+        self.frontend = c
         self._say(f"frontend starting (pid {c.pid}) on {self.frontend_url}")
 
     def _spawn_worker(self) -> WorkerProcess:

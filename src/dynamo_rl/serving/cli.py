@@ -1,0 +1,67 @@
+"""``dynamo-rl serve``: run the embedded Dynamo stack until Ctrl-C.
+
+A thin shell over :class:`dynamo_rl.serving.stack.LocalStack`; the lead mounts
+:func:`serve` as a command of the ``dynamo-rl`` typer app.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def serve(
+    workers: Annotated[int, typer.Option("--workers", "-n", help="number of workers")] = 1,
+    model_path: Annotated[Optional[str], typer.Option(
+        help="HF checkpoint directory; default: the tiny model, built in <run-dir>/model")] = None,
+    port: Annotated[int, typer.Option(help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
+    served_model_name: Annotated[str, typer.Option(help="model name in /v1/models")] = "tiny",
+    threads: Annotated[int, typer.Option(help="torch threads per worker")] = 1,
+    device: Annotated[str, typer.Option(help="engine device: cpu, cuda, cuda:1 ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="engine dtype: float32, bfloat16, float16")] = "float32",
+    run_dir: Annotated[Optional[str], typer.Option(help="logs/, kv/, home/, records/ (default: a temp dir)")] = None,
+    record: Annotated[bool, typer.Option(help="workers append every finished request to records/*.jsonl")] = False,
+    startup_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 180.0,
+) -> None:
+    """Serve a model with the Dynamo frontend and N dynamo-rl workers on 127.0.0.1 until Ctrl-C."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dynamo_rl.serving.stack import LocalStack, StackError
+
+    console = Console(stderr=True)
+    if model_path is None:
+        from dynamo_rl.models import ensure_tiny_model
+
+        base = Path(run_dir) if run_dir else Path.home() / ".cache" / "dynamo-rl"
+        model_path = str(ensure_tiny_model(base / "model-tiny"))
+        console.print(f"model: the tiny Qwen3 at {model_path}")
+    stack = LocalStack(model_path, served_model_name=served_model_name, workers=workers, run_dir=run_dir,
+                       worker_threads=threads, device=device, dtype=dtype, record=record,
+                       startup_timeout_s=startup_timeout, frontend_port=port)
+    try:
+        stack.start()
+    except (StackError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    try:
+        table = Table(title=f"dynamo-rl stack — model {served_model_name!r}", show_lines=False)
+        table.add_column("process")
+        table.add_column("pid", justify="right")
+        table.add_column("URL")
+        table.add_row("frontend (OpenAI API)", str(stack.frontend.pid), stack.frontend_url)
+        for w in stack.workers:
+            table.add_row(f"worker-{w.index} control", str(w.pid), f"{w.system_url}/engine/info")
+        console.print(table)
+        console.print(f"run dir: {stack.run_dir} (logs in logs/)   Ctrl-C to stop")
+        while stack.failure is None:
+            time.sleep(0.5)
+        console.print(f"[red]a process of the stack crashed; everything was stopped:[/red]\n{stack.failure}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    finally:
+        stack.stop()
