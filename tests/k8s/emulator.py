@@ -75,6 +75,21 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def _defaulted(node: Any) -> Any:
+    """Like the API server, which fills schema defaults before validating: a required
+    property that has a default cannot be missing."""
+    if isinstance(node, dict):
+        props = node.get("properties") or {}
+        if isinstance(node.get("required"), list):
+            node["required"] = [r for r in node["required"] if "default" not in (props.get(r) or {})]
+        for v in node.values():
+            _defaulted(v)
+    elif isinstance(node, list):
+        for v in node:
+            _defaulted(v)
+    return node
+
+
 def _matches(labels: dict, selector: str) -> bool:
     for term in filter(None, (selector or "").split(",")):
         k, _, v = term.partition("=")
@@ -104,7 +119,7 @@ class KubeEmulator:
             self.kinds[spec["names"]["plural"]] = (spec["group"], spec["names"]["kind"])
             for v in spec["versions"]:
                 self.validators[(spec["group"], v["name"], spec["names"]["plural"])] = jsonschema.Draft7Validator(
-                    v["schema"]["openAPIV3Schema"]
+                    _defaulted(copy.deepcopy(v["schema"]["openAPIV3Schema"]))
                 )
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True

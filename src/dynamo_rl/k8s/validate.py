@@ -6,7 +6,8 @@ API server itself enforces, tightened the way a strict server (``fieldValidation
 kubectl's default) treats unknown fields: an object schema that declares ``properties``
 and neither ``additionalProperties`` nor ``x-kubernetes-preserve-unknown-fields`` rejects
 other keys (so a typo in an override fails here instead of being pruned silently).
-OpenAPI ``nullable: true`` becomes a ``null`` type.
+OpenAPI ``nullable: true`` becomes a ``null`` type, and a ``required`` field that has a
+schema ``default`` is not required (the API server fills defaults before validating).
 
 CRD directory, first that exists: the ``crd_dir`` argument → ``$DYNAMO_RL_CRD_DIR`` →
 ``../shared/crds`` beside a source checkout (development) → the copy shipped in this
@@ -60,6 +61,12 @@ def _load_crd(path: str) -> dict:
 def _tighten(node: Any) -> Any:
     if isinstance(node, dict):
         out = {k: _tighten(v) for k, v in node.items()}
+        props = out.get("properties")
+        if isinstance(out.get("required"), list) and isinstance(props, dict):
+            # the API server applies schema defaults before validating: a defaulted field is never missing
+            out["required"] = [r for r in out["required"] if not (isinstance(props.get(r), dict) and "default" in props[r])]
+            if not out["required"]:
+                del out["required"]
         if out.get("nullable") is True and "type" in out:
             out["type"] = [out["type"], "null"]
         if (
