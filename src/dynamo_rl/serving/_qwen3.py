@@ -153,32 +153,55 @@ class KVCache:
 
 @dataclass
 class Batch:
-    """Index tensors of one forward (all on the model device).
+    """Index tensors of one forward (tensors on the model device; built on the host so
+    that the forward needs no device-to-host synchronisation).
 
-    ``tokens`` int64 ``[B, T]`` (rows right-padded), ``slots`` int64 ``[B]`` (KV slot per
-    row), ``starts`` int64 ``[B]`` (positions already in the slot's cache; the row's tokens
-    go to positions ``starts .. starts + n_new - 1``), ``n_new`` int64 ``[B]`` (valid
-    tokens per row, ≥ 1). A decode step is ``T == 1``.
+    ``tokens`` int64 ``[B, T]``: the rows' new tokens, right-padded. ``slots`` int64 ``[B]``:
+    KV slot of each row. ``starts`` int64 ``[B]``: positions already cached in the slot;
+    the row's tokens take positions ``starts .. starts + n_new - 1``. ``n_new`` int64
+    ``[B]``: valid tokens per row (>= 1); a decode step is ``T == 1``. ``width``: cache
+    positions read, ``max(starts + n_new)``. ``write_rows`` / ``write_slots`` /
+    ``write_pos`` int64 ``[N]``: for each valid token, its index in the flattened ``[B*T]``
+    batch, its slot and its position. ``slot_range``: ``(lo, hi)`` when ``slots`` is
+    exactly ``lo, lo+1, .., hi-1`` (the cache is then read as a view, without a gather).
     """
 
     tokens: torch.Tensor
     slots: torch.Tensor
     starts: torch.Tensor
     n_new: torch.Tensor
+    width: int
+    write_rows: torch.Tensor
+    write_slots: torch.Tensor
+    write_pos: torch.Tensor
+    slot_range: tuple[int, int] | None
 
 
 def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
-    """Right-pad ``rows`` (token ids) to one ``[B, T]`` tensor and build the index tensors."""
-    width = max(len(r) for r in rows)
-    tokens = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
+    """Right-pad ``rows`` (token ids) into one ``[B, T]`` tensor and build the index tensors."""
+    width_t = max(len(r) for r in rows)
+    tokens = torch.zeros((len(rows), width_t), dtype=torch.long)
+    write_rows, write_slots, write_pos = [], [], []
+    for i, (r, slot, start) in enumerate(zip(rows, slots, starts)):
         tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        write_rows.extend(range(i * width_t, i * width_t + len(r)))
+        write_slots.extend([slot] * len(r))
+        write_pos.extend(range(start, start + len(r)))
+    contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+
+    def put(xs):
+        return torch.tensor(xs, dtype=torch.long).to(device, non_blocking=True)
+
     return Batch(
-        tokens=tokens.to(device),
-        slots=as_long(slots).to(device),
-        starts=as_long(starts).to(device),
-        n_new=as_long([len(r) for r in rows]).to(device),
+        tokens=tokens.to(device, non_blocking=True),
+        slots=put(slots),
+        starts=put(starts),
+        n_new=put([len(r) for r in rows]),
+        width=max(s + len(r) for s, r in zip(starts, rows)),
+        write_rows=put(write_rows),
+        write_slots=put(write_slots),
+        write_pos=put(write_pos),
+        slot_range=(slots[0], slots[0] + len(slots)) if contiguous else None,
     )
 
 
@@ -186,14 +209,13 @@ def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], devic
 
 
 def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
-              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Self-attention of one layer; writes the rows' keys/values into their slots.
 
     Args:
         x: ``[B, T, hidden]`` normalized hidden states.
         cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
-        mask: bool ``[B, 1, T, width]``; True where query t may attend to cache position j.
-        width: number of cache positions read (max over rows of ``starts + n_new``).
+        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j.
     Returns:
         ``[B, T, hidden]`` after ``o_proj``.
     """
@@ -210,16 +232,21 @@ def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
     k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
     v = v.transpose(1, 2)
 
-    # write the valid (row, t) positions into the cache
-    valid = torch.arange(T, device=x.device)[None] < batch.n_new[:, None]  # [B, T]
-    slot_idx = batch.slots[:, None].expand(B, T)[valid]
-    pos_idx = (batch.starts[:, None] + torch.arange(T, device=x.device)[None])[valid]
+    # write the valid tokens' keys/values into their slots: [N, Hkv, D] each
     k_cache, v_cache = cache.k[index], cache.v[index]
-    k_cache[slot_idx, :, pos_idx] = k.transpose(1, 2)[valid]
-    v_cache[slot_idx, :, pos_idx] = v.transpose(1, 2)[valid]
+    n_kv = k.shape[1]
+    k_new = k.transpose(1, 2).reshape(B * T, n_kv, head_dim).index_select(0, batch.write_rows)
+    v_new = v.transpose(1, 2).reshape(B * T, n_kv, head_dim).index_select(0, batch.write_rows)
+    k_cache[batch.write_slots, :, batch.write_pos] = k_new
+    v_cache[batch.write_slots, :, batch.write_pos] = v_new
 
-    keys = k_cache[:, :, :width].index_select(0, batch.slots)  # [B, Hkv, width, D]
-    values = v_cache[:, :, :width].index_select(0, batch.slots)
+    width = batch.width
+    if batch.slot_range is not None:  # the rows' slots are consecutive: read a view
+        lo, hi = batch.slot_range
+        keys, values = k_cache[lo:hi, :, :width], v_cache[lo:hi, :, :width]
+    else:  # gather the rows' slots: [B, Hkv, width, D]
+        keys = k_cache[:, :, :width].index_select(0, batch.slots)
+        values = v_cache[:, :, :width].index_select(0, batch.slots)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=attn.scaling,
         enable_gqa=q.shape[1] != keys.shape[1],
@@ -255,7 +282,7 @@ def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
     positions = batch.starts[:, None] + t[None]  # [B, T]
     lookup = positions.clamp(max=cos_table.shape[0] - 1)
     cos, sin = cos_table[lookup], sin_table[lookup]  # [B, T, D]
-    width = int((batch.starts + batch.n_new).max())
+    width = batch.width
     j = torch.arange(width, device=device)
     ends = (batch.starts + batch.n_new)[:, None, None]  # [B, 1, 1]
     mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < ends)
@@ -265,7 +292,7 @@ def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
     for i, layer in enumerate(base.layers):
         ln1 = layer.input_layernorm
         h = h + attention(layer, rms_norm(h, ln1.weight, ln1.variance_epsilon), cache, i, batch,
-                          cos, sin, mask, width)
+                          cos, sin, mask)
         ln2 = layer.post_attention_layernorm
         h = h + mlp(layer, rms_norm(h, ln2.weight, ln2.variance_epsilon))
     last = h[torch.arange(B, device=device), batch.n_new - 1]  # [B, hidden]

@@ -22,34 +22,38 @@ from collections.abc import Sequence
 import torch
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask to ``-inf`` the tokens outside top-k and top-p.
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask to ``-inf`` the tokens outside each row's top-k and top-p.
 
     Args:
-        logits: fp32 ``[V]`` (already divided by the temperature).
-        top_k: keep the ``top_k`` largest; ``<= 0`` or ``>= V`` is off.
-        top_p: keep the smallest set whose probability mass reaches ``top_p``; ``1.0`` is off.
+        logits: fp32 ``[B, V]`` (already divided by the temperature).
+        top_k: int64 ``[B]``; keep the ``k`` largest (ties at the k-th value kept);
+            ``<= 0`` is off.
+        top_p: fp32 ``[B]``; keep the smallest prefix of the sorted distribution (after
+            top-k) whose mass reaches ``p``, at least one token; ``>= 1`` is off.
     Returns:
-        fp32 ``[V]``.
+        fp32 ``[B, V]``.
     """
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop = mass_before >= top_p
-        drop[0] = False
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits
+    B, V = logits.shape
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V) - 1  # index of the k-th largest
+    kth = sorted_logits.gather(1, k[:, None])  # [B, 1]
+    drop_sorted = sorted_logits < kth
+    probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int],
            top_ps: Sequence[float], generators: Sequence[torch.Generator | None]
            ) -> tuple[list[int], list[float]]:
     """Pick one token per row and return it with its raw logprob.
+
+    Sampled rows draw by the exponential race ``argmax(probs / E)``, ``E ~ Exp(1)`` per
+    token from the row's generator (the same distribution as ``multinomial``, batched).
 
     Args:
         logits: ``[B, V]`` (any float dtype) for the rows' next token.
@@ -60,13 +64,23 @@ def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence
         ``log_softmax(logits.float())`` at the chosen token.
     """
     logits32 = logits.float()
+    device = logits32.device
     logprobs = torch.log_softmax(logits32, dim=-1)  # [B, V]
     ids = torch.argmax(logits32, dim=-1)  # greedy rows keep this
-    for b, temperature in enumerate(temperatures):
-        if temperature <= 0:
-            continue
-        row = filter_logits(logits32[b] / temperature, top_ks[b], top_ps[b])
-        probs = torch.softmax(row, dim=-1)
-        ids[b] = torch.multinomial(probs, 1, generator=generators[b])[0]
+    rows = [b for b, t in enumerate(temperatures) if t > 0]
+    if rows:
+        sel = torch.tensor(rows, device=device)
+        temp = torch.tensor([temperatures[b] for b in rows], device=device)
+        x = filter_logits(
+            logits32.index_select(0, sel) / temp[:, None],
+            torch.tensor([top_ks[b] for b in rows], device=device),
+            torch.tensor([top_ps[b] for b in rows], device=device, dtype=torch.float32),
+        )
+        probs = torch.softmax(x, dim=-1)
+        noise = torch.empty_like(probs)
+        for i, b in enumerate(rows):
+            noise[i].exponential_(generator=generators[b])
+        noise.clamp_(min=torch.finfo(torch.float32).tiny)  # never divide by 0
+        ids[sel] = torch.argmax(probs / noise, dim=-1)
     chosen = logprobs.gather(1, ids[:, None])[:, 0]
     return ids.tolist(), chosen.tolist()
