@@ -167,7 +167,7 @@ async def test_chat_prompt_reads_engine_prompt_ids_and_sends_required_prefix(fak
     paths = [p for p, _ in fake.requests if p.startswith("/v1/chat")]
     assert paths == ["/v1/chat/completions"] * 2
     bodies = [b for p, b in fake.requests if p.startswith("/v1/chat")]
-    assert sorted("required_prefix_token_ids" in b for b in bodies) == [False, True]
+    assert sorted(b["nvext"].get("annotations", []) for b in bodies) == [[], ["required_prefix_token_ids:1,9"]]
     assert all(b["messages"] == msgs and b["logprobs"] is True for b in bodies)
 
 

@@ -13,8 +13,11 @@ Wire protocol (Dynamo 1.6.1 frontend, OpenAI routes):
 * Every request asks ``nvext.extra_fields = ["worker_id", "completion_token_ids",
   "engine_data"]``: the generated ids are read from ``nvext.completion_token_ids`` (never
   re-encoded from text); ``nvext.worker_id`` names the worker; the worker's own
-  ``engine_data`` passthrough carries ``prompt_token_ids`` and ``weights_version`` (see
-  ``dynamo_rl.serving.worker``).
+  ``engine_data`` passthrough carries ``prompt_token_ids`` (the prompt the engine ran,
+  after a prefix splice) and ``weights_version`` (see ``dynamo_rl.serving.worker``).
+* A chat prompt with history ids (:class:`ChatPrompt`) sends them as
+  ``nvext.annotations = ["required_prefix_token_ids:1,5,6"]``; the worker splices them in
+  place of the rendered history.
 * ``n`` samples per prompt are ``n`` separate requests, sample ``k`` with seed
   ``seed + k`` when a seed is given (so a seeded replay reproduces every sample). The
   frontend refuses ``n > 1`` together with ``completion_token_ids`` ("requires exactly one
@@ -64,8 +67,10 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 #: Transport errors worth retrying (refused, reset, timeouts, a connection dropped mid-response).
 _RETRY_EXC = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 EXTRA_FIELDS = ["worker_id", "completion_token_ids", "engine_data"]
-#: Request key that carries the verbatim history ids on the chat route (see serving/worker.py).
-REQUIRED_PREFIX_KEY = "required_prefix_token_ids"
+#: Dynamo 1.6.1 rejects unknown body and ``nvext`` keys but passes ``nvext.annotations``
+#: (strings) to the worker: the verbatim history ids travel as one annotation
+#: ``"required_prefix_token_ids:1,5,6"`` (see ``dynamo_rl.serving.worker``).
+REQUIRED_PREFIX_ANNOTATION = "required_prefix_token_ids:"
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_CAP_S = 2.0
 
@@ -79,7 +84,8 @@ class Sample:
     ``[G]`` (log-softmax of the raw logits, as the engine reports them), ``finish_reason``
     (``"stop"``/``"length"``/...), ``weights_version`` of the weights that produced it,
     ``worker_id`` (Dynamo instance id, as a string), ``text`` the frontend's detokenized
-    text (for chat histories only; never re-encoded).
+    text (for chat histories only; never re-encoded), ``request_id`` the response's ``id``
+    (``cmpl-<uuid>``; the worker records ``<uuid>``).
     """
 
     prompt_index: int
@@ -91,6 +97,7 @@ class Sample:
     weights_version: int | None
     worker_id: str | None
     text: str = ""
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +318,7 @@ class DynamoGeneration:
         body["messages"] = messages
         body["logprobs"] = True
         if prefix is not None:
-            body[REQUIRED_PREFIX_KEY] = prefix
+            body["nvext"]["annotations"] = [REQUIRED_PREFIX_ANNOTATION + ",".join(map(str, prefix))]
         return _Req((i, k), "/v1/chat/completions", body, None, chat=True, required_prefix=prefix)
 
     async def _one(self, r: _Req) -> Sample:
@@ -358,6 +365,7 @@ class DynamoGeneration:
             prompt_token_ids=prompt, generation_token_ids=gen, generation_logprobs=logprobs,
             finish_reason=str(choice.get("finish_reason")), weights_version=version,
             worker_id=_wire.worker_id_of(nvext), text=text or "",
+            request_id=body.get("id") if isinstance(body.get("id"), str) else None,
         )
 
     def _backoff(self, attempt: int, remaining: float) -> float:
