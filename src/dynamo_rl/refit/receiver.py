@@ -1,0 +1,220 @@
+"""Worker side of the weight plane: pull version N from a publisher into the engine's layout.
+
+``Receiver.pull`` = fetch manifest (poll until version N is complete) → plan this TP
+rank's copies (:mod:`dynamo_rl.refit.planner`, validating every name / shape / dtype
+first) → allocate fresh destination tensors → pull through a transport (straight into
+the destination slices where the layout allows) → re-check every source rank's seqlock
+epoch → return. Any failure raises a :class:`~dynamo_rl.refit.errors.RefitError` subclass
+before anything is returned, so the engine never sees a partial set and keeps serving
+its previous weights::
+
+    recv = Receiver.for_engine(engine)
+    tensors, report = recv.pull(url, version=N)               # raises RefitError
+    await engine.load_weights(tensors, N, adopt=True)
+
+Destination tensors are freshly allocated on every pull (the engine adopts them as its
+storage), so a failed pull never touches live weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from dynamo_rl.refit._http import request
+from dynamo_rl.refit.errors import (
+    PublisherGoneError,
+    RefitError,
+    StaleVersionError,
+    TransportError,
+    VersionNotFoundError,
+)
+from dynamo_rl.refit.planner import TargetPlan, plan_target
+from dynamo_rl.refit.roles import TensorDescriptor
+from dynamo_rl.refit.transport.base import Reader, boot_id, get_reader
+
+
+class Receiver:
+    """Pulls published weights into one target TP rank's layout.
+
+    Args:
+        tp_rank, tp_size: the engine's TP position.
+        param_specs: ``{hf_name: (local_shape, dtype)}`` exactly as the engine expects
+            (``Engine.param_specs()``; a tied ``lm_head`` omitted).
+        device: where destination tensors are allocated (``"cpu"``, ``"cuda:0"``...).
+        transport: default transport (None: ``shm`` when every source is on this host,
+            else ``dist``).
+    """
+
+    def __init__(self, *, tp_rank: int, tp_size: int,
+                 param_specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 device: str | torch.device = "cpu", transport: str | None = None):
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.param_specs = {n: (tuple(s), dt) for n, (s, dt) in param_specs.items()}
+        self.device = torch.device(device)
+        self.transport = transport
+        self.last_version: int | None = None
+        self._readers: dict[str, Reader] = {}
+        self._plans: dict[str, TargetPlan] = {}
+
+    @classmethod
+    def for_engine(cls, engine, **kw) -> "Receiver":
+        """Receiver matching an ``Engine`` (its ``layout``, ``param_specs()``, device)."""
+        layout = getattr(engine, "layout", None) or {"tp_rank": 0, "tp_size": 1}
+        device = kw.pop("device", getattr(engine, "device", "cpu"))
+        return cls(tp_rank=int(layout.get("tp_rank", 0)), tp_size=int(layout.get("tp_size", 1)),
+                   param_specs=engine.param_specs(), device=device, **kw)
+
+    # ------------------------------------------------------------------ manifest
+    def fetch_manifest(self, publisher_url: str, version: int, deadline: float) -> dict:
+        """GET the manifest of ``version``, polling while it is not complete yet.
+
+        Raises: StaleVersionError (publisher moved past it), VersionNotFoundError (timeout),
+        PublisherGoneError (unreachable).
+        """
+        url = publisher_url.rstrip("/") + f"/manifest?version={int(version)}"
+        delay = 0.01
+        while True:
+            status, body = request(url, timeout=max(1.0, deadline - time.monotonic()))
+            if status == 200:
+                return body
+            if status == 410:
+                raise StaleVersionError(
+                    f"publisher {publisher_url} no longer holds version {version} (current "
+                    f"{body.get('current')}); ask for the current version"
+                )
+            if status != 404:
+                raise RefitError(f"publisher {publisher_url} answered {status}: {body.get('error', body)}")
+            if time.monotonic() + delay > deadline:
+                raise VersionNotFoundError(
+                    f"publisher {publisher_url} did not publish version {version} in time (current "
+                    f"{body.get('current')}); publish it first or raise timeout_s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def plan(self, manifest: dict) -> TargetPlan:
+        """This rank's plan for a manifest (cached per tensor layout; raises MismatchError)."""
+        key_src = json.dumps([manifest["naming"], manifest["model_config"], manifest["tensors"]],
+                             sort_keys=True, default=str)
+        key = hashlib.sha1(key_src.encode()).hexdigest()
+        p = self._plans.get(key)
+        if p is None:
+            descs = {d["name"]: TensorDescriptor.from_json(d) for d in manifest["tensors"]}
+            p = plan_target(descs, manifest["naming"], manifest["model_config"], self.param_specs,
+                            self.tp_rank, self.tp_size)
+            self._plans = {key: p}  # keep the latest only
+        return p
+
+    # ------------------------------------------------------------------ pull
+    def pull(self, publisher_url: str, version: int, transport: str | None = None,
+             timeout_s: float = 120.0, *, progress: Callable[[int, int], None] | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict]:
+        """Pull version ``version`` into freshly allocated tensors of this rank's layout.
+
+        Args:
+            publisher_url: rank 0's ``Publisher.url``.
+            version: the weights version to load.
+            transport: ``"shm"`` | ``"dist"`` | ``"nixl"`` | None (auto).
+            timeout_s: overall limit (seconds) incl. waiting for the version to appear.
+            progress: optional ``callable(done_bytes, total_bytes)`` during the transfer.
+        Returns:
+            ``(tensors, report)``: HF-named tensors matching ``param_specs`` exactly, and
+            ``{"version", "bytes", "tensors", "seconds", "transport", "overpull_factor",
+            "moved_bytes", "overpull_by_role"}`` (bytes = destination bytes).
+        Raises:
+            StaleVersionError: ``version`` older than the last pulled one or than the
+                publisher's, or overwritten during the pull.
+            VersionNotFoundError: not published before the timeout.
+            MismatchError: missing / unexpected / shape / dtype / layout mismatch (all listed).
+            PublisherGoneError: a source rank disappeared before the pull was complete.
+            TransportError: the transport is unavailable.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        if self.last_version is not None and version < self.last_version:
+            raise StaleVersionError(
+                f"asked for version {version} but this receiver already loaded {self.last_version}; "
+                "versions only move forward"
+            )
+        manifest = self.fetch_manifest(publisher_url, version, deadline)
+        plan = self.plan(manifest)
+        descs = {d["name"]: TensorDescriptor.from_json(d) for d in manifest["tensors"]}
+        sources = {int(r): a for r, a in manifest["sources"].items()}
+        used = sorted(plan.by_rank())
+        name = transport or self.transport or self._auto(sources, used)
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = get_reader(name, device=self.device)
+        dst = {n: torch.empty(s, dtype=dt, device=self.device) for n, (s, dt) in self.param_specs.items()}
+        for n, box in plan.fills:
+            dst[n][tuple(slice(a, b) for a, b in box)].zero_()
+        try:
+            moved = reader.pull(plan, descs, sources, dst, version=version, deadline=deadline,
+                                progress=progress)
+        except RefitError:
+            raise
+        except Exception as e:  # transport-level failure (socket closed, gloo error...)
+            raise PublisherGoneError(
+                f"pull of version {version} from {publisher_url} over {name!r} failed: "
+                f"{type(e).__name__}: {e}; the engine keeps its previous weights"
+            ) from e
+        self._check_sources(sources, used, version, deadline)
+        self.last_version = version
+        nbytes = sum(t.numel() * t.element_size() for t in dst.values())
+        report = {
+            "version": version, "bytes": nbytes, "tensors": len(dst),
+            "seconds": time.monotonic() - t0, "transport": name,
+            "moved_bytes": moved,
+            "overpull_factor": moved / plan.needed_bytes if plan.needed_bytes else 1.0,
+            "overpull_by_role": plan.overpull_by_role,
+        }
+        return dst, report
+
+    def _auto(self, sources, used) -> str:
+        me = boot_id()
+        if all((sources[r].get("shm") or {}).get("boot_id") == me for r in used):
+            return "shm"
+        return "dist"
+
+    def _check_sources(self, sources, used, version, deadline) -> None:
+        """Seqlock check: every source rank read must still hold ``version`` at the same epoch."""
+        gone, moved = [], []
+        for r in used:
+            a = sources[r]
+            try:
+                status, st = request(a["http"] + "/state", timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+            except PublisherGoneError:
+                gone.append(f"rank {r} ({a['http']}, pid {a.get('pid')})")
+                continue
+            if status != 200 or st.get("version") != version or st.get("epoch") != a.get("epoch"):
+                moved.append(f"rank {r} now at version {st.get('version')} epoch {st.get('epoch')}")
+        if gone:
+            raise PublisherGoneError(
+                f"source {', '.join(gone)} disappeared during the pull of version {version}; "
+                "nothing was returned, the engine keeps its previous weights; restart the "
+                "publisher and retry"
+            )
+        if moved:
+            raise StaleVersionError(
+                f"version {version} was overwritten during the pull ({'; '.join(moved)}); "
+                "retry with the newer version"
+            )
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["Receiver", "TransportError"]

@@ -1,0 +1,118 @@
+"""Same-host shared-memory transport: POSIX shared memory on CPU, CUDA IPC on GPU.
+
+The receiver maps each source rank's arena buckets once (cached per rank and bucket set,
+re-opened only when the publisher re-allocates) and copies every planned slice straight
+from the mapping into its destination tensor: one copy per byte, strided reads allowed,
+so no over-pull. Works only when publisher and receiver share the host (``boot_id``
+check) — else use ``dist`` or ``nixl``.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+
+import torch
+
+from dynamo_rl.refit.errors import PublisherGoneError, TransportError
+from dynamo_rl.refit.roles import dtype_from_name
+from dynamo_rl.refit.transport.base import CREATED_SHM, Arena, Reader, boot_id
+
+
+def shm_address(arena: Arena) -> dict:
+    """The ``shm`` part of a source rank's transport address."""
+    if arena.device.type == "cpu":
+        return {"boot_id": boot_id(), "kind": "posix", "buckets": arena.shm_names(),
+                "sizes": [int(b.numel()) for b in arena.buffers]}
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    handles = [base64.b64encode(pickle.dumps(reduce_tensor(b))).decode() for b in arena.buffers]
+    return {"boot_id": boot_id(), "kind": "cuda_ipc", "handles": handles,
+            "sizes": [int(b.numel()) for b in arena.buffers]}
+
+
+class ShmReader(Reader):
+    name = "shm"
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self._cache: dict[int, tuple[tuple, list, list[torch.Tensor]]] = {}
+
+    def _open(self, rank: int, address: dict) -> list[torch.Tensor]:
+        a = address.get("shm")
+        if not a:
+            raise TransportError(f"source rank {rank} offers no 'shm' transport; use 'dist'")
+        if a["boot_id"] != boot_id():
+            raise TransportError(
+                f"source rank {rank} is on another host (boot_id differs): shared memory cannot "
+                "reach it; use transport='dist' or 'nixl'"
+            )
+        key = tuple(a.get("buckets") or a.get("handles"))
+        hit = self._cache.get(rank)
+        if hit and hit[0] == key:
+            return hit[2]
+        if hit:
+            self._drop(rank)
+        keep: list = []
+        bufs: list[torch.Tensor] = []
+        if a["kind"] == "posix":
+            from multiprocessing import resource_tracker, shared_memory
+
+            for name, size in zip(a["buckets"], a["sizes"]):
+                try:
+                    shm = shared_memory.SharedMemory(name=name)
+                except FileNotFoundError:
+                    raise PublisherGoneError(
+                        f"shared memory {name!r} of source rank {rank} is gone: the publisher "
+                        "closed or died; re-publish and retry"
+                    ) from None
+                if name not in CREATED_SHM:  # Python <3.13 tracks attached segments too
+                    try:
+                        resource_tracker.unregister(shm._name, "shared_memory")
+                    except Exception:  # noqa: BLE001 - tracker is best effort
+                        pass
+                keep.append(shm)
+                bufs.append(torch.frombuffer(shm.buf, dtype=torch.uint8, count=size))
+        else:
+            for h in a["handles"]:
+                fn, args = pickle.loads(base64.b64decode(h))
+                bufs.append(fn(*args))
+        self._cache[rank] = (key, keep, bufs)
+        return bufs
+
+    def _drop(self, rank: int) -> None:
+        key, keep, bufs = self._cache.pop(rank)
+        bufs.clear()
+        for shm in keep:
+            try:
+                shm.close()
+            except BufferError:
+                pass
+
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:
+        total = plan.needed_bytes
+        done = 0
+        cuda = False
+        for rank, copies in sorted(plan.by_rank().items()):
+            bufs = self._open(rank, sources[rank])
+            for c in copies:
+                d = descs[c.src]
+                pl = next(p for p in d.placement if p.rank == rank)
+                dt = dtype_from_name(d.dtype)
+                shape = d.local_shape(pl)
+                nbytes = torch.Size(shape).numel() * dt.itemsize
+                src = bufs[pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
+                src = src[tuple(slice(a, b) for a, b in c.src_box)]
+                out = dst[c.dst][tuple(slice(a, b) for a, b in c.dst_box)]
+                cuda = cuda or out.is_cuda or src.is_cuda
+                out.copy_(src, non_blocking=True)
+                done += c.numel * dt.itemsize
+                if progress is not None:
+                    progress(done, total)
+        if cuda:
+            torch.cuda.synchronize()
+        return done
+
+    def close(self) -> None:
+        for rank in list(self._cache):
+            self._drop(rank)

@@ -1,0 +1,48 @@
+"""The embedded default's path: one trainer process, TP=1, HF names, CPU, shm transport."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynamo_rl.refit import Publisher, Receiver, StaleVersionError, VersionNotFoundError
+
+from refit_models import tiny
+
+
+@pytest.fixture()
+def tiny_sd():
+    return tiny()
+
+
+def test_publish_pull_tp1_byte_identical_and_versions(tiny_sd):
+    sd, cfg = tiny_sd
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}
+    # the trainer passes its raw state dict: DDP prefix + the tied lm_head included
+    raw = {"module." + n: t for n, t in sd.items()}
+    raw["module.lm_head.weight"] = sd["model.embed_tokens.weight"]
+    with Publisher() as pub, Receiver(tp_rank=0, tp_size=1, param_specs=specs) as recv:
+        pub.publish(1, raw, model_config=cfg)
+        out, rep = recv.pull(pub.url, 1)
+        assert set(out) == set(specs)
+        for n in specs:
+            assert torch.equal(out[n], sd[n]), n
+        assert rep["tensors"] == len(specs) and rep["transport"] == "shm"
+        assert rep["bytes"] == sum(t.numel() * 4 for t in sd.values())
+        assert rep["overpull_factor"] == 1.0
+        # the arena is reused; new values arrive; the old tensors are untouched
+        old = out["model.norm.weight"].clone()
+        sd2 = {k: v + 1 for k, v in raw.items()}
+        pub.publish(2, sd2, model_config=cfg)
+        out2, _ = recv.pull(pub.url, 2)
+        assert torch.equal(out2["model.norm.weight"], sd["model.norm.weight"] + 1)
+        assert torch.equal(out["model.norm.weight"], old)
+        with pytest.raises(StaleVersionError, match="already loaded 2"):
+            recv.pull(pub.url, 1)
+        fresh = Receiver(tp_rank=0, tp_size=1, param_specs=specs)
+        with pytest.raises(StaleVersionError, match="no longer holds version 1"):
+            fresh.pull(pub.url, 1)
+        with pytest.raises(VersionNotFoundError, match="did not publish version 3"):
+            fresh.pull(pub.url, 3, timeout_s=0.3)
+        with pytest.raises(StaleVersionError, match="versions must increase"):
+            pub.publish(2, sd2, model_config=cfg)
