@@ -48,15 +48,19 @@ class Receiver:
         device: where destination tensors are allocated (``"cpu"``, ``"cuda:0"``...).
         transport: default transport (None: ``shm`` when every source is on this host,
             else ``dist``).
+        transport_options: ``{transport: kwargs}`` for its reader (e.g.
+            ``{"dist": {"msg_bytes": 64 << 20}}``).
     """
 
     def __init__(self, *, tp_rank: int, tp_size: int,
                  param_specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                 device: str | torch.device = "cpu", transport: str | None = None):
+                 device: str | torch.device = "cpu", transport: str | None = None,
+                 transport_options: Mapping[str, dict] | None = None):
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.param_specs = {n: (tuple(s), dt) for n, (s, dt) in param_specs.items()}
         self.device = torch.device(device)
         self.transport = transport
+        self.transport_options = dict(transport_options or {})
         self.last_version: int | None = None
         self._readers: dict[str, Reader] = {}
         self._plans: dict[str, TargetPlan] = {}
@@ -149,7 +153,8 @@ class Receiver:
         name = transport or self.transport or self._auto(sources, used)
         reader = self._readers.get(name)
         if reader is None:
-            reader = self._readers[name] = get_reader(name, device=self.device)
+            reader = self._readers[name] = get_reader(name, device=self.device,
+                                                     **self.transport_options.get(name, {}))
         dst = {n: torch.empty(s, dtype=dt, device=self.device) for n, (s, dt) in self.param_specs.items()}
         for n, box in plan.fills:
             dst[n][tuple(slice(a, b) for a, b in box)].zero_()

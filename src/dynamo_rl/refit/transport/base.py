@@ -145,17 +145,18 @@ class Reader:
         pass
 
 
-def get_reader(name: str, *, device="cpu") -> Reader:
+def get_reader(name: str, *, device="cpu", **options) -> Reader:
+    """The receiver-side reader of transport ``name`` (``shm`` | ``dist`` | ``nixl``)."""
     if name == "shm":
         from dynamo_rl.refit.transport.shm import ShmReader
 
-        return ShmReader(device=device)
+        return ShmReader(device=device, **options)
     if name == "dist":
         from dynamo_rl.refit.transport.dist import DistReader
 
-        return DistReader(device=device)
+        return DistReader(device=device, **options)
     if name == "nixl":
         from dynamo_rl.refit.transport.nixl import NixlReader
 
-        return NixlReader(device=device)
+        return NixlReader(device=device, **options)
     raise TransportError(f"unknown transport {name!r}; use 'shm', 'dist' or 'nixl'")

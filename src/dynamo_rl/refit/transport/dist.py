@@ -1,27 +1,279 @@
-"""torch.distributed transport (placeholder until the full implementation lands)."""
+"""torch.distributed transport: gloo (CPU) / NCCL (CUDA) point-to-point between a publisher
+rank and a receiver, over a private 2-process group per pair.
+
+Handshake (once per pair, reused across versions): the receiver POSTs
+``{publisher_rank_http}/dist/connect``; the publisher starts a ``TCPStore`` (port 0) and,
+in a background thread, builds its side of a ``ProcessGroupGloo``/``ProcessGroupNCCL``
+(rank 0 of 2); the receiver builds rank 1 with the returned store address.
+
+Transfer: the receiver turns its plan into whole-row byte ranges of the source shards
+(``TargetPlan.row_ranges``), packs them into messages of at most ``msg_bytes`` (a range
+larger than that is split on row boundaries) and POSTs the message list to
+``/dist/pull``. The publisher's connection thread packs each message from its arena into
+one reusable send buffer (a single-range message is sent straight from the arena) and
+``send``s it; the receiver ``recv``s into one reusable buffer and copies the planned
+slices out into the destination tensors. Timeouts come from the receiver's deadline; a
+dead publisher surfaces as a gloo/NCCL error which the Receiver reports as
+``PublisherGoneError``.
+"""
 
 from __future__ import annotations
 
-from dynamo_rl.refit.errors import TransportError
+import queue
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dynamo_rl.refit._http import HTTPStatus, request
+from dynamo_rl.refit.errors import PublisherGoneError, RefitError, TransportError
+from dynamo_rl.refit.roles import dtype_from_name
 from dynamo_rl.refit.transport.base import Reader
+
+DEFAULT_MSG_BYTES = 256 << 20
+
+
+def _make_pg(store, rank: int, backend: str, timeout_s: float, host: str, device=None):
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(store, rank, 2, opts)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
+    return pg
+
+
+class _Conn:
+    def __init__(self, server: "DistServer", cid: str, backend: str, host: str, timeout_s: float):
+        self.server, self.cid, self.backend = server, cid, backend
+        self.store = dist.TCPStore(host, 0, world_size=2, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=timeout_s))
+        self.port = self.store.port
+        self.jobs: queue.Queue = queue.Queue()
+        self.pg = None
+        self.error: str | None = None
+        self.sendbuf: torch.Tensor | None = None
+        self.thread = threading.Thread(target=self._run, args=(host, timeout_s), daemon=True,
+                                       name=f"refit-dist-{cid[:8]}")
+        self.thread.start()
+
+    def _run(self, host, timeout_s):
+        try:
+            arena = self.server.publisher.arena
+            device = arena.device if arena is not None else torch.device("cpu")
+            if self.backend == "nccl":
+                torch.cuda.set_device(device)
+            self.pg = _make_pg(self.store, 0, self.backend, timeout_s, host)
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                for msg in job:
+                    self._send(msg)
+        except Exception as e:  # noqa: BLE001 - the receiver sees the failure on its side
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.pg = None  # destroy the group in its own thread, before interpreter exit
+
+    def _send(self, msg):
+        pub = self.server.publisher
+        with pub._lock:
+            arena = pub.arena
+            if len(msg) == 1:
+                b, off, n = msg[0]
+                t = arena.buffers[b][off : off + n]
+            else:
+                total = sum(n for _, _, n in msg)
+                if self.sendbuf is None or self.sendbuf.numel() < total or self.sendbuf.device != arena.device:
+                    self.sendbuf = torch.empty(max(total, DEFAULT_MSG_BYTES // 16), dtype=torch.uint8,
+                                               device=arena.device)
+                pos = 0
+                for b, off, n in msg:
+                    self.sendbuf[pos : pos + n].copy_(arena.buffers[b][off : off + n])
+                    pos += n
+                t = self.sendbuf[:total]
+            self.pg.send([t], 1, 0).wait()
+
+    def close(self):
+        self.jobs.put(None)
+        self.thread.join(timeout=5.0)
 
 
 class DistServer:
+    """Publisher-side ``/dist/connect`` and ``/dist/pull`` routes."""
+
     def __init__(self, publisher):
         self.publisher = publisher
+        self.conns: dict[str, _Conn] = {}
+        self._lock = threading.Lock()
 
     def routes(self):
-        return {}
+        return {("POST", "/dist/connect"): self._connect, ("POST", "/dist/pull"): self._pull}
+
+    def _connect(self, q, body):
+        arena = self.publisher.arena
+        if arena is None:
+            raise HTTPStatus(404, {"error": "nothing published yet"})
+        backend = "nccl" if arena.device.type == "cuda" else "gloo"
+        host = self.publisher.http_url.split("//")[1].rsplit(":", 1)[0]
+        cid = body.get("receiver_id") or uuid.uuid4().hex
+        conn = _Conn(self, cid, backend, host, float(body.get("timeout_s", 120.0)))
+        with self._lock:
+            old = self.conns.pop(cid, None)
+            self.conns[cid] = conn
+        if old:
+            old.close()
+        return {"host": host, "port": conn.port, "backend": backend, "receiver_id": cid}
+
+    def _pull(self, q, body):
+        pub = self.publisher
+        conn = self.conns.get(body["receiver_id"])
+        if conn is None:
+            raise HTTPStatus(404, {"error": "unknown receiver_id; connect first"})
+        if conn.error:
+            raise HTTPStatus(500, {"error": f"connection failed: {conn.error}"})
+        if body["version"] != pub.version or body.get("epoch") != pub.epoch:
+            raise HTTPStatus(409, {"error": f"version {body['version']} (epoch {body.get('epoch')}) "
+                                            f"is not current ({pub.version}, epoch {pub.epoch})"})
+        conn.jobs.put(body["messages"])
+        return {"ok": True, "messages": len(body["messages"])}
 
     def reset(self):
         pass
 
     def close(self):
-        pass
+        with self._lock:
+            for c in self.conns.values():
+                c.close()
+            self.conns.clear()
 
 
 class DistReader(Reader):
+    """Receiver side of ``dist``. ``msg_bytes`` bounds each message (and the reusable buffer)."""
+
     name = "dist"
 
-    def __init__(self, device="cpu"):
-        raise TransportError("the 'dist' transport is not implemented yet; use 'shm'")
+    def __init__(self, device="cpu", msg_bytes: int = DEFAULT_MSG_BYTES):
+        self.device = torch.device(device)
+        self.msg_bytes = msg_bytes
+        self.id = uuid.uuid4().hex
+        self._pgs: dict[str, tuple] = {}
+        self._buf: dict[str, torch.Tensor] = {}
+
+    def _pg(self, rank: int, addr: dict, deadline: float):
+        key = addr["http"]
+        hit = self._pgs.get(key)
+        if hit is not None:
+            return hit
+        remaining = max(1.0, deadline - time.monotonic())
+        status, body = request(addr["http"] + "/dist/connect",
+                               {"receiver_id": self.id, "timeout_s": remaining}, timeout=remaining)
+        if status != 200:
+            raise TransportError(f"source rank {rank}: /dist/connect failed: {body.get('error', body)}")
+        store = dist.TCPStore(body["host"], body["port"], world_size=2, is_master=False,
+                              timeout=timedelta(seconds=remaining))
+        if body["backend"] == "nccl":
+            torch.cuda.set_device(self.device)
+        pg = _make_pg(store, 1, body["backend"], remaining, body["host"])
+        self._pgs[key] = (pg, store, body["backend"])
+        return self._pgs[key]
+
+    def _recvbuf(self, backend: str, n: int) -> torch.Tensor:
+        dev = torch.device("cpu") if backend == "gloo" else self.device
+        key = str(dev)
+        b = self._buf.get(key)
+        if b is None or b.numel() < n:
+            b = self._buf[key] = torch.empty(max(n, 1), dtype=torch.uint8, device=dev)
+        return b
+
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:
+        rows = plan.row_ranges()
+        copies_by = {}
+        for c in plan.copies:
+            copies_by.setdefault((c.src_rank, c.src), []).append(c)
+        moved, total = 0, plan.row_bytes
+        for rank in sorted({r for r, _ in rows}):
+            addr = sources[rank]
+            # items: (src, r0, r1, bucket, byte offset, nbytes)
+            items = []
+            for (r, src), ivs in rows.items():
+                if r != rank:
+                    continue
+                d = descs[src]
+                pl = next(p for p in d.placement if p.rank == rank)
+                shape = d.local_shape(pl)
+                isz = dtype_from_name(d.dtype).itemsize
+                rowb = isz * (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
+                step = max(1, self.msg_bytes // rowb)
+                for lo, hi in ivs:
+                    for a in range(lo, hi, step):
+                        b = min(hi, a + step)
+                        items.append((src, a, b, pl.bucket, pl.offset + a * rowb, (b - a) * rowb))
+            msgs, cur, size = [], [], 0
+            for it in items:
+                if cur and size + it[5] > self.msg_bytes:
+                    msgs.append(cur)
+                    cur, size = [], 0
+                cur.append(it)
+                size += it[5]
+            if cur:
+                msgs.append(cur)
+            try:
+                pg, _, backend = self._pg(rank, addr, deadline)
+                status, body = request(addr["http"] + "/dist/pull", {
+                    "receiver_id": self.id, "version": version, "epoch": addr.get("epoch"),
+                    "messages": [[[it[3], it[4], it[5]] for it in m] for m in msgs],
+                }, timeout=max(1.0, deadline - time.monotonic()))
+                if status == 409:
+                    from dynamo_rl.refit.errors import StaleVersionError
+
+                    raise StaleVersionError(f"source rank {rank}: {body.get('error')}; retry with the newer version")
+                if status != 200:
+                    raise TransportError(f"source rank {rank}: /dist/pull failed: {body.get('error', body)}")
+                for m in msgs:
+                    n = sum(it[5] for it in m)
+                    buf = self._recvbuf(backend, n)[:n]
+                    work = pg.recv([buf], 0, 0)
+                    if not work.wait(timedelta(seconds=max(1.0, deadline - time.monotonic()))):
+                        raise PublisherGoneError(f"source rank {rank}: receive timed out")
+                    pos = 0
+                    for src, a, b, _, _, nb in m:
+                        d = descs[src]
+                        pl = next(p for p in d.placement if p.rank == rank)
+                        shape = d.local_shape(pl)
+                        dt = dtype_from_name(d.dtype)
+                        view = buf[pos : pos + nb].view(dt).view((b - a, *shape[1:]))
+                        for c in copies_by[(rank, src)]:
+                            lo, hi = max(a, c.src_box[0][0]), min(b, c.src_box[0][1])
+                            if lo >= hi:
+                                continue
+                            sidx = (slice(lo - a, hi - a),) + tuple(slice(x, y) for x, y in c.src_box[1:])
+                            d0 = c.dst_box[0][0] + (lo - c.src_box[0][0])
+                            didx = (slice(d0, d0 + hi - lo),) + tuple(slice(x, y) for x, y in c.dst_box[1:])
+                            dst[c.dst][didx].copy_(view[sidx])
+                        pos += nb
+                    moved += n
+                    if progress is not None:
+                        progress(moved, total)
+            except RefitError:
+                self._drop(addr["http"])
+                raise
+            except Exception:
+                self._drop(addr["http"])
+                raise
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return moved
+
+    def _drop(self, key):
+        self._pgs.pop(key, None)
+
+    def close(self) -> None:
+        self._pgs.clear()
+        self._buf.clear()
