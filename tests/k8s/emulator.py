@@ -22,6 +22,7 @@ What it does, and no more:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 import uuid
@@ -90,6 +91,21 @@ def _defaulted(node: Any) -> Any:
     return node
 
 
+@functools.lru_cache(maxsize=4)
+def _load_crds(crd_dir: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str, str], jsonschema.Draft7Validator]]:
+    """plural → (group, kind), and (group, version, plural) → validator; loaded once per process."""
+    kinds: dict[str, tuple[str, str]] = {}
+    validators: dict[tuple[str, str, str], jsonschema.Draft7Validator] = {}
+    for fname in CRD_FILES:
+        crd = yaml.load((Path(crd_dir) / fname).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        spec = crd["spec"]
+        kinds[spec["names"]["plural"]] = (spec["group"], spec["names"]["kind"])
+        for v in spec["versions"]:
+            validators[(spec["group"], v["name"], spec["names"]["plural"])] = jsonschema.Draft7Validator(
+                _defaulted(v["schema"]["openAPIV3Schema"]))
+    return kinds, validators
+
+
 def _matches(labels: dict, selector: str) -> bool:
     for term in filter(None, (selector or "").split(",")):
         k, _, v = term.partition("=")
@@ -111,16 +127,7 @@ class KubeEmulator:
         self.hooks: list[Callable[["KubeEmulator", Req], None]] = []
         self.proxies: dict[str, Callable[[str, str, Any], tuple[int, Any]]] = {}
         self._rv = 100
-        self.kinds: dict[str, tuple[str, str]] = {}  # plural -> (group, kind)
-        self.validators: dict[tuple[str, str, str], jsonschema.Draft7Validator] = {}
-        for fname in CRD_FILES:
-            crd = yaml.load((crd_dir / fname).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-            spec = crd["spec"]
-            self.kinds[spec["names"]["plural"]] = (spec["group"], spec["names"]["kind"])
-            for v in spec["versions"]:
-                self.validators[(spec["group"], v["name"], spec["names"]["plural"])] = jsonschema.Draft7Validator(
-                    _defaulted(copy.deepcopy(v["schema"]["openAPIV3Schema"]))
-                )
+        self.kinds, self.validators = _load_crds(str(crd_dir))
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
