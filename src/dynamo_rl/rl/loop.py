@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamo_rl.config import Recipe
+from dynamo_rl.generation import check_contiguity
 from dynamo_rl.models import ensure_tiny_model, load_model, load_tokenizer
 from dynamo_rl.models.tiny import TinyModelSpec
 from dynamo_rl.rl.grpo import group_advantages, grpo_loss, logprob_mismatch, token_logprobs
@@ -112,8 +113,7 @@ async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, 
         out = await gen.generate(prompts, n=1, sampling=sampling, seed=seed + 7919 * t)
         for i, samples in zip(idx, out):
             s = samples[0]
-            if s.prompt_token_ids.tolist() != episodes[i].ids:
-                raise AssertionError(f"episode {i}: the frontend's prompt ids differ from the history sent")
+            check_contiguity(episodes[i].ids, s.prompt_token_ids, what=f"episode {i} turn {t + 1} prompt")
             _append_generation(episodes[i], s, tokenizer, problems[episodes[i].problem_index].turns[t].target)
     return episodes
 
@@ -229,6 +229,8 @@ async def _train(cfg: Recipe, out: Path) -> int:
 
     t_start = time.perf_counter()
     g = cfg.grpo
+    if cfg.generation.dynamo.is_remote:
+        await _preflight(cfg)
     # 1. policy (fail fast on a bad model path, before anything is started)
     if cfg.policy.model_path:
         model_dir = Path(cfg.policy.model_path)
@@ -290,6 +292,20 @@ async def _train(cfg: Recipe, out: Path) -> int:
             return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start)
         finally:
             await gen.aclose()
+
+
+async def _preflight(cfg: Recipe, deadline_s: float = 5.0) -> None:
+    """Fail at once, not after the warm start, when the deployment is unreachable."""
+    from dynamo_rl.generation import DynamoGeneration, GenerationError
+
+    probe_cfg = cfg.generation.model_copy(update={"retry_deadline_s": min(deadline_s, cfg.generation.retry_deadline_s),
+                                                  "request_timeout_s": deadline_s})
+    async with DynamoGeneration(probe_cfg) as probe:
+        try:
+            name = await probe.model()
+        except GenerationError as e:
+            raise ValueError(f"generation.dynamo: {e}") from None
+    console.print(f"deployment at {probe.base_url} serves {name!r}")
 
 
 async def _evaluate(gen, tokenizer, cfg: Recipe, problems: list[Problem]) -> float:

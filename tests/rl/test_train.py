@@ -1,0 +1,88 @@
+"""`dynamo-rl train` end to end: the real CLI, the real embedded stack, short runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+CLI = [sys.executable, "-m", "dynamo_rl.cli", "train"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(args, tmp_path, timeout=420):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    p = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return p, time.monotonic() - t0
+
+
+def _descendants_alive(before: set[int]) -> list[str]:
+    me = psutil.Process()
+    return [f"{c.pid} {c.name()}" for c in me.children(recursive=True) if c.pid not in before and c.is_running()]
+
+
+SHORT = ["grpo.num_steps=4", "policy.warm_start.steps=5", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4",
+         "grpo.eval_every=2", "grpo.eval_prompts=8", "cluster.workers=2"]
+
+
+def test_sync_run_writes_outputs_with_exact_versions_and_logprobs(tmp_path):
+    run = tmp_path / "run"
+    p, _ = _run(["examples/grpo_tiny.yaml", f"logging.run_dir={run}", *SHORT], tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert summary["refits"] == 4
+    assert summary["version_mismatches"] == 0
+    assert summary["stale_samples"] == 0
+    assert summary["logprob_mae"] < 1e-4
+    assert summary["generation_gpus"] == 0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert [l["weights_version"] for l in lines] == [2, 3, 4, 5]   # v1 = after warm start
+    for l in lines:
+        assert l["refit_bytes"] == 2 * 400_768 * 4          # two workers, every fp32 parameter once
+        assert l["gen_tokens"] > 0 and l["train_seconds"] > 0
+    assert "eval_reward" in lines[1] and "eval_reward" in lines[3]
+    assert (run / "reward.png").stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "run summary" in p.stdout
+
+
+def test_async_run_respects_the_staleness_bound(tmp_path):
+    run = tmp_path / "run"
+    p, _ = _run(["examples/grpo_tiny.yaml", f"logging.run_dir={run}", "grpo.loop=async",
+                 "grpo.max_staleness=1", *SHORT], tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["dropped_samples"] == 0
+    # async: a step's rollouts may come from the weights one version behind, never more
+    assert summary["stale_samples"] == sum(l["stale_samples"] for l in lines)
+    assert all(l["stale_samples"] <= 16 for l in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["grpo.num_stepz=3"], "grpo.num_stepz: unknown key; did you mean 'grpo.num_steps'?"),
+        (["policy.model_path=/nonexistent/model"], "'/nonexistent/model' is not a Hugging Face checkpoint"),
+        (["generation.dynamo.frontend_url=http://127.0.0.1:9", "refit.control_urls=[http://127.0.0.1:9]"],
+         "http://127.0.0.1:9"),
+    ],
+)
+def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message):
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    p, seconds = _run(["examples/grpo_tiny.yaml", f"logging.run_dir={tmp_path / 'run'}", *args], tmp_path, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stdout + p.stderr
+    assert seconds < 60
+    assert _descendants_alive(before) == []
+    assert not (tmp_path / "run" / "stack").exists()
