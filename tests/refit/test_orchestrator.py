@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -43,7 +43,11 @@ def stack(tiny_model_dir, tmp_path_factory):
     stack_mod = pytest.importorskip("dynamo_rl.serving.stack")
     with stack_mod.LocalStack(tiny_model_dir, workers=3, run_dir=tmp_path_factory.mktemp("stack"),
                               quiet=True) as s:
-        yield s
+        # workers started later come from this thread: it lives as long as the stack, since a
+        # child started with PR_SET_PDEATHSIG gets SIGTERM when the *thread* that forked it exits
+        with ThreadPoolExecutor(1, thread_name_prefix="stack-spawner") as spawner:
+            s.spawner = spawner
+            yield s
 
 
 _models: dict[int, torch.nn.Module] = {}
@@ -69,15 +73,20 @@ def checkpoints(tmp_path_factory):
     return make
 
 
-def hf_greedy(version: int, prompt=PROMPT, n: int = GREEDY_TOKENS) -> list[int]:
-    """Greedy ids of the trainer model (full forward per step, no cache), ``n`` tokens."""
+def hf_greedy(version: int, prompt=PROMPT, n: int = GREEDY_TOKENS) -> tuple[list[int], list[float]]:
+    """Greedy ids and their logprobs (log_softmax of the raw logits, fp32) of the trainer model.
+
+    Full forward per step, no cache. (Random-init tiny models all greedy-decode to a repeated
+    token, so the logprobs are what tells two versions apart.)
+    """
     model = trainer_model(version)
-    ids = list(prompt)
+    ids, lps = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
-    return ids[len(prompt):]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+            ids.append(int(torch.argmax(logp)))
+            lps.append(float(logp[ids[-1]]))
+    return ids[len(prompt):], lps
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,7 +97,7 @@ def _body(stack, *, max_tokens=GREEDY_TOKENS, instance=None, stream=False, promp
     if instance is not None:
         nvext["backend_instance_id"] = instance
     return {"model": stack.served_model_name, "prompt": list(prompt), "max_tokens": max_tokens,
-            "temperature": temperature, "stream": stream, "ignore_eos": True, "nvext": nvext}
+            "temperature": temperature, "stream": stream, "ignore_eos": True, "logprobs": 1, "nvext": nvext}
 
 
 def _worker_of(nvext: dict):
@@ -96,12 +105,14 @@ def _worker_of(nvext: dict):
     return wid.get("decode_worker_id") if isinstance(wid, dict) else wid
 
 
-async def complete_on(client, stack, instance) -> tuple[list[int], int, object]:
-    """Greedy completion on one instance → (token ids, weights_version, worker that served it)."""
+async def complete_on(client, stack, instance) -> tuple[list[int], list[float], int, object]:
+    """Greedy completion on one instance → (token ids, logprobs, weights_version, serving worker)."""
     r = await client.post(f"{stack.frontend_url}/v1/completions", json=_body(stack, instance=instance))
     assert r.status_code == 200, r.text
-    nv = r.json()["nvext"]
-    return nv["completion_token_ids"], nv["engine_data"]["weights_version"], _worker_of(nv)
+    out = r.json()
+    nv = out["nvext"]
+    lps = out["choices"][0]["logprobs"]["token_logprobs"]
+    return nv["completion_token_ids"], lps, nv["engine_data"]["weights_version"], _worker_of(nv)
 
 
 async def info(client, url) -> dict:
@@ -111,16 +122,18 @@ async def info(client, url) -> dict:
 
 
 async def assert_serves(client, stack, version: int, instances) -> None:
-    """Every instance reports ``version``, is not paused, and greedy-decodes like the trainer model."""
-    want = hf_greedy(version)
+    """Every instance reports ``version``, is not paused, and greedy-decodes like the trainer model
+    (same ids; logprobs equal to 1e-4 — the wire carries ~7 significant digits)."""
+    want_ids, want_lps = hf_greedy(version)
     urls = stack.control_urls()
     for iid in instances:
         i = await info(client, urls[iid])
         assert (i["weights_version"], i["paused"]) == (version, False), (iid, i)
-        ids, v, served_by = await complete_on(client, stack, iid)
-        assert served_by == iid
-        assert v == version
-        assert ids == want, f"instance {iid} greedy {ids} != trainer v{version} greedy {want}"
+        ids, lps, v, served_by = await complete_on(client, stack, iid)
+        assert (served_by, v) == (iid, version)
+        assert ids == want_ids, f"instance {iid} greedy {ids} != trainer v{version} greedy {want_ids}"
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), rtol=0, atol=1e-4,
+                                   msg=lambda m: f"instance {iid} vs trainer v{version}: {m}")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -152,9 +165,10 @@ async def test_discovery_maps_every_instance_and_rejects_bad_resolvers(stack):
         for url in urls.values():
             i = await info(client, url)
             assert (i["weights_version"], i["paused"]) == (0, False)
-        # before any refit every worker serves the seed-0 model, whose greedy output differs
-        # from the version-1 trainer model's (so the next test's equality is meaningful)
-        assert hf_greedy(0) != hf_greedy(1)
+        # before any refit every worker serves the seed-0 model; every version's weights give
+        # other logprobs (so equality after a refit proves the new weights are served)
+        lps = [torch.tensor(hf_greedy(v)[1]) for v in (0, 1, 2, 3, 4, 10, 11, 12, 13)]
+        assert all((a - b).abs().max() > 1e-2 for k, a in enumerate(lps) for b in lps[k + 1:])
         await assert_serves(client, stack, 0, urls)
 
 
@@ -300,7 +314,7 @@ async def test_worker_started_during_refit_is_refitted_in_next_pass(stack, check
 
     async def on_event(ev):
         if ev.stage == "pass_done" and ev.pass_index == 1:
-            added.append(await asyncio.to_thread(stack.add_worker))
+            added.append(await asyncio.get_running_loop().run_in_executor(stack.spawner, stack.add_worker))
 
     report = await refit_all(stack.frontend_url, stack.control_urls, version, {"path": checkpoints(version)},
                              on_event=on_event)
@@ -317,6 +331,7 @@ async def test_worker_started_during_refit_is_refitted_in_next_pass(stack, check
 async def test_worker_killed_during_refit_is_named_others_serve_new_version(stack, checkpoints):
     version = 13
     urls = stack.control_urls()
+    assert len(urls) == 4   # the 3 first workers and the one added during the previous refit
     victim = sorted(urls)[2]
     index = [w.instance_id for w in stack.workers].index(victim)
 
