@@ -271,7 +271,7 @@ class KubeEmulator:
         if parts[:1] == ["apis"] and len(parts) in (6, 7) and parts[3] == "namespaces":
             group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
             name = parts[6] if len(parts) == 7 else ""
-            req.plural, req.namespace, req.name = plural, ns, name
+            req.plural, req.namespace, req.name = plural, ns, name or ((body or {}).get("metadata") or {}).get("name", "")
             if plural in self.missing_crds or plural not in self.kinds or (group, version, plural) not in self.validators:
                 return self._status(404, "NotFound", "the server could not find the requested resource")
             for f in self.faults:

@@ -76,6 +76,7 @@ class KubeRayOperator:
         self.jobs: dict[str, dict] = {}  # submission id -> {status, polls, cluster, entrypoint}
         self.submissions: list[dict] = []
         self.job_cluster: dict[str, str] = {}
+        self.cluster_uids: dict[str, str] = {}
         emu.hooks.append(self.hook)
 
     def _provision(self, name: str, ns: str) -> None:
@@ -130,7 +131,7 @@ class KubeRayOperator:
             if req.name not in self.job_cluster:
                 cname = f"{req.name}-x7k2p"
                 self.job_cluster[req.name] = cname
-                emu.insert({"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                rc = emu.insert({"apiVersion": "ray.io/v1", "kind": "RayCluster",
                             "metadata": {"name": cname, "namespace": ns,
                                          "labels": {"ray.io/originated-from-crd": "RayJob",
                                                     "ray.io/originated-from-cr-name": req.name},
@@ -138,6 +139,7 @@ class KubeRayOperator:
                                                               "uid": job["metadata"]["uid"], "controller": True,
                                                               "blockOwnerDeletion": True}]},
                             "spec": job["spec"]["rayClusterSpec"]})
+                self.cluster_uids[cname] = rc["metadata"]["uid"]
                 self._provision(cname, ns)
                 rcs = emu.objects[("rayclusters", ns, cname)]["status"]
                 emu.set_status("rayjobs", req.name, {"rayClusterName": cname, "jobDeploymentStatus": "Running",

@@ -185,10 +185,15 @@ class Kube:
         Existing and matching (every field of our ``spec`` and ``labels`` equal in the live
         object) → ``reused``. Existing but different → logged warning, ``drifted`` (the live
         object is kept; pass ``recreate=True`` to replace it). ``recreate=True`` deletes,
-        waits up to ``gone_timeout_s`` seconds, and creates.
+        waits up to ``gone_timeout_s`` seconds, and creates. An object already being deleted
+        (``deletionTimestamp`` set) is waited out and created anew.
         """
         ref = ObjRef.of(obj)
         live = self.get(ref)
+        if live is not None and (live.get("metadata") or {}).get("deletionTimestamp"):
+            # being deleted (e.g. garbage-collected after its owner went): let it go, then create
+            self.wait_gone(ref, gone_timeout_s, poll_s)
+            live = None
         if live is None:
             return Applied(self.create(obj), "created")
         if recreate:
