@@ -1,0 +1,91 @@
+"""LocalStack lifecycle: scale-up, deliberate kill, crash detection and complete teardown.
+
+One stack with one worker: add a worker, SIGKILL it through ``kill_worker`` (expected, not
+a crash), then SIGKILL the first worker from outside: the watcher must report that child
+with its log tail and tear everything down, leaving no process of the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from dynamo_rl.serving.stack import LocalStack, StackError
+
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
+
+
+def _alive(pids):
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_scale_up_kill_crash_and_teardown(tiny_model_dir, tmp_path):
+    model_files = sorted(os.listdir(tiny_model_dir))
+    stack = LocalStack(tiny_model_dir, workers=1, run_dir=tmp_path / "run", quiet=True)
+    stack.start()
+    try:
+        assert (tmp_path / "run" / "logs" / "frontend.log").is_file()
+        first = stack.workers[0]
+        w = stack.add_worker()
+        urls = stack.control_urls()
+        assert len(urls) == 2 and urls[w.instance_id] == w.system_url
+        ids = {i["instance_id"] for i in httpx.get(f"{stack.frontend_url}/health").json()["instances"]}
+        assert set(urls) <= ids
+        pids = stack.pids()
+
+        stack.kill_worker(1)                       # deliberate: no crash report
+        assert not psutil.pid_exists(w.pid) or psutil.Process(w.pid).status() == psutil.STATUS_ZOMBIE
+        assert [x.instance_id for x in stack.workers] == [first.instance_id]
+        time.sleep(1.0)
+        assert stack.failure is None
+        stack.check()
+
+        os.kill(first.pid, signal.SIGKILL)         # a crash
+        deadline = time.monotonic() + 60
+        while stack.failure is None:
+            assert time.monotonic() < deadline, "the crash was not detected"
+            time.sleep(0.2)
+        assert "worker-0" in stack.failure and str(first.pid) in stack.failure
+        assert "worker-0.log" in stack.failure     # the report points at (and quotes) its log
+        with pytest.raises(StackError, match="worker-0"):
+            stack.check()
+        deadline = time.monotonic() + 60
+        while _alive(pids):
+            assert time.monotonic() < deadline, f"left alive: {_alive(pids)}"
+            time.sleep(0.2)
+    finally:
+        stack.stop()
+    assert _alive(pids) == []
+    assert sorted(os.listdir(tiny_model_dir)) == model_files   # nothing written into the model dir
+
+
+def test_stop_leaves_no_process(tiny_model_dir, tmp_path):
+    with LocalStack(tiny_model_dir, workers=1, run_dir=tmp_path / "run", quiet=True) as stack:
+        r = httpx.post(f"{stack.frontend_url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 2})
+        assert r.status_code == 200
+        pids = stack.pids()
+        assert len(pids) >= 3
+    assert _alive(pids) == []
+    assert stack.failure is None
+
+
+def test_bad_model_dir_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LocalStack(tmp_path, workers=1)
+
+
+def test_a_worker_that_cannot_start_is_reported(tmp_path):
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    stack = LocalStack(bad, workers=1, run_dir=tmp_path / "run", quiet=True, startup_timeout_s=120)
+    with pytest.raises(StackError, match=r"worker-0 \(pid \d+\) exited") as e:
+        stack.start()
+    assert "worker-0.log" in str(e.value)
+    assert stack.workers == [] and stack.frontend.popen.poll() is not None
