@@ -1,0 +1,113 @@
+"""``dynamo-rl k8s`` commands through typer's runner: dry runs print valid YAML, errors
+exit 2 naming the input, CRD problems exit 1 with a hint, `run` exits with the driver's
+code, `status` resolves the suffixed RayJob cluster — against the emulator via a kubeconfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dynamo_rl.k8s.cli import app
+
+from .operators import DynamoOperator, KubeRayOperator
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "k8s"
+INFRA, RECIPE = str(EXAMPLES / "infra.yaml"), str(EXAMPLES / "recipe.yaml")
+
+
+@pytest.fixture
+def runner():
+    return CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+@pytest.fixture
+def kubeconfig(emu, tmp_path):
+    p = tmp_path / "kubeconfig"
+    p.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": emu.url}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": "default"}}],
+    }))
+    return str(p)
+
+
+def test_render_up_dry_run_is_yaml(runner):
+    r = runner.invoke(app, ["up", INFRA, "--dry-run"])
+    assert r.exit_code == 0, r.output
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    assert [d["kind"] for d in docs] == ["RayCluster", "DynamoGraphDeployment"]
+    assert "ownerReference to RayCluster dynamo-rl-train at apply time" in r.stdout
+
+
+def test_run_dry_run_prints_rayjob_and_stamped_recipe(runner):
+    r = runner.invoke(app, ["run", INFRA, RECIPE, "--rayjob", "--dry-run", "grpo.num_steps=3"])
+    assert r.exit_code == 0, r.output
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    assert [d.get("kind") for d in docs] == ["DynamoGraphDeployment", "RayJob", None]
+    assert docs[1]["spec"]["entrypoint"].endswith("grpo.num_steps=3")
+    assert docs[2]["generation"]["dynamo"]["dgd_name"] == "dynamo-rl-tiny"
+    r = runner.invoke(app, ["render", INFRA, "--recipe", RECIPE, "--raycluster", "-n", "team-a"])
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    assert [d["kind"] for d in docs] == ["RayCluster", "DynamoGraphDeployment"]
+    assert {d["metadata"]["namespace"] for d in docs} == {"team-a"}
+
+
+def test_both_modes_is_a_usage_error(runner):
+    r = runner.invoke(app, ["run", INFRA, RECIPE, "--rayjob", "--raycluster", "--dry-run"])
+    assert r.exit_code == 2 and "at most one of --raycluster / --rayjob" in r.output
+
+
+def test_bad_infra_exits_2_naming_the_key(runner, tmp_path):
+    p = tmp_path / "infra.yaml"
+    p.write_text("namespace: x\nkuberay: {training: {name: t, spec: {}, replicas: 2}}\n")
+    r = runner.invoke(app, ["check", str(p), "--offline"])
+    assert r.exit_code == 2 and "kuberay.training.replicas: unknown key" in r.output
+
+
+def test_check_offline_and_online(runner, emu, kubeconfig):
+    r = runner.invoke(app, ["check", INFRA, "--offline"])
+    assert r.exit_code == 0, r.output
+    for s in ("dynamo-rl-train", "Frontend", "Worker", "model tiny, port 8000, readyTimeoutS 900", "submissionGraceS 120"):
+        assert s in r.output, s
+    r = runner.invoke(app, ["check", INFRA, "--kubeconfig", kubeconfig])
+    assert r.exit_code == 0, r.output
+    assert "dynamographdeployments.nvidia.com/v1alpha1" in r.output and "CRDs installed" in r.output
+    emu.missing_crds.add("dynamographdeployments")
+    r = runner.invoke(app, ["check", INFRA, "--kubeconfig", kubeconfig])
+    assert r.exit_code == 1 and "install the NVIDIA Dynamo Kubernetes platform" in r.output
+
+
+def test_run_exits_with_the_driver_code_then_status_and_down(runner, emu, kubeconfig):
+    DynamoOperator(emu, model="tiny")
+    KubeRayOperator(emu, result="FAILED", exit_code=3)
+    r = runner.invoke(app, ["run", INFRA, RECIPE, "--raycluster", "--kubeconfig", kubeconfig, "--poll-s", "0.005"])
+    assert r.exit_code == 3, r.output
+    assert "driver failed" in r.output and "dynamo-rl-tiny ready" in r.output
+    r = runner.invoke(app, ["status", INFRA, "--kubeconfig", kubeconfig])
+    assert r.exit_code == 0, r.output
+    assert "state=successful" in r.stdout and "owner=dynamo-rl-train" in r.stdout
+    r = runner.invoke(app, ["down", INFRA, "--kubeconfig", kubeconfig, "--poll-s", "0.005"])
+    assert r.exit_code == 0 and "2 object(s) deleted" in r.output
+    assert emu.objects == {}
+
+
+def test_status_resolves_the_suffixed_rayjob_cluster(runner, emu, kubeconfig):
+    DynamoOperator(emu, model="tiny")
+    KubeRayOperator(emu)
+    r = runner.invoke(app, ["run", INFRA, RECIPE, "--rayjob", "--no-wait", "--kubeconfig", kubeconfig, "--poll-s", "0.005"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["status", INFRA, "--kubeconfig", kubeconfig])
+    assert "dynamo-rl-train-x7k2p" in r.stdout and "owner=dynamo-rl-train-x7k2p" in r.stdout
+
+
+def test_up_failure_exits_1(runner, emu, kubeconfig):
+    from .emulator import Fault
+
+    KubeRayOperator(emu)
+    emu.faults.append(Fault("POST", "dynamographdeployments", 403))
+    r = runner.invoke(app, ["up", INFRA, "--kubeconfig", kubeconfig, "--poll-s", "0.005"])
+    assert r.exit_code == 1 and "lacks RBAC permission" in r.output and "rollback: deleted RayCluster/dynamo-rl-train" in r.output
