@@ -112,7 +112,8 @@ def test_deleting_the_cluster_frees_the_dgd(kube, emu, infra):
     assert emu.get(*DGD_W) is None and emu.pods == {}
 
 
-@pytest.mark.parametrize("mode, exit_code, expected", [("raycluster", 3, 3), ("raycluster", None, 1), ("rayjob", None, 1)])
+@pytest.mark.parametrize("mode, exit_code, expected", [("raycluster", 3, 3), ("raycluster", None, 1), ("rayjob", None, 1),
+                                                        ("rayjob", 4, 4)])
 def test_driver_failure_propagates_exit_code_without_rollback(kube, emu, infra, mode, exit_code, expected):
     DynamoOperator(emu)
     KubeRayOperator(emu, result="FAILED", exit_code=exit_code)

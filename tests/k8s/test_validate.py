@@ -70,3 +70,27 @@ def test_preserve_unknown_fields_and_int_or_string_are_respected():
     spec = {"services": {"W": {"componentType": "worker", "resources": {"limits": {"gpu": "1"}},
                                "extraPodSpec": {"mainContainer": {"name": "main", "resources": {"limits": {"cpu": 2, "memory": "1Gi"}}}}}}}
     assert schema_errors(_dgd(spec)) == []
+
+
+def test_older_dgd_crd_via_env(monkeypatch, tmp_path):
+    """DYNAMO_RL_CRD_DIR pointed at the 2025-10 DGD CRD (v1alpha1 only, no conversion
+    webhook): the v1alpha1 cases and our example validate; a v1beta1 DGD is refused clearly."""
+    import shutil
+
+    from dynamo_rl.k8s.manifests import render_dgd
+    from dynamo_rl.k8s.schema import parse_infra
+
+    old = SHARED_CRDS / "nvidia.com_dynamographdeployments.2025-10.yaml"
+    if not old.is_file():
+        pytest.skip(f"{old} is absent")
+    shutil.copy(old, tmp_path / "nvidia.com_dynamographdeployments.yaml")
+    monkeypatch.setenv("DYNAMO_RL_CRD_DIR", str(tmp_path))
+    assert crd_versions("nvidia.com", "DynamoGraphDeployment") == ["v1alpha1"]
+    root = SHARED_CRDS.parent / "cases" / "dgd"
+    files = [p for p in root.glob("v1alpha1_*.yaml") if "${" not in p.read_text()]
+    files.append(PACKAGED_CRD_DIR.parents[3] / "examples" / "k8s" / "tiny.dgd.yaml")
+    for p in files:
+        validate_manifest(render_dgd(parse_infra({"image": "i", "dynamo": {"g": {"manifest": str(p)}}}), "g"), source=p.name)
+    beta = render_dgd(parse_infra({"dynamo": {"g": {"manifest": str(root / "v1beta1_examples-vllm_agg.yaml")}}}), "g")
+    with pytest.raises(SchemaValidationError, match=r"has no version 'v1beta1' \(it serves \['v1alpha1'\]\)"):
+        validate_manifest(beta)

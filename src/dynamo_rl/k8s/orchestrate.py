@@ -534,6 +534,17 @@ def _wait_rayjob_cluster(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: floa
         time.sleep(poll_s)
 
 
+def _with_driver_exit_code(kube: Kube, namespace: str, st: dict, out: JobOutcome) -> JobOutcome:
+    """RayJob status carries no exit code: ask the dashboard (if the cluster still exists)."""
+    if out.succeeded or not st.get("rayClusterName") or not st.get("jobId"):
+        return out
+    code, info = dashboard(kube, namespace, st["rayClusterName"], "GET", f"api/jobs/{st['jobId']}")
+    exit_code = info.get("driver_exit_code") if code == 200 and isinstance(info, dict) else None
+    if isinstance(exit_code, int) and exit_code != 0:
+        out.exit_code = exit_code
+    return out
+
+
 def follow_rayjob(kube: Kube, ref: ObjRef, grace_s: float, timeout_s: float, poll_s: float,
                   progress: Progress = _log) -> JobOutcome:
     """Poll a RayJob until :func:`status.rayjob_outcome` says terminal.
@@ -541,7 +552,9 @@ def follow_rayjob(kube: Kube, ref: ObjRef, grace_s: float, timeout_s: float, pol
     Fallback: once the job's cluster is provisioned, if ``grace_s`` seconds pass with no
     ``jobStatus`` and the dashboard has no job ``status.jobId``, submit
     ``spec.entrypoint`` through the dashboard with ``submission_id = jobId`` (once) — the
-    operator's submitter then finds the job and follows it. Raises :class:`WaitTimeout`.
+    operator's submitter then finds the job and follows it. On failure the driver's exit
+    code is read from the dashboard while the cluster still exists (else 1).
+    Raises :class:`WaitTimeout`.
     """
     deadline = time.monotonic() + timeout_s
     provisioned_at: float | None = None
@@ -555,9 +568,9 @@ def follow_rayjob(kube: Kube, ref: ObjRef, grace_s: float, timeout_s: float, pol
         if out.summary != last:
             progress(f"{ref.name}: {out.summary}")
             last = out.summary
-        if out.terminal:
-            return out
         st = job.get("status") or {}
+        if out.terminal:
+            return _with_driver_exit_code(kube, ref.namespace, st, out)
         if provisioned_at is None and raycluster_provisioned(st.get("rayClusterStatus") or {}):
             provisioned_at = time.monotonic()
         if (not fallback_done and provisioned_at is not None and not st.get("jobStatus") and st.get("jobId")
