@@ -186,8 +186,13 @@ def test_refit_from_checkpoint_path_every_worker_serves_trainer_weights(stack, c
     assert report.passes == 1 and report.skipped == []
     json.dumps(report.to_dict())  # serialisable for metrics
     asyncio.run(_assert_serves_all(stack, 1))
-    # the same version again is a no-op on every worker
-    again = refit_all_sync(stack.frontend_url, stack.control_urls, 1, {"path": path})
+    # the same version again is a no-op on every worker; the sync wrapper also works when
+    # called from inside a running event loop (it then runs its own loop in a helper thread)
+
+    async def inside_a_loop():
+        return refit_all_sync(stack.frontend_url, stack.control_urls, 1, {"path": path})
+
+    again = asyncio.run(inside_a_loop())
     assert [w.noop for w in again.workers] == [True] * 3 and again.total_bytes == 0
 
 

@@ -13,7 +13,8 @@ Cycle (:func:`refit_all`)::
         discover: GET frontend /health → instances (endpoint "generate")
                   resolver() → control URLs; GET <url>/engine/info confirms instance_id
         for each instance not yet handled (in parallel, at most `concurrency` at once):
-            POST pause_generation           (drain: in-flight requests finish first)
+            POST pause_generation           (drain: in-flight requests finish first; those
+                                             still running after drain_s are aborted)
             POST update_weights {version N, **source}   (retried once on a transport / 5xx error)
             POST flush_cache
             POST resume_generation          (in a ``finally``; skipped for a failed worker)
@@ -129,7 +130,9 @@ class RefitTimeouts:
 
     health_s: float = 10.0        # GET frontend /health
     info_s: float = 10.0          # GET /engine/info (discovery, verification)
-    pause_s: float = 120.0        # POST pause_generation: waits for in-flight requests to drain
+    drain_s: float = 120.0        # sent with pause_generation: the worker waits this long for in-flight
+                                  # requests to finish, then aborts the rest (finish_reason "abort")
+    pause_s: float = 150.0        # HTTP timeout of pause_generation (longer than drain_s)
     update_s: float = 300.0       # POST update_weights: transfer + load
     flush_s: float = 30.0
     resume_s: float = 30.0
@@ -161,6 +164,8 @@ class WorkerRefit:
         attempts: update_weights calls made (2 means the retry was used).
         pass_index: 1 for the first pass; >1 for instances found by re-discovery.
         noop: the worker already held ``version``.
+        aborted_requests: in-flight requests the worker aborted because they outlived
+            ``RefitTimeouts.drain_s`` (they end with finish_reason "abort", on the old weights).
     """
 
     instance_id: InstanceId
@@ -173,6 +178,7 @@ class WorkerRefit:
     attempts: int
     pass_index: int
     noop: bool = False
+    aborted_requests: int = 0
 
 
 @dataclass
@@ -606,9 +612,9 @@ async def refit_all(frontend_url: str, resolver: Resolver, version: int, source:
             names = "; ".join(f"instance {i!r}: {why}" for i, why in failed.items())
             raise RefitCycleError(
                 f"refit to version {version} failed for {len(failed)} worker(s): {names}. "
-                f"{len(report.workers)} other worker(s) serve version {version}. Failed workers that "
-                "were reachable are left paused (they must not serve stale weights): fix and refit "
-                "again, or restart them", failed=failed, report=report)
+                f"{len(report.workers)} other worker(s) serve version {version}. A worker whose update "
+                "or flush failed is left paused (it must not serve stale weights next to the new "
+                "ones): fix the cause and refit again, or restart it", failed=failed, report=report)
         log.info("refit v%d: %d worker(s), %d bytes, %.3f s, %.3f GB/s, %d pass(es)", version,
                  len(report.workers), report.total_bytes, report.seconds, report.gbps, report.passes)
         return report
@@ -623,18 +629,19 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
     stage = "start"
     keep_paused = False
     t_pause = time.monotonic()
-    attempts, result, upd_s = 0, {}, 0.0
+    attempts, result, upd_s, paused = 0, {}, 0.0, {}
     try:
         try:
-            # the worker's own drain timeout is shorter than ours, so it answers with an error first
-            await _call(client, "POST", url, "pause_generation", {"timeout_s": 0.9 * t.pause_s}, t.pause_s + 5.0)
+            paused = await _call(client, "POST", url, "pause_generation", {"timeout_s": t.drain_s},
+                                 max(t.pause_s, t.drain_s + 5.0))
         except _CallError as e:
             # unknown state: do not resume (if the pause lands late the worker stays paused: safe)
             stage = "pause_failed"
             raise _WorkerFailed(iid, f"pause failed: {e}") from e
         stage = "paused"
         t_pause = time.monotonic()
-        await emit(RefitEvent("paused", pass_index, iid, url))
+        await emit(RefitEvent("paused", pass_index, iid, url, f"drained {paused.get('drained')}, "
+                                                              f"aborted {paused.get('aborted')}"))
         body = {"version": version, **src}
         t_upd = time.monotonic()
         while True:
@@ -683,7 +690,8 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
         instance_id=iid, url=url, version=int(result.get("version", version)),
         bytes=int(result.get("bytes", 0) or 0), tensors=int(result.get("tensors", 0) or 0),
         seconds=upd_s, paused_seconds=time.monotonic() - t_pause, attempts=attempts,
-        pass_index=pass_index, noop=bool(result.get("noop", False)))
+        pass_index=pass_index, noop=bool(result.get("noop", False)),
+        aborted_requests=int(paused.get("aborted", 0) or 0))
 
 
 async def _flush(client: httpx.AsyncClient, url: str, t: RefitTimeouts) -> dict:
