@@ -595,7 +595,16 @@ async def refit_all(frontend_url: str, resolver: Resolver, version: int, source:
                         raise res
             report.passes = pass_index
             await emit(RefitEvent("pass_done", pass_index))
-            d = await _discover(client, frontend_url, resolver, t, filters, known=handled)
+            try:
+                d = await _discover(client, frontend_url, resolver, t, filters, known=handled)
+            except DiscoveryError as e:
+                report.seconds = time.monotonic() - t0
+                done = sorted((w.instance_id for w in report.workers), key=str)
+                raise RefitCycleError(
+                    f"re-discovery after pass {pass_index} of the refit to version {version} failed, so "
+                    f"the fleet cannot be verified: {e}. Refitted and resumed so far: {done}; failed: "
+                    f"{failed or 'none'}. Fix discovery and refit again (done workers are a no-op)",
+                    failed=failed, report=report) from e
 
         # verification: the last discovery's /engine/info of every refitted instance
         refitted = {w.instance_id: w for w in report.workers}
