@@ -103,6 +103,7 @@ def _load_crds(crd_dir: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str
         for v in spec["versions"]:
             validators[(spec["group"], v["name"], spec["names"]["plural"])] = jsonschema.Draft7Validator(
                 _defaulted(v["schema"]["openAPIV3Schema"]))
+    kinds["deployments"] = ("apps", "Deployment")  # core kind: the real API server validates it, not a CRD
     return kinds, validators
 
 
@@ -228,6 +229,8 @@ class KubeEmulator:
 
     def _validate(self, group: str, version: str, plural: str, obj: dict) -> list[str]:
         v = self.validators.get((group, version, plural))
+        if (group, version, plural) == ("apps", "v1", "deployments"):
+            return [] if obj.get("spec", {}).get("template") else ["spec.template: Required value"]
         if v is None:
             return [f"no schema for {group}/{version} {plural}"]
         return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(obj)]
@@ -272,7 +275,8 @@ class KubeEmulator:
             group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
             name = parts[6] if len(parts) == 7 else ""
             req.plural, req.namespace, req.name = plural, ns, name or ((body or {}).get("metadata") or {}).get("name", "")
-            if plural in self.missing_crds or plural not in self.kinds or (group, version, plural) not in self.validators:
+            known = (group, version, plural) in self.validators or (group, version, plural) == ("apps", "v1", "deployments")
+            if plural in self.missing_crds or plural not in self.kinds or not known:
                 return self._status(404, "NotFound", "the server could not find the requested resource")
             for f in self.faults:
                 if f.times > 0 and f.method == method and f.plural == plural and f.name in (None, name or (body or {}).get("metadata", {}).get("name")):

@@ -16,7 +16,7 @@ from dynamo_rl.k8s import orchestrate
 from dynamo_rl.k8s.errors import CRDMissingError, DeploymentFailed, KubeApiError, WaitTimeout
 from dynamo_rl.k8s.manifests import ObjRef
 from dynamo_rl.k8s.orchestrate import check, down, run, up
-from dynamo_rl.k8s.schema import load_infra
+from dynamo_rl.k8s.schema import Infra, load_infra
 
 from .conftest import FAST
 from .emulator import Fault
@@ -34,7 +34,7 @@ def infra():
 
 def writes(emu, ok_only=True):
     return [(r.method, r.plural, r.name) for r in emu.requests
-            if r.method in ("POST", "PATCH", "DELETE") and r.plural in ("dynamographdeployments", "rayclusters", "rayjobs")
+            if r.method in ("POST", "PATCH", "DELETE") and r.plural in ("dynamographdeployments", "rayclusters", "rayjobs", "deployments")
             and (not ok_only or 200 <= r.status < 300)]
 
 
@@ -322,3 +322,58 @@ def test_check_probes_crds(kube, emu, infra):
     with pytest.raises(CRDMissingError, match="dynamographdeployments.nvidia.com/v1alpha1: install the NVIDIA Dynamo"):
         check(kube, infra)
     assert writes(emu, ok_only=False) == []  # check never writes
+
+
+# ------------------------------------------------------------------ deployments
+
+
+SANDBOX = {"name": "sandbox", "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "sandbox"}},
+                                       "template": {"metadata": {"labels": {"app": "sandbox"}},
+                                                    "spec": {"containers": [{"name": "sandbox"}]}}}}
+
+
+def _deployment_controller(emu, available=True):
+    def hook(e, r):
+        if r.plural == "deployments" and r.method == "GET" and r.status == 200 and available:
+            o = e.objects[("deployments", r.namespace, r.name)]
+            if "status" not in o:
+                e.set_status("deployments", r.name, {"observedGeneration": o["metadata"]["generation"],
+                                                     "availableReplicas": o["spec"].get("replicas", 1)}, ns=r.namespace)
+    emu.hooks.append(hook)
+
+
+@pytest.mark.parametrize("mode", ["raycluster", "rayjob"])
+def test_deployments_follow_the_dgds(kube, emu, infra, mode):
+    """`deployments.<key>` (apps/v1) are applied with the DGDs, get the same ownerReference,
+    must be available before the trainer starts, and go with the cluster."""
+    infra = infra.model_copy(update={"deployments": Infra.model_validate({"deployments": {"tools": SANDBOX}}).deployments})
+    DynamoOperator(emu)
+    ray = KubeRayOperator(emu)
+    _deployment_controller(emu)
+    res = run(kube, infra, EXAMPLES / "recipe.yaml", mode=mode, timing=FAST)
+    assert res.exit_code == 0
+    posts = [w for w in writes(emu) if w[0] == "POST"]
+    if mode == "raycluster":
+        assert posts == [("POST", "rayclusters", RC), ("POST", *DGD_W), ("POST", "deployments", "sandbox")]
+        dep = next(r.body for r in emu.requests if r.method == "POST" and r.plural == "deployments")
+        assert dep["metadata"]["ownerReferences"] == [owner(RC, emu.get("rayclusters", RC)["metadata"]["uid"])]
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == infra.image  # default filled
+        emu.requests.clear()
+        down(kube, infra, timing=FAST)
+        assert writes(emu) == [("DELETE", "deployments", "sandbox"), ("DELETE", *DGD_W), ("DELETE", "rayclusters", RC)]
+    else:
+        assert posts == [("POST", *DGD_W), ("POST", "deployments", "sandbox"), ("POST", "rayjobs", RC)]
+        assert ("PATCH", "deployments", "sandbox") in writes(emu)
+        assert emu.get("deployments", "sandbox") is None  # collected with the job's cluster
+        assert ray.cluster_uids
+
+
+def test_unavailable_deployment_rolls_back(kube, emu, infra):
+    infra = infra.model_copy(update={"deployments": Infra.model_validate({"deployments": {"tools": SANDBOX}}).deployments})
+    infra.launch.cluster_ready_timeout_s = 0.05
+    DynamoOperator(emu)
+    KubeRayOperator(emu)
+    _deployment_controller(emu, available=False)
+    with pytest.raises(WaitTimeout, match=r"Deployment/sandbox .* 0/1 replicas available"):
+        run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", timing=FAST)
+    assert [w for w in writes(emu) if w[0] == "DELETE"] == [("DELETE", "deployments", "sandbox"), ("DELETE", *DGD_W)]

@@ -36,7 +36,7 @@ InfraArg = Annotated[Path, typer.Argument(help="infra YAML (see examples/k8s/inf
 NamespaceOpt = Annotated[Optional[str], typer.Option("--namespace", "-n", help="override the infra file's namespace")]
 KubeconfigOpt = Annotated[Optional[str], typer.Option(help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
 ContextOpt = Annotated[Optional[str], typer.Option(help="kubeconfig context")]
-TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", help="dynamo.<key> or kuberay.<role> (repeatable; default all)")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", help="dynamo.<key>, kuberay.<role> or deployments.<key> (repeatable; default all)")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print every manifest as YAML and send nothing")]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait for readiness (up) / the driver's end (run)")]
 RecreateOpt = Annotated[bool, typer.Option("--recreate", help="delete and recreate objects that exist")]
@@ -195,7 +195,7 @@ def down(
         if dry_run:
             plan = orchestrate.render_plan(infra, targets=target, validate=False)
             _print_yaml([{"apiVersion": m["apiVersion"], "kind": m["kind"], "metadata": {"name": m["metadata"]["name"],
-                          "namespace": m["metadata"]["namespace"]}} for m in [*plan.dgds.values(), *plan.rayclusters.values()]],
+                          "namespace": m["metadata"]["namespace"]}} for m in [*plan.deployments.values(), *plan.dgds.values(), *plan.rayclusters.values()]],
                         "would delete (and any RayJob of the same name as a role's cluster)")
             return
         deleted = orchestrate.down(_kube(kubeconfig, context), infra, targets=target, wait=wait,

@@ -14,8 +14,11 @@ Order and lifetimes (issue 7):
   the operator has not done so ``launch.submissionGraceS`` seconds after the cluster
   is provisioned.
 
+``deployments.<key>`` (plain ``apps/v1`` Deployments) go with the DGDs: same stage, same
+ownerReference, and they must be available before the trainer starts.
+
 Deleting the training RayCluster (``down``, or KubeRay's ``shutdownAfterJobFinishes``)
-garbage-collects the DGDs and frees the inference GPUs.
+garbage-collects the DGDs (and Deployments) and frees the inference GPUs.
 
 **Rollback**: any failure (or Ctrl-C) before the driver is running deletes, in reverse
 order, every object this run *created* (objects it found and reused are left alone).
@@ -96,7 +99,7 @@ class Plan:
     def manifests(self) -> list[dict]:
         """In the order they are applied."""
         if self.mode == "rayjob":
-            return [*self.dgds.values(), *([self.rayjob] if self.rayjob else []), *self.deployments.values()]
+            return [*self.dgds.values(), *self.deployments.values(), *([self.rayjob] if self.rayjob else [])]
         return [*self.rayclusters.values(), *self.dgds.values(), *self.deployments.values()]
 
     def served_model(self, key: str) -> str | None:
@@ -104,40 +107,43 @@ class Plan:
         return g.served_model_name or guess_served_model(self.dgds[key])
 
 
-def parse_targets(infra: Infra, targets: Iterable[str] | None) -> tuple[list[str], list[str]]:
-    """``["dynamo.<key>", "kuberay.<role>"]`` → (roles, dgd keys). None/empty → everything.
-
-    Raises :class:`ManifestError` on an unknown target.
+def parse_targets(infra: Infra, targets: Iterable[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """``["kuberay.<role>", "dynamo.<key>", "deployments.<key>"]`` → (roles, dgd keys, deployment keys).
+    None/empty → everything. Raises :class:`ManifestError` on an unknown target.
     """
     targets = list(targets or [])
     if not targets:
-        return list(infra.kuberay), list(infra.dynamo)
-    roles, keys = [], []
+        return list(infra.kuberay), list(infra.dynamo), list(infra.deployments)
+    sections = {"kuberay": infra.kuberay, "dynamo": infra.dynamo, "deployments": infra.deployments}
+    picked: dict[str, list[str]] = {k: [] for k in sections}
     for t in targets:
         section, _, name = t.partition(".")
-        if section == "kuberay" and name in infra.kuberay:
-            roles.append(name)
-        elif section == "dynamo" and name in infra.dynamo:
-            keys.append(name)
+        if section in sections and name in sections[section]:
+            picked[section].append(name)
         else:
-            known = [f"kuberay.{r}" for r in infra.kuberay] + [f"dynamo.{k}" for k in infra.dynamo]
+            known = [f"{s}.{n}" for s, d in sections.items() for n in d]
             raise ManifestError(f"unknown target {t!r}; the infra file declares {known}")
-    return roles, keys
+    return picked["kuberay"], picked["dynamo"], picked["deployments"]
 
 
 def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str] | None = None,
                 recipe: dict | None = None, recipe_overrides: Iterable[str] = (), validate: bool = True) -> Plan:
     """Render (and by default validate against the CRDs) what a command would send.
+    (``deployments`` are core ``apps/v1`` objects: no CRD, the API server validates them.)
 
     ``mode`` None (``up``/``render``): a RayCluster per targeted role. ``raycluster``/``rayjob``
     (``run``): only ``launch.role``, as a RayCluster or as a RayJob whose entrypoint runs
     the stamped ``recipe``. Raises :class:`ManifestError`, :class:`SchemaValidationError`.
     """
-    roles, keys = parse_targets(infra, targets)
+    roles, keys, deps = parse_targets(infra, targets)
     plan = Plan(infra, mode)
     for key in keys:
         plan.dgds[key] = render_dgd(infra, key)
+    for key in deps:
+        plan.deployments[key] = render_deployment(infra, key)
     if mode is not None:
+        for key in infra.deployments:
+            plan.deployments.setdefault(key, render_deployment(infra, key))
         role = infra.launch.role
         if role not in infra.kuberay:
             raise ManifestError(f"launch.role is {role!r} but the infra file has no kuberay.{role}")
@@ -151,9 +157,6 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
     else:
         for role in roles:
             plan.rayclusters[role] = render_raycluster(infra, role)
-        if not targets:
-            for key in infra.deployments:
-                plan.deployments[key] = render_deployment(infra, key)
     if validate:
         for role, m in plan.rayclusters.items():
             validate_manifest(m, source=f"kuberay.{role}")
@@ -336,20 +339,45 @@ def wait_raycluster(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: float) ->
 
 def _apply_dgds(kube: Kube, plan: Plan, rb: Rollback, owner: dict | None, recreate: bool,
                 timing: Timing, progress: Progress) -> dict[str, ObjRef]:
+    """Apply the DGDs, then the Deployments (keys ``dynamo.<k>`` / ``deployments.<k>``), each
+    with the non-controlling ownerReference to ``owner`` when given."""
     refs = {}
-    for key, m in plan.dgds.items():
+    items = [(f"dynamo.{k}", m) for k, m in plan.dgds.items()] + [(f"deployments.{k}", m) for k, m in plan.deployments.items()]
+    for target, m in items:
         body = _with_owner(m, owner) if owner is not None else m
         a = rb.record(kube.apply(body, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
         ref = ObjRef.of(a.obj)
-        progress(f"dynamo.{key}: {ref} {a.action}")
+        progress(f"{target}: {ref} {a.action}")
         if owner is not None and not a.created:
             attach_owner(kube, ref, owner)
-        refs[key] = ref
+        refs[target] = ref
     return refs
 
 
+def wait_deployment(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: float) -> dict:
+    """Poll until an ``apps/v1`` Deployment is current (``status.observedGeneration`` ≥
+    ``metadata.generation``) and ``status.availableReplicas`` ≥ ``spec.replicas`` (default 1).
+    Raises :class:`WaitTimeout`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        d = kube.get(ref) or {}
+        st, md = d.get("status") or {}, d.get("metadata") or {}
+        want = (d.get("spec") or {}).get("replicas", 1)
+        if d and st.get("observedGeneration", 0) >= md.get("generation", 0) and (st.get("availableReplicas") or 0) >= want:
+            return d
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"{ref}: {st.get('availableReplicas') or 0}/{want} replicas available after {timeout_s:.0f}s; "
+                              f"check `kubectl describe deployment {ref.name} -n {ref.namespace}`")
+        time.sleep(poll_s)
+
+
 def _wait_dgds(kube: Kube, plan: Plan, refs: dict[str, ObjRef], timing: Timing, progress: Progress) -> None:
-    for key, ref in refs.items():
+    for target, ref in refs.items():
+        if target.startswith("deployments."):
+            wait_deployment(kube, ref, plan.infra.launch.cluster_ready_timeout_s, timing.poll_s)
+            progress(f"{target}: {ref.name} available")
+            continue
+        key = target.split(".", 1)[1]
         g = plan.infra.dynamo[key]
         last: list[str] = []
 
@@ -373,8 +401,6 @@ def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recrea
     """
     timing = timing or Timing()
     plan = render_plan(infra, targets=targets)
-    if plan.deployments:
-        progress(f"note: deployments {sorted(plan.deployments)} are rendered but not applied by this launcher")
     rb = Rollback(kube, progress)
     try:
         clusters = {}
@@ -383,10 +409,10 @@ def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recrea
             progress(f"kuberay.{role}: {ObjRef.of(a.obj)} {a.action}")
             clusters[role] = a.obj
         owner = clusters.get(infra.launch.role)
-        if owner is None and plan.dgds and infra.launch.role in infra.kuberay:
+        if owner is None and (plan.dgds or plan.deployments) and infra.launch.role in infra.kuberay:
             owner = kube.get(ObjRef(RAY_API, "RayCluster", infra.namespace, infra.kuberay[infra.launch.role].name))
-        if owner is None and plan.dgds:
-            progress("note: no training RayCluster exists; the DGDs get no owner and live until `down`")
+        if owner is None and (plan.dgds or plan.deployments):
+            progress("note: no training RayCluster exists; the DGDs/Deployments get no owner and live until `down`")
         refs = _apply_dgds(kube, plan, rb, owner, recreate, timing, progress)
         if wait:
             for role, rc in clusters.items():
@@ -401,12 +427,14 @@ def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recrea
 
 def down(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, wait: bool = True,
          timing: Timing | None = None, progress: Progress = _log) -> list[str]:
-    """Delete the targeted DGDs, then the RayJobs/RayClusters of the targeted roles
+    """Delete the targeted Deployments and DGDs, then the RayJobs/RayClusters of the targeted roles
     (reverse of creation). Absent objects are skipped. With ``wait``, blocks until each is
     gone (``Timing.gone_timeout_s``). Returns what was deleted."""
     timing = timing or Timing()
-    roles, keys = parse_targets(infra, targets)
+    roles, keys, deps = parse_targets(infra, targets)
     refs: list[ObjRef] = []
+    for key in deps:
+        refs.append(ObjRef.of(render_deployment(infra, key)))
     for key in keys:
         refs.append(ObjRef.of(render_dgd(infra, key)))
     for role in roles:
@@ -504,9 +532,9 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
     rc = kube.get(ObjRef(RAY_API, "RayCluster", infra.namespace, cluster))
     if rc is None:
         raise KubeApiError(f"RayJob {job_ref.name} names cluster {cluster}, which does not exist", 404)
-    for key, ref in dgd_refs.items():
+    for target, ref in dgd_refs.items():
         attach_owner(kube, ref, rc)
-        progress(f"dynamo.{key}: owned by RayCluster {cluster}")
+        progress(f"{target}: owned by RayCluster {cluster}")
     result = RunResult("rayjob", [str(r) for r in rb.created], cluster, (job.get("status") or {}).get("jobId"))
     rb.created.clear()  # the RayJob owns the run now; its cluster owns the DGDs
     if wait:

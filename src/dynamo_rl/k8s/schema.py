@@ -57,7 +57,10 @@ class RayClusterRole(_Model):
 
 
 class DeploymentSpec(_Model):
-    """A plain ``apps/v1`` Deployment (e.g. a sandbox/tool server) rendered next to the clusters."""
+    """A plain ``apps/v1`` Deployment (e.g. a sandbox/tool server). Applied right after the
+    DGDs with the same ownerReference to the training RayCluster; it must have all
+    ``spec.replicas`` available (bounded by ``launch.clusterReadyTimeoutS``) before the
+    trainer starts. No Service is created for it (declare one yourself if needed)."""
 
     name: str
     labels: dict[str, str] = Field(default_factory=dict)

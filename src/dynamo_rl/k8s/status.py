@@ -205,7 +205,8 @@ class StatusRow:
 
 def collect_status(kube: Kube, infra: Infra) -> list[StatusRow]:
     """Status of every object the infra file declares: each ``kuberay.<role>`` as a
-    RayCluster or, if none, a RayJob (with its suffixed cluster), and each ``dynamo.<key>``.
+    RayCluster or, if none, a RayJob (with its suffixed cluster), each ``deployments.<key>``
+    and each ``dynamo.<key>``.
 
     Raises :class:`KubeApiError`.
     """
@@ -227,6 +228,12 @@ def collect_status(kube: Kube, infra: Infra) -> list[StatusRow]:
         if rc is not None or job is None:
             rows.append(StatusRow(f"kuberay.{role}", "RayCluster", r.name, rc is not None,
                                   raycluster_summary(rc) if rc else "absent"))
+    for key, d in infra.deployments.items():
+        obj = kube.get(ObjRef("apps/v1", "Deployment", ns, d.name))
+        st = (obj or {}).get("status") or {}
+        rows.append(StatusRow(f"deployments.{key}", "Deployment", d.name, obj is not None,
+                              f"available {st.get('availableReplicas') or 0}/{((obj or {}).get('spec') or {}).get('replicas', 1)}"
+                              if obj else "absent"))
     for key in infra.dynamo:
         try:
             m = render_dgd(infra, key)
