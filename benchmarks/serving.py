@@ -1,0 +1,157 @@
+"""Output tokens/s through the Dynamo frontend vs the same engine called in-process.
+
+Claim measured: the cost of serving through Dynamo 1.6.1 (HTTP + preprocessing + request
+plane + our worker) relative to the bare :class:`~dynamo_rl.serving.engine.Engine`, at
+concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
+
+- frontend: a :class:`~dynamo_rl.serving.stack.LocalStack` (``--workers``, default 1),
+  non-streaming ``/v1/completions`` with token-id prompts, ``ignore_eos`` so every request
+  yields exactly ``--max-tokens`` tokens; ``c`` requests in flight at all times.
+- in-process: ``Engine.from_pretrained`` of the same checkpoint in this process, same torch
+  threads, ``c`` concurrent ``Engine.complete`` calls.
+
+tokens/s = generated tokens / wall seconds of the level (after one warm-up request per
+side). ``ratio`` = frontend / in-process. Each level is measured ``--repeats`` times,
+alternating the two sides; the median is reported. The frontend side spreads over several
+processes (frontend, worker) while the in-process side is one process; on a small shared
+machine the figures are noisy (``load_average_1m`` is recorded), so read the ratios, not
+single runs.
+
+Run: ``python benchmarks/serving.py`` (about a minute on 2 CPU cores) → JSON in
+``benchmarks/results/serving.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_result  # noqa: E402
+
+
+def prompts(n: int) -> list[list[int]]:
+    """``n`` distinct 12-token prompts of the tiny character vocabulary (ids 4..49)."""
+    return [[1] + [4 + (i * 7 + j * 3) % 46 for j in range(11)] for i in range(n)]
+
+
+async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one(i, p):
+            async with sem:
+                r = await client.post(f"{url}/v1/completions", json={
+                    "model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
+                    "ignore_eos": True})
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+        return sum(counts), time.perf_counter() - t0
+
+
+async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
+    from dynamo_rl.serving.engine import SamplingParams
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i, p):
+        async with sem:
+            out = await engine.complete(p, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i,
+                                                          ignore_eos=True))
+            return len(out)
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+    return sum(counts), time.perf_counter() - t0
+
+
+async def main_async(args) -> dict:
+    import torch
+
+    from dynamo_rl.models import ensure_tiny_model
+    from dynamo_rl.serving.engine import Engine
+    from dynamo_rl.serving.stack import LocalStack
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    model_dir = Path(args.model_path) if args.model_path else ensure_tiny_model(tmp / "tiny")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    engine = Engine.from_pretrained(model_dir, max_batch_size=max(levels))
+    await engine.start()
+    stack = LocalStack(model_dir, workers=args.workers, worker_threads=args.threads, run_dir=tmp / "run",
+                       max_batch_size=max(levels), quiet=True)
+    await asyncio.to_thread(stack.start)
+    rows = []
+    try:
+        warm = prompts(1)
+        await run_frontend(stack.frontend_url, warm, 1, args.max_tokens)
+        await run_engine(engine, warm, 1, args.max_tokens)
+        for c in levels:
+            n = max(c * args.rounds, args.min_requests)
+            ps = prompts(n)
+            fe, ip = [], []
+            for _ in range(args.repeats):
+                tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens)
+                assert tok == n * args.max_tokens, (tok, n)
+                fe.append(tok / sec)
+                tok, sec = await run_engine(engine, ps, c, args.max_tokens)
+                assert tok == n * args.max_tokens, (tok, n)
+                ip.append(tok / sec)
+            row = {"concurrency": c, "requests": n, "tokens_per_request": args.max_tokens,
+                   "frontend_tokens_per_s": round(statistics.median(fe), 1),
+                   "in_process_tokens_per_s": round(statistics.median(ip), 1),
+                   "ratio": round(statistics.median(fe) / statistics.median(ip), 3),
+                   "frontend_runs": [round(x, 1) for x in fe], "in_process_runs": [round(x, 1) for x in ip]}
+            print(f"c={c:>3}: frontend {row['frontend_tokens_per_s']:>8.1f} tok/s   in-process "
+                  f"{row['in_process_tokens_per_s']:>8.1f} tok/s   ratio {row['ratio']:.3f}", flush=True)
+            rows.append(row)
+    finally:
+        await asyncio.to_thread(stack.stop)
+        await engine.stop()
+    try:
+        import importlib.metadata as md
+
+        dynamo_version = md.version("ai-dynamo")
+    except Exception:  # noqa: BLE001
+        dynamo_version = None
+    return {
+        "unit": "generated tokens per second (wall clock)",
+        "model": "tiny Qwen3 (dynamo_rl.models.ensure_tiny_model)" if not args.model_path else str(args.model_path),
+        "dynamo": dynamo_version, "workers": args.workers, "torch_threads": args.threads,
+        "load_average_1m": os.getloadavg()[0],
+        "note": "ratio = frontend / in-process at the same concurrency; both sides measured alternately in this run",
+        "levels": rows,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="requests per level = concurrency x rounds (at least --min-requests)")
+    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # as the workers get it (before torch loads)
+    payload = asyncio.run(main_async(args))
+    write_result("serving", payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
