@@ -221,6 +221,24 @@ def test_rollback_leaves_reused_objects(kube, emu, infra):
     assert emu.get(*DGD_W) is not None
 
 
+def test_rollback_unowns_a_reused_dgd_before_deleting_the_new_cluster(kube, emu, infra):
+    """A reused DGD got an ownerReference to the RayCluster this run created; rollback
+    removes it first, so deleting that cluster does not garbage-collect the DGD."""
+    DynamoOperator(emu)
+    KubeRayOperator(emu, dashboard_fails=True)
+    plan = orchestrate.render_plan(infra)
+    emu.insert(plan.dgds["serving"])
+    msgs = []
+    with pytest.raises(KubeApiError, match="submitting the driver"):
+        run(kube, infra, EXAMPLES / "recipe.yaml", mode="raycluster", timing=FAST, progress=msgs.append)
+    assert writes(emu) == [("POST", "rayclusters", RC), ("PATCH", *DGD_W), ("PATCH", *DGD_W), ("DELETE", "rayclusters", RC)]
+    patches = [r.body for r in emu.requests if r.method == "PATCH"]
+    assert patches[0]["metadata"]["ownerReferences"][0]["kind"] == "RayCluster"
+    assert patches[1] == {"metadata": {"ownerReferences": None}}
+    assert emu.get(*DGD_W) is not None and "ownerReferences" not in emu.get(*DGD_W)["metadata"]
+    assert "rollback: removed the ownerReference added to DynamoGraphDeployment/dynamo-rl-tiny (namespace default)" in msgs
+
+
 # ------------------------------------------------------------------ RayJob fallback
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +143,6 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
     for key in deps:
         plan.deployments[key] = render_deployment(infra, key)
     if mode is not None:
-        for key in infra.deployments:
-            plan.deployments.setdefault(key, render_deployment(infra, key))
         role = infra.launch.role
         if role not in infra.kuberay:
             raise ManifestError(f"launch.role is {role!r} but the infra file has no kuberay.{role}")
@@ -169,7 +168,7 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
 
 
 def _entrypoint(infra: Infra, recipe: dict, overrides: Iterable[str]) -> str:
-    env = " ".join(f"{k}={json.dumps(v)}" for k, v in infra.launch.env.items())
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in infra.launch.env.items())
     cmd = f"env {env} {infra.launch.command}" if env else infra.launch.command
     return driver_entrypoint(recipe, cmd, infra.launch.recipe_path, overrides)
 
@@ -191,34 +190,54 @@ def load_recipe_dict(path: str | Path) -> dict:
 
 
 class Rollback:
-    """Records what this run created; :meth:`undo` deletes it in reverse order.
+    """Records what this run changed; :meth:`undo` reverts it in reverse order.
 
-    Deletion failures are logged and collected in ``errors`` (never raised), so the
-    original failure is what the caller sees.
+    Two kinds of steps: an object this run *created* (undo: delete it) and an
+    ownerReference this run *added* to an object it found (undo: remove that reference,
+    so deleting the new owner does not garbage-collect an object the run did not create).
+    Failures while undoing are logged and collected in ``errors`` (never raised), so the
+    original failure is what the caller sees. :meth:`commit` forgets everything.
     """
 
     def __init__(self, kube: Kube, progress: Progress):
         self.kube = kube
         self.progress = progress
-        self.created: list[ObjRef] = []
+        self.steps: list[tuple[str, ObjRef, str | None]] = []
         self.errors: list[str] = []
+
+    @property
+    def created(self) -> list[ObjRef]:
+        return [ref for kind, ref, _ in self.steps if kind == "delete"]
 
     def record(self, applied: Applied) -> Applied:
         if applied.created:
-            self.created.append(ObjRef.of(applied.obj))
+            self.steps.append(("delete", ObjRef.of(applied.obj), None))
         return applied
+
+    def record_owner(self, ref: ObjRef, owner_uid: str) -> None:
+        self.steps.append(("unown", ref, owner_uid))
+
+    def commit(self) -> None:
+        self.steps.clear()
 
     def undo(self) -> list[ObjRef]:
         done = []
-        for ref in reversed(self.created):
+        for kind, ref, uid in reversed(self.steps):
             try:
-                self.kube.delete(ref)
-                done.append(ref)
-                self.progress(f"rollback: deleted {ref}")
+                if kind == "delete":
+                    self.kube.delete(ref)
+                    done.append(ref)
+                    self.progress(f"rollback: deleted {ref}")
+                else:
+                    live = self.kube.get(ref)
+                    if live is not None:
+                        refs = [r for r in live["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+                        self.kube.patch(ref, {"metadata": {"ownerReferences": refs or None}})
+                        self.progress(f"rollback: removed the ownerReference added to {ref}")
             except K8sError as e:
                 self.errors.append(str(e))
-                log.error("rollback: could not delete %s: %s", ref, e)
-        self.created.clear()
+                log.error("rollback: could not revert %s: %s", ref, e)
+        self.steps.clear()
         return done
 
 
@@ -305,16 +324,19 @@ def _with_owner(dgd: dict, owner: dict) -> dict:
     return m
 
 
-def attach_owner(kube: Kube, dgd_ref: ObjRef, owner: dict) -> dict:
+def attach_owner(kube: Kube, dgd_ref: ObjRef, owner: dict, rb: Rollback | None = None) -> dict:
     """Add a non-controlling ownerReference to ``owner`` onto a live DGD (merge patch of
     ``metadata.ownerReferences``, existing references kept; ``resourceVersion`` sent so a
-    concurrent change fails with 409 instead of being overwritten). No-op when present."""
+    concurrent change fails with 409 instead of being overwritten). No-op when present.
+    The addition is recorded in ``rb`` so a rollback can remove it."""
     live = kube.get(dgd_ref)
     if live is None:
         raise KubeApiError(f"{dgd_ref} vanished before its ownerReference could be set", 404)
     refs = (live.get("metadata") or {}).get("ownerReferences") or []
     if any(r.get("uid") == owner["metadata"]["uid"] for r in refs):
         return live
+    if rb is not None:
+        rb.record_owner(dgd_ref, owner["metadata"]["uid"])
     body = {"metadata": {"resourceVersion": live["metadata"].get("resourceVersion"),
                          "ownerReferences": refs + [owner_reference(owner)]}}
     if body["metadata"]["resourceVersion"] is None:
@@ -349,7 +371,7 @@ def _apply_dgds(kube: Kube, plan: Plan, rb: Rollback, owner: dict | None, recrea
         ref = ObjRef.of(a.obj)
         progress(f"{target}: {ref} {a.action}")
         if owner is not None and not a.created:
-            attach_owner(kube, ref, owner)
+            attach_owner(kube, ref, owner, rb)
         refs[target] = ref
     return refs
 
@@ -493,7 +515,7 @@ def _run_raycluster(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: 
     submit_driver(kube, infra.namespace, rc_ref.name, plan.entrypoint, sid)
     progress(f"driver submitted to {rc_ref.name} as {sid}")
     result = RunResult("raycluster", [str(r) for r in rb.created], rc_ref.name, sid)
-    rb.created.clear()  # the driver runs: from here on, objects stay for `down`
+    rb.commit()  # the driver runs: from here on, objects stay for `down`
     if wait:
         result.outcome = follow_dashboard_job(kube, infra.namespace, rc_ref.name, sid,
                                               infra.launch.job_timeout_s, timing.poll_s, progress)
@@ -533,10 +555,10 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
     if rc is None:
         raise KubeApiError(f"RayJob {job_ref.name} names cluster {cluster}, which does not exist", 404)
     for target, ref in dgd_refs.items():
-        attach_owner(kube, ref, rc)
+        attach_owner(kube, ref, rc, rb)
         progress(f"{target}: owned by RayCluster {cluster}")
     result = RunResult("rayjob", [str(r) for r in rb.created], cluster, (job.get("status") or {}).get("jobId"))
-    rb.created.clear()  # the RayJob owns the run now; its cluster owns the DGDs
+    rb.commit()  # the RayJob owns the run now; its cluster owns the DGDs
     if wait:
         result.outcome = follow_rayjob(kube, job_ref, infra.launch.submission_grace_s,
                                        infra.launch.job_timeout_s, timing.poll_s, progress)
