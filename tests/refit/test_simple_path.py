@@ -46,3 +46,16 @@ def test_publish_pull_tp1_byte_identical_and_versions(tiny_sd):
             fresh.pull(pub.url, 3, timeout_s=0.3)
         with pytest.raises(StaleVersionError, match="versions must increase"):
             pub.publish(2, sd2, model_config=cfg)
+
+
+def test_double_buffer_alternates_two_sets(tiny_sd):
+    sd, cfg = tiny_sd
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}
+    with Publisher() as pub, Receiver(tp_rank=0, tp_size=1, param_specs=specs, double_buffer=True) as recv:
+        ptrs = []
+        for v in (1, 2, 3):
+            pub.publish(v, {k: t + v for k, t in sd.items()}, model_config=cfg)
+            out, _ = recv.pull(pub.url, v)
+            assert torch.equal(out["model.norm.weight"], sd["model.norm.weight"] + v)
+            ptrs.append(out["model.norm.weight"].data_ptr())
+        assert ptrs[0] == ptrs[2] != ptrs[1]

@@ -188,12 +188,12 @@ class Publisher:
         return a
 
     def enable_nixl(self) -> None:
-        """Register the arena with a NIXL agent (optional extra; raises TransportError if absent)."""
-        from dynamo_rl.refit.transport.nixl import NixlServer
+        """Register the arena with a NIXL agent. Not implemented yet: raises TransportError."""
+        from dynamo_rl.refit.errors import TransportError
 
-        if self._arena is None:
-            raise RefitError("enable_nixl() after the first publish()")
-        self._extra["nixl"] = NixlServer(self._arena, name=f"pub-{os.getpid()}-{self.tp_rank}")
+        raise TransportError(
+            "the 'nixl' transport is not implemented in this build; use 'shm' or 'dist'"
+        )
 
     # ------------------------------------------------------------------ HTTP routes
     def _state(self, q, body):

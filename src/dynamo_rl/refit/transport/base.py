@@ -156,7 +156,8 @@ def get_reader(name: str, *, device="cpu", **options) -> Reader:
 
         return DistReader(device=device, **options)
     if name == "nixl":
-        from dynamo_rl.refit.transport.nixl import NixlReader
-
-        return NixlReader(device=device, **options)
+        raise TransportError(
+            "the 'nixl' transport is not implemented in this build (nixl-cu13 1.5.1 installs and "
+            "imports here; the reader/registration are future work); use 'shm' or 'dist'"
+        )
     raise TransportError(f"unknown transport {name!r}; use 'shm', 'dist' or 'nixl'")

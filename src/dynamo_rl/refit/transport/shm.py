@@ -10,13 +10,14 @@ check) — else use ``dist`` or ``nixl``.
 from __future__ import annotations
 
 import base64
+import os
 import pickle
 
 import torch
 
 from dynamo_rl.refit.errors import PublisherGoneError, TransportError
 from dynamo_rl.refit.roles import dtype_from_name
-from dynamo_rl.refit.transport.base import CREATED_SHM, Arena, Reader, boot_id
+from dynamo_rl.refit.transport.base import Arena, Reader, boot_id
 
 
 def shm_address(arena: Arena) -> dict:
@@ -29,6 +30,28 @@ def shm_address(arena: Arena) -> dict:
     handles = [base64.b64encode(pickle.dumps(reduce_tensor(b))).decode() for b in arena.buffers]
     return {"boot_id": boot_id(), "kind": "cuda_ipc", "handles": handles,
             "sizes": [int(b.numel()) for b in arena.buffers]}
+
+
+def _attach(name: str, size: int, rank: int):
+    """Map an existing POSIX shared-memory segment without registering it with Python's
+    resource tracker (``SharedMemory(name=...)`` would, and the tracker would then unlink
+    the publisher's segment when this process exits, or double-unregister it when the
+    tracker is shared by a spawn family)."""
+    import mmap
+
+    import _posixshmem
+
+    try:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    except FileNotFoundError:
+        raise PublisherGoneError(
+            f"shared memory {name!r} of source rank {rank} is gone: the publisher closed or "
+            "died; re-publish and retry"
+        ) from None
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 class ShmReader(Reader):
@@ -56,23 +79,10 @@ class ShmReader(Reader):
         keep: list = []
         bufs: list[torch.Tensor] = []
         if a["kind"] == "posix":
-            from multiprocessing import resource_tracker, shared_memory
-
             for name, size in zip(a["buckets"], a["sizes"]):
-                try:
-                    shm = shared_memory.SharedMemory(name=name)
-                except FileNotFoundError:
-                    raise PublisherGoneError(
-                        f"shared memory {name!r} of source rank {rank} is gone: the publisher "
-                        "closed or died; re-publish and retry"
-                    ) from None
-                if name not in CREATED_SHM:  # Python <3.13 tracks attached segments too
-                    try:
-                        resource_tracker.unregister(shm._name, "shared_memory")
-                    except Exception:  # noqa: BLE001 - tracker is best effort
-                        pass
-                keep.append(shm)
-                bufs.append(torch.frombuffer(shm.buf, dtype=torch.uint8, count=size))
+                mm = _attach(name, size, rank)
+                keep.append(mm)
+                bufs.append(torch.frombuffer(mm, dtype=torch.uint8, count=size))
         else:
             for h in a["handles"]:
                 fn, args = pickle.loads(base64.b64decode(h))
@@ -83,10 +93,10 @@ class ShmReader(Reader):
     def _drop(self, rank: int) -> None:
         key, keep, bufs = self._cache.pop(rank)
         bufs.clear()
-        for shm in keep:
+        for mm in keep:
             try:
-                shm.close()
-            except BufferError:
+                mm.close()
+            except BufferError:  # a tensor view is still alive; the mapping goes with it
                 pass
 
     def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:
