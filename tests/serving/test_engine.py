@@ -89,13 +89,21 @@ async def test_logprobs_and_greedy_match_hf(engine, model_a):
 
 @pytest.mark.gpu
 @pytest.mark.asyncio
-async def test_logprobs_and_greedy_match_hf_cuda(model_a):
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+async def test_logprobs_and_greedy_match_hf_cuda(model_a, model_b, cuda_graphs):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     model = fresh(model_a).to("cuda")
-    eng = Engine(model, eos_token_ids=[EOS], device="cuda", max_batch_size=16)
+    eng = Engine(model, eos_token_ids=[EOS], device="cuda", max_batch_size=16, cuda_graphs=cuda_graphs)
     try:
         await check_numerics(eng, model, "cuda")
+        # adopt=True gives the parameters new storage: captured graphs must follow
+        b = {n: t.to("cuda") for n, t in model_b.state_dict().items() if n in eng.param_specs()}
+        await eng.load_weights(b, version=1, adopt=True)
+        outs = await asyncio.gather(*[eng.complete(p, SamplingParams(max_tokens=16, temperature=0))
+                                      for p in PROMPTS])
+        for p, o in zip(PROMPTS, outs):
+            assert ids_of(o) == hf_greedy(model_b, p, 16)
     finally:
         await eng.stop()
 
@@ -125,6 +133,33 @@ async def test_seed_fixes_ids_whatever_the_batch(engine):
     )
     assert ids_of(crowd[0]) == alone
     assert ids_of(crowd[1]) != alone
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    """4000 rows x 25 steps, each row its own seeded generator: frequencies within 4 sigma;
+    top-k / top-p never pick a token outside their set; logprobs are of the raw logits."""
+    from dynamo_rl.serving import _sampling
+
+    p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    B = 4000
+    logits = p.log()[None].expand(B, 5).contiguous()
+    gens = [torch.Generator().manual_seed(i) for i in range(B)]
+    counts = torch.zeros(5)
+    for _ in range(25):
+        ids, lps = _sampling.sample(logits, [1.0] * B, [0] * B, [1.0] * B, gens)
+        counts += torch.bincount(torch.tensor(ids), minlength=5)
+        assert torch.allclose(torch.tensor(lps), p.log()[torch.tensor(ids)])
+    n = counts.sum()
+    sigma = (counts / n - p) / (p * (1 - p) / n).sqrt()
+    assert sigma.abs().max().item() < 4, sigma
+    half = [1.0] * B
+    # softmax(0.5 * log p) = [.343, .243, .172, .121, .121]; top-p sees top-k's renormalized mass
+    cases = ((2, 1.0, {0, 1}), (0, 0.7, {0, 1, 2}), (0, 0.5, {0, 1}), (0, 0.3, {0}), (3, 0.75, {0, 1}),
+             (3, 0.8, {0, 1, 2}))
+    for top_k, top_p, allowed in cases:
+        ids, lps = _sampling.sample(logits * 0.5, half, [top_k] * B, [top_p] * B, gens)
+        assert set(ids) == allowed
+        assert torch.allclose(torch.tensor(lps), torch.log_softmax(p.log() * 0.5, -1)[torch.tensor(ids)])
 
 
 @pytest.mark.asyncio

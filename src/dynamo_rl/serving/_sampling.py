@@ -9,8 +9,12 @@ Conventions (the trainer must compute the same):
 * otherwise the logits are divided by the temperature, top-k keeps the ``k`` largest
   (ties at the k-th value kept), top-p keeps the smallest prefix of the sorted
   distribution whose mass reaches ``top_p`` (at least one token), and one token is drawn
-  with ``torch.multinomial`` from the request's own ``torch.Generator``, so a request's
-  draws do not depend on the other rows of the batch.
+  by the exponential race ``argmax(probs / E)`` (``E ~ Exp(1)`` per token; the same
+  distribution as ``torch.multinomial``). The randomness of a request comes from its own
+  CPU ``torch.Generator`` (seeded by the request): each step draws two 32-bit keys from
+  it, and :func:`uniform_noise` hashes (keys, token index) into the uniforms behind
+  ``E`` for all rows in one batched op. So a request's draws depend on its seed and step
+  only, never on the other rows of the batch or on the device.
 
 Must not import any other ``dynamo_rl`` module.
 """
@@ -20,6 +24,40 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mixer (xor-shift-multiply), on int64 holding values < 2**32.
+
+    The multipliers are below 2**31 so that no product overflows int64.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniforms in ``(0, 1)`` for every (row, token), a pure function of the row's keys.
+
+    Args:
+        keys: int64 ``[B, 2]``, values in ``[0, 2**32)``.
+    Returns:
+        fp32 ``[B, vocab_size]`` on ``keys.device``, 24-bit resolution, never 0 or 1.
+    """
+    idx = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)[None]  # [1, V]
+    x = _mix32(idx ^ keys[:, :1])
+    x = _mix32(x ^ keys[:, 1:])
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def draw_keys(generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Two 32-bit keys per row from each row's CPU generator: int64 ``[B, 2]`` on the CPU."""
+    return torch.stack([torch.randint(0, 1 << 32, (2,), generator=g) for g in generators])
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -52,13 +90,10 @@ def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence
            ) -> tuple[list[int], list[float]]:
     """Pick one token per row and return it with its raw logprob.
 
-    Sampled rows draw by the exponential race ``argmax(probs / E)``, ``E ~ Exp(1)`` per
-    token from the row's generator (the same distribution as ``multinomial``, batched).
-
     Args:
         logits: ``[B, V]`` (any float dtype) for the rows' next token.
-        temperatures, top_ks, top_ps, generators: per row; a generator may be ``None``
-            only for a greedy row (temperature 0).
+        temperatures, top_ks, top_ps, generators: per row; ``generators`` are CPU
+            ``torch.Generator`` (``None`` allowed only for a greedy row, temperature 0).
     Returns:
         ``(token_ids, logprobs)``: ``B`` ints and ``B`` floats, the logprob being
         ``log_softmax(logits.float())`` at the chosen token.
@@ -69,18 +104,16 @@ def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence
     ids = torch.argmax(logits32, dim=-1)  # greedy rows keep this
     rows = [b for b, t in enumerate(temperatures) if t > 0]
     if rows:
-        sel = torch.tensor(rows, device=device)
-        temp = torch.tensor([temperatures[b] for b in rows], device=device)
-        x = filter_logits(
-            logits32.index_select(0, sel) / temp[:, None],
-            torch.tensor([top_ks[b] for b in rows], device=device),
-            torch.tensor([top_ps[b] for b in rows], device=device, dtype=torch.float32),
-        )
+        def per_row(values, dtype):
+            return torch.tensor([values[b] for b in rows], dtype=dtype).to(device, non_blocking=True)
+
+        sel = per_row(range(len(temperatures)), torch.int64)
+        x = logits32.index_select(0, sel) / per_row(temperatures, torch.float32)[:, None]
+        if any(0 < top_ks[b] < x.shape[-1] or top_ps[b] < 1.0 for b in rows):
+            x = filter_logits(x, per_row(top_ks, torch.int64), per_row(top_ps, torch.float32))
         probs = torch.softmax(x, dim=-1)
-        noise = torch.empty_like(probs)
-        for i, b in enumerate(rows):
-            noise[i].exponential_(generator=generators[b])
-        noise.clamp_(min=torch.finfo(torch.float32).tiny)  # never divide by 0
-        ids[sel] = torch.argmax(probs / noise, dim=-1)
+        keys = draw_keys([generators[b] for b in rows]).to(device, non_blocking=True)
+        exp_noise = -torch.log(uniform_noise(keys, x.shape[-1]))  # Exp(1)
+        ids[sel] = torch.argmax(probs / exp_noise, dim=-1)
     chosen = logprobs.gather(1, ids[:, None])[:, 0]
     return ids.tolist(), chosen.tolist()

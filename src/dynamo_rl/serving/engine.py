@@ -174,13 +174,15 @@ class Engine:
         max_prefill_tokens: padded tokens (rows x longest row) per prefill forward; at
             least one request is always admitted.
         prefix_caching: re-use a free slot's keys/values for a prompt that extends them.
+        cuda_graphs: replay decode steps from captured CUDA graphs (default: on for CUDA).
     Raises:
         UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
     """
 
     def __init__(self, model, *, eos_token_ids: Sequence[int], device="cpu", max_batch_size=64,
                  weights_version: int = 0, max_seq_len: int | None = None,
-                 max_prefill_tokens: int = 8192, prefix_caching: bool = True):
+                 max_prefill_tokens: int = 8192, prefix_caching: bool = True,
+                 cuda_graphs: bool | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.shape = _qwen3.describe_decoder(model)
@@ -197,8 +199,15 @@ class Engine:
 
         self._params = dict(model.named_parameters())  # deduplicated: a tied lm_head is omitted
         self._cos, self._sin = _qwen3.rope_tables(model, self.max_seq_len)
-        self._cache = _qwen3.KVCache(self.shape, self.max_batch_size, self.max_seq_len,
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(self.device)!r}")
+        # one slot more than requests when graphs pad their batches (the scratch slot)
+        self._cache = _qwen3.KVCache(self.shape, self.max_batch_size + int(cuda_graphs), self.max_seq_len,
                                      self.dtype, self.device)
+        self._graphs = (_qwen3.DecodeGraphs(model, self._cache, self._cos, self._sin, self.max_batch_size,
+                                            scratch_slot=self.max_batch_size) if cuda_graphs else None)
         self._slots = [_Slot() for _ in range(self.max_batch_size)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._requests: dict[str, _Request] = {}
@@ -315,7 +324,7 @@ class Engine:
             await self.start()
             req.queue = asyncio.Queue()
             if req.params.temperature > 0:
-                req.generator = torch.Generator(device=self.device)
+                req.generator = torch.Generator()  # CPU: keys for the batched noise
                 seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
                 req.generator.manual_seed(seed)
             self._waiting.append(req)
@@ -512,10 +521,12 @@ class Engine:
             for name, param in self._params.items():
                 t = tensors[name]
                 if adopt:
-                    param.data = t.detach()
+                    param.data = t.detach()  # new storage: captured CUDA graphs are stale
                 else:
                     param.data.copy_(t)
                 nbytes += t.numel() * t.element_size()
+        if adopt and self._graphs is not None:
+            self._graphs.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return nbytes
@@ -644,9 +655,12 @@ class Engine:
     def _forward_and_sample(self, reqs, rows, starts) -> tuple[list[int], list[float]]:
         """Runs on the engine thread: one forward, then sampling."""
         slots = [r.slot for r in reqs]
-        batch = _qwen3.make_batch(rows, slots, starts, self.device)
         with torch.no_grad():
-            logits = _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+            if self._graphs is not None and all(len(row) == 1 for row in rows):
+                logits = self._graphs.run([row[0] for row in rows], slots, starts)
+            else:
+                batch = _qwen3.make_batch(rows, slots, starts, self.device)
+                logits = _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
             return _sampling.sample(
                 logits,
                 [r.params.temperature for r in reqs],
