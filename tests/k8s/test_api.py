@@ -121,3 +121,10 @@ def test_is_subset():
     assert is_subset({"a": [1, {"b": 2}]}, {"a": [1, {"b": 2, "c": 3}], "d": 4})
     assert not is_subset({"a": [1]}, {"a": [1, 2]})
     assert is_subset({"q": "1"}, {"q": 1}) and not is_subset({"x": True}, {"x": "True"})
+
+
+def test_connect_without_configuration_names_the_fix(tmp_path):
+    from dynamo_rl.k8s.api import Kube
+
+    with pytest.raises(KubeApiError, match="pass --kubeconfig/--context or set KUBECONFIG"):
+        Kube.connect(str(tmp_path / "absent-kubeconfig"))
