@@ -698,5 +698,4 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None) -> Che
 __all__ = [
     "Plan", "RunResult", "Rollback", "Timing", "render_plan", "up", "down", "run", "attach_owner",
     "follow_rayjob", "follow_dashboard_job", "check", "CheckReport", "submit_driver", "wait_raycluster", "load_recipe_dict",
-    "CRDMissingError",
 ]

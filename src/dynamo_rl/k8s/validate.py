@@ -18,7 +18,6 @@ Imports only jsonschema, yaml and ``k8s.errors``.
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import re
