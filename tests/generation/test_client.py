@@ -286,3 +286,19 @@ async def test_bad_prompts_fail_before_any_request(fake):
         with pytest.raises(ValueError, match="empty"):
             await gen.generate([[]])
     assert fake.requests == []
+
+
+@pytest.mark.asyncio
+async def test_read_timeouts_are_retried_then_reported(fake):
+    calls = []
+
+    def handler(path, body):
+        calls.append(1)
+        time.sleep(1.0)  # longer than request_timeout_s
+        return 200, ok_response(path, body, body["prompt"], [1], [-1.0])
+    fake.handler = handler
+    async with DynamoGeneration(_cfg(fake.url, retry_deadline_s=0.5, request_timeout_s=0.3)) as gen:
+        with pytest.raises(FrontendUnavailableError) as e:
+            await gen.generate([[1]])
+    assert "ReadTimeout" in e.value.last_error and e.value.last_status is None
+    assert len(calls) >= 2 and e.value.missing == [(0, 0)]

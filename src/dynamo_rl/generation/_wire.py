@@ -31,6 +31,10 @@ def as_token_ids(values: Any, what: str) -> torch.Tensor:
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
         raise ResponseFormatError(f"{what}: expected a list of token ids, got {type(values).__name__}: {values!r:.80}")
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    if all(type(v) is int for v in values) and min(values) >= 0 and max(values) <= _INT64_MAX:  # noqa: E721
+        return torch.tensor(values, dtype=torch.int64)  # fast path: plain JSON integers
     out: list[int] = []
     for i, v in enumerate(values):
         if type(v) is int:  # noqa: E721  (bool is an int subclass and is rejected below)

@@ -346,7 +346,8 @@ class DynamoGeneration:
         echoed = engine_data.get("prompt_token_ids") if isinstance(engine_data, dict) else None
         if r.prompt_ids is not None:
             prompt = torch.tensor(r.prompt_ids, dtype=torch.int64)
-            if echoed is not None and _wire.as_token_ids(echoed, "prompt_token_ids").tolist() != r.prompt_ids:
+            if echoed is not None and echoed != r.prompt_ids and \
+                    _wire.as_token_ids(echoed, f"{what}: nvext.engine_data.prompt_token_ids").tolist() != r.prompt_ids:
                 raise ResponseFormatError(
                     f"{what}: the worker reports prompt ids that differ from the ids sent "
                     f"(first difference at {_wire.first_difference(r.prompt_ids, list(echoed))})")
