@@ -62,8 +62,9 @@ sent with HTTP 200; an exception raised in the callback becomes HTTP 500 with bo
 ``{"error": "Handler error", "message": "Python callback failed: <Type>: <msg>"}``.
 So our routes never raise: a failure is returned as ``{"error": msg, "status": code}``
 (HTTP 200 on the wire; clients must check for ``"error"``), with ``status`` 400 bad
-body, 404 checkpoint path missing, 409 stale version, 422 tensors do not match the
-engine, 502 publisher unreachable, 503 refit receiver unavailable, 500 anything else.
+body, 404 checkpoint path missing / version never published, 409 stale version, 422
+tensors do not match the engine, 502 publisher gone or unreachable, 503 refit receiver or
+transport unavailable, 500 anything else.
 
 ``update_weights`` is serialized (one at a time); the engine drains in-flight requests
 before it swaps (they finish on the old weights), so a response never mixes two
@@ -410,31 +411,33 @@ class Worker:
 
     async def _pull(self, body: dict):
         try:
+            from dynamo_rl.refit import errors as rerr
             from dynamo_rl.refit.receiver import Receiver
         except ImportError as e:
             raise RouteError(f"refit receiver is not available in this build ({e}); "
                              "use {'version', 'path'} or install dynamo_rl.refit", 503) from None
-        errors: tuple = ()
-        try:
-            from dynamo_rl.refit import errors as refit_errors
-
-            errors = (refit_errors.RefitError,)
-        except ImportError:
-            pass
-        if self._receiver is None:
+        if self._receiver is None:  # one per worker: it remembers the last version it pulled
             layout = self.engine.layout
             self._receiver = Receiver(tp_rank=int(layout.get("tp_rank", 0)), tp_size=int(layout.get("tp_size", 1)),
                                       param_specs=self.engine.param_specs(), device=self.device)
+        version, url = int(body["version"]), str(body["publisher"])
         try:
-            return await asyncio.to_thread(self._receiver.pull, str(body["publisher"]), int(body["version"]),
-                                           body.get("transport"), float(body.get("timeout_s", 120.0)))
-        except errors as e:
-            name = type(e).__name__.lower()
-            status = 409 if "stale" in name else 502 if ("gone" in name or "unreach" in name) else 422
-            raise RouteError(f"refit pull of version {body['version']} from {body['publisher']} failed "
-                             f"({type(e).__name__}): {e}; served weights unchanged", status) from None
+            return await asyncio.to_thread(self._receiver.pull, url, version, body.get("transport"),
+                                           float(body.get("timeout_s", 120.0)))
+        except rerr.RefitError as e:
+            status = 500
+            for cls, code in ((getattr(rerr, "StaleVersionError", None), 409),
+                              (getattr(rerr, "VersionNotFoundError", None), 404),
+                              (getattr(rerr, "MismatchError", None), 422),
+                              (getattr(rerr, "PublisherGoneError", None), 502),
+                              (getattr(rerr, "TransportError", None), 503)):
+                if cls is not None and isinstance(e, cls):
+                    status = code
+                    break
+            raise RouteError(f"refit pull of version {version} from {url} failed ({type(e).__name__}): {e}; "
+                             "served weights unchanged", status) from None
         except (ConnectionError, TimeoutError, OSError) as e:
-            raise RouteError(f"refit publisher {body['publisher']} unreachable: {type(e).__name__}: {e}; "
+            raise RouteError(f"refit publisher {url} unreachable ({type(e).__name__}: {e}); "
                              "served weights unchanged", 502) from None
 
     def close(self) -> None:
