@@ -290,13 +290,61 @@ async def test_pause_timeout_aborts_running_requests(engine):
 
 
 @pytest.mark.asyncio
-async def test_closing_a_stream_aborts_it(engine):
-    stream = engine.generate(PROMPTS[0], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+async def test_abort_and_closing_a_stream(engine):
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    stream = engine.generate(PROMPTS[0], long)
     await anext(stream)
-    await stream.aclose()
+    await stream.aclose()  # the consumer went away: the engine frees the slot
     await engine.pause()  # returns only when nothing runs
     assert engine.stats["requests_running"] == 0
+
+    waiting = engine.generate(PROMPTS[1], long, request_id="w")
+    task = asyncio.create_task(anext(waiting, "ended"))
+    while engine.stats["requests_waiting"] == 0:
+        await asyncio.sleep(0.001)
+    assert engine.abort("w") and await task == "ended"  # no token, the iterator just stops
+    assert engine.stats["requests_waiting"] == 0 and not engine.abort("w")
     await engine.resume()
+
+    running = engine.generate(PROMPTS[1], long, request_id="r")
+    await anext(running)
+    assert engine.abort("r")
+    rest = [o async for o in running]
+    assert rest[-1].finish_reason == "abort" and len(rest) < 199
+    first = engine.generate(PROMPTS[0], long, request_id="x")
+    await anext(first)
+    with pytest.raises(ValueError, match="already in flight"):
+        engine.generate(PROMPTS[0], long, request_id="x")
+    await first.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("family", ["llama3-rope-untied", "qwen2-qkv-bias"])
+async def test_llama_and_qwen2_layouts_match_hf(family):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, eos_token_id=EOS, pad_token_id=0,
+              bos_token_id=None)
+    torch.manual_seed(0)
+    if family.startswith("llama"):
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        model = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False, rope_parameters=rope)).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**kw, tie_word_embeddings=True)).eval()
+    eng = Engine(model, eos_token_ids=[EOS], max_batch_size=4)
+    try:
+        assert ("lm_head.weight" in eng.param_specs()) == family.endswith("untied")
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        outs = await asyncio.gather(*[eng.complete(p, params) for p in PROMPTS[:2]])
+        for p, o in zip(PROMPTS, outs):
+            assert (lps_of(o) - hf_logprobs(model, p, ids_of(o))).abs().max().item() < 1e-5
+            with torch.no_grad():
+                ref = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=40, eos_token_id=None)
+            assert ids_of(o) == ref[0, len(p):].tolist()
+    finally:
+        await eng.stop()
 
 
 @pytest.mark.asyncio

@@ -11,10 +11,15 @@ How a request flows
     request waits in a FIFO queue. The scheduling loop (an asyncio task on the caller's
     event loop) admits waiting requests at step boundaries: each gets a KV slot
     (``max_batch_size`` slots) and all admitted together are prefilled in ONE forward
-    (right-padded). Then every running request is decoded in ONE batched forward per step
-    (``stats["max_decode_batch"]`` shows the largest). A forward runs on a dedicated
-    thread (``run_in_executor``) so the event loop stays responsive; tokens reach each
-    request through its own ``asyncio.Queue``.
+    (right-padded, at most ``max_prefill_tokens`` padded tokens). Then every running
+    request is decoded in ONE batched forward per step (``stats["max_decode_batch"]``
+    shows the largest); requests that arrive meanwhile join at the next step boundary. A
+    forward runs on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
+    uvloop in the worker) stays responsive; tokens reach each request through its own
+    ``asyncio.Queue``. The forward itself is :mod:`dynamo_rl.serving._qwen3` (a
+    functional Qwen3/Qwen2/Llama decoder over the HF module's own parameters). On CUDA,
+    decode steps replay captured CUDA graphs (``cuda_graphs``), one per (batch, width)
+    bucket; prefill runs eagerly.
 
 Prefix reuse
     A finished request's slot keeps its keys/values until the slot is needed again. A new
@@ -31,10 +36,11 @@ Logprobs
     quantity. Sampling conventions are in :mod:`dynamo_rl.serving._sampling`.
 
 Determinism
-    Each sampling request draws from its own ``torch.Generator`` seeded with
-    ``SamplingParams.seed`` (random when ``None``), so the same seed gives the same ids
-    whatever else is in the batch, up to float round-off of batched matmuls (a near-tie
-    may flip).
+    Each sampling request owns a CPU ``torch.Generator`` seeded with
+    ``SamplingParams.seed`` (random when ``None``); every step draws the request's noise
+    keys from it (see :mod:`dynamo_rl.serving._sampling`). So the same seed gives the same
+    ids whatever else is in the batch, up to float round-off of batched matmuls (a
+    near-tie may flip), and a different seed gives other ids.
 
 Pause (drain) and weights versions
     :meth:`Engine.pause` stops admitting and waits until every in-flight request has
@@ -42,7 +48,9 @@ Pause (drain) and weights versions
     until :meth:`Engine.resume`. With ``timeout_s``, requests still running at the
     deadline are ended at the next step with ``finish_reason="abort"`` (their last token
     carries it). :meth:`Engine.load_weights` drains the same way before it swaps, so every
-    token of a response carries one ``weights_version``.
+    token of a response carries one ``weights_version``. ``load_weights(adopt=True)``
+    drops the captured CUDA graphs (they hold the old weights' addresses); they are
+    captured again on first use.
 """
 
 from __future__ import annotations
@@ -315,11 +323,12 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        req = _Request(request_id, prompt, params, frozenset(stop_ids))
-        self._requests[request_id] = req
-        return self._stream(req)
+        return self._stream(_Request(request_id, prompt, params, frozenset(stop_ids)))
 
     async def _stream(self, req: _Request) -> AsyncIterator[TokenOutput]:
+        if req.id in self._requests:  # registered when iteration starts, so an unused iterator leaks nothing
+            raise ValueError(f"request_id {req.id!r} is already in flight; use a unique id")
+        self._requests[req.id] = req
         try:
             await self.start()
             req.queue = asyncio.Queue()
@@ -333,18 +342,13 @@ class Engine:
                 item = await req.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item is None:  # aborted before its first token
+                    return
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
-            if not req.done:  # closed early by the consumer: free it at the next step
-                req.abort_requested = True
-                if req.slot < 0:
-                    if req in self._waiting:
-                        self._waiting.remove(req)
-                    self._finish_unstarted(req)
-                if self._wake is not None:
-                    self._wake.set()
+            self._abort(req)  # no-op when it finished; else the consumer closed it early
 
     async def complete(self, prompt_ids: Sequence[int], params: SamplingParams | None = None
                        ) -> list[TokenOutput]:
@@ -352,15 +356,26 @@ class Engine:
         return [out async for out in self.generate(prompt_ids, params)]
 
     def abort(self, request_id: str) -> bool:
-        """End a request: a waiting one is dropped, a running one ends at the next step with
-        ``finish_reason="abort"``. Returns False when no such request is in flight."""
+        """End a request. A waiting one ends now, without tokens (its iterator stops); a
+        running one ends at the next step, its last token carrying ``finish_reason="abort"``.
+        Returns False when no such request is in flight."""
         req = self._requests.get(request_id)
         if req is None or req.done:
             return False
-        req.abort_requested = True
-        if self._wake is not None:
-            self._wake.set()
+        self._abort(req)
         return True
+
+    def _abort(self, req: _Request) -> None:
+        if req.done:
+            return
+        if req.slot < 0:  # not admitted yet
+            if req in self._waiting:
+                self._waiting.remove(req)
+            self._finish_unstarted(req)
+        else:  # the scheduler ends it after the step in progress
+            req.abort_requested = True
+            if self._wake is not None:
+                self._wake.set()
 
     # ------------------------------------------------------------------ control
 
@@ -571,8 +586,6 @@ class Engine:
 
     def _admit(self) -> list[_Request]:
         """Give waiting requests (FIFO) free slots, within the prefill token budget."""
-        while self._waiting and self._waiting[0].abort_requested:
-            self._finish_unstarted(self._waiting.popleft())
         if not self._admissible():
             return []
         admitted: list[_Request] = []
@@ -580,9 +593,6 @@ class Engine:
         free = [i for i, s in enumerate(self._slots) if s.owner is None]
         while self._waiting and free:
             req = self._waiting[0]
-            if req.abort_requested:
-                self._finish_unstarted(self._waiting.popleft())
-                continue
             index, reuse = self._choose_slot(req.prompt, free)
             new_width = max(width, len(req.prompt) - reuse)
             if admitted and (len(admitted) + 1) * new_width > self.max_prefill_tokens:
@@ -689,6 +699,8 @@ class Engine:
     def _finish_unstarted(self, req: _Request) -> None:
         req.done = True
         self._requests.pop(req.id, None)
+        if req.queue is not None:
+            req.queue.put_nowait(None)  # ends the consumer's iterator
 
     def _fail(self, req: _Request, error: BaseException) -> None:
         if req.done:
