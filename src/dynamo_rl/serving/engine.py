@@ -158,13 +158,19 @@ class _Slot:
     last_used: int = 0
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (list compares run in C: O(n log n), no Python loop)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class Engine:
@@ -281,7 +287,7 @@ class Engine:
             return
         self._stopping = True
         self._wake.set()
-        await self._task
+        await asyncio.gather(self._task, return_exceptions=True)  # a crashed loop failed its requests
         self._task = None
         error = EngineStoppedError("the engine was stopped before this request finished")
         for req in list(self._requests.values()):
@@ -638,9 +644,10 @@ class Engine:
             for r in reqs:
                 self._slots[r.slot].tokens = []
                 self._fail(r, error)
-            return
-        finally:
             self._busy = False
+            await self._notify()
+            return
+        self._busy = False
         c = self._counters
         c["forward_passes"] += 1
         if prefill:
