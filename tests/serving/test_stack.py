@@ -71,7 +71,7 @@ def test_stop_leaves_no_process(tiny_model_dir, tmp_path):
         assert r.status_code == 200
         pids = stack.pids()
         assert len(pids) >= 3
-    assert _alive(pids) == []
+    assert _alive(pids) == [] and _alive(stack.pids()) == []
     assert stack.failure is None
 
 

@@ -233,6 +233,17 @@ def test_32_concurrent_requests_are_batched(serving_stack):
     assert max(s["max_decode_batch"] for s in stats.values()) > 1
 
 
+def test_info_and_system_health(serving_stack):
+    for w in serving_stack.workers:
+        i = info(w)
+        assert i["instance_id"] == w.instance_id and i["pid"] == w.pid and i["model"] == "tiny"
+        assert i["layout"] == {"tp_rank": 0, "tp_size": 1} and i["paused"] is False
+        assert {"forward_passes", "decode_batches", "max_decode_batch", "tokens_generated",
+                "requests_finished", "kv_cache_tokens"} <= set(i["stats"])
+        h = httpx.get(f"{w.system_url}/health", timeout=30)
+        assert h.status_code == 200 and h.json()["status"] == "ready"
+
+
 def test_every_listening_socket_is_loopback(serving_stack):
     pids = serving_stack.pids()
     assert len(pids) >= 2 + STACK_WORKERS

@@ -108,7 +108,7 @@ class ChildProcess:
     popen: subprocess.Popen
     log_path: Path
     expected_exit: bool = False
-    descendants: set[int] = field(default_factory=set)
+    descendants: dict = field(default_factory=dict)   # pid -> psutil.Process (children of the child)
 
     @property
     def pid(self) -> int:
@@ -184,6 +184,7 @@ class LocalStack:
         self.workers: list[WorkerProcess] = []
         self.failure: str | None = None
         self._children: list[ChildProcess] = []
+        self._history: list[ChildProcess] = []   # every child ever started (pids() after stop)
         self._env: dict[str, str] = {}
         self._next_index = 0
         self._lock = threading.RLock()
@@ -245,19 +246,19 @@ class LocalStack:
             w.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             log.warning("worker %s (pid %s) did not die after SIGKILL", w.index, w.pid)
-        for pid in w.descendants:
-            self._signal(pid, signal.SIGKILL)
+        self._kill_descendants(w)
 
     def control_urls(self) -> dict[int | str, str]:
         """``{instance_id: system_url}`` of the live workers."""
         return {w.instance_id: w.system_url for w in self.workers}
 
     def pids(self) -> list[int]:
-        """Every PID this stack started, plus their descendants seen so far."""
+        """Every PID this stack started (also after :meth:`stop`), plus their descendants seen so far."""
         out: list[int] = []
-        for c in self._children:
+        for c in self._history:
             out.append(c.pid)
-            self._record_descendants(c)
+            if c.popen.poll() is None:
+                self._record_descendants(c)
             out.extend(sorted(c.descendants))
         return out
 
@@ -286,7 +287,6 @@ class LocalStack:
         with self._lock:
             self._children.clear()
             self.workers.clear()
-            self._stopped_pids = [c.pid for c in children]
 
     # ----------------------------------------------------------------- helpers
     def _say(self, msg: str) -> None:
@@ -333,6 +333,7 @@ class LocalStack:
         child = cls(name=name, popen=p, log_path=log_path, **kw)
         with self._lock:
             self._children.append(child)
+            self._history.append(child)
         return child
 
     def _start_broker(self) -> None:
@@ -464,9 +465,19 @@ class LocalStack:
         try:
             import psutil
 
-            c.descendants.update(p.pid for p in psutil.Process(c.pid).children(recursive=True))
+            for p in psutil.Process(c.pid).children(recursive=True):
+                c.descendants.setdefault(p.pid, p)
         except Exception:  # noqa: BLE001 - gone already, or psutil missing
             pass
+
+    @staticmethod
+    def _kill_descendants(c: ChildProcess) -> None:
+        for p in c.descendants.values():
+            try:
+                if p.is_running():  # same process (psutil compares the start time): no PID reuse
+                    p.kill()
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -494,7 +505,6 @@ class LocalStack:
                 except subprocess.TimeoutExpired:  # pragma: no cover
                     log.error("%s (pid %s) survived SIGKILL", c.name, c.pid)
         for c in children:
-            for pid in c.descendants:
-                self._signal(pid, signal.SIGKILL)
+            self._kill_descendants(c)
         if children and not self.quiet and any(c.name == "frontend" for c in children):
             self._say("stack stopped")
