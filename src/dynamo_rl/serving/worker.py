@@ -23,8 +23,9 @@ and yields one chunk per token: ``{"token_ids": [id], "index": 0, "log_probs": [
 ``prompt_token_ids`` (the prompt actually run, after any prefix splice). Logprobs are the
 engine's: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
 The stop/EOS token that ends a sequence IS emitted (it is part of the generation the
-trainer scores). ``min_tokens``, ``stop`` strings, penalties and ``n`` > 1 are not
-implemented by the engine and are ignored.
+trainer scores). ``n``/``best_of`` > 1 and beam search are refused (400); ``min_tokens``
+and penalties are ignored; ``stop`` strings are matched by the frontend, which then
+cancels the stream (the worker sees ``context.is_stopped()`` and aborts the request).
 
 Channels through the 1.6.1 frontend (verified on ``/v1/completions`` and
 ``/v1/chat/completions``, streaming and not):
@@ -139,11 +140,20 @@ def sampling_params_from_request(request: Mapping[str, Any], *, context_window: 
     top_k off (``None``/``-1``/``0``). ``max_tokens`` null → what is left of the context
     window (or 16 without one). Stop ids = ``stop_token_ids_hidden`` ∪ ``stop_token_ids``
     ∪ ``stop_token_ids_visible``; with ``ignore_eos`` the EOS ids are removed from them.
+
+    Raises:
+        ValueError: ``n``/``best_of`` > 1, beam search, or values ``SamplingParams`` rejects.
     """
     from dynamo_rl.serving.engine import SamplingParams
 
     so = request.get("sampling_options") or {}
     sc = request.get("stop_conditions") or {}
+    for key in ("n", "best_of"):
+        if so.get(key) not in (None, 1):
+            raise ValueError(f"sampling_options.{key}={so[key]} is not supported by this worker; send "
+                             f"{so[key]} separate requests (with distinct seeds) instead")
+    if so.get("use_beam_search"):
+        raise ValueError("beam search is not supported by this worker; use sampling or temperature 0")
     prompt_len = len(request.get("token_ids") or ())
     max_tokens = sc.get("max_tokens")
     if max_tokens is None:
