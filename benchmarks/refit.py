@@ -72,14 +72,10 @@ def publisher_main(conn, cfg, dtype, S, rank, url, device, nixl):
         torch.cuda.set_device(device)
     shards = hf_to_megatron(hf_tensors(cfg, dtype), cfg, S)[rank]
     shards = {k: v.to(device) for k, v in shards.items()}
-    pub = Publisher(tp_rank=rank, tp_size=S, coordinator_url=url)
+    pub = Publisher(tp_rank=rank, tp_size=S, coordinator_url=url, transport="nixl" if nixl else "shm")
     conn.send(pub.url)
     pub.publish(1, shards, naming="megatron", model_config=cfg)
     del shards
-    if nixl:
-        pub.enable_nixl()
-        pub.publish(2, {k: pub.arena.view(k).clone() for k in pub.arena.slots}, naming="megatron",
-                    model_config=cfg)
     conn.send("published")
     conn.recv()
     pub.close()
@@ -88,29 +84,14 @@ def publisher_main(conn, cfg, dtype, S, rank, url, device, nixl):
 def receiver_main(conn, cfg, dtype, url, version, transport, T, device, repeat):
     torch.set_num_threads(1)
     from dynamo_rl.refit import Receiver
-    from dynamo_rl.refit.megatron import ModelDims
+    from dynamo_rl.refit.megatron import engine_param_specs
 
-    dims = ModelDims.from_config(cfg)
-    # engine specs for TP T rank 0 without materialising the reference
-    specs = {}
-    for n, t in hf_tensors({**cfg, "num_hidden_layers": 1}, dtype).items():
-        specs[n] = (tuple(t.shape), t.dtype)
+    one = {n: (tuple(t.shape), t.dtype) for n, t in hf_tensors({**cfg, "num_hidden_layers": 1}, dtype).items()}
     full = {}
     for i in range(cfg["num_hidden_layers"]):
-        for n, (s, dt) in specs.items():
-            full[n.replace("layers.0.", f"layers.{i}.")] = (s, dt)
-    if T > 1:
-        from dynamo_rl.refit.megatron import target_region
-        tspecs = {}
-        for n, (s, dt) in full.items():
-            guess = list(s)
-            from dynamo_rl.refit.roles import classify, SHARD_DIM
-            role = classify(n)[1]
-            d = SHARD_DIM[role]
-            if d is not None and d < len(s):
-                guess[d] = -(-s[d] // T) if role.value == "vocab_parallel" else s[d] // T
-            tspecs[n] = (tuple(guess), dt)
-        full = tspecs
+        for n, st in one.items():
+            full[n.replace("layers.0.", f"layers.{i}.")] = st
+    full = engine_param_specs(full, cfg, T)
     recv = Receiver(tp_rank=0, tp_size=T, param_specs=full, device=device, double_buffer=True)
     secs, rep = [], None
     for _ in range(repeat):
@@ -128,17 +109,17 @@ def run_case(ctx, cfg, dtype, S, T, transport, device, repeat, nixl=False):
         a, b = ctx.Pipe()
         p = ctx.Process(target=publisher_main, args=(b, cfg, dtype, S, r, url, device, nixl), daemon=True)
         p.start()
-        url = url or a.recv()
+        url = url or _wait(a, [p])
         if r:
-            a.recv()
+            _wait(a, [p])
         pubs.append((p, a))
     for p, a in pubs:
-        assert a.recv() == "published"
+        assert _wait(a, [p]) == "published"
     a, b = ctx.Pipe()
     rdev = device if not device.startswith("cuda") or transport != "dist" or torch.cuda.device_count() < 2 else "cuda:1"
-    rp = ctx.Process(target=receiver_main, args=(b, cfg, dtype, url, 2 if nixl else 1, transport, T, rdev, repeat), daemon=True)
+    rp = ctx.Process(target=receiver_main, args=(b, cfg, dtype, url, 1, transport, T, rdev, repeat), daemon=True)
     rp.start()
-    res = a.recv()
+    res = _wait(a, [rp] + [p for p, _ in pubs])
     rp.join()
     for p, c in pubs:
         c.send("exit")
@@ -148,6 +129,19 @@ def run_case(ctx, cfg, dtype, S, T, transport, device, repeat, nixl=False):
     return {"S": S, "T": T, "transport": transport, "bytes": res["bytes"], "median_s": med,
             "GBps": res["bytes"] / med / 1e9, "seconds": res["seconds"],
             "overpull_factor": res["overpull_factor"]}
+
+
+def _wait(conn, procs, timeout_s=600):
+    """Receive from a child; raise if any of ``procs`` died first (never hang)."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.5):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead or time.monotonic() > deadline:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            raise RuntimeError(f"child process(es) {[p.pid for p in dead]} exited (see stderr) or timed out")
+    return conn.recv()
 
 
 def memcpy_ceiling(nbytes: int, device: str, repeat: int) -> dict:

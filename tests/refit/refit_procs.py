@@ -20,12 +20,13 @@ def _shards(key, naming, S, rank, seed):
     return hf_shard(hf, cfg, rank, S), cfg
 
 
-def publisher_main(conn, key, naming, S, rank, coordinator_url, device="cpu"):
+def publisher_main(conn, key, naming, S, rank, coordinator_url, device="cpu", nixl=False):
     """Commands: ("publish", version, seed) → ("ok",); ("exit",) → ("bye",)."""
     torch.set_num_threads(1)
     from dynamo_rl.refit import Publisher
 
-    pub = Publisher(tp_rank=rank, tp_size=S, coordinator_url=coordinator_url)
+    pub = Publisher(tp_rank=rank, tp_size=S, coordinator_url=coordinator_url,
+                    transport="nixl" if nixl else "shm")
     conn.send(("url", pub.url, pub.http_url, os.getpid()))
     while True:
         msg = conn.recv()

@@ -43,10 +43,10 @@ class Child:
             self.proc.join(5)
 
 
-def start_publishers(key, naming, S, device="cpu"):
+def start_publishers(key, naming, S, device="cpu", nixl=False):
     pubs, url = [], None
     for r in range(S):
-        p = Child(refit_procs.publisher_main, key, naming, S, r, url, device)
+        p = Child(refit_procs.publisher_main, key, naming, S, r, url, device, nixl)
         kind, u, http, pid = p.ask()
         url = url or u
         p.pid = pid
@@ -99,10 +99,17 @@ def test_shm_and_gloo_megatron_S2_to_T2_across_processes(children):
 
 
 def test_publisher_killed_mid_pull_is_an_error_not_a_hang(children):
-    recv = Child(refit_procs.receiver_main, "gqa16_8", 1, 0, {"dist": {"msg_bytes": 8 << 10}})
+    recv = Child(refit_procs.receiver_main, "gqa16_8", 1, 0,
+                 {"dist": {"msg_bytes": 8 << 10}, "nixl": {"msg_bytes": 8 << 10}})
     children.append(recv)
-    for transport in ("shm", "dist"):
-        pubs, url = start_publishers("gqa16_8", "hf", 1)
+    try:
+        import nixl_cu13  # noqa: F401
+
+        transports = ("shm", "dist", "nixl")
+    except ImportError:
+        transports = ("shm", "dist")
+    for transport in transports:
+        pubs, url = start_publishers("gqa16_8", "hf", 1, nixl=transport == "nixl")
         children.extend(pubs)
         if transport == "shm":
             assert recv.ask()[0] == "ready"
@@ -139,6 +146,8 @@ def test_nixl_across_processes(children):
 def test_cuda_ipc_and_nccl(children, transport):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    if transport == "dist" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL between two processes needs two GPUs (one GPU: use shm / CUDA IPC)")
     pubs, url = start_publishers("gqa16_8", "megatron", 2, "cuda:0")
     children.extend(pubs)
     publish(pubs, 1, seed=5)

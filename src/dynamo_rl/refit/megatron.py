@@ -420,6 +420,33 @@ def hf_to_megatron(
     return ranks
 
 
+def engine_param_specs(
+    hf_specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], config: Mapping, tp_size: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The engine layout's ``param_specs`` for TP size ``tp_size`` from full HF shapes.
+
+    Column tensors: dim 0 / T (k/v: one head when T > num KV heads); row: dim 1 / T;
+    vocabulary: ``ceil(V/T)`` rows per rank; replicated: unchanged. A tied ``lm_head`` is
+    omitted. Same for every rank (uniform shards).
+    """
+    dims = ModelDims.from_config(config)
+    out = {}
+    for name, (shape, dtype) in hf_specs.items():
+        if name == "lm_head.weight" and dims.tied:
+            continue
+        _, role, _ = classify(name)
+        spec = list(shape)
+        if tp_size > 1 and role != Role.REPLICATED:
+            if role == Role.VOCAB_PARALLEL:
+                spec[0] = -(-shape[0] // tp_size)
+            else:
+                dim = 1 if role in (Role.ROW, Role.EXPERT_ROW) else 0
+                kv = re.search(r"\.(k_proj|v_proj)\.", name) and tp_size > dims.num_kv_heads
+                spec[dim] = dims.head_dim if kv else shape[dim] // tp_size
+        out[name] = (tuple(spec), dtype)
+    return out
+
+
 def hf_to_engine(
     hf: Mapping[str, torch.Tensor], config: Mapping, tp_rank: int, tp_size: int
 ) -> dict[str, torch.Tensor]:
@@ -429,21 +456,10 @@ def hf_to_engine(
     A tied ``lm_head.weight`` is omitted (as in ``Engine.param_specs()``).
     """
     dims = ModelDims.from_config(config)
+    specs = engine_param_specs({n: (tuple(t.shape), t.dtype) for n, t in hf.items()}, config, tp_size)
     out: dict[str, torch.Tensor] = {}
-    for name, t in hf.items():
-        if name == "lm_head.weight" and dims.tied:
-            continue
-        _, role, _ = classify(name)
-        if role == Role.VOCAB_PARALLEL:
-            rows = -(-t.shape[0] // tp_size)
-            spec = (rows, *t.shape[1:])
-        else:
-            spec = list(t.shape)
-            if tp_size > 1 and role != Role.REPLICATED:
-                dim = 1 if role in (Role.ROW, Role.EXPERT_ROW) else 0
-                kv = re.search(r"\.(k_proj|v_proj)\.", name) and tp_size > dims.num_kv_heads
-                spec[dim] = dims.head_dim if kv else t.shape[dim] // tp_size
-            spec = tuple(spec)
+    for name, (spec, _) in specs.items():
+        t = hf[name]
         box, fills = target_region(name, tuple(t.shape), spec, tp_rank, tp_size, dims)
         dst = torch.zeros(spec, dtype=t.dtype)
         src = t[tuple(slice(lo, hi) for lo, hi in box)]

@@ -81,7 +81,8 @@ class Publisher:
         self._lock = threading.RLock()  # serialises publish vs dist sends
         self._pending: dict[int, dict[int, dict]] = {}
         self._manifest: dict | None = None
-        self._extra: dict = {}  # transport servers (dist, nixl) by name
+        self._extra: dict = {}  # transport servers (nixl) by name
+        self._want_nixl = transport == "nixl"
         routes = {("GET", "/state"): self._state}
         if tp_rank == 0:
             routes[("GET", "/manifest")] = self._get_manifest
@@ -153,6 +154,8 @@ class Publisher:
                         self._arena.close()
                         self._dist.reset()
                     self._arena = Arena(named, bucket_bytes=self.bucket_bytes, device=device)
+                if self._want_nixl:
+                    self._bind_nixl()  # registration once per arena, reused across versions
                 self._arena.write(named)
             finally:
                 self.epoch += 1
@@ -188,12 +191,20 @@ class Publisher:
         return a
 
     def enable_nixl(self) -> None:
-        """Register the arena with a NIXL agent. Not implemented yet: raises TransportError."""
-        from dynamo_rl.refit.errors import TransportError
+        """Register the arena with a NIXL agent (done automatically with ``transport="nixl"``).
+        The next ``publish`` advertises it. Raises TransportError when NIXL is not installed."""
+        self._want_nixl = True
+        if self._arena is not None:
+            self._bind_nixl()
 
-        raise TransportError(
-            "the 'nixl' transport is not implemented in this build; use 'shm' or 'dist'"
-        )
+    def _bind_nixl(self) -> None:
+        from dynamo_rl.refit.transport.nixl import NixlServer
+
+        srv = self._extra.get("nixl")
+        if srv is None:
+            self._extra["nixl"] = NixlServer(self._arena, name=f"pub-{os.getpid()}-{self.tp_rank}-{id(self):x}")
+        else:
+            srv.bind(self._arena)
 
     # ------------------------------------------------------------------ HTTP routes
     def _state(self, q, body):

@@ -12,8 +12,8 @@ CUDA IPC handles). Each transport serves that arena:
 * ``dist`` — ``torch.distributed`` point-to-point (gloo on CPU, NCCL on CUDA) over a private
   2-process group per (publisher rank, receiver), formed once and reused. Moves whole rows
   of source shards in bucket-sized messages.
-* ``nixl`` — planned (``pip install nixl-cu13``: one-sided READs of registered arena
-  memory over UCX); not implemented yet, asking for it raises TransportError.
+* ``nixl`` — optional (``pip install --no-deps nixl-cu13==1.5.1``): one-sided READs of the
+  registered arena over UCX; import-guarded (TransportError naming the install otherwise).
 
 Receiver side: ``Reader.pull(plan, ...)`` fills the destination tensors.
 """

@@ -156,8 +156,74 @@ def get_reader(name: str, *, device="cpu", **options) -> Reader:
 
         return DistReader(device=device, **options)
     if name == "nixl":
-        raise TransportError(
-            "the 'nixl' transport is not implemented in this build (nixl-cu13 1.5.1 installs and "
-            "imports here; the reader/registration are future work); use 'shm' or 'dist'"
-        )
+        from dynamo_rl.refit.transport.nixl import NixlReader  # raises TransportError if absent
+
+        return NixlReader(device=device, **options)
     raise TransportError(f"unknown transport {name!r}; use 'shm', 'dist' or 'nixl'")
+
+
+# ----------------------------------------------------------------------------- row-granular helpers
+# Shared by the transports that move contiguous byte ranges (dist, nixl).
+
+
+def row_messages(plan, descs, rank: int, msg_bytes: int) -> list[list[tuple]]:
+    """Messages of whole-row byte ranges of source ``rank`` that ``plan`` needs.
+
+    Each item is ``(src, row_lo, row_hi, bucket, byte_offset, nbytes)``; a range longer than
+    ``msg_bytes`` is split on row boundaries; items are packed greedily into messages of at
+    most ``msg_bytes`` (a single row larger than that forms its own message).
+    """
+    from dynamo_rl.refit.roles import dtype_from_name
+
+    items = []
+    for (r, src), ivs in plan.row_ranges().items():
+        if r != rank:
+            continue
+        d = descs[src]
+        pl = next(p for p in d.placement if p.rank == rank)
+        shape = d.local_shape(pl)
+        isz = dtype_from_name(d.dtype).itemsize
+        rowb = isz * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+        step = max(1, msg_bytes // rowb)
+        for lo, hi in ivs:
+            for a in range(lo, hi, step):
+                b = min(hi, a + step)
+                items.append((src, a, b, pl.bucket, pl.offset + a * rowb, (b - a) * rowb))
+    msgs, cur, size = [], [], 0
+    for it in items:
+        if cur and size + it[5] > msg_bytes:
+            msgs.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += it[5]
+    if cur:
+        msgs.append(cur)
+    return msgs
+
+
+def scatter_message(buf: torch.Tensor, msg, descs, copies_by, rank: int, dst) -> None:
+    """Copy the planned slices out of a received message ``buf`` (uint8) into ``dst``."""
+    from dynamo_rl.refit.roles import dtype_from_name
+
+    pos = 0
+    for src, a, b, _, _, nb in msg:
+        d = descs[src]
+        pl = next(p for p in d.placement if p.rank == rank)
+        shape = d.local_shape(pl)
+        view = buf[pos : pos + nb].view(dtype_from_name(d.dtype)).view((b - a, *shape[1:]))
+        for c in copies_by[(rank, src)]:
+            lo, hi = max(a, c.src_box[0][0]), min(b, c.src_box[0][1])
+            if lo >= hi:
+                continue
+            sidx = (slice(lo - a, hi - a),) + tuple(slice(x, y) for x, y in c.src_box[1:])
+            d0 = c.dst_box[0][0] + (lo - c.src_box[0][0])
+            didx = (slice(d0, d0 + hi - lo),) + tuple(slice(x, y) for x, y in c.dst_box[1:])
+            dst[c.dst][didx].copy_(view[sidx])
+        pos += nb
+
+
+def copies_by_source(plan) -> dict[tuple[int, str], list]:
+    out: dict[tuple[int, str], list] = {}
+    for c in plan.copies:
+        out.setdefault((c.src_rank, c.src), []).append(c)
+    return out

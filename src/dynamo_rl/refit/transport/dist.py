@@ -29,9 +29,8 @@ import torch
 import torch.distributed as dist
 
 from dynamo_rl.refit._http import HTTPStatus, request
-from dynamo_rl.refit.errors import PublisherGoneError, RefitError, TransportError
-from dynamo_rl.refit.roles import dtype_from_name
-from dynamo_rl.refit.transport.base import Reader
+from dynamo_rl.refit.errors import PublisherGoneError, StaleVersionError, TransportError
+from dynamo_rl.refit.transport.base import Reader, copies_by_source, row_messages, scatter_message
 
 DEFAULT_MSG_BYTES = 256 << 20
 
@@ -193,37 +192,11 @@ class DistReader(Reader):
         return b
 
     def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:
-        rows = plan.row_ranges()
-        copies_by = {}
-        for c in plan.copies:
-            copies_by.setdefault((c.src_rank, c.src), []).append(c)
+        copies_by = copies_by_source(plan)
         moved, total = 0, plan.row_bytes
-        for rank in sorted({r for r, _ in rows}):
+        for rank in sorted(plan.by_rank()):
             addr = sources[rank]
-            # items: (src, r0, r1, bucket, byte offset, nbytes)
-            items = []
-            for (r, src), ivs in rows.items():
-                if r != rank:
-                    continue
-                d = descs[src]
-                pl = next(p for p in d.placement if p.rank == rank)
-                shape = d.local_shape(pl)
-                isz = dtype_from_name(d.dtype).itemsize
-                rowb = isz * (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
-                step = max(1, self.msg_bytes // rowb)
-                for lo, hi in ivs:
-                    for a in range(lo, hi, step):
-                        b = min(hi, a + step)
-                        items.append((src, a, b, pl.bucket, pl.offset + a * rowb, (b - a) * rowb))
-            msgs, cur, size = [], [], 0
-            for it in items:
-                if cur and size + it[5] > self.msg_bytes:
-                    msgs.append(cur)
-                    cur, size = [], 0
-                cur.append(it)
-                size += it[5]
-            if cur:
-                msgs.append(cur)
+            msgs = row_messages(plan, descs, rank, self.msg_bytes)
             try:
                 pg, _, backend = self._pg(rank, addr, deadline)
                 status, body = request(addr["http"] + "/dist/pull", {
@@ -231,8 +204,6 @@ class DistReader(Reader):
                     "messages": [[[it[3], it[4], it[5]] for it in m] for m in msgs],
                 }, timeout=max(1.0, deadline - time.monotonic()))
                 if status == 409:
-                    from dynamo_rl.refit.errors import StaleVersionError
-
                     raise StaleVersionError(f"source rank {rank}: {body.get('error')}; retry with the newer version")
                 if status != 200:
                     raise TransportError(f"source rank {rank}: /dist/pull failed: {body.get('error', body)}")
@@ -242,30 +213,12 @@ class DistReader(Reader):
                     work = pg.recv([buf], 0, 0)
                     if not work.wait(timedelta(seconds=max(1.0, deadline - time.monotonic()))):
                         raise PublisherGoneError(f"source rank {rank}: receive timed out")
-                    pos = 0
-                    for src, a, b, _, _, nb in m:
-                        d = descs[src]
-                        pl = next(p for p in d.placement if p.rank == rank)
-                        shape = d.local_shape(pl)
-                        dt = dtype_from_name(d.dtype)
-                        view = buf[pos : pos + nb].view(dt).view((b - a, *shape[1:]))
-                        for c in copies_by[(rank, src)]:
-                            lo, hi = max(a, c.src_box[0][0]), min(b, c.src_box[0][1])
-                            if lo >= hi:
-                                continue
-                            sidx = (slice(lo - a, hi - a),) + tuple(slice(x, y) for x, y in c.src_box[1:])
-                            d0 = c.dst_box[0][0] + (lo - c.src_box[0][0])
-                            didx = (slice(d0, d0 + hi - lo),) + tuple(slice(x, y) for x, y in c.dst_box[1:])
-                            dst[c.dst][didx].copy_(view[sidx])
-                        pos += nb
+                    scatter_message(buf, m, descs, copies_by, rank, dst)
                     moved += n
                     if progress is not None:
                         progress(moved, total)
-            except RefitError:
-                self._drop(addr["http"])
-                raise
             except Exception:
-                self._drop(addr["http"])
+                self._drop(addr["http"])  # a broken group is never reused
                 raise
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
