@@ -17,11 +17,12 @@ def gen_config(url: str, **kw) -> GenerationConfig:
     return GenerationConfig(dynamo=DynamoConfig(frontend_url=url), **kw)
 
 
-def read_records(stack) -> dict[str, dict]:
-    """Every worker's ``--record-file`` lines by ``request_id``; each record gets
-    ``"_instance_id"`` (the worker that wrote it). Duplicated request ids are an error."""
+def read_records(stack, workers=None) -> dict[str, dict]:
+    """Every worker's ``--record-file`` lines by ``request_id`` (``workers`` default: the
+    stack's live ones); each record gets ``"_instance_id"`` (the worker that wrote it).
+    Duplicated request ids are an error."""
     out: dict[str, dict] = {}
-    for w in stack.workers:
+    for w in stack.workers if workers is None else workers:
         path = Path(w.record_file)
         if not path.exists():
             continue

@@ -302,3 +302,28 @@ async def test_read_timeouts_are_retried_then_reported(fake):
             await gen.generate([[1]])
     assert "ReadTimeout" in e.value.last_error and e.value.last_status is None
     assert len(calls) >= 2 and e.value.missing == [(0, 0)]
+
+
+@pytest.mark.asyncio
+async def test_404_on_generation_is_model_not_served_listing_what_is(fake):
+    fake.handler = lambda path, body: (404, b"")
+    async with DynamoGeneration(_cfg(fake.url)) as gen:
+        await gen.model()
+        fake.models = []
+        with pytest.raises(ModelNotServedError) as e:
+            await gen.generate([[1], [2]])
+    assert "HTTP 404" in str(e.value) and "'tiny' is not served" in str(e.value) and "no worker is registered" in str(e.value)
+    assert sorted(e.value.missing) == [(0, 0), (1, 0)]
+    assert len([p for p, _ in fake.requests if p == "/v1/completions"]) <= 2  # not retried
+
+
+@pytest.mark.asyncio
+async def test_stream_closed_early_cancels_the_rest_and_the_client_stays_usable(fake):
+    async with DynamoGeneration(_cfg(fake.url, max_concurrency=2)) as gen:
+        agen = gen.stream([[i + 1] for i in range(20)], n=2, seed=0)
+        first = await agen.__anext__()
+        await agen.aclose()
+        assert first.generation_token_ids.dtype == torch.int64
+        assert len([p for p, _ in fake.requests if p == "/v1/completions"]) < 40
+        (s,), = await gen.generate([[3]])
+    assert s.prompt_token_ids.tolist() == [3]

@@ -2,7 +2,8 @@
 
 Every sample is compared with the worker's own ``--record-file`` line (same request id):
 ids, logprobs, prompt, finish reason, weights version, seed and worker must be identical.
-The frontend-kill test runs last in this module (it leaves the stack without a frontend).
+The worker- and frontend-kill tests run last in this module, in that order (they leave the
+stack with one worker, then without a frontend).
 """
 
 from __future__ import annotations
@@ -96,6 +97,29 @@ async def test_three_turns_contiguous_and_identical_through_completions_and_chat
             assert tail.endswith(f"<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n")
         assert len(comp.samples) == len(chat.samples) == 3
         assert torch.equal(comp.token_ids, chat.token_ids)
+
+
+@pytest.mark.asyncio
+async def test_worker_killed_mid_batch_every_sample_once_and_each_is_a_recorded_engine_output(stack):
+    """SIGKILL one of the two workers while 48 requests run: the frontend answers 503 for
+    the dead instance until discovery forgets it; the client retries; every sample comes
+    back exactly once and equals the record of the worker that produced it."""
+    workers = list(stack.workers)
+    assert len(workers) == 2
+    got = []
+    cfg = gen_config(stack.frontend_url, retry_deadline_s=60.0)
+    async with DynamoGeneration(cfg) as gen:
+        async for s in gen.stream([[1, 7, 8, 9 + i] for i in range(24)], n=2,
+                                  sampling=SamplingConfig(max_tokens=40), seed=3):
+            got.append(s)
+            if len(got) == 6:
+                stack.kill_worker(0)
+    keys = sorted((s.prompt_index, s.sample_index) for s in got)
+    assert keys == [(i, k) for i in range(24) for k in range(2)]
+    records = read_records(stack, workers)
+    for s in got:
+        assert_matches_record(s, record_of(records, s), seed=3 + s.sample_index)
+    assert len(stack.workers) == 1
 
 
 @pytest.mark.asyncio

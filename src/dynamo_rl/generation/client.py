@@ -25,13 +25,16 @@ Wire protocol (Dynamo 1.6.1 frontend, OpenAI routes):
 * Logprobs are the sampled tokens' (``logprobs: 1`` on completions, ``logprobs: true`` on
   chat), read from the OpenAI ``logprobs`` object and checked to align with the ids.
 
-Retries: connection refused/reset, timeouts and HTTP 502/503/504 are retried with
+Retries: connection refused/reset, timeouts and HTTP 502/503/504 (what the 1.6.1 frontend
+answers while a worker is gone or "not ready to serve requests yet") are retried with
 exponential backoff (50 ms doubling to 2 s, jittered; a small bounded loop, no retry
 library is installed) until ``GenerationConfig.retry_deadline_s`` has passed since the
 frontend was last seen answering (shared by all requests of the client, so a dead
 frontend fails a whole batch once, not once per request), then
 :class:`FrontendUnavailableError`. Other 4xx/5xx are not retried
-(:class:`RequestRejectedError` with the server's message). The first failing request
+(:class:`RequestRejectedError` with the server's message); a 404 on a generation route
+(the frontend deregisters a model ~15 s after its last worker is gone) is a
+:class:`ModelNotServedError` that lists the models served now. The first failing request
 ends the batch: the rest are cancelled and the error lists every missing
 ``(prompt_index, sample_index)``. A retried request is resent whole; a request that
 reached the worker before the connection broke may therefore appear twice in the
@@ -360,11 +363,14 @@ class DynamoGeneration:
                 "does not send them")
         version = _wire.optional_int(engine_data.get("weights_version") if isinstance(engine_data, dict) else None,
                                      f"{what}: weights_version")
+        finish = choice.get("finish_reason")
+        if not isinstance(finish, str):
+            raise ResponseFormatError(f"{what}: the choice has no finish_reason (got {finish!r})")
         text = choice.get("text") if not r.chat else (choice.get("message") or {}).get("content")
         return Sample(
             prompt_index=r.key[0], sample_index=r.key[1],
             prompt_token_ids=prompt, generation_token_ids=gen, generation_logprobs=logprobs,
-            finish_reason=str(choice.get("finish_reason")), weights_version=version,
+            finish_reason=finish, weights_version=version,
             worker_id=_wire.worker_id_of(nvext), text=text or "",
             request_id=body.get("id") if isinstance(body.get("id"), str) else None,
         )
@@ -399,6 +405,8 @@ class DynamoGeneration:
                         raise ResponseFormatError(
                             f"{url}: HTTP {resp.status_code} with a body that is not JSON: {resp.text[:300]!r}") from None
                 msg = _server_message(resp)
+                if resp.status_code == 404 and method == "POST" and isinstance(body, dict) and "model" in body:
+                    raise await self._model_gone(url, body["model"], msg)
                 if resp.status_code not in RETRY_STATUSES:
                     raise RequestRejectedError(
                         f"{method} {url} → HTTP {resp.status_code}: {msg} (not retried)",
@@ -419,6 +427,20 @@ class DynamoGeneration:
             h.counts["retries"] += 1
             await asyncio.sleep(self._backoff(attempt, deadline - waited))
             attempt += 1
+
+
+    async def _model_gone(self, url: str, model: str, msg: str) -> ModelNotServedError:
+        """A 404 on a generation route: the model is not (or no longer) served. Lists what is."""
+        try:
+            r = await self._client.get(self.base_url + "/v1/models")
+            served = [m["id"] for m in r.json().get("data", [])]
+        except Exception:  # noqa: BLE001 - the listing only improves the message
+            served = None
+        listing = ("unknown (/v1/models did not answer)" if served is None else
+                   ", ".join(served) if served else "none: no worker is registered with the frontend (are the workers up?)")
+        return ModelNotServedError(
+            f"POST {url} → HTTP 404 ({msg}): model {model!r} is not served by {self.base_url}; served now: "
+            f"{listing}. Not retried.", served=served or [])
 
 
 def _server_message(resp: httpx.Response) -> str:
