@@ -382,6 +382,20 @@ async def test_prefix_reuse_gives_the_same_result(model_a):
     assert (lps_of(results[True]) - lps_of(results[False])).abs().max().item() < 1e-5
 
 
+@pytest.mark.asyncio
+async def test_chunked_prefill_matches_hf(model_a):
+    """Prompts longer than prefill_chunk are prefilled in pieces: same logprobs and ids."""
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=4, prefill_chunk=3)
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        outs = await asyncio.gather(*[eng.complete(p, params) for p in PROMPTS])
+        for p, o in zip(PROMPTS, outs):
+            assert (lps_of(o) - hf_logprobs(model_a, p, ids_of(o))).abs().max().item() < 1e-5
+            assert ids_of(o) == hf_greedy(model_a, p, 12)
+    finally:
+        await eng.stop()
+
+
 def snapshot(eng):
     return {n: p.detach().clone() for n, p in eng.model.named_parameters()}
 

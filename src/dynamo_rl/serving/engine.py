@@ -188,6 +188,8 @@ class Engine:
         max_prefill_tokens: padded tokens (rows x longest row) per prefill forward; at
             least one request is always admitted.
         prefix_caching: re-use a free slot's keys/values for a prompt that extends them.
+        prefill_chunk: the longest piece of a prompt prefilled in one forward; longer
+            prompts are prefilled in several (same result, bounded activation memory).
         cuda_graphs: replay decode steps from captured CUDA graphs (default: on for CUDA).
     Raises:
         UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
@@ -196,7 +198,7 @@ class Engine:
     def __init__(self, model, *, eos_token_ids: Sequence[int], device="cpu", max_batch_size=64,
                  weights_version: int = 0, max_seq_len: int | None = None,
                  max_prefill_tokens: int = 8192, prefix_caching: bool = True,
-                 cuda_graphs: bool | None = None):
+                 prefill_chunk: int = 2048, cuda_graphs: bool | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.shape = _qwen3.describe_decoder(model)
@@ -205,6 +207,7 @@ class Engine:
         self.max_seq_len = int(max_seq_len or min(self.shape.max_position_embeddings, 4096))
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.prefix_caching = prefix_caching
+        self.prefill_chunk = int(prefill_chunk)
         self.weights_version = int(weights_version)
         self.paused = False
         self.layout = {"tp_rank": 0, "tp_size": 1}
@@ -676,8 +679,7 @@ class Engine:
             if self._graphs is not None and all(len(row) == 1 for row in rows):
                 logits = self._graphs.run([row[0] for row in rows], slots, starts)
             else:
-                batch = _qwen3.make_batch(rows, slots, starts, self.device)
-                logits = _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+                logits = self._prefill(rows, slots, starts)
             return _sampling.sample(
                 logits,
                 [r.params.temperature for r in reqs],
@@ -685,6 +687,24 @@ class Engine:
                 [r.params.top_p for r in reqs],
                 [r.generator for r in reqs],
             )
+
+    def _prefill(self, rows: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
+        """Eager forward of the rows in chunks of ``prefill_chunk`` tokens (bounded activation
+        memory for long prompts); returns each row's last logits ``[B, vocab]``."""
+        chunk = self.prefill_chunk
+        if max(len(r) for r in rows) <= chunk:
+            batch = _qwen3.make_batch(rows, slots, starts, self.device)
+            return _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+        last: list[torch.Tensor | None] = [None] * len(rows)
+        for offset in range(0, max(len(r) for r in rows), chunk):
+            part = [i for i, r in enumerate(rows) if len(r) > offset]
+            batch = _qwen3.make_batch([rows[i][offset:offset + chunk] for i in part], [slots[i] for i in part],
+                                      [starts[i] + offset for i in part], self.device)
+            logits = _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+            for j, i in enumerate(part):
+                if offset + chunk >= len(rows[i]):
+                    last[i] = logits[j]
+        return torch.stack(last)
 
     def _finish_reason(self, req: _Request, token: int) -> str | None:
         if req.abort_requested:
