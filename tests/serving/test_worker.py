@@ -117,7 +117,7 @@ def test_token_id_completion_returns_engine_ids_and_hf_logprobs(serving_stack, h
     ids, lps, data = completion_result(resp)
     assert len(ids) == 8 and len(lps) == 8
     assert resp["choices"][0]["finish_reason"] == "length"
-    assert data == {"weights_version": 0, "prompt_token_ids": PROMPT}
+    assert data == {"weights_version": 0, "prompt_token_ids": PROMPT, "finish_reason": "length"}
     assert_logprobs_match(hf_tiny, PROMPT, ids, lps)
     assert resp["nvext"]["worker_id"]["decode_worker_id"] in serving_stack.control_urls()
 
@@ -306,6 +306,34 @@ def test_pause_drains_in_flight_requests(serving_stack):
     assert sum(len(c["nvext"]["completion_token_ids"]) for c in toks) == 200
     assert toks[-1]["choices"][0]["finish_reason"] == "length"
     assert {c["nvext"]["engine_data"]["weights_version"] for c in toks} == {0}
+
+
+def test_pause_with_timeout_aborts_stragglers_visibly(serving_stack):
+    chunks: list[dict] = []
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True, "stream": True, "nvext": NVEXT}
+    t = threading.Thread(target=_stream, args=(serving_stack.frontend_url + "/v1/completions", body, chunks))
+    t.start()
+    deadline = time.monotonic() + 60
+    while not chunks:
+        assert time.monotonic() < deadline, "no token arrived"
+        time.sleep(0.01)
+    aborted = 0
+    try:
+        for w in serving_stack.workers:
+            res = control(w, "pause_generation", {"timeout_s": 0.0})
+            aborted += res["aborted"]
+            assert info(w)["stats"]["requests_running"] == 0
+    finally:
+        for w in serving_stack.workers:
+            control(w, "resume_generation")
+    t.join(60)
+    last = [c for c in chunks if c["choices"]][-1]
+    n = sum(len(c["nvext"]["completion_token_ids"]) for c in chunks if c["choices"])
+    if aborted:   # (the request could have finished before the pause on a fast machine)
+        assert n < 240
+        assert last["nvext"]["engine_data"]["finish_reason"] == "abort"   # the OpenAI field says "stop"
+    else:
+        assert n == 240 and last["nvext"]["engine_data"]["finish_reason"] == "length"
 
 
 def test_flush_empties_the_kv_cache(serving_stack):

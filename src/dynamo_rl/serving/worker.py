@@ -20,7 +20,9 @@ and tokenize; :meth:`Worker.generate` receives the *preprocessed* request, a dic
 and yields one chunk per token: ``{"token_ids": [id], "index": 0, "log_probs": [lp],
 "engine_data": {"weights_version": v}}``; the last chunk adds ``finish_reason``
 (``stop``/``length``/``cancelled``) and ``completion_usage``, and its ``engine_data`` adds
-``prompt_token_ids`` (the prompt actually run, after any prefix splice). Logprobs are the
+``prompt_token_ids`` (the prompt actually run, after any prefix splice) and the engine's
+own ``finish_reason`` (``stop``/``length``/``abort``). Read that one: the 1.6.1 frontend
+reports a ``cancelled`` (aborted) stream as ``"stop"`` in the OpenAI ``finish_reason``. Logprobs are the
 engine's: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
 The stop/EOS token that ends a sequence IS emitted (it is part of the generation the
 trainer scores). ``n``/``best_of`` > 1 and beam search are refused (400); ``min_tokens``
@@ -53,6 +55,12 @@ rendered history, ids out of vocabulary, prompt too long) is refused by raising 
 (Yielding ``finish_reason: {"error": msg}`` instead gives a bare HTTP 500, and any other
 exception a 400/500 without the message.) (``nvext.token_data: [ids]`` on the chat endpoint replaces the
   rendered prompt entirely; the frontend handles it, the worker sees plain ``token_ids``.)
+
+Pause (drain): after ``pause_generation`` returns, no request is mid-stream: in-flight
+requests ran to their end on the current weights, or, with ``{"timeout_s": t}``, those
+still running after ``t`` seconds were ended at the next step (their last token carries
+engine finish_reason ``abort``). Requests arriving while paused wait at the worker and get
+no token until ``resume_generation``. So a response never mixes two weights versions.
 
 Control plane: routes on Dynamo's system server (``DYN_SYSTEM_PORT``, host
 ``DYN_SYSTEM_HOST``), registered with ``rt.register_engine_route``:
@@ -246,6 +254,7 @@ class Worker:
                         "total_tokens": len(prompt) + len(ids),
                     }
                     chunk["engine_data"]["prompt_token_ids"] = prompt
+                    chunk["engine_data"]["finish_reason"] = out.finish_reason
                     yield chunk
                     break
                 yield chunk
