@@ -72,7 +72,7 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
     """One line per problem: ``source: dotted.key: what is wrong (and the likely fix)``."""
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+        loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             known = _known_keys(model, loc)
