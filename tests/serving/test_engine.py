@@ -94,7 +94,8 @@ async def test_logprobs_and_greedy_match_hf_cuda(model_a, model_b, cuda_graphs):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     model = fresh(model_a).to("cuda")
-    eng = Engine(model, eos_token_ids=[EOS], device="cuda", max_batch_size=16, cuda_graphs=cuda_graphs)
+    eng = Engine(model, eos_token_ids=[EOS], device="cuda", max_batch_size=16, cuda_graphs=cuda_graphs,
+                 prefill_chunk=4)  # chunked prefill too
     try:
         await check_numerics(eng, model, "cuda")
         # adopt=True gives the parameters new storage: captured graphs must follow
@@ -380,6 +381,22 @@ async def test_prefix_reuse_gives_the_same_result(model_a):
         assert hits == (len(turn1) + 9 if caching else 0)  # all but the last generated token
     assert ids_of(results[True]) == ids_of(results[False])
     assert (lps_of(results[True]) - lps_of(results[False])).abs().max().item() < 1e-5
+
+
+@pytest.mark.asyncio
+async def test_group_of_identical_prompts_is_prefilled_once(engine, model_a):
+    """n samples of one prompt (a GRPO group) share one prefill; each is still exact."""
+    sampled = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = await asyncio.gather(*[engine.complete(PROMPTS[2], p) for p in sampled],
+                                engine.complete(PROMPTS[2], greedy), engine.complete(PROMPTS[2], greedy),
+                                engine.complete(PROMPTS[0], greedy))
+    assert engine.stats["prefill_shared_tokens"] == 5 * len(PROMPTS[2])
+    assert engine.stats["prefill_batches"] == 1
+    for p, o in zip([PROMPTS[2]] * 6 + [PROMPTS[0]], outs):
+        assert (lps_of(o) - hf_logprobs(model_a, p, ids_of(o))).abs().max().item() < 1e-5
+    assert ids_of(outs[4]) == ids_of(outs[5]) == hf_greedy(model_a, PROMPTS[2], 12)
+    assert len({tuple(ids_of(o)) for o in outs[:4]}) == 4  # the seeds differ, so do the samples
 
 
 @pytest.mark.asyncio

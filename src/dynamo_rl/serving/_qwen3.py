@@ -150,6 +150,12 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy positions ``0 .. length - 1`` of slot ``src`` into slot ``dst`` (every layer)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
+
 
 @dataclass
 class Batch:

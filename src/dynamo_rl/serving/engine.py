@@ -27,7 +27,9 @@ Prefix reuse
     only the rest (``stats["prefix_cache_hit_tokens"]``): turn N+1 of a multi-turn rollout
     re-uses turn N. :meth:`Engine.flush_cache` drops all of them
     (``stats["kv_cache_tokens"]`` becomes 0); :meth:`Engine.load_weights` drops them too,
-    since keys/values computed by old weights must not serve a new version.
+    since keys/values computed by old weights must not serve a new version. Identical
+    prompts admitted together (a GRPO group: n samples of one prompt) are prefilled once;
+    the others get a copy of its keys/values (``stats["prefill_shared_tokens"]``).
 
 Logprobs
     The logprob of every sampled token is ``log_softmax(logits.float())`` at that token:
@@ -232,7 +234,7 @@ class Engine:
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
         self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
-                              prefix_cache_hit_tokens=0, requests_finished=0)
+                              prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -444,7 +446,9 @@ class Engine:
     @property
     def stats(self) -> dict:
         """Counters (ints): forward_passes, prefill_batches, decode_batches, max_decode_batch,
-        tokens_generated, prompt_tokens, prefix_cache_hit_tokens, requests_finished,
+        tokens_generated, prompt_tokens, prefix_cache_hit_tokens (prompt tokens whose keys/values
+        a free slot already held), prefill_shared_tokens (prompt tokens not computed because an
+        identical prompt was prefilled in the same batch), requests_finished,
         requests_running, requests_waiting, kv_cache_tokens (tokens whose keys/values the
         cache holds now), kv_cache_capacity_tokens."""
         return {
@@ -637,10 +641,13 @@ class Engine:
         else:
             rows = [[r.output[-1]] for r in reqs]
         starts = [len(self._slots[r.slot].tokens) for r in reqs]
+        # identical prompts admitted together (n samples of one prompt) are prefilled once
+        leader_of: dict[tuple[int, ...], int] = {}
+        leaders = [leader_of.setdefault(tuple(r.prompt), i) for i, r in enumerate(reqs)] if prefill else None
         self._busy = True
         try:
             ids, logprobs = await self._loop.run_in_executor(
-                self._executor, self._forward_and_sample, reqs, rows, starts)
+                self._executor, self._forward_and_sample, reqs, rows, starts, leaders)
         except Exception as exc:  # a failed forward ends these requests, the engine goes on
             error = EngineStoppedError(f"forward failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
@@ -655,6 +662,7 @@ class Engine:
         c["forward_passes"] += 1
         if prefill:
             c["prefill_batches"] += 1
+            c["prefill_shared_tokens"] += sum(len(rows[i]) for i, lead in enumerate(leaders) if lead != i)
         else:
             c["decode_batches"] += 1
             c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))
@@ -672,11 +680,24 @@ class Engine:
                 c["requests_finished"] += 1
         await self._notify()
 
-    def _forward_and_sample(self, reqs, rows, starts) -> tuple[list[int], list[float]]:
-        """Runs on the engine thread: one forward, then sampling."""
+    def _forward_and_sample(self, reqs, rows, starts, leaders=None) -> tuple[list[int], list[float]]:
+        """Runs on the engine thread: one forward, then sampling.
+
+        ``leaders[i]``: index of the request whose prefill request ``i`` shares (itself when
+        it leads); followers get the leader's keys/values copied into their slot and its logits.
+        """
         slots = [r.slot for r in reqs]
         with torch.no_grad():
-            if self._graphs is not None and all(len(row) == 1 for row in rows):
+            if leaders is not None and any(lead != i for i, lead in enumerate(leaders)):
+                own = sorted(set(leaders))
+                lead_logits = self._prefill([rows[i] for i in own], [slots[i] for i in own],
+                                            [starts[i] for i in own])
+                for i, lead in enumerate(leaders):
+                    if lead != i:
+                        self._cache.copy_slot(slots[lead], slots[i], len(reqs[i].prompt))
+                row_of = {lead: j for j, lead in enumerate(own)}
+                logits = lead_logits[torch.tensor([row_of[lead] for lead in leaders], device=lead_logits.device)]
+            elif self._graphs is not None and all(len(row) == 1 for row in rows):
                 logits = self._graphs.run([row[0] for row in rows], slots, starts)
             else:
                 logits = self._prefill(rows, slots, starts)
