@@ -21,7 +21,15 @@ pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
 
 
 def _alive(pids):
-    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    """The pids that still run (zombies count as gone)."""
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def test_scale_up_kill_crash_and_teardown(tiny_model_dir, tmp_path):
@@ -39,7 +47,7 @@ def test_scale_up_kill_crash_and_teardown(tiny_model_dir, tmp_path):
         pids = stack.pids()
 
         stack.kill_worker(1)                       # deliberate: no crash report
-        assert not psutil.pid_exists(w.pid) or psutil.Process(w.pid).status() == psutil.STATUS_ZOMBIE
+        assert _alive([w.pid]) == []
         assert [x.instance_id for x in stack.workers] == [first.instance_id]
         time.sleep(1.0)
         assert stack.failure is None
@@ -89,3 +97,38 @@ def test_a_worker_that_cannot_start_is_reported(tmp_path):
         stack.start()
     assert "worker-0.log" in str(e.value)
     assert stack.workers == [] and stack.frontend.popen.poll() is not None
+
+
+def test_children_die_with_a_killed_parent(tiny_model_dir, tmp_path):
+    """The parent is SIGKILLed (no cleanup at all): PR_SET_PDEATHSIG takes the stack down.
+
+    The parent starts the stack from a short-lived thread, as ``asyncio.to_thread`` would;
+    the stack must survive that thread and still die with the process.
+    """
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys, threading, time
+from dynamo_rl.serving.stack import LocalStack
+stack = LocalStack({str(tiny_model_dir)!r}, workers=1, run_dir={str(tmp_path / "run")!r}, quiet=True)
+t = threading.Thread(target=stack.start); t.start(); t.join()
+time.sleep(1.0)   # the starting thread is gone; the stack must still be up
+stack.check()
+print(json.dumps(stack.pids()), flush=True)
+time.sleep(600)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        assert line, "the parent did not start the stack"
+        pids = json.loads(line)
+        assert len(pids) >= 3 and len(_alive(pids)) == len(pids)
+    finally:
+        parent.kill()
+        parent.wait(30)
+    deadline = time.monotonic() + 60
+    while _alive(pids):
+        assert time.monotonic() < deadline, f"orphans left: {_alive(pids)}"
+        time.sleep(0.2)

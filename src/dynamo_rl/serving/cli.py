@@ -6,6 +6,7 @@ A thin shell over :class:`dynamo_rl.serving.stack.LocalStack`; the lead mounts
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -42,8 +43,15 @@ def serve(
     stack = LocalStack(model_path, served_model_name=served_model_name, workers=workers, run_dir=run_dir,
                        worker_threads=threads, device=device, dtype=dtype, record=record,
                        startup_timeout_s=startup_timeout, frontend_port=port)
+    def _sigterm(*_):  # `kill <pid>` tears the stack down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         stack.start()
+    except KeyboardInterrupt:
+        console.print("stopped during startup")
+        raise typer.Exit(130) from None
     except (StackError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None

@@ -25,13 +25,16 @@ publishers connect to the broker instead of binding 0.0.0.0); the frontend binds
 Crashes: a watcher thread polls the children; when one exits that was not stopped on
 purpose (``stop``/``kill_worker``), the stack logs which one with the tail of its log,
 records it in :attr:`LocalStack.failure`, and tears everything down. Children get
-``PR_SET_PDEATHSIG`` = SIGTERM, so they also go when this process dies without cleanup.
+``PR_SET_PDEATHSIG`` = SIGTERM, so they also go when this process dies without cleanup
+(they are forked by one long-lived thread of the stack, since the signal follows the
+forking thread).
 
 Must not import ``generation``, ``rl`` or ``k8s``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -185,6 +188,7 @@ class LocalStack:
         self.failure: str | None = None
         self._children: list[ChildProcess] = []
         self._history: list[ChildProcess] = []   # every child ever started (pids() after stop)
+        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
         self._env: dict[str, str] = {}
         self._next_index = 0
         self._lock = threading.RLock()
@@ -287,6 +291,9 @@ class LocalStack:
         with self._lock:
             self._children.clear()
             self.workers.clear()
+            spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.shutdown(wait=False)
 
     # ----------------------------------------------------------------- helpers
     def _say(self, msg: str) -> None:
@@ -326,8 +333,14 @@ class LocalStack:
         log_path = self.run_dir / "logs" / f"{name}.log"
         f = open(log_path, "wb")  # a fresh log per start (a stale line must not be read as current)
         try:
-            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                 cwd=str(self.run_dir), start_new_session=True, preexec_fn=_pdeathsig)
+            # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so every
+            # child is forked by the stack's own long-lived spawner thread, whatever thread
+            # calls start()/add_worker() (e.g. asyncio.to_thread).
+            if self._spawner is None:
+                self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dynamo-rl-stack-spawn")
+            p = self._spawner.submit(
+                subprocess.Popen, argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=str(self.run_dir), start_new_session=True, preexec_fn=_pdeathsig).result()
         finally:
             f.close()
         child = cls(name=name, popen=p, log_path=log_path, **kw)
