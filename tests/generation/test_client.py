@@ -327,3 +327,23 @@ async def test_stream_closed_early_cancels_the_rest_and_the_client_stays_usable(
         assert len([p for p, _ in fake.requests if p == "/v1/completions"]) < 40
         (s,), = await gen.generate([[3]])
     assert s.prompt_token_ids.tolist() == [3]
+
+
+@pytest.mark.asyncio
+async def test_requests_in_flight_never_exceed_max_concurrency(fake):
+    state = {"now": 0, "max": 0}
+
+    def handler(path, body):
+        with fake.lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        with fake.lock:
+            state["now"] -= 1
+        ids, lps = default_generation(body["prompt"], body)
+        return 200, ok_response(path, body, body["prompt"], ids, lps)
+    fake.handler = handler
+    async with DynamoGeneration(_cfg(fake.url, max_concurrency=3)) as gen:
+        out = await gen.generate([[i + 1] for i in range(8)], n=2, seed=0)
+    assert sum(len(r) for r in out) == 16
+    assert 1 < state["max"] <= 3

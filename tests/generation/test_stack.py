@@ -59,6 +59,8 @@ async def test_64_prompts_x_8_samples_equal_the_workers_records(stack):
             used.add(rec["request_id"])
             finish.add(s.finish_reason)
     assert len(used) == 512
+    assert finish == {"stop", "length"}  # both endings occur; a stop keeps its EOS id (2)
+    assert all(s.generation_token_ids[-1].item() == 2 for row in out for s in row if s.finish_reason == "stop")
     assert {s.worker_id for row in out for s in row} == {str(w.instance_id) for w in stack.workers}
     # the same seed gives the same ids (a seeded replay); logprobs then agree only to fp32
     # rounding, because the engine's numerics depend on the batch a request shares
