@@ -2,87 +2,88 @@
 
 Run: ``python -m dynamo_rl.serving.worker --model-path DIR --served-model-name NAME
 [--device cpu] [--dtype float32] [--namespace dynamo] [--component backend]
-[--max-batch-size 64] [--threads 1] [--record-file PATH]``. The same module runs in the
-local stack (:mod:`dynamo_rl.serving.stack`) and in a DynamoGraphDeployment pod.
+[--max-batch-size 64] [--threads 1] [--record-file PATH]``; the system server listens on
+``DYN_SYSTEM_HOST:DYN_SYSTEM_PORT``. The same module runs in the local stack
+(:mod:`dynamo_rl.serving.stack`) and in a DynamoGraphDeployment pod. Must not import
+``generation``, ``rl`` or ``k8s``. Everything below was verified against Dynamo 1.6.1.
 
-Data plane (Dynamo 1.6.1, low-level API): ``register_model(ModelInput.Tokens,
-ModelType.Chat | ModelType.Completions, ...)`` makes the frontend apply the chat template
-and tokenize; :meth:`Worker.generate` receives the *preprocessed* request, a dict::
+Data plane
+    ``register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ...)``
+    makes the frontend apply the chat template and tokenize; :meth:`Worker.generate` gets
+    the *preprocessed* request (``tests/serving/test_worker_mapping.py`` holds a real one)::
 
-    {"model", "token_ids": [int], "eos_token_ids": [int], "annotations": [str],
-     "stop_conditions": {"max_tokens", "stop", "stop_token_ids", "stop_token_ids_visible",
-                         "stop_token_ids_hidden", "min_tokens", "ignore_eos", ...},
-     "sampling_options": {"temperature", "top_p", "top_k", "seed", "n", "min_p", ...},
-     "output_options": {"logprobs", "prompt_logprobs", ...},
-     "routing": {...}, "mdc_sum": str, "extra_args": {"nvext": {...}}   # extra_args only if nvext was sent
-    }
+        {"model", "token_ids": [int], "eos_token_ids": [int], "annotations": [str],
+         "stop_conditions": {"max_tokens", "stop", "stop_token_ids", "stop_token_ids_visible",
+                             "stop_token_ids_hidden", "min_tokens", "ignore_eos", ...},
+         "sampling_options": {"temperature", "top_p", "top_k", "seed", "n", "best_of", ...},
+         "output_options": {"logprobs", "prompt_logprobs", ...}, "routing": {...},
+         "mdc_sum": str, "extra_args": {"nvext": {...}}}   # extra_args only when nvext was sent
 
-and yields one chunk per token: ``{"token_ids": [id], "index": 0, "log_probs": [lp],
-"engine_data": {"weights_version": v}}``; the last chunk adds ``finish_reason``
-(``stop``/``length``/``cancelled``) and ``completion_usage``, and its ``engine_data`` adds
-``prompt_token_ids`` (the prompt actually run, after any prefix splice) and the engine's
-own ``finish_reason`` (``stop``/``length``/``abort``). Read that one: the 1.6.1 frontend
-reports a ``cancelled`` (aborted) stream as ``"stop"`` in the OpenAI ``finish_reason``. Logprobs are the
-engine's: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
-The stop/EOS token that ends a sequence IS emitted (it is part of the generation the
-trainer scores). ``n``/``best_of`` > 1 and beam search are refused (400); ``min_tokens``
-and penalties are ignored; ``stop`` strings are matched by the frontend, which then
-cancels the stream (the worker sees ``context.is_stopped()`` and aborts the request).
+    It yields one chunk per token: ``{"token_ids": [id], "index": 0, "log_probs": [lp],
+    "engine_data": {"weights_version": v}}``. The last chunk adds ``finish_reason``
+    (``stop``/``length``/``cancelled``) and ``completion_usage``, and its ``engine_data``
+    adds ``prompt_token_ids`` (the prompt actually run, after any prefix splice) and the
+    engine's own ``finish_reason`` (``stop``/``length``/``abort``) — read that one: the
+    frontend reports an aborted (``cancelled``) stream as ``"stop"``. Logprobs are the
+    engine's: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
+    The EOS/stop token that ends a sequence is emitted (the trainer scores it).
+    ``n``/``best_of`` > 1 and beam search are refused; ``min_tokens`` and penalties are
+    ignored; ``stop`` strings are matched by the frontend, which then cancels the stream
+    (the worker sees ``context.is_stopped()`` and aborts the engine request).
 
-Channels through the 1.6.1 frontend (verified on ``/v1/completions`` and
-``/v1/chat/completions``, streaming and not):
+weights_version → client (every response)
+    The chunk's ``engine_data`` comes back as ``nvext.engine_data`` when the request asks
+    ``"nvext": {"extra_fields": ["engine_data", "worker_id", "completion_token_ids"]}``, on
+    ``/v1/completions`` and ``/v1/chat/completions``. Streaming: every chunk carries it.
+    Non-streaming: the LAST chunk's ``engine_data`` (``weights_version``,
+    ``prompt_token_ids``, ``finish_reason``). ``worker_id`` gives
+    ``nvext.worker_id.decode_worker_id`` = this worker's ``instance_id``;
+    ``completion_token_ids`` the generated ids. Extra top-level chunk keys and
+    ``disaggregated_params`` do not reach the client.
 
-- **weights_version → client**: the chunk's ``engine_data`` comes back as
-  ``nvext.engine_data`` when the request asks for it with
-  ``"nvext": {"extra_fields": ["engine_data", "worker_id", "completion_token_ids"]}``.
-  Streaming: on every chunk. Non-streaming: the LAST chunk's ``engine_data`` (so
-  ``{"weights_version", "prompt_token_ids"}``). ``worker_id`` gives
-  ``nvext.worker_id.decode_worker_id`` = this worker's ``instance_id``;
-  ``completion_token_ids`` gives the generated ids. Unknown top-level chunk keys and
-  ``disaggregated_params`` are dropped by the frontend.
-- **required_prefix_token_ids → worker**: 1.6.1 rejects unknown top-level body fields
-  (``extra_args`` too, although newer docs list it) and unknown ``nvext`` keys, but passes
-  ``nvext.annotations`` (a list of strings) through to the request's ``annotations``.
-  Send ``"nvext": {"annotations": ["required_prefix_token_ids:1,5,6,2"]}`` (comma-separated
-  ints; a JSON array after the colon is accepted too). A future ``extra_args
-  {"required_prefix_token_ids": [...]}`` is honoured as well. The worker then runs
-  ``splice_required_prefix(token_ids, prefix, eos)`` (eos = the tokenizer's eos token,
-  ``<|im_end|>`` for ChatML).
+required_prefix_token_ids → worker (multi-turn on the chat endpoint)
+    1.6.1 rejects unknown top-level body fields (``extra_args`` too, although newer docs
+    list it) and unknown ``nvext`` keys, but passes ``nvext.annotations`` (strings) through
+    as the request's ``annotations``. Send ``"nvext": {"annotations":
+    ["required_prefix_token_ids:1,5,6,2"]}`` (comma-separated ids; a JSON array after the
+    colon works too); ``extra_args.required_prefix_token_ids`` is honoured for newer
+    frontends. The worker runs ``splice_required_prefix(token_ids, prefix, eos)`` with the
+    tokenizer's eos (``<|im_end|>`` for ChatML). Alternative without splicing:
+    ``nvext.token_data: [ids]`` on the chat endpoint replaces the rendered prompt (the
+    frontend does it; the worker sees plain ``token_ids``).
 
-A request the worker cannot run (malformed annotation, a prefix that does not fit the
-rendered history, ids out of vocabulary, prompt too long) is refused by raising Dynamo's
-``InvalidArgument``: the client gets HTTP 400 with ``{"message": "<Type>: <reason>"}``.
-(Yielding ``finish_reason: {"error": msg}`` instead gives a bare HTTP 500, and any other
-exception a 400/500 without the message.) (``nvext.token_data: [ids]`` on the chat endpoint replaces the
-  rendered prompt entirely; the frontend handles it, the worker sees plain ``token_ids``.)
+Refused requests
+    A request the worker cannot run (malformed annotation, a prefix that does not fit the
+    rendered history, ids out of vocabulary, prompt too long, n > 1) raises Dynamo's
+    ``InvalidArgument``: the client gets HTTP 400 ``{"message": "<Type>: <reason>"}``.
+    (Yielding ``finish_reason: {"error": msg}`` gives a bare HTTP 500 instead; other
+    exceptions lose the message.)
 
-Pause (drain): after ``pause_generation`` returns, no request is mid-stream: in-flight
-requests ran to their end on the current weights, or, with ``{"timeout_s": t}``, those
-still running after ``t`` seconds were ended at the next step (their last token carries
-engine finish_reason ``abort``). Requests arriving while paused wait at the worker and get
-no token until ``resume_generation``. So a response never mixes two weights versions.
+Pause (drain)
+    After ``pause_generation`` returns, no request is mid-stream: in-flight requests ran to
+    their end on the current weights, or, with ``{"timeout_s": t}``, those still running
+    after ``t`` s were ended at the next step (engine finish_reason ``abort``). Requests
+    arriving while paused wait at the worker, without tokens, until ``resume_generation``.
+    ``update_weights`` is serialized and the engine drains before it swaps, so a response
+    never mixes two weights versions. ``flush_cache`` while requests run answers 409.
 
-Control plane: routes on Dynamo's system server (``DYN_SYSTEM_PORT``, host
-``DYN_SYSTEM_HOST``), registered with ``rt.register_engine_route``:
-``GET /engine/info``, ``POST /engine/pause_generation`` (``{"timeout_s"}`` optional),
-``/engine/resume_generation``, ``/engine/flush_cache``, ``/engine/update_weights``.
-Error reporting of engine routes in 1.6.1: a dict returned by the callback is always
-sent with HTTP 200; an exception raised in the callback becomes HTTP 500 with body
-``{"error": "Handler error", "message": "Python callback failed: <Type>: <msg>"}``.
-So our routes never raise: a failure is returned as ``{"error": msg, "status": code}``
-(HTTP 200 on the wire; clients must check for ``"error"``), with ``status`` 400 bad
-body, 404 checkpoint path missing / version never published, 409 stale version, 422
-tensors do not match the engine, 502 publisher gone or unreachable, 503 refit receiver or
-transport unavailable, 500 anything else.
+Control routes (``rt.register_engine_route``)
+    ``GET /engine/info``, ``POST /engine/pause_generation``, ``/engine/resume_generation``,
+    ``/engine/flush_cache``, ``/engine/update_weights`` (``{"version", "path"}`` or
+    ``{"version", "publisher", "transport"}``). How 1.6.1 reports route errors: a dict
+    returned by the callback always goes out with HTTP 200; an exception raised in it
+    becomes HTTP 500 ``{"error": "Handler error", "message": "Python callback failed:
+    <Type>: <msg>"}``. Our routes never raise: a failure is the dict ``{"error": msg,
+    "status": code}`` (HTTP 200 on the wire — check for ``"error"``), ``status`` 400 bad
+    body, 404 checkpoint dir missing / version never published, 409 stale version or
+    requests running, 422 tensors do not match the engine, 502 publisher gone, 503 refit
+    receiver or transport unavailable, 500 anything else.
 
-``update_weights`` is serialized (one at a time); the engine drains in-flight requests
-before it swaps (they finish on the old weights), so a response never mixes two
-versions. ``flush_cache`` while requests run answers 409 (pause first). The system server's ``/health`` turns ready
-once the model is registered (``rt.set_health_status(True)``; 1.6.1 ignores the
-deprecated ``DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS``). ``DYN_SYSTEM_PORT`` must be < 32768:
-1.6.1 parses it as a signed 16-bit integer and the worker fails at start otherwise.
-
-Must not import ``generation``, ``rl`` or ``k8s``.
+Health
+    The system server's ``/health`` answers ``ready`` once the model is registered
+    (``rt.set_health_status(True)``; 1.6.1 ignores the deprecated
+    ``DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS`` and would answer 503 otherwise).
+    ``DYN_SYSTEM_PORT`` must be < 32768: 1.6.1 parses it as a signed 16-bit integer.
 """
 
 from __future__ import annotations
@@ -196,10 +197,14 @@ class Worker:
     Args:
         engine: a started :class:`~dynamo_rl.serving.engine.Engine`.
         served_model_name: the model name the frontend lists.
-        message_eos_id: the token that ends a chat message (for prefix splicing).
+        model_path: the checkpoint directory (reported by ``/engine/info``).
+        message_eos_id: the token that ends a chat message (for prefix splicing); ``None``:
+            the request's first ``eos_token_ids``.
         device: where update_weights puts loaded tensors.
         record_file: if set, one JSON line per finished request is appended there.
-        instance_id: this worker's Dynamo instance id (set once the endpoint exists).
+
+    Attributes:
+        instance_id: this worker's Dynamo instance id (set by :func:`amain` once the endpoint exists).
     """
 
     def __init__(self, engine, *, served_model_name: str, model_path: str, message_eos_id: int | None,
@@ -214,7 +219,7 @@ class Worker:
         self._weights_lock = asyncio.Lock()
         self._receiver = None
         cfg = getattr(engine, "model_config", {}) or {}
-        self.context_window = cfg.get("max_position_embeddings")
+        self.context_window = getattr(engine, "max_seq_len", None) or cfg.get("max_position_embeddings")
 
     # ---------------------------------------------------------------- data plane
     async def generate(self, request: dict, context=None) -> AsyncIterator[dict]:
