@@ -132,3 +132,39 @@ time.sleep(600)
     while _alive(pids):
         assert time.monotonic() < deadline, f"orphans left: {_alive(pids)}"
         time.sleep(0.2)
+
+
+def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
+    """``dynamo-rl serve``: prints the frontend URL, serves, and Ctrl-C (SIGINT) stops everything."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dynamo_rl.cli", "serve", "--workers", "1", "--model-path",
+                             str(tiny_model_dir), "--run-dir", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        out = "".join(lines)
+        assert "Ctrl-C to stop" in out, out[-3000:]
+        url = re.search(r"http://127\.0\.0\.1:\d+(?=\s)", out.split("frontend (OpenAI API)")[1]).group(0)
+        assert re.search(r"http://127\.0\.0\.1:\d+/engine/info", out)
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        pids = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(pids) >= 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while _alive(pids):
+        assert time.monotonic() < deadline, f"left alive: {_alive(pids)}"
+        time.sleep(0.2)
