@@ -40,7 +40,20 @@ worker; a ``None`` key (id not known yet: a worker still starting) is probed lik
 candidate. Candidate form: every URL is probed and mapped by the instance_id it reports;
 unreachable candidates are ignored (pods starting or gone). A URL is
 ``scheme://host:port`` without a trailing path. Instances that the resolver confirms but
-/health does not list yet are refitted too (they are about to serve).
+/health does not list are refitted too: a worker about to register, or one whose Dynamo
+discovery lease expired while its process stalled (seen with 1.6.1's file backend after a
+~4 s SIGSTOP: the live worker is never routed to again, yet would still hold old weights).
+
+A Kubernetes resolver (the k8s module's job) is a callable with no arguments returning the
+candidate URLs, e.g.::
+
+    def dgd_worker_urls() -> list[str]:
+        pods = core_v1.list_namespaced_pod(ns, label_selector=f"nvidia.com/dynamo-graph-deployment-name={dgd}")
+        return [f"http://{p.status.pod_ip}:{system_port}" for p in pods.items
+                if p.status.pod_ip and p.status.phase == "Running"]
+
+(async callables work too). Pods that serve no ``/engine/info`` (the frontend's) are ignored
+as unreachable candidates, so the selector need not single out the workers.
 
 Instance ids are compared after normalisation: ints, decimal strings and ``0x`` hex strings
 become ``int``; other strings stay strings.
