@@ -30,6 +30,9 @@ def test_publish_pull_tp1_byte_identical_and_versions(tiny_sd):
         assert rep["tensors"] == len(specs) and rep["transport"] == "shm"
         assert rep["bytes"] == sum(t.numel() * 4 for t in sd.values())
         assert rep["overpull_factor"] == 1.0
+        assert rep["copy_ops"] == 1  # same layout: the whole bucket moves in one copy
+        flat = out["model.norm.weight"].untyped_storage()
+        assert all(t.untyped_storage().data_ptr() == flat.data_ptr() for t in out.values())
         # the arena is reused; new values arrive; the old tensors are untouched
         old = out["model.norm.weight"].clone()
         sd2 = {k: v + 1 for k, v in raw.items()}

@@ -12,6 +12,9 @@ memory or CUDA memory), then announces them:
   construction (every rank of ``group`` must construct its Publisher then).
 * Version N becomes visible (manifest served) only once all ``tp_size`` ranks registered N;
   before that a receiver gets 404 and polls.
+* ``layout_id`` hashes naming + config + descriptors; ``GET /manifest?version=N&layout=ID``
+  with the ID the receiver already holds returns the manifest without ``tensors`` /
+  ``model_config`` (versions of an unchanged layout cost a few hundred bytes).
 
 Every rank also serves ``GET /state`` → ``{rank, version, epoch, pid}``. ``epoch`` is a
 seqlock counter: odd while the arena is being overwritten. A receiver re-reads the state of
@@ -22,7 +25,7 @@ the ``dist`` transport's ``/dist/*`` routes.
 Manifest JSON::
 
     {"version": N, "naming": "hf"|"megatron", "model_config": {...HF config...},
-     "tp_size": S, "tensors": [{"name", "role", "global_shape", "dtype",
+     "tp_size": S, "layout_id": sha1, "tensors": [{"name", "role", "global_shape", "dtype",
         "placement": [{"rank", "dim", "start", "length", "bucket", "offset"}], "extras"}],
      "sources": {"0": {"rank": 0, "http": URL, "epoch": e, "pid": p, "shm": {...}, "dist": {...}}}}
 
@@ -35,6 +38,8 @@ Single-process use (the embedded trainer: TP=1, HF names, CPU)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -83,6 +88,7 @@ class Publisher:
         self._manifest: dict | None = None
         self._extra: dict = {}  # transport servers (nixl) by name
         self._want_nixl = transport == "nixl"
+        self._shm_addr: dict | None = None
         routes = {("GET", "/state"): self._state}
         if tp_rank == 0:
             routes[("GET", "/manifest")] = self._get_manifest
@@ -154,6 +160,7 @@ class Publisher:
                         self._arena.close()
                         self._dist.reset()
                     self._arena = Arena(named, bucket_bytes=self.bucket_bytes, device=device)
+                    self._shm_addr = None
                 if self._want_nixl:
                     self._bind_nixl()  # registration once per arena, reused across versions
                 self._arena.write(named)
@@ -184,7 +191,9 @@ class Publisher:
     def address(self) -> dict:
         a = {"rank": self.tp_rank, "http": self.http_url, "pid": os.getpid(), "epoch": self.epoch}
         if self._arena is not None:
-            a["shm"] = shm_address(self._arena)
+            if self._shm_addr is None:  # once per arena: IPC handles stay valid across versions
+                self._shm_addr = shm_address(self._arena)
+            a["shm"] = self._shm_addr
             a["dist"] = {"backend": "nccl" if self._arena.device.type == "cuda" else "gloo"}
             if "nixl" in self._extra:
                 a["nixl"] = self._extra["nixl"].address()
@@ -221,10 +230,14 @@ class Publisher:
             if len(ranks) == self.tp_size:
                 first = ranks[0]
                 merged = merge_descriptors(_descs(ranks[r]) for r in sorted(ranks))
+                tensors = [d.to_json() for d in merged.values()]
+                layout_id = hashlib.sha1(json.dumps(
+                    [first["naming"], first["model_config"], tensors], sort_keys=True, default=str
+                ).encode()).hexdigest()
                 self._manifest = {
                     "version": v, "naming": first["naming"], "model_config": first["model_config"],
-                    "tp_size": self.tp_size,
-                    "tensors": [d.to_json() for d in merged.values()],
+                    "tp_size": self.tp_size, "layout_id": layout_id,
+                    "tensors": tensors,
                     "sources": {str(r): dict(ranks[r]["address"], epoch=ranks[r]["epoch"]) for r in ranks},
                 }
                 for old in [k for k in self._pending if k <= v]:
@@ -243,6 +256,8 @@ class Publisher:
                 raise HTTPStatus(410, {"error": f"version {want} was replaced by {cur}", "current": cur})
         elif m is None:
             raise HTTPStatus(404, {"error": "nothing published yet", "current": None})
+        if q.get("layout") == m["layout_id"]:  # the receiver already holds this layout
+            return {k: v for k, v in m.items() if k not in ("tensors", "model_config")}
         return m
 
     # ------------------------------------------------------------------ lifecycle

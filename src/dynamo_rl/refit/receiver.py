@@ -13,13 +13,14 @@ its previous weights::
     await engine.load_weights(tensors, N, adopt=True)
 
 Destination tensors are freshly allocated on every pull (the engine adopts them as its
-storage), so a failed pull never touches live weights.
+storage), so a failed pull never touches live weights. They are views into ONE flat buffer
+laid out in source order, so that contiguous runs coalesce into few large copies (with an
+unchanged layout, one copy per source bucket). The manifest's ``layout_id`` lets repeat
+pulls skip re-sending and re-planning the descriptors.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping
 
@@ -35,7 +36,7 @@ from dynamo_rl.refit.errors import (
 )
 from dynamo_rl.refit.planner import TargetPlan, plan_target
 from dynamo_rl.refit.roles import TensorDescriptor
-from dynamo_rl.refit.transport.base import Reader, boot_id, get_reader
+from dynamo_rl.refit.transport.base import ALIGN, Reader, boot_id, get_reader
 
 
 class Receiver:
@@ -70,7 +71,7 @@ class Receiver:
         self._flip = 0
         self.last_version: int | None = None
         self._readers: dict[str, Reader] = {}
-        self._plans: dict[str, TargetPlan] = {}
+        self._layout: dict | None = None
 
     @classmethod
     def for_engine(cls, engine, **kw) -> "Receiver":
@@ -88,6 +89,8 @@ class Receiver:
         PublisherGoneError (unreachable).
         """
         url = publisher_url.rstrip("/") + f"/manifest?version={int(version)}"
+        if self._layout is not None:
+            url += f"&layout={self._layout['id']}"
         delay = 0.01
         while True:
             status, body = request(url, timeout=max(1.0, deadline - time.monotonic()))
@@ -108,18 +111,47 @@ class Receiver:
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    def plan(self, manifest: dict) -> TargetPlan:
-        """This rank's plan for a manifest (cached per tensor layout; raises MismatchError)."""
-        key_src = json.dumps([manifest["naming"], manifest["model_config"], manifest["tensors"]],
-                             sort_keys=True, default=str)
-        key = hashlib.sha1(key_src.encode()).hexdigest()
-        p = self._plans.get(key)
-        if p is None:
-            descs = {d["name"]: TensorDescriptor.from_json(d) for d in manifest["tensors"]}
-            p = plan_target(descs, manifest["naming"], manifest["model_config"], self.param_specs,
-                            self.tp_rank, self.tp_size)
-            self._plans = {key: p}  # keep the latest only
-        return p
+    def plan(self, manifest: dict) -> tuple[TargetPlan, dict]:
+        """This rank's ``(plan, descriptors)`` for a manifest, cached per ``layout_id``
+        (a manifest without ``tensors`` refers to the cached layout). Raises MismatchError."""
+        lid = manifest.get("layout_id")
+        if self._layout is not None and lid == self._layout["id"]:
+            return self._layout["plan"], self._layout["descs"]
+        if "tensors" not in manifest:
+            raise RefitError("the publisher sent a short manifest for a layout this receiver does not hold")
+        descs = {d["name"]: TensorDescriptor.from_json(d) for d in manifest["tensors"]}
+        p = plan_target(descs, manifest["naming"], manifest["model_config"], self.param_specs,
+                        self.tp_rank, self.tp_size)
+        self._layout = {"id": lid, "plan": p, "descs": descs, "dst": self._dst_layout(p, descs)}
+        self._sets = [None, None]
+        return p, descs
+
+    def _dst_layout(self, plan: TargetPlan, descs) -> tuple[dict[str, int], int]:
+        """Byte offsets of every destination tensor in one flat buffer, in source order
+        (so that an unchanged layout makes whole source buckets contiguous copies)."""
+        first: dict[str, tuple] = {}
+        for c in plan.copies:
+            pl = next(p for p in descs[c.src].placement if p.rank == c.src_rank)
+            key = (c.src_rank, pl.bucket, pl.offset, c.src_box[0][0])
+            if c.dst not in first or key < first[c.dst]:
+                first[c.dst] = key
+        order = sorted(self.param_specs, key=lambda n: first.get(n, (1 << 30,)))
+        offs, pos = {}, 0
+        for n in order:
+            shape, dt = self.param_specs[n]
+            offs[n] = pos
+            nbytes = torch.Size(shape).numel() * dt.itemsize
+            pos += -(-max(nbytes, 1) // ALIGN) * ALIGN
+        return offs, pos
+
+    def _allocate(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        offs, total = self._layout["dst"]
+        flat = torch.empty(max(total, 1), dtype=torch.uint8, device=self.device)
+        dst = {}
+        for n, (shape, dt) in self.param_specs.items():
+            nbytes = torch.Size(shape).numel() * dt.itemsize
+            dst[n] = flat[offs[n] : offs[n] + nbytes].view(dt).view(shape)
+        return dst, flat
 
     # ------------------------------------------------------------------ pull
     def pull(self, publisher_url: str, version: int, transport: str | None = None,
@@ -135,8 +167,9 @@ class Receiver:
             progress: optional ``callable(done_bytes, total_bytes)`` during the transfer.
         Returns:
             ``(tensors, report)``: HF-named tensors matching ``param_specs`` exactly, and
-            ``{"version", "bytes", "tensors", "seconds", "transport", "overpull_factor",
-            "moved_bytes", "overpull_by_role"}`` (bytes = destination bytes).
+            ``{"version", "bytes", "tensors", "seconds", "transfer_seconds", "transport",
+            "overpull_factor", "moved_bytes", "overpull_by_role"}`` (bytes = destination
+            bytes; transfer_seconds = the transport's data movement alone, incl. translation).
         Raises:
             StaleVersionError: ``version`` older than the last pulled one or than the
                 publisher's, or overwritten during the pull.
@@ -153,8 +186,7 @@ class Receiver:
                 "versions only move forward"
             )
         manifest = self.fetch_manifest(publisher_url, version, deadline)
-        plan = self.plan(manifest)
-        descs = {d["name"]: TensorDescriptor.from_json(d) for d in manifest["tensors"]}
+        plan, descs = self.plan(manifest)
         sources = {int(r): a for r, a in manifest["sources"].items()}
         used = sorted(plan.by_rank())
         name = transport or self.transport or self._auto(sources, used)
@@ -163,14 +195,16 @@ class Receiver:
             reader = self._readers[name] = get_reader(name, device=self.device,
                                                      **self.transport_options.get(name, {}))
         if self.double_buffer and self._sets[self._flip] is not None:
-            dst = self._sets[self._flip]
+            dst, flat = self._sets[self._flip]
         else:
-            dst = {n: torch.empty(s, dtype=dt, device=self.device) for n, (s, dt) in self.param_specs.items()}
+            dst, flat = self._allocate()
         for n, box in plan.fills:
             dst[n][tuple(slice(a, b) for a, b in box)].zero_()
+        t_xfer = time.monotonic()
         try:
             moved = reader.pull(plan, descs, sources, dst, version=version, deadline=deadline,
-                                progress=progress)
+                                progress=progress, flat=flat)
+            t_xfer = time.monotonic() - t_xfer
         except RefitError:
             raise
         except Exception as e:  # transport-level failure (socket closed, gloo error...)
@@ -181,13 +215,13 @@ class Receiver:
         self._check_sources(sources, used, version, deadline)
         self.last_version = version
         if self.double_buffer:
-            self._sets[self._flip] = dst
+            self._sets[self._flip] = (dst, flat)
             self._flip ^= 1
         nbytes = sum(t.numel() * t.element_size() for t in dst.values())
         report = {
             "version": version, "bytes": nbytes, "tensors": len(dst),
-            "seconds": time.monotonic() - t0, "transport": name,
-            "moved_bytes": moved,
+            "seconds": time.monotonic() - t0, "transfer_seconds": t_xfer, "transport": name,
+            "moved_bytes": moved, "copy_ops": getattr(reader, "last_ops", None),
             "overpull_factor": moved / plan.needed_bytes if plan.needed_bytes else 1.0,
             "overpull_by_role": plan.overpull_by_role,
         }

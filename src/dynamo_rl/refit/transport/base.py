@@ -133,12 +133,13 @@ class Reader:
         dst: destination tensors (already allocated, fills done).
         deadline: ``time.monotonic()`` limit; exceeding it raises PublisherGoneError.
         progress: optional ``callable(done_bytes, total_bytes)`` after each unit of work.
+        flat: optional uint8 tensor backing every ``dst`` tensor (enables coalesced copies).
     Returns: bytes moved over the transport.
     """
 
     name = "base"
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:  # pragma: no cover
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:  # pragma: no cover
         raise NotImplementedError
 
     def close(self) -> None:

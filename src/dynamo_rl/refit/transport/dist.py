@@ -191,7 +191,7 @@ class DistReader(Reader):
             b = self._buf[key] = torch.empty(max(n, 1), dtype=torch.uint8, device=dev)
         return b
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
         copies_by = copies_by_source(plan)
         moved, total = 0, plan.row_bytes
         for rank in sorted(plan.by_rank()):

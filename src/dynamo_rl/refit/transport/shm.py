@@ -17,7 +17,7 @@ import torch
 
 from dynamo_rl.refit.errors import PublisherGoneError, TransportError
 from dynamo_rl.refit.roles import dtype_from_name
-from dynamo_rl.refit.transport.base import Arena, Reader, boot_id
+from dynamo_rl.refit.transport.base import ALIGN, Arena, Reader, boot_id
 
 
 def shm_address(arena: Arena) -> dict:
@@ -52,6 +52,11 @@ def _attach(name: str, size: int, rank: int):
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
+
+
+def _rows_only(box, shape) -> bool:
+    """True when ``box`` restricts only dim 0 of a row-major tensor (a contiguous byte range)."""
+    return all(lo == 0 and hi == shape[d] for d, (lo, hi) in enumerate(box) if d > 0)
 
 
 class ShmReader(Reader):
@@ -99,10 +104,20 @@ class ShmReader(Reader):
             except BufferError:  # a tensor view is still alive; the mapping goes with it
                 pass
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None) -> int:
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
+        """Copy every planned slice from the mapped arenas into ``dst``.
+
+        When ``flat`` (the uint8 buffer backing every ``dst`` tensor) is given, copies that
+        are byte-contiguous on both sides (row ranges of contiguous tensors) and adjacent in
+        both the source bucket and ``flat`` are merged into one copy: with an unchanged
+        layout (S = T, same order) a whole bucket moves in a single ``copy_``.
+        """
         total = plan.needed_bytes
         done = 0
         cuda = False
+        runs: list[list] = []  # [rank, bucket, src_off, dst_off, nbytes]
+        strided = []
+        base = flat.data_ptr() if flat is not None else None
         for rank, copies in sorted(plan.by_rank().items()):
             bufs = self._open(rank, sources[rank])
             for c in copies:
@@ -110,17 +125,53 @@ class ShmReader(Reader):
                 pl = next(p for p in d.placement if p.rank == rank)
                 dt = dtype_from_name(d.dtype)
                 shape = d.local_shape(pl)
-                nbytes = torch.Size(shape).numel() * dt.itemsize
-                src = bufs[pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
-                src = src[tuple(slice(a, b) for a, b in c.src_box)]
-                out = dst[c.dst][tuple(slice(a, b) for a, b in c.dst_box)]
-                cuda = cuda or out.is_cuda or src.is_cuda
-                out.copy_(src, non_blocking=True)
-                done += c.numel * dt.itemsize
-                if progress is not None:
-                    progress(done, total)
+                out_t = dst[c.dst]
+                if base is not None and _rows_only(c.src_box, shape) and _rows_only(c.dst_box, out_t.shape):
+                    rowb = dt.itemsize * (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
+                    drowb = dt.itemsize * (torch.Size(out_t.shape[1:]).numel() if out_t.dim() > 1 else 1)
+                    n = (c.src_box[0][1] - c.src_box[0][0]) * rowb
+                    s_off = pl.offset + c.src_box[0][0] * rowb
+                    d_off = out_t.data_ptr() - base + c.dst_box[0][0] * drowb
+                    t_start = out_t.data_ptr() - base
+                    t_end = t_start + out_t.numel() * dt.itemsize
+                    runs.append([rank, pl.bucket, s_off, d_off, n, d_off == t_start, d_off + n == t_end])
+                else:
+                    strided.append((rank, pl, dt, shape, c))
+        runs.sort()
+        merged: list[list] = []  # [rank, bucket, src_off, dst_off, span, payload, ends_at_tensor_end]
+        for r in runs:
+            m = merged[-1] if merged else None
+            gap = r[2] - (m[2] + m[4]) if m else -1
+            # adjacent on both sides; a gap is allowed only when it is alignment padding
+            # (previous run ends its tensor, next run starts its tensor): copied along, unused
+            if (m and m[0] == r[0] and m[1] == r[1] and r[3] - (m[3] + m[4]) == gap
+                    and (gap == 0 or (0 < gap < ALIGN and m[6] and r[5]))):
+                m[4] += gap + r[4]
+                m[5] += r[4]
+                m[6] = r[6]
+            else:
+                merged.append([r[0], r[1], r[2], r[3], r[4], r[4], r[6]])
+        for rank, bucket, s_off, d_off, n, payload, _ in merged:
+            src = self._cache[rank][2][bucket][s_off : s_off + n]
+            out = flat[d_off : d_off + n]
+            cuda = cuda or out.is_cuda or src.is_cuda
+            out.copy_(src, non_blocking=True)
+            done += payload
+            if progress is not None:
+                progress(done, total)
+        for rank, pl, dt, shape, c in strided:
+            nbytes = torch.Size(shape).numel() * dt.itemsize
+            src = self._cache[rank][2][pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
+            src = src[tuple(slice(a, b) for a, b in c.src_box)]
+            out = dst[c.dst][tuple(slice(a, b) for a, b in c.dst_box)]
+            cuda = cuda or out.is_cuda or src.is_cuda
+            out.copy_(src, non_blocking=True)
+            done += c.numel * dt.itemsize
+            if progress is not None:
+                progress(done, total)
         if cuda:
             torch.cuda.synchronize()
+        self.last_ops = len(merged) + len(strided)
         return done
 
     def close(self) -> None:
