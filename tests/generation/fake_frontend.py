@@ -64,6 +64,7 @@ class FakeFrontend:
         self.lock = threading.Lock()
         self.port = 0
         self._conns: list[socket.socket] = []
+        self._stop_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -118,6 +119,10 @@ class FakeFrontend:
     def stop(self) -> None:
         """Stop listening and drop every open connection: new connections are refused.
         May be called from a handler (that request then gets no response)."""
+        with self._stop_lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -233,14 +233,14 @@ async def test_503_past_the_deadline_names_the_last_status(fake):
 
 @pytest.mark.asyncio
 async def test_frontend_gone_mid_batch_every_sample_returned_or_named(fake):
-    """The stand-in answers 4 requests and dies during the 5th: the error lists exactly the
+    """The stand-in answers (at most) 4 requests and dies during the 5th: the error lists exactly the
     samples that did not come back; the returned + missing ones cover every key once."""
     served = []
 
     def handler(path, body):
         served.append(body["seed"])
-        if len(served) == 5:
-            fake.stop()  # this request gets no answer; the next ones are refused
+        if len(served) >= 5:
+            fake.stop()  # requests from the 5th on get no answer; later connections are refused
         ids, lps = default_generation(body["prompt"], body)
         return 200, ok_response(path, body, body["prompt"], ids, lps)
     fake.handler = handler
@@ -252,7 +252,7 @@ async def test_frontend_gone_mid_batch_every_sample_returned_or_named(fake):
     assert len(got) == len(set(got)) and len(missing) == len(set(missing))
     assert not set(got) & set(missing)
     assert sorted(got + missing) == [(i, k) for i in range(4) for k in range(4)]
-    assert len(got) == 4 and "sample(s) not returned" in str(e.value)
+    assert 1 <= len(got) <= 4 and "sample(s) not returned" in str(e.value)  # ≤ 4 answers were sent
 
 
 @pytest.mark.asyncio
