@@ -4,7 +4,9 @@ One module-scoped :class:`LocalStack`; the tests run in file order and each move
 to a new, higher weights version ``v`` whose weights are ``build_tiny_model(TinyModelSpec(seed=v))``
 (the "trainer model"). A worker's greedy output is read through the frontend with
 ``nvext.backend_instance_id`` (Dynamo's direct routing to one instance) and compared with the
-trainer model's own greedy decode: equal token ids prove that worker serves those weights.
+trainer model's own greedy decode: equal token ids and logprobs (to 1e-4) prove that worker
+serves those weights. The stack tests build on each other (versions only move forward, the
+scale-up test leaves 4 workers): run the file as a whole.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dynamo_rl.refit.orchestrator import (
     refit_all_sync,
 )
 
-pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 PROMPT = [1, 30, 18, 35, 4, 11, 5, 2, 10]   # arbitrary ids of the 50-token character vocabulary
 GREEDY_TOKENS = 8
@@ -156,6 +158,23 @@ def _free_port() -> int:
 
 
 @pytest.mark.asyncio
+async def test_bad_arguments_and_unreachable_frontend_touch_nothing():
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    resolver = StaticResolver({})
+    with pytest.raises(ValueError, match="exactly one of 'path'"):
+        await refit_all(nobody, resolver, 1, {"path": "/x", "publisher": "http://p"})
+    with pytest.raises(ValueError, match="must not carry 'version'"):
+        await refit_all(nobody, resolver, 1, {"path": "/x", "version": 1})
+    with pytest.raises(ValueError, match="version must be an int >= 0"):
+        await refit_all(nobody, resolver, -1, {"path": "/x"})
+    with pytest.raises(ValueError, match="missing must be 'error' or 'warn'"):
+        await refit_all(nobody, resolver, 1, {"path": "/x"}, missing="ignore")
+    with pytest.raises(DiscoveryError, match=rf"frontend health {nobody}/health did not answer"):
+        await refit_all(nobody, resolver, 1, {"path": "/x"})
+
+
+@pytest.mark.stack
+@pytest.mark.asyncio
 async def test_discovery_maps_every_instance_and_rejects_bad_resolvers(stack):
     urls = stack.control_urls()
     assert len(urls) == 3
@@ -189,6 +208,7 @@ async def test_discovery_maps_every_instance_and_rejects_bad_resolvers(stack):
         await assert_serves(client, stack, 0, urls)
 
 
+@pytest.mark.stack
 def test_refit_from_checkpoint_path_every_worker_serves_trainer_weights(stack, checkpoints):
     path = checkpoints(1)
     report = refit_all_sync(stack.frontend_url, stack.control_urls, 1, {"path": path})
@@ -218,6 +238,7 @@ async def _assert_serves_all(stack, version):
         await assert_serves(client, stack, version, stack.control_urls())
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_refit_from_publisher(stack):
     publisher_mod = pytest.importorskip("dynamo_rl.refit.publisher")
@@ -233,6 +254,7 @@ async def test_refit_from_publisher(stack):
     await _assert_serves_all(stack, 2)
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_missing_warn_skips_instance_loudly(stack, checkpoints):
     urls = stack.control_urls()
@@ -257,6 +279,7 @@ async def _info_all(urls) -> dict:
         return {k: await info(client, u) for k, u in urls.items()}
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_failed_worker_stays_paused_others_resume_and_serve(stack, checkpoints):
     urls = stack.control_urls()
@@ -301,6 +324,7 @@ async def _stream(client, stack, prompt, max_tokens, first_chunk: asyncio.Event 
     return ids, versions, finish
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_in_flight_requests_complete_and_never_mix_versions(stack, checkpoints):
     old, new, n_tok = 10, 11, 48
@@ -327,6 +351,7 @@ async def test_in_flight_requests_complete_and_never_mix_versions(stack, checkpo
     assert after[1] == {new}
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_worker_started_during_refit_is_refitted_in_next_pass(stack, checkpoints):
     version = 12
@@ -347,6 +372,7 @@ async def test_worker_started_during_refit_is_refitted_in_next_pass(stack, check
     await _assert_serves_all(stack, version)
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_hung_worker_times_out_and_stays_paused(stack, checkpoints):
     """A worker that stops answering (SIGSTOP) after its pause: update_weights times out, is
@@ -385,6 +411,7 @@ async def test_hung_worker_times_out_and_stays_paused(stack, checkpoints):
         await assert_serves(client, stack, version, [k for k in urls if k in await routed(client, stack)])
 
 
+@pytest.mark.stack
 @pytest.mark.asyncio
 async def test_worker_killed_during_refit_is_named_others_serve_new_version(stack, checkpoints):
     version = 14
