@@ -369,7 +369,8 @@ class LocalStack:
         raise StackError(f"broker did not report its ports within 30 s\n{self._crash_report(c)}")
 
     def _start_frontend(self) -> None:
-        port = self.frontend_port or free_port()
+        # below the kernel's ephemeral range: no outgoing connection can take it meanwhile
+        port = self.frontend_port or free_port(below=32768)
         argv = [sys.executable, "-m", "dynamo.frontend", "--http-host", LOOPBACK, "--http-port", str(port),
                 "--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
         c = self._popen("frontend", argv, self._env)
