@@ -498,6 +498,10 @@ async def refit_all(frontend_url: str, resolver: Resolver, version: int, source:
                     on_event: Callable[[RefitEvent], Awaitable[None] | None] | None = None) -> RefitReport:
     """Refit every serving instance to weights ``version``; return when all serve it.
 
+    Run one refit at a time per fleet (the trainer's loop is the single caller): two
+    overlapping cycles would resume workers under each other's feet. Weights never mix
+    within a response either way, since the workers serialise ``update_weights``.
+
     Args:
         frontend_url: the Dynamo frontend, e.g. ``http://127.0.0.1:8000``; its ``/health``
             lists the instances to refit (filtered by ``endpoint``/``component``/``namespace``).
