@@ -434,10 +434,10 @@ class LocalStack:
                     try:
                         h = http.get(f"{self.frontend_url}/health").json()
                         seen = {i.get("instance_id") for i in h.get("instances", []) if i.get("endpoint") == "generate"}
+                        if want <= seen:
+                            return
                     except (httpx.HTTPError, ValueError):
-                        seen = set()
-                    if want <= seen:
-                        return
+                        pass
                 if time.monotonic() > deadline:
                     waiting = ", ".join(w.name for w in pending) or "frontend /health listing"
                     logs = "\n".join(f"--- {c.name} ({c.log_path}):\n{tail(c.log_path, 15)}" for c in self._children)
