@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from dynamo_rl.config import SamplingConfig
-from dynamo_rl.generation import Conversation, DynamoGeneration, FrontendUnavailableError
+from dynamo_rl.generation import (
+    ChatPrompt,
+    Conversation,
+    DynamoGeneration,
+    FrontendUnavailableError,
+    RequestRejectedError,
+)
 from dynamo_rl.models import load_tokenizer
 
 from .conftest import gen_config, read_records, record_of
@@ -99,6 +105,19 @@ async def test_three_turns_contiguous_and_identical_through_completions_and_chat
             assert tail.endswith(f"<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n")
         assert len(comp.samples) == len(chat.samples) == 3
         assert torch.equal(comp.token_ids, chat.token_ids)
+
+
+@pytest.mark.asyncio
+async def test_4xx_from_the_real_stack_are_not_retried_and_carry_the_workers_message(stack):
+    msgs = [{"role": "user", "content": "hi"}]
+    async with DynamoGeneration(gen_config(stack.frontend_url)) as gen:
+        with pytest.raises(RequestRejectedError) as e:  # a prefix claiming more messages than sent
+            await gen.generate([ChatPrompt(msgs, required_prefix_token_ids=[1, 2, 5, 2, 6, 2])])
+        assert e.value.status == 400 and "end-of-message tokens" in e.value.server_message
+        with pytest.raises(RequestRejectedError) as e:  # longer than the engine's context
+            await gen.generate([[1] + [5] * 300])
+        assert e.value.status == 400 and "max_seq_len" in e.value.server_message
+        assert gen.stats["retries"] == 0
 
 
 @pytest.mark.asyncio
