@@ -37,11 +37,12 @@ class DynamoOperator:
         if req.plural != "dynamographdeployments" or req.method != "GET" or not req.name or req.status != 200:
             return
         name = req.name
-        self.gets[name] = self.gets.get(name, 0) + 1
-        if name in self.done or self.gets[name] < self.ready_after:
-            return
-        self.done.add(name)
         obj = emu.objects[("dynamographdeployments", req.namespace, name)]
+        uid = obj["metadata"]["uid"]  # per object: a recreated DGD is reconciled anew
+        self.gets[uid] = self.gets.get(uid, 0) + 1
+        if uid in self.done or self.gets[uid] < self.ready_after:
+            return
+        self.done.add(uid)
         services = obj["spec"].get("services") or {c["name"]: c for c in obj["spec"].get("components") or []}
         emu.set_status("dynamographdeployments", name, {
             "state": self.state,
@@ -77,6 +78,7 @@ class KubeRayOperator:
         self.submissions: list[dict] = []
         self.job_cluster: dict[str, str] = {}
         self.cluster_uids: dict[str, str] = {}
+        self.created_jobs = 0
         emu.hooks.append(self.hook)
 
     def _provision(self, name: str, ns: str) -> None:
@@ -121,7 +123,10 @@ class KubeRayOperator:
             if self.rc_gets[req.name] == self.provision_after:
                 self._provision(req.name, ns)
         if req.plural == "rayjobs" and req.method == "POST":
-            emu.set_status("rayjobs", req.name, {"jobDeploymentStatus": "Initializing", "jobId": f"{req.name}-kd8wq"}, ns=ns)
+            self.job_cluster.pop(req.name, None)  # a new RayJob object: new job id, new cluster
+            self.created_jobs += 1
+            jid = f"{req.name}-kd8wq" + (f"{self.created_jobs}" if self.created_jobs > 1 else "")
+            emu.set_status("rayjobs", req.name, {"jobDeploymentStatus": "Initializing", "jobId": jid}, ns=ns)
         if req.plural == "rayjobs" and req.method == "GET":
             job = emu.objects.get(("rayjobs", ns, req.name))
             st = job.get("status") or {}

@@ -132,6 +132,32 @@ def test_run_without_wait_returns_after_start(kube, emu, infra):
     assert emu.get(*DGD_W)["metadata"]["ownerReferences"][0]["name"] == f"{RC}-x7k2p"
 
 
+def test_finished_rayjob_is_not_silently_reused(kube, emu, infra):
+    DynamoOperator(emu)
+    KubeRayOperator(emu)
+    infra.launch.ray_job = {"shutdownAfterJobFinishes": False}
+    assert run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", timing=FAST).exit_code == 0
+    emu.requests.clear()
+    with pytest.raises(KubeApiError, match="from an earlier run exists and has ended .*--recreate"):
+        run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", timing=FAST)
+    assert writes(emu, ok_only=False) == []
+    res = run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", recreate=True, timing=FAST)
+    assert res.exit_code == 0 and ("DELETE", "rayjobs", RC) in writes(emu)
+
+
+def test_two_dgds_are_both_owned_and_the_recipe_is_not_stamped(kube, emu, infra, caplog):
+    infra.dynamo["judge"] = infra.dynamo["serving"].model_copy(update={"name": "judge"})
+    DynamoOperator(emu)
+    ray = KubeRayOperator(emu)
+    res = run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", wait=False, timing=FAST)
+    uid = ray.cluster_uids[res.cluster]
+    for name in (DGD, "judge"):
+        assert emu.get("dynamographdeployments", name)["metadata"]["ownerReferences"] == [owner(res.cluster, uid)]
+    job = next(r.body for r in emu.requests if r.method == "POST" and r.plural == "rayjobs")
+    assert "dgd_name" not in recipe_in(job["spec"]["entrypoint"])["generation"]["dynamo"]
+    assert "2 DGDs declared: the recipe is not stamped" in caplog.text
+
+
 # ------------------------------------------------------------------ rollback
 
 

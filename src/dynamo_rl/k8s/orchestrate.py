@@ -545,6 +545,12 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
                 timing: Timing, progress: Progress) -> RunResult:
     infra = plan.infra
     assert plan.rayjob is not None
+    if not recreate:
+        old = kube.get(ObjRef.of(plan.rayjob))
+        if old is not None and rayjob_outcome(old).terminal:
+            raise KubeApiError(
+                f"RayJob {plan.rayjob['metadata']['name']} from an earlier run exists and has ended "
+                f"({rayjob_outcome(old).summary}); pass --recreate to start a new one, or run `down` first", 409)
     dgd_refs = _apply_dgds(kube, plan, rb, None, recreate, timing, progress)
     _wait_dgds(kube, plan, dgd_refs, timing, progress)
     a = rb.record(kube.apply(plan.rayjob, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
