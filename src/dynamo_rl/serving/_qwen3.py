@@ -8,7 +8,9 @@ post_attention_layernorm, mlp}``, ``model.norm``, ``lm_head``), optional q/k/v/o
 optional per-head ``q_norm``/``k_norm`` (Qwen3), grouped-query attention, any RoPE type the
 model's own ``rotary_emb`` implements (its cos/sin are tabulated once per position), a
 gated MLP (``down(act(gate(x)) * up(x))``), tied or untied ``lm_head``. Not supported
-(refused at construction): sliding-window layers, mixture-of-experts MLPs.
+(refused at construction): sliding-window layers, mixture-of-experts MLPs. RoPE types
+whose frequencies depend on the sequence length seen (``dynamic``) are tabulated once for
+``max_seq_len`` and so differ from HF below that length.
 
 KV cache layout: per layer one key and one value tensor
 ``[num_slots, n_kv_heads, max_seq_len, head_dim]`` in the model dtype. A request owns a
@@ -16,6 +18,9 @@ slot; the caller tracks how many positions of its slot are valid. Numerics follo
 ``transformers`` (RMSNorm in fp32 then cast back, RoPE tables computed in fp32 and cast
 to the model dtype, softmax of attention in fp32 inside SDPA) so that the logits match a
 plain HF forward of the same sequence to float round-off.
+
+:class:`DecodeGraphs` (CUDA) captures the decode step (one token per row) as CUDA graphs,
+padded to batch and width buckets, so that a step is one graph launch.
 
 Must not import any other ``dynamo_rl`` module.
 """
@@ -254,7 +259,7 @@ def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
         keys = k_cache[:, :, :width].index_select(0, batch.slots)
         values = v_cache[:, :, :width].index_select(0, batch.slots)
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=attn.scaling,
+        q, keys, values, attn_mask=mask, scale=getattr(attn, "scaling", head_dim ** -0.5),
         enable_gqa=q.shape[1] != keys.shape[1],
     )  # [B, H, T, D]
     return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj)

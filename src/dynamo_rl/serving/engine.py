@@ -404,7 +404,7 @@ class Engine:
         aborted = 0
         try:
             await asyncio.wait_for(self._wait_idle(), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # builtin TimeoutError from 3.11 on
             still = [s.owner for s in self._slots if s.owner is not None]
             for req in still:
                 req.abort_requested = True
