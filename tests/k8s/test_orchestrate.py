@@ -29,7 +29,12 @@ DGD_W = ("dynamographdeployments", DGD)
 
 @pytest.fixture
 def infra():
-    return load_infra(EXAMPLES / "infra.yaml")
+    infra = load_infra(EXAMPLES / "infra.yaml")
+    # bounded so that a broken fake fails with a WaitTimeout instead of waiting for minutes
+    infra.dynamo["serving"].ready_timeout_s = 30
+    infra.launch.cluster_ready_timeout_s = 30
+    infra.launch.job_timeout_s = 60
+    return infra
 
 
 def writes(emu, ok_only=True):
