@@ -269,8 +269,15 @@ async def test_missing_warn_skips_instance_loudly(stack, checkpoints):
     infos = await _info_all(urls)
     assert infos[skip]["weights_version"] == before
     assert all(infos[k]["weights_version"] == 3 for k in urls if k != skip)
-    # the default policy then brings the skipped one along
-    await refit_all(stack.frontend_url, stack.control_urls, 3, {"path": checkpoints(3)})
+    # the default policy then brings the skipped one along; concurrency=1 is a rolling refit:
+    # each worker goes pause → update → flush → resume before the next one is paused
+    events = []
+    await refit_all(stack.frontend_url, stack.control_urls, 3, {"path": checkpoints(3)}, concurrency=1,
+                    on_event=events.append)
+    order = sorted(urls, key=str)
+    stages = ["paused", "updated", "flushed", "resumed"]
+    assert [(e.instance_id, e.stage) for e in events] == \
+        [(i, st) for i in order for st in stages] + [(None, "pass_done")]
     await _assert_serves_all(stack, 3)
 
 
