@@ -52,11 +52,11 @@ def hf_logprobs(model, prompt, ids, device="cpu"):
     return torch.stack([lp[len(prompt) - 1 + i, t] for i, t in enumerate(ids)]).cpu()
 
 
-def hf_greedy(model, prompt, n, device="cpu"):
-    """``model.generate(do_sample=False)`` ids after the prompt (stops at EOS like the engine)."""
+def hf_greedy(model, prompt, n, device="cpu", eos=EOS):
+    """``model.generate(do_sample=False)`` ids after the prompt (stops at ``eos`` like the engine)."""
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt], device=device), do_sample=False,
-                             max_new_tokens=n, eos_token_id=EOS, pad_token_id=0)
+                             max_new_tokens=n, eos_token_id=eos, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -187,6 +187,33 @@ async def test_32_concurrent_requests_are_decoded_together(engine):
     for one, batched in zip(alone, results):  # batching does not change a request's result
         assert ids_of(one) == ids_of(batched)
         assert (lps_of(one) - lps_of(batched)).abs().max().item() < 1e-5
+
+
+@pytest.mark.asyncio
+async def test_churn_slot_reuse_stays_exact(model_a):
+    """Requests of different lengths arrive while others run and finish; 5 slots are reused
+    (some with prefix hits, some evicted). Every result equals a plain HF forward."""
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=5)
+    prompts = [[1] + [4 + (i * 5 + j * 3) % 45 for j in range(2 + i % 6)] for i in range(12)]
+    prompts += [p + [7, 8] for p in prompts[:4]]  # extend earlier prompts: prefix hits
+    jobs = []
+    try:
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_tokens=2 + (i * 7) % 13, temperature=0.0 if i % 2 else 0.8,
+                                    seed=i, ignore_eos=True)
+            jobs.append(asyncio.create_task(eng.complete(p, params)))
+            for _ in range(i % 3):
+                await asyncio.sleep(0.005)  # let some steps run before the next arrival
+        results = await asyncio.gather(*jobs)
+        stats = eng.stats
+    finally:
+        await eng.stop()
+    assert stats["prefix_cache_hit_tokens"] > 0 and stats["max_decode_batch"] == 5
+    for i, (p, outs) in enumerate(zip(prompts, results)):
+        assert len(outs) == 2 + (i * 7) % 13 and outs[-1].finish_reason == "length"
+        assert (lps_of(outs) - hf_logprobs(model_a, p, ids_of(outs))).abs().max().item() < 1e-5
+        if i % 2:
+            assert ids_of(outs) == hf_greedy(model_a, p, len(outs), eos=None)
 
 
 @pytest.mark.asyncio
