@@ -85,7 +85,8 @@ class Sample:
     ``prompt_token_ids`` int64 ``[P]`` (what the engine saw, including a spliced history),
     ``generation_token_ids`` int64 ``[G]`` (``G`` may be 0), ``generation_logprobs`` float32
     ``[G]`` (log-softmax of the raw logits, as the engine reports them), ``finish_reason``
-    (``"stop"``/``"length"``/...), ``weights_version`` of the weights that produced it,
+    (``"stop"``: the last id is the stop/EOS token; ``"length"``; ``"cancelled"``: the
+    engine aborted it, the ids are a prefix), ``weights_version`` of the weights that produced it,
     ``worker_id`` (Dynamo instance id, as a string), ``text`` the frontend's detokenized
     text (for chat histories only; never re-encoded), ``request_id`` the response's ``id``
     (``cmpl-<uuid>``; the worker records ``<uuid>``).
@@ -171,7 +172,7 @@ class DynamoGeneration:
 
     @property
     def stats(self) -> dict:
-        """``{"requests": int, "retries": int}`` since construction."""
+        """``{"requests": HTTP attempts, "retries": attempts that were retried}`` since construction."""
         return dict(self._health.counts)
 
     # -- model discovery -------------------------------------------------------------
