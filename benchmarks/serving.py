@@ -8,7 +8,7 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
   non-streaming ``/v1/completions`` with token-id prompts, ``ignore_eos`` so every request
   yields exactly ``--max-tokens`` tokens; ``c`` requests in flight at all times.
 - in-process: ``Engine.from_pretrained`` of the same checkpoint in this process, same torch
-  threads, ``c`` concurrent ``Engine.complete`` calls.
+  threads and event loop (uvloop) as the worker, ``c`` concurrent ``Engine.complete`` calls.
 
 tokens/s = generated tokens / wall seconds of the level (after one warm-up request per
 side). ``ratio`` = frontend / in-process. Each level is measured ``--repeats`` times,
@@ -149,7 +149,14 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # as the workers get it (before torch loads)
-    payload = asyncio.run(main_async(args))
+    try:  # the worker runs its engine under uvloop: do the same for the in-process side
+        import uvloop
+
+        payload = uvloop.run(main_async(args))
+        payload["event_loop"] = "uvloop"
+    except ImportError:  # pragma: no cover
+        payload = asyncio.run(main_async(args))
+        payload["event_loop"] = "asyncio"
     write_result("serving", payload, args.out)
 
 
