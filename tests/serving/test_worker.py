@@ -390,3 +390,28 @@ def test_update_weights_from_checkpoint(serving_stack, hf_tiny, tmp_path):
         resp = complete(serving_stack, PROMPT, max_tokens=8, temperature=0.0)
         assert resp["nvext"]["completion_token_ids"] == ref_greedy(new_model, PROMPT, 8)
         assert resp["nvext"]["engine_data"]["weights_version"] == 1
+
+
+def test_update_weights_from_refit_publisher(serving_stack):
+    """The other source of update_weights: pull version 2 from a refit Publisher (shm)."""
+    from dynamo_rl.refit.publisher import Publisher
+
+    model = distinct_model(seed=2)
+    gone = control(serving_stack.workers[0], "update_weights",
+                   {"version": 2, "publisher": "http://127.0.0.1:9/gone", "transport": "shm", "timeout_s": 5})
+    assert gone["status"] == 502 and "PublisherGoneError" in gone["error"], gone
+    assert info(serving_stack.workers[0])["weights_version"] == 1
+    pub = Publisher(transport="shm")
+    try:
+        pub.publish(2, dict(model.state_dict()), naming="hf", model_config=model.config.to_dict())
+        for w in serving_stack.workers:
+            res = control(w, "update_weights", {"version": 2, "publisher": pub.url, "transport": "shm"})
+            assert "error" not in res, res
+            assert res["version"] == 2 and res["source"] == "publisher" and res["transport"] == "shm"
+    finally:
+        pub.close()
+    for _ in serving_stack.workers:
+        resp = complete(serving_stack, PROMPT, max_tokens=8, temperature=0.0)
+        ids, lps, data = completion_result(resp)
+        assert ids == ref_greedy(model, PROMPT, 8) and data["weights_version"] == 2
+        assert_logprobs_match(model, PROMPT, ids, lps)
