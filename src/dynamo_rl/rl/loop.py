@@ -251,6 +251,10 @@ async def _train(cfg: Recipe, out: Path) -> int:
         if dyn.is_remote:
             frontend_url = None
             control_urls = list(cfg.refit.control_urls)
+            if not control_urls and dyn.dgd_name:
+                from dynamo_rl.refit.discovery import dgd_pod_resolver
+
+                control_urls = dgd_pod_resolver(dyn.dgd_name, dyn.namespace)
             if not control_urls:
                 raise ValueError(
                     "generation points at a deployment but refit.control_urls is empty: list the "
@@ -271,12 +275,22 @@ async def _train(cfg: Recipe, out: Path) -> int:
         gen = DynamoGeneration(cfg.generation, frontend_url=frontend_url)
         await gen.__aenter__()
         try:
-            publisher = Publisher(host=cfg.refit.publisher_host, transport=cfg.refit.transport)
+            host = cfg.refit.publisher_host
+            if dyn.dgd_name and host == "127.0.0.1":
+                from dynamo_rl.refit.discovery import pod_ip
+
+                host = pod_ip()   # the workers reach the trainer's publisher at the pod IP
+            publisher = Publisher(host=host, transport=cfg.refit.transport)
             stack.callback(publisher.close)
 
             from dynamo_rl.refit.orchestrator import RefitTimeouts, refit_all
 
-            resolver = local.control_urls if control_urls is None else (lambda: control_urls)
+            if control_urls is None:
+                resolver = local.control_urls
+            elif callable(control_urls):
+                resolver = control_urls
+            else:
+                resolver = (lambda: control_urls)
             timeouts = RefitTimeouts(update_s=cfg.refit.timeout_s)
 
             async def refit(version: int) -> dict:
