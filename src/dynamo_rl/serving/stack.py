@@ -145,6 +145,8 @@ class LocalStack:
         max_batch_size: engine batch limit per worker.
         stop_grace_s: seconds between SIGTERM and SIGKILL at teardown.
         quiet: no progress lines on stderr.
+        namespace: the workers' Dynamo namespace.
+        on_crash: called (from the watcher thread) with the crash report before teardown.
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
