@@ -29,12 +29,12 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamo_rl.config import Recipe
-from dynamo_rl.generation import check_contiguity
+from dynamo_rl.generation import Conversation
 from dynamo_rl.models import ensure_tiny_model, load_model, load_tokenizer
 from dynamo_rl.models.tiny import TinyModelSpec
 from dynamo_rl.rl.grpo import group_advantages, grpo_loss, logprob_mismatch, token_logprobs
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
-from dynamo_rl.rl.tasks import Problem, next_turn_ids, render_prompt, sample_problems, supervised_example, turn_reward
+from dynamo_rl.rl.tasks import Problem, sample_problems, supervised_example, turn_reward
 
 console = Console(highlight=False)
 
@@ -64,57 +64,36 @@ class Episode:
         return min(vs) if vs else None
 
 
-def _append_generation(ep: Episode, sample, tokenizer, target: str) -> None:
-    gen = sample.generation_token_ids.tolist()
-    lps = sample.generation_logprobs.tolist()
-    ep.ids += gen
-    ep.mask += [1] * len(gen)
-    ep.engine_logp += lps
-    ep.versions.add(sample.weights_version)
-    ep.finish_reasons.append(sample.finish_reason)
-    ep.gen_tokens += len(gen)
-    text = tokenizer.decode([t for t in gen if t != tokenizer.eos_token_id], skip_special_tokens=True)
-    ep.rewards.append(turn_reward(text.strip(), target))
-
-
 async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, sampling, seed: int) -> list[Episode]:
     """Generate ``group`` episodes per problem through the frontend, turn by turn.
 
-    Turn N+1's prompt is the episode's ids so far (turn N's prompt + generation, verbatim)
-    plus the tokens of only the new user message (``tasks.next_turn_ids``).
+    Each episode is a :class:`~dynamo_rl.generation.Conversation` on the completion route:
+    turn N+1's prompt is turn N's prompt + generation ids verbatim plus the tokens of only
+    the new user message, checked for contiguity against what the engine saw.
     Returns episodes ordered problem-major (the ``group`` samples of a problem are contiguous).
     """
-    first = [render_prompt(tokenizer, [{"role": "user", "content": p.turns[0].user}]) for p in problems]
-    results = await gen.generate(first, n=group, sampling=sampling, seed=seed)
-    episodes: list[Episode] = []
-    for pi, samples in enumerate(results):
-        for s in samples:
-            ep = Episode(problem_index=pi, ids=s.prompt_token_ids.tolist())
-            ep.mask = [0] * len(ep.ids)
-            ep.engine_logp = [0.0] * len(ep.ids)
-            _append_generation(ep, s, tokenizer, problems[pi].turns[0].target)
-            episodes.append(ep)
-    for t in range(1, max(len(p.turns) for p in problems)):
-        prompts, idx = [], []
-        for i, ep in enumerate(episodes):
-            turns = problems[ep.problem_index].turns
-            if t >= len(turns):
-                continue
-            msgs = []
-            for k in range(t):
-                msgs += [{"role": "user", "content": turns[k].user}, {"role": "assistant", "content": "x"}]
-            msgs.append({"role": "user", "content": turns[t].user})
-            new = next_turn_ids(tokenizer, msgs, ep.ids)
-            ep.ids += new
-            ep.mask += [0] * len(new)
-            ep.engine_logp += [0.0] * len(new)
-            prompts.append(list(ep.ids))
-            idx.append(i)
-        out = await gen.generate(prompts, n=1, sampling=sampling, seed=seed + 7919 * t)
-        for i, samples in zip(idx, out):
-            s = samples[0]
-            check_contiguity(episodes[i].ids, s.prompt_token_ids, what=f"episode {i} turn {t + 1} prompt")
-            _append_generation(episodes[i], s, tokenizer, problems[episodes[i].problem_index].turns[t].target)
+    convs = [Conversation(gen, tokenizer=tokenizer) for _ in problems for _ in range(group)]
+    episodes = [Episode(problem_index=pi) for pi in range(len(problems)) for _ in range(group)]
+
+    async def turn(i: int, t: int) -> None:
+        ep, turns = episodes[i], problems[episodes[i].problem_index].turns
+        if t >= len(turns):
+            return
+        s = await convs[i].step([{"role": "user", "content": turns[t].user}], sampling=sampling,
+                                seed=seed + 7919 * t + i)
+        new_prompt = s.prompt_token_ids.tolist()[len(ep.ids):]
+        gen_ids = s.generation_token_ids.tolist()
+        ep.ids += new_prompt + gen_ids
+        ep.mask += [0] * len(new_prompt) + [1] * len(gen_ids)
+        ep.engine_logp += [0.0] * len(new_prompt) + s.generation_logprobs.tolist()
+        ep.versions.add(s.weights_version)
+        ep.finish_reasons.append(s.finish_reason)
+        ep.gen_tokens += len(gen_ids)
+        text = tokenizer.decode([t for t in gen_ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
+        ep.rewards.append(turn_reward(text.strip(), turns[t].target))
+
+    for t in range(max(len(p.turns) for p in problems)):
+        await asyncio.gather(*(turn(i, t) for i in range(len(episodes))))
     return episodes
 
 

@@ -12,10 +12,10 @@ in ``[0, 1]``, which punishes a wrong length; the episode reward is the mean ove
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dynamo_rl.config import TaskConfig
+from dynamo_rl.generation import render_ids
 from dynamo_rl.models.chat import new_message_start
 
 
@@ -50,29 +50,11 @@ def sample_problems(cfg: TaskConfig, rng: random.Random, n: int) -> list[Problem
     return out
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat-template ``messages`` with the generation prompt, as a list of token ids."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
-
-
-def next_turn_ids(tokenizer, messages: list[dict], history_ids: Sequence[int]) -> list[int]:
-    """Tokens of only the messages after ``history_ids`` (the rule of ``models.chat``).
-
-    ``messages`` is the whole conversation including the new user message; the returned
-    ids end with the generation prompt. Appending them to ``history_ids`` gives the next
-    prompt, which extends the previous prompt + generation ids byte-for-byte.
-    """
-    rendered = render_prompt(tokenizer, messages)
-    return rendered[new_message_start(rendered, history_ids, tokenizer.eos_token_id):]
-
-
 def supervised_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     """Teacher-forced ids of a whole episode and the mask of answer tokens (answer + eos).
 
-    Built with the same prompt rule as rollouts, so warm start and GRPO see identical ids.
+    Built with the rule rollouts use (``generation.Conversation``: history ids + tokens of
+    only the new messages), so warm start and GRPO see identical ids.
     Returns ``(ids, mask)``, two equal-length int lists.
     """
     messages: list[dict] = []
@@ -81,7 +63,8 @@ def supervised_example(tokenizer, problem: Problem) -> tuple[list[int], list[int
     eos = tokenizer.eos_token_id
     for turn in problem.turns:
         messages.append({"role": "user", "content": turn.user})
-        new = render_prompt(tokenizer, messages) if not ids else next_turn_ids(tokenizer, messages, ids)
+        rendered = render_ids(tokenizer, messages)
+        new = rendered[new_message_start(rendered, ids, eos):] if ids else rendered
         answer = tokenizer(turn.target, add_special_tokens=False).input_ids + [eos]
         ids += new + answer
         mask += [0] * len(new) + [1] * len(answer)
