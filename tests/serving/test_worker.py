@@ -384,6 +384,10 @@ def test_update_weights_from_checkpoint(serving_stack, hf_tiny, tmp_path):
     mismatch = control(w, "update_weights", {"version": 2, "path": str(wrong)})
     assert mismatch["status"] == 422 and "mlp" in mismatch["error"], mismatch
     assert control(w, "update_weights", {"path": str(ckpt)})["status"] == 400
+    late = control(w, "update_weights", {"version": 2, "path": str(ckpt), "deadline_unix_s": time.time() - 1})
+    assert late["status"] == 408 and "deadline" in late["error"]
+    late = control(w, "pause_generation", {"deadline_unix_s": time.time() - 1})
+    assert late["status"] == 408 and info(w)["paused"] is False
     # the failures left the served weights alone
     assert info(w)["weights_version"] == 1
     for _ in serving_stack.workers:

@@ -70,12 +70,15 @@ Pause (drain)
 Control routes (``rt.register_engine_route``)
     ``GET /engine/info``, ``POST /engine/pause_generation``, ``/engine/resume_generation``,
     ``/engine/flush_cache``, ``/engine/update_weights`` (``{"version", "path"}`` or
-    ``{"version", "publisher", "transport"}``). How 1.6.1 reports route errors: a dict
+    ``{"version", "publisher", "transport"}``). ``pause_generation`` and ``update_weights``
+    accept an optional ``deadline_unix_s`` (wall clock, seconds): arriving later (say the
+    worker was stopped while the caller timed out) they do nothing and answer 408, so a
+    request the caller gave up on is never applied behind its back. How 1.6.1 reports route errors: a dict
     returned by the callback always goes out with HTTP 200; an exception raised in it
     becomes HTTP 500 ``{"error": "Handler error", "message": "Python callback failed:
     <Type>: <msg>"}``. Our routes never raise: a failure is the dict ``{"error": msg,
     "status": code}`` (HTTP 200 on the wire — check for ``"error"``), ``status`` 400 bad
-    body, 404 checkpoint dir missing / version never published, 409 stale version or
+    body, 408 past ``deadline_unix_s``, 404 checkpoint dir missing / version never published, 409 stale version or
     requests running, 422 tensors do not match the engine, 502 publisher gone, 503 refit
     receiver or transport unavailable, 500 anything else.
 
@@ -351,7 +354,23 @@ class Worker:
             "pid": os.getpid(),
         }
 
+    @staticmethod
+    def _check_deadline(body: dict, what: str) -> None:
+        """Refuse a control request that arrives after ``body["deadline_unix_s"]`` (408).
+
+        A client that timed out (e.g. the worker was stopped) must not have its request
+        applied later, when the worker reads it from its socket buffer.
+        """
+        deadline = body.get("deadline_unix_s")
+        if deadline is None:
+            return
+        late = time.time() - float(deadline)
+        if late > 0:
+            raise RouteError(f"{what} arrived {late:.2f} s after its deadline_unix_s; nothing was done "
+                             "(the caller has given up on it)", 408)
+
     async def pause_generation(self, body: dict) -> dict:
+        self._check_deadline(body, "pause_generation")
         timeout = body.get("timeout_s")
         res = await self.engine.pause(timeout_s=None if timeout is None else float(timeout))
         return {"status": "ok", "paused": True, "weights_version": self.engine.weights_version, **(res or {})}
@@ -377,7 +396,9 @@ class Worker:
             raise RouteError(
                 "update_weights needs exactly one source: {'version', 'path': <safetensors dir>} or "
                 "{'version', 'publisher': <manifest URL>, 'transport': 'shm'|'dist'|'nixl'|null}", 400)
+        self._check_deadline(body, "update_weights")
         async with self._weights_lock:
+            self._check_deadline(body, "update_weights")
             current = self.engine.weights_version
             if version < current:
                 raise RouteError(
@@ -392,6 +413,7 @@ class Worker:
             else:
                 tensors, report = await self._pull(body)
                 report = {"source": "publisher", **dict(report)}
+            self._check_deadline(body, "update_weights")
             res = await self._load(tensors, version)
             res = {**report, **res, "seconds": res.get("seconds", time.perf_counter() - t0),
                    "total_seconds": time.perf_counter() - t0}
