@@ -206,6 +206,7 @@ def test_record_file_holds_every_finished_request(serving_stack):
     mine = [r for r in recs if r["prompt_token_ids"] == [1, 20, 21]]
     assert len(mine) == 1
     rec = mine[0]
+    assert resp["id"] == f"cmpl-{rec['request_id']}"   # the frontend's request id reaches the worker
     assert rec["token_ids"] == ids and rec["logprobs"] == pytest.approx(lps, abs=1e-6)
     assert rec["weights_version"] == 0 and rec["finish_reason"] == resp["choices"][0]["finish_reason"]
     assert rec["sampling"]["temperature"] == 0.0 and rec["sampling"]["max_tokens"] == 3
