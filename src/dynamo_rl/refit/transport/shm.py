@@ -65,6 +65,7 @@ class ShmReader(Reader):
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
         self._cache: dict[int, tuple[tuple, list, list[torch.Tensor]]] = {}
+        self._programs: dict = {}
 
     def _open(self, rank: int, address: dict) -> list[torch.Tensor]:
         a = address.get("shm")
@@ -96,6 +97,7 @@ class ShmReader(Reader):
         return bufs
 
     def _drop(self, rank: int) -> None:
+        self._programs.clear()  # programs hold views of the mappings
         key, keep, bufs = self._cache.pop(rank)
         bufs.clear()
         for mm in keep:
@@ -104,22 +106,27 @@ class ShmReader(Reader):
             except BufferError:  # a tensor view is still alive; the mapping goes with it
                 pass
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
-        """Copy every planned slice from the mapped arenas into ``dst``.
+    #: coalesced runs at least this long get their own copy (a cudaMemcpy at full bandwidth);
+    #: shorter ones go through one multi-tensor ``torch._foreach_copy_``
+    BIG_RUN = 256 << 10
 
-        When ``flat`` (the uint8 buffer backing every ``dst`` tensor) is given, copies that
-        are byte-contiguous on both sides (row ranges of contiguous tensors) and adjacent in
-        both the source bucket and ``flat`` are merged into one copy: with an unchanged
-        layout (S = T, same order) a whole bucket moves in a single ``copy_``.
-        """
-        total = plan.needed_bytes
-        done = 0
-        cuda = False
-        runs: list[list] = []  # [rank, bucket, src_off, dst_off, nbytes]
+    def _program(self, plan, descs, sources, dst, flat):
+        """Build (once per plan, source arenas and destination layout) the copy program:
+        coalesced byte runs split into big / small, plus strided copies, with every source
+        view precomputed. Offsets into ``flat`` are relative, so the program is reused for
+        every pull of the same layout."""
+        for r in sorted(plan.by_rank()):
+            self._open(r, sources[r])  # cached mapping / IPC handle (re-opened if re-allocated)
+        keys = tuple((r, self._cache[r][0]) for r in sorted(plan.by_rank()))
+        key = (id(plan), keys, flat is not None and flat.numel())
+        hit = self._programs.get(key)
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        runs: list[list] = []
         strided = []
         base = flat.data_ptr() if flat is not None else None
         for rank, copies in sorted(plan.by_rank().items()):
-            bufs = self._open(rank, sources[rank])
+            bufs = self._cache[rank][2]
             for c in copies:
                 d = descs[c.src]
                 pl = next(p for p in d.placement if p.rank == rank)
@@ -131,12 +138,16 @@ class ShmReader(Reader):
                     drowb = dt.itemsize * (torch.Size(out_t.shape[1:]).numel() if out_t.dim() > 1 else 1)
                     n = (c.src_box[0][1] - c.src_box[0][0]) * rowb
                     s_off = pl.offset + c.src_box[0][0] * rowb
-                    d_off = out_t.data_ptr() - base + c.dst_box[0][0] * drowb
                     t_start = out_t.data_ptr() - base
+                    d_off = t_start + c.dst_box[0][0] * drowb
                     t_end = t_start + out_t.numel() * dt.itemsize
                     runs.append([rank, pl.bucket, s_off, d_off, n, d_off == t_start, d_off + n == t_end])
                 else:
-                    strided.append((rank, pl, dt, shape, c))
+                    nbytes = torch.Size(shape).numel() * dt.itemsize
+                    src = bufs[pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
+                    src = src[tuple(slice(x, y) for x, y in c.src_box)]
+                    idx = tuple(slice(x, y) for x, y in c.dst_box)
+                    strided.append((src, c.dst, idx, c.numel * dt.itemsize))
         runs.sort()
         merged: list[list] = []  # [rank, bucket, src_off, dst_off, span, payload, ends_at_tensor_end]
         for r in runs:
@@ -151,27 +162,64 @@ class ShmReader(Reader):
                 m[6] = r[6]
             else:
                 merged.append([r[0], r[1], r[2], r[3], r[4], r[4], r[6]])
-        for rank, bucket, s_off, d_off, n, payload, _ in merged:
+        # destination segments: flat.split(sizes) yields every run's view in one call
+        order = sorted(range(len(merged)), key=lambda i: merged[i][3])
+        sizes, seg_of, pos = [], {}, 0
+        for i in order:
+            d_off, n = merged[i][3], merged[i][4]
+            if d_off > pos:
+                sizes.append(d_off - pos)
+            seg_of[i] = len(sizes)
+            sizes.append(n)
+            pos = d_off + n
+        if flat is not None and flat.numel() > pos:
+            sizes.append(flat.numel() - pos)
+        big, small_src, small_idx, small_bytes = [], [], [], 0
+        for i, (rank, bucket, s_off, _, n, payload, _) in enumerate(merged):
             src = self._cache[rank][2][bucket][s_off : s_off + n]
-            out = flat[d_off : d_off + n]
-            cuda = cuda or out.is_cuda or src.is_cuda
-            out.copy_(src, non_blocking=True)
+            if n >= self.BIG_RUN:
+                big.append((src, seg_of[i], payload))
+            else:
+                small_src.append(src)
+                small_idx.append(seg_of[i])
+                small_bytes += payload
+        prog = {"sizes": sizes, "big": big, "small": (small_src, small_idx, small_bytes),
+                "strided": strided, "ops": len(merged) + len(strided)}
+        self._programs = {key: (plan, prog)}
+        return prog
+
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
+        """Copy every planned slice from the mapped arenas into ``dst``.
+
+        When ``flat`` (the uint8 buffer backing every ``dst`` tensor) is given, copies that
+        are byte-contiguous on both sides (row ranges of contiguous tensors) and adjacent in
+        both the source bucket and ``flat`` are merged: with an unchanged layout (S = T, same
+        order) a whole bucket moves in a single ``copy_``. Short runs are batched into one
+        ``torch._foreach_copy_``; the program is cached per layout.
+        """
+        prog = self._program(plan, descs, sources, dst, flat)
+        total = plan.needed_bytes
+        done = 0
+        segs = flat.split(prog["sizes"]) if flat is not None and prog["sizes"] else ()
+        for src, i, payload in prog["big"]:
+            segs[i].copy_(src, non_blocking=True)
             done += payload
             if progress is not None:
                 progress(done, total)
-        for rank, pl, dt, shape, c in strided:
-            nbytes = torch.Size(shape).numel() * dt.itemsize
-            src = self._cache[rank][2][pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
-            src = src[tuple(slice(a, b) for a, b in c.src_box)]
-            out = dst[c.dst][tuple(slice(a, b) for a, b in c.dst_box)]
-            cuda = cuda or out.is_cuda or src.is_cuda
-            out.copy_(src, non_blocking=True)
-            done += c.numel * dt.itemsize
+        small_src, small_idx, small_bytes = prog["small"]
+        if small_src:
+            torch._foreach_copy_([segs[i] for i in small_idx], small_src, non_blocking=True)
+            done += small_bytes
             if progress is not None:
                 progress(done, total)
-        if cuda:
+        for src, name, idx, nbytes in prog["strided"]:
+            dst[name][idx].copy_(src, non_blocking=True)
+            done += nbytes
+            if progress is not None:
+                progress(done, total)
+        if self.device.type == "cuda" or any(b.is_cuda for _, _, bufs in self._cache.values() for b in bufs[:1]):
             torch.cuda.synchronize()
-        self.last_ops = len(merged) + len(strided)
+        self.last_ops = prog["ops"]
         return done
 
     def close(self) -> None:
