@@ -217,7 +217,10 @@ class ShmReader(Reader):
             done += nbytes
             if progress is not None:
                 progress(done, total)
-        if self.device.type == "cuda" or any(b.is_cuda for _, _, bufs in self._cache.values() for b in bufs[:1]):
+        if self.device.type == "cuda":
+            # only our stream: an engine decoding on other streams of the GPU is not stalled
+            torch.cuda.current_stream(self.device).synchronize()
+        elif any(b.is_cuda for _, _, bufs in self._cache.values() for b in bufs[:1]):
             torch.cuda.synchronize()
         self.last_ops = prog["ops"]
         return done
