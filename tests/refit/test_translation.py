@@ -110,3 +110,17 @@ def test_gated_fc1_and_vocab_padding_layout():
     assert vp == 256
     emb1 = shards[1]["embedding.word_embeddings.weight"]
     assert emb1.shape[0] == 128 and bool((emb1 == 9.0).all())  # rows 128.. are all padding
+
+
+def test_tied_lm_head_served_from_embeddings_and_sequential_experts():
+    hf, cfg = model("moe8", seed=4)  # tied embeddings
+    shards = hf_to_megatron(hf, cfg, 2, experts="sequential", fused_norms=False)
+    assert "decoder.layers.0.mlp.experts.local_experts.7.linear_fc1.weight" in shards[1]
+    descs = publish_local(shards)
+    for t in range(2):
+        ref = hf_to_engine(hf, cfg, t, 2)
+        specs = engine_specs(ref)
+        specs["lm_head.weight"] = specs["model.embed_tokens.weight"]  # an engine that keeps lm_head
+        out = apply_local(plan_target(descs, "megatron", cfg, specs, t, 2), dict(enumerate(shards)), specs)
+        assert torch.equal(out["lm_head.weight"], ref["model.embed_tokens.weight"])
+        assert all(torch.equal(out[n], ref[n]) for n in ref)
