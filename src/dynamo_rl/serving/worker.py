@@ -82,6 +82,12 @@ Control routes (``rt.register_engine_route``)
     requests running, 422 tensors do not match the engine, 502 publisher gone, 503 refit
     receiver or transport unavailable, 500 anything else.
 
+Shutdown
+    SIGTERM/SIGINT → ``rt.shutdown()`` (deregister, stop taking requests, let in-flight
+    ones finish); after ``--shutdown-grace-s`` (5 s) the engine is stopped, which ends the
+    requests still running or held by a pause (their clients get an error), so the
+    process exits instead of waiting for a resume that will never come.
+
 Health
     The system server's ``/health`` answers ``ready`` once the model is registered
     (``rt.set_health_status(True)``; 1.6.1 ignores the deprecated
@@ -523,8 +529,17 @@ async def amain(args: argparse.Namespace) -> None:
 
     loop = asyncio.get_running_loop()
     rt = DistributedRuntime(loop, args.discovery_backend, "tcp")
+
+    def on_signal() -> None:
+        # Stop taking requests and let in-flight ones finish (Dynamo's graceful shutdown);
+        # after args.shutdown_grace_s, end whatever still runs or waits (e.g. held by a
+        # pause) so that the process exits instead of waiting for a resume.
+        log.info("shutdown requested; in-flight requests get %.0f s", args.shutdown_grace_s)
+        rt.shutdown()
+        loop.call_later(args.shutdown_grace_s, lambda: loop.create_task(engine.stop()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, rt.shutdown)
+        loop.add_signal_handler(sig, on_signal)
     ep = rt.endpoint(f"{args.namespace}.{args.component}.{ENDPOINT_NAME}")
     worker.instance_id = ep.connection_id()
     for name, fn in worker.routes().items():
@@ -556,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
+    p.add_argument("--shutdown-grace-s", type=float, default=5.0,
+                   help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--discovery-backend", default=os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
                    choices=["file", "etcd", "kubernetes", "mem"])
     return p.parse_args(argv)
