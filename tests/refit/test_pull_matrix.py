@@ -32,3 +32,30 @@ def test_shm_pull_every_pair_megatron_gqa():
         finally:
             for p in pubs:
                 p.close()
+
+
+def test_dist_pull_direct_and_staged_paths():
+    """gloo in one process (publisher thread ↔ receiver): row-parallel tensors resharded to a
+    wider target travel as whole rows (staged, over-pull T/S); everything else goes straight
+    into the destination buffer."""
+    hf, cfg = model("gqa16_8", seed=8)
+    for S, T in ((1, 2), (2, 4), (4, 1)):
+        shards = hf_to_megatron(hf, cfg, S)
+        pubs = [Publisher(tp_rank=0, tp_size=S)]
+        pubs += [Publisher(tp_rank=r, tp_size=S, coordinator_url=pubs[0].url) for r in range(1, S)]
+        try:
+            for r, p in enumerate(pubs):
+                p.publish(1, shards[r], naming="megatron", model_config=cfg)
+            for t in range(T):
+                ref = hf_to_engine(hf, cfg, t, T)
+                with Receiver(tp_rank=t, tp_size=T, param_specs=engine_specs(ref),
+                              transport_options={"dist": {"msg_bytes": 4096}}) as recv:
+                    out, rep = recv.pull(pubs[0].url, 1, "dist", timeout_s=60)
+                assert rep["transport"] == "dist"
+                assert not [n for n in ref if not torch.equal(out[n], ref[n])], (S, T, t)
+                if T > S:
+                    assert rep["overpull_by_role"]["row"] == T / S
+                    assert rep["overpull_factor"] > 1.0
+        finally:
+            for p in pubs:
+                p.close()

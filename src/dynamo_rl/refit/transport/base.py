@@ -228,3 +228,61 @@ def copies_by_source(plan) -> dict[tuple[int, str], list]:
     for c in plan.copies:
         out.setdefault((c.src_rank, c.src), []).append(c)
     return out
+
+
+def _rows_only(box, shape) -> bool:
+    """True when ``box`` restricts only dim 0 of a row-major tensor (a contiguous byte range)."""
+    return all(lo == 0 and hi == shape[d] for d, (lo, hi) in enumerate(box) if d > 0)
+
+
+def contiguous_runs(plan, descs, dst, flat):
+    """Split a plan into byte runs and strided copies.
+
+    A copy that is a row range of a contiguous tensor on both sides is a byte run
+    ``source arena [s_off, s_off+n)`` → ``flat [d_off, d_off+n)`` (``flat``: the uint8 buffer
+    backing every ``dst`` tensor). Runs adjacent on both sides merge; a gap is allowed only
+    when it is alignment padding (the previous run ends its destination tensor and the next
+    starts its own), copied along and unused.
+
+    Returns:
+        ``(runs, strided)``: runs as ``[rank, bucket, s_off, d_off, span, payload, _]``
+        (payload = real bytes), sorted by source; ``strided`` = the remaining
+        :class:`~dynamo_rl.refit.planner.Copy` objects. Without ``flat`` every copy is strided.
+    """
+    from dynamo_rl.refit.roles import dtype_from_name
+
+    if flat is None:
+        return [], list(plan.copies)
+    base = flat.data_ptr()
+    runs: list[list] = []
+    strided = []
+    for c in plan.copies:
+        d = descs[c.src]
+        pl = next(p for p in d.placement if p.rank == c.src_rank)
+        dt = dtype_from_name(d.dtype)
+        shape = d.local_shape(pl)
+        out_t = dst[c.dst]
+        if _rows_only(c.src_box, shape) and _rows_only(c.dst_box, out_t.shape):
+            rowb = dt.itemsize * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+            drowb = dt.itemsize * (math.prod(out_t.shape[1:]) if out_t.dim() > 1 else 1)
+            n = (c.src_box[0][1] - c.src_box[0][0]) * rowb
+            s_off = pl.offset + c.src_box[0][0] * rowb
+            t_start = out_t.data_ptr() - base
+            d_off = t_start + c.dst_box[0][0] * drowb
+            t_end = t_start + out_t.numel() * dt.itemsize
+            runs.append([c.src_rank, pl.bucket, s_off, d_off, n, d_off == t_start, d_off + n == t_end])
+        else:
+            strided.append(c)
+    runs.sort()
+    merged: list[list] = []
+    for r in runs:
+        m = merged[-1] if merged else None
+        gap = r[2] - (m[2] + m[4]) if m else -1
+        if (m and m[0] == r[0] and m[1] == r[1] and r[3] - (m[3] + m[4]) == gap
+                and (gap == 0 or (0 < gap < ALIGN and m[6] and r[5]))):
+            m[4] += gap + r[4]
+            m[5] += r[4]
+            m[6] = r[6]
+        else:
+            merged.append([r[0], r[1], r[2], r[3], r[4], r[4], r[6]])
+    return merged, strided

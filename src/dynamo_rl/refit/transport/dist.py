@@ -6,13 +6,14 @@ Handshake (once per pair, reused across versions): the receiver POSTs
 in a background thread, builds its side of a ``ProcessGroupGloo``/``ProcessGroupNCCL``
 (rank 0 of 2); the receiver builds rank 1 with the returned store address.
 
-Transfer: the receiver turns its plan into whole-row byte ranges of the source shards
-(``TargetPlan.row_ranges``), packs them into messages of at most ``msg_bytes`` (a range
-larger than that is split on row boundaries) and POSTs the message list to
-``/dist/pull``. The publisher's connection thread packs each message from its arena into
-one reusable send buffer (a single-range message is sent straight from the arena) and
-``send``s it; the receiver ``recv``s into one reusable buffer and copies the planned
-slices out into the destination tensors. Timeouts come from the receiver's deadline; a
+Transfer: the receiver splits its plan (``base.contiguous_runs``) into byte runs — row
+ranges contiguous on both sides, merged when adjacent — and strided copies. Each run (cut
+at ``msg_bytes``) is a single-range message that the publisher sends straight from its
+arena and the receiver receives straight into its flat destination buffer: one copy per
+byte, no staging. Strided copies (row-parallel tensors resharded) move as whole rows
+(``TargetPlan.row_ranges``) packed into messages of at most ``msg_bytes``, received into
+one reusable buffer and copied out. The message list is POSTed to ``/dist/pull``; the
+publisher's connection thread sends them in order. Timeouts come from the receiver's deadline; a
 dead publisher surfaces as a gloo/NCCL error which the Receiver reports as
 ``PublisherGoneError``.
 """
@@ -30,7 +31,14 @@ import torch.distributed as dist
 
 from dynamo_rl.refit._http import HTTPStatus, request
 from dynamo_rl.refit.errors import PublisherGoneError, StaleVersionError, TransportError
-from dynamo_rl.refit.transport.base import Reader, copies_by_source, row_messages, scatter_message
+from dynamo_rl.refit.planner import TargetPlan
+from dynamo_rl.refit.transport.base import (
+    Reader,
+    contiguous_runs,
+    copies_by_source,
+    row_messages,
+    scatter_message,
+)
 
 DEFAULT_MSG_BYTES = 256 << 20
 
@@ -164,6 +172,7 @@ class DistReader(Reader):
         self.id = uuid.uuid4().hex
         self._pgs: dict[str, tuple] = {}
         self._buf: dict[str, torch.Tensor] = {}
+        self._programs: dict = {}
 
     def _pg(self, rank: int, addr: dict, deadline: float):
         key = addr["http"]
@@ -191,28 +200,68 @@ class DistReader(Reader):
             b = self._buf[key] = torch.empty(max(n, 1), dtype=torch.uint8, device=dev)
         return b
 
+    def _program(self, plan, descs, dst, flat, rank):
+        """Per source rank: direct messages (byte runs received straight into ``flat``: one
+        copy per byte, single-range messages are sent straight from the arena) and staged
+        messages (whole rows, for strided copies). Cached per plan and layout."""
+        key = (id(plan), flat is not None and flat.numel(), rank)
+        hit = self._programs.get(key)
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        if (id(plan), "runs") not in self._programs or self._programs[(id(plan), "runs")][0] is not plan:
+            self._programs = {(id(plan), "runs"): (plan, contiguous_runs(plan, descs, dst, flat))}
+        runs, strided = self._programs[(id(plan), "runs")][1]
+        direct = []  # (bucket, s_off, n, d_off)
+        for r_rank, bucket, s_off, d_off, span, _, _ in runs:
+            if r_rank != rank:
+                continue
+            for k in range(0, span, self.msg_bytes):
+                n = min(self.msg_bytes, span - k)
+                direct.append((bucket, s_off + k, n, d_off + k))
+        sub = TargetPlan(plan.tp_rank, plan.tp_size, copies=[c for c in strided if c.src_rank == rank])
+        staged = row_messages(sub, descs, rank, self.msg_bytes) if sub.copies else []
+        prog = (direct, staged, copies_by_source(sub))
+        self._programs[key] = (plan, prog)
+        return prog
+
     def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
-        copies_by = copies_by_source(plan)
-        moved, total = 0, plan.row_bytes
+        moved, total = 0, plan.needed_bytes
         for rank in sorted(plan.by_rank()):
             addr = sources[rank]
-            msgs = row_messages(plan, descs, rank, self.msg_bytes)
+            direct, staged, copies_by = self._program(plan, descs, dst, flat, rank)
             try:
                 pg, _, backend = self._pg(rank, addr, deadline)
+                if backend == "gloo" and flat is not None and flat.is_cuda:
+                    direct_ok = False  # gloo cannot receive into CUDA memory: stage instead
+                else:
+                    direct_ok = True
+                if not direct_ok and direct:
+                    raise TransportError("gloo (CPU publisher) into a CUDA receiver: use transport='shm' "
+                                         "or publish from CUDA (NCCL)")
+                messages = [[[b, off, n]] for b, off, n, _ in direct]
+                messages += [[[it[3], it[4], it[5]] for it in m] for m in staged]
                 status, body = request(addr["http"] + "/dist/pull", {
                     "receiver_id": self.id, "version": version, "epoch": addr.get("epoch"),
-                    "messages": [[[it[3], it[4], it[5]] for it in m] for m in msgs],
+                    "messages": messages,
                 }, timeout=max(1.0, deadline - time.monotonic()))
                 if status == 409:
                     raise StaleVersionError(f"source rank {rank}: {body.get('error')}; retry with the newer version")
                 if status != 200:
                     raise TransportError(f"source rank {rank}: /dist/pull failed: {body.get('error', body)}")
-                for m in msgs:
-                    n = sum(it[5] for it in m)
-                    buf = self._recvbuf(backend, n)[:n]
-                    work = pg.recv([buf], 0, 0)
+
+                def wait(work):
                     if not work.wait(timedelta(seconds=max(1.0, deadline - time.monotonic()))):
                         raise PublisherGoneError(f"source rank {rank}: receive timed out")
+
+                for _, _, n, d_off in direct:
+                    wait(pg.recv([flat[d_off : d_off + n]], 0, 0))
+                    moved += n
+                    if progress is not None:
+                        progress(moved, total)
+                for m in staged:
+                    n = sum(it[5] for it in m)
+                    buf = self._recvbuf(backend, n)[:n]
+                    wait(pg.recv([buf], 0, 0))
                     scatter_message(buf, m, descs, copies_by, rank, dst)
                     moved += n
                     if progress is not None:
@@ -221,7 +270,7 @@ class DistReader(Reader):
                 self._drop(addr["http"])  # a broken group is never reused
                 raise
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return moved
 
     def _drop(self, key):

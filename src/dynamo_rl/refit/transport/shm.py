@@ -17,7 +17,7 @@ import torch
 
 from dynamo_rl.refit.errors import PublisherGoneError, TransportError
 from dynamo_rl.refit.roles import dtype_from_name
-from dynamo_rl.refit.transport.base import ALIGN, Arena, Reader, boot_id
+from dynamo_rl.refit.transport.base import Arena, Reader, boot_id, contiguous_runs
 
 
 def shm_address(arena: Arena) -> dict:
@@ -52,11 +52,6 @@ def _attach(name: str, size: int, rank: int):
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
-
-
-def _rows_only(box, shape) -> bool:
-    """True when ``box`` restricts only dim 0 of a row-major tensor (a contiguous byte range)."""
-    return all(lo == 0 and hi == shape[d] for d, (lo, hi) in enumerate(box) if d > 0)
 
 
 class ShmReader(Reader):
@@ -122,46 +117,17 @@ class ShmReader(Reader):
         hit = self._programs.get(key)
         if hit is not None and hit[0] is plan:
             return hit[1]
-        runs: list[list] = []
+        merged, strided_copies = contiguous_runs(plan, descs, dst, flat)
         strided = []
-        base = flat.data_ptr() if flat is not None else None
-        for rank, copies in sorted(plan.by_rank().items()):
-            bufs = self._cache[rank][2]
-            for c in copies:
-                d = descs[c.src]
-                pl = next(p for p in d.placement if p.rank == rank)
-                dt = dtype_from_name(d.dtype)
-                shape = d.local_shape(pl)
-                out_t = dst[c.dst]
-                if base is not None and _rows_only(c.src_box, shape) and _rows_only(c.dst_box, out_t.shape):
-                    rowb = dt.itemsize * (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
-                    drowb = dt.itemsize * (torch.Size(out_t.shape[1:]).numel() if out_t.dim() > 1 else 1)
-                    n = (c.src_box[0][1] - c.src_box[0][0]) * rowb
-                    s_off = pl.offset + c.src_box[0][0] * rowb
-                    t_start = out_t.data_ptr() - base
-                    d_off = t_start + c.dst_box[0][0] * drowb
-                    t_end = t_start + out_t.numel() * dt.itemsize
-                    runs.append([rank, pl.bucket, s_off, d_off, n, d_off == t_start, d_off + n == t_end])
-                else:
-                    nbytes = torch.Size(shape).numel() * dt.itemsize
-                    src = bufs[pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
-                    src = src[tuple(slice(x, y) for x, y in c.src_box)]
-                    idx = tuple(slice(x, y) for x, y in c.dst_box)
-                    strided.append((src, c.dst, idx, c.numel * dt.itemsize))
-        runs.sort()
-        merged: list[list] = []  # [rank, bucket, src_off, dst_off, span, payload, ends_at_tensor_end]
-        for r in runs:
-            m = merged[-1] if merged else None
-            gap = r[2] - (m[2] + m[4]) if m else -1
-            # adjacent on both sides; a gap is allowed only when it is alignment padding
-            # (previous run ends its tensor, next run starts its tensor): copied along, unused
-            if (m and m[0] == r[0] and m[1] == r[1] and r[3] - (m[3] + m[4]) == gap
-                    and (gap == 0 or (0 < gap < ALIGN and m[6] and r[5]))):
-                m[4] += gap + r[4]
-                m[5] += r[4]
-                m[6] = r[6]
-            else:
-                merged.append([r[0], r[1], r[2], r[3], r[4], r[4], r[6]])
+        for c in strided_copies:
+            d = descs[c.src]
+            pl = next(p for p in d.placement if p.rank == c.src_rank)
+            dt = dtype_from_name(d.dtype)
+            shape = d.local_shape(pl)
+            nbytes = torch.Size(shape).numel() * dt.itemsize
+            src = self._cache[c.src_rank][2][pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
+            src = src[tuple(slice(x, y) for x, y in c.src_box)]
+            strided.append((src, c.dst, tuple(slice(x, y) for x, y in c.dst_box), c.numel * dt.itemsize))
         # destination segments: flat.split(sizes) yields every run's view in one call
         order = sorted(range(len(merged)), key=lambda i: merged[i][3])
         sizes, seg_of, pos = [], {}, 0
