@@ -64,6 +64,11 @@ def serve(
         for w in stack.workers:
             table.add_row(f"worker-{w.index} control", str(w.pid), f"{w.system_url}/engine/info")
         console.print(table)
+        console.print(
+            f"try: curl -s {stack.frontend_url}/v1/completions -H 'content-type: application/json' -d "
+            f"'{{\"model\": \"{served_model_name}\", \"prompt\": \"12+3=\", \"max_tokens\": 8, "
+            f"\"nvext\": {{\"extra_fields\": [\"engine_data\", \"completion_token_ids\"]}}}}'",
+            soft_wrap=True, highlight=False, markup=False)
         console.print(f"run dir: {stack.run_dir} (logs in logs/)   Ctrl-C to stop")
         while stack.failure is None:
             time.sleep(0.5)
