@@ -68,18 +68,23 @@ def lps_of(outs: list[TokenOutput]) -> torch.Tensor:
     return torch.tensor([o.logprob for o in outs], dtype=torch.float32)
 
 
-async def check_numerics(engine, model, device):
+async def check_numerics(engine, model, device) -> list[list[int]]:
+    """Greedy, filtered-sampled and plain-sampled requests of PROMPTS, all arriving together:
+    logprobs equal a plain HF forward, greedy ids equal ``generate``. Returns the ids of the
+    plain-sampled requests (seeds 11, 12, ...)."""
     greedy = SamplingParams(max_tokens=24, temperature=0)
-    sampled = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, top_p=0.95, seed=7,
-                             ignore_eos=True)
-    jobs = [engine.complete(p, greedy) for p in PROMPTS] + [engine.complete(p, sampled) for p in PROMPTS]
+    filtered = SamplingParams(max_tokens=24, temperature=0.9, top_k=20, top_p=0.95, seed=7, ignore_eos=True)
+    plain = [SamplingParams(max_tokens=24, temperature=0.8, seed=11 + i, ignore_eos=True) for i in range(len(PROMPTS))]
+    jobs = ([engine.complete(p, greedy) for p in PROMPTS] + [engine.complete(p, filtered) for p in PROMPTS]
+            + [engine.complete(p, sp) for p, sp in zip(PROMPTS, plain)])
     results = await asyncio.gather(*jobs)  # arrive together: padded prefill + batched decode
-    for prompt, outs in zip(PROMPTS + PROMPTS, results):
+    for prompt, outs in zip(PROMPTS * 3, results):
         ref = hf_logprobs(model, prompt, ids_of(outs), device)
         assert (lps_of(outs) - ref).abs().max().item() < 1e-5
     for prompt, outs in zip(PROMPTS, results[: len(PROMPTS)]):
         assert ids_of(outs) == hf_greedy(model, prompt, 24, device)
-    assert engine.stats["max_decode_batch"] == 2 * len(PROMPTS)
+    assert engine.stats["max_decode_batch"] == 3 * len(PROMPTS)
+    return [ids_of(o) for o in results[2 * len(PROMPTS):]]
 
 
 @pytest.mark.asyncio
@@ -97,7 +102,13 @@ async def test_logprobs_and_greedy_match_hf_cuda(model_a, model_b, cuda_graphs):
     eng = Engine(model, eos_token_ids=[EOS], device="cuda", max_batch_size=16, cuda_graphs=cuda_graphs,
                  prefill_chunk=4)  # chunked prefill too
     try:
-        await check_numerics(eng, model, "cuda")
+        plain = await check_numerics(eng, model, "cuda")
+        # the same seeds give the same ids on the CPU engine (noise is device independent)
+        cpu = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=16)
+        try:
+            assert await check_numerics(cpu, cpu.model, "cpu") == plain
+        finally:
+            await cpu.stop()
         # adopt=True gives the parameters new storage: captured graphs must follow
         b = {n: t.to("cuda") for n, t in model_b.state_dict().items() if n in eng.param_specs()}
         await eng.load_weights(b, version=1, adopt=True)
@@ -147,7 +158,7 @@ def test_sampler_draws_from_the_filtered_distribution():
     gens = [torch.Generator().manual_seed(i) for i in range(B)]
     counts = torch.zeros(5)
     for _ in range(25):
-        ids, lps = _sampling.sample(logits, [1.0] * B, [0] * B, [1.0] * B, gens)
+        ids, lps = _sampling.sample(logits, [1.0] * B, [0] * B, [1.0] * B, _sampling.draw_keys(gens))
         counts += torch.bincount(torch.tensor(ids), minlength=5)
         assert torch.allclose(torch.tensor(lps), p.log()[torch.tensor(ids)])
     n = counts.sum()
@@ -158,7 +169,7 @@ def test_sampler_draws_from_the_filtered_distribution():
     cases = ((2, 1.0, {0, 1}), (0, 0.7, {0, 1, 2}), (0, 0.5, {0, 1}), (0, 0.3, {0}), (3, 0.75, {0, 1}),
              (3, 0.8, {0, 1, 2}))
     for top_k, top_p, allowed in cases:
-        ids, lps = _sampling.sample(logits * 0.5, half, [top_k] * B, [top_p] * B, gens)
+        ids, lps = _sampling.sample(logits * 0.5, half, [top_k] * B, [top_p] * B, _sampling.draw_keys(gens))
         assert set(ids) == allowed
         assert torch.allclose(torch.tensor(lps), torch.log_softmax(p.log() * 0.5, -1)[torch.tensor(ids)])
 

@@ -19,9 +19,6 @@ slot; the caller tracks how many positions of its slot are valid. Numerics follo
 to the model dtype, softmax of attention in fp32 inside SDPA) so that the logits match a
 plain HF forward of the same sequence to float round-off.
 
-:class:`DecodeGraphs` (CUDA) captures the decode step (one token per row) as CUDA graphs,
-padded to batch and width buckets, so that a step is one graph launch.
-
 Must not import any other ``dynamo_rl`` module.
 """
 
@@ -309,88 +306,3 @@ def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
     last = h[torch.arange(B, device=device), batch.n_new - 1]  # [B, hidden]
     last = rms_norm(last, base.norm.weight, base.norm.variance_epsilon)
     return linear(last, model.lm_head)
-
-
-# --------------------------------------------------------------------------- CUDA graphs
-
-
-def _buckets(limit: int, small: list[int], step: int | None) -> list[int]:
-    sizes = [s for s in small if s < limit]
-    s = small[-1]
-    while s < limit:
-        s = s + step if step else s * 2
-        if s < limit:
-            sizes.append(s)
-    return sizes + [limit]
-
-
-class DecodeGraphs:
-    """Decode steps (one token per row) replayed from captured CUDA graphs.
-
-    A graph is captured lazily for each (batch bucket, width bucket): rows are padded to
-    the batch bucket (1, 2, 4, 8, 16, 24, ... max rows) with a scratch slot (index
-    ``scratch_slot``, which the cache must have beyond the request slots), and attention
-    reads the width bucket (64, 128, ... max_seq_len) of positions, masked. A launch-bound
-    decode step (hundreds of small kernels) becomes one graph launch. The graphs hold the
-    addresses of the weights: call :meth:`clear` after the parameters get new storage
-    (``param.data = t``); in-place copies need nothing.
-    """
-
-    def __init__(self, model, cache: KVCache, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                 max_rows: int, scratch_slot: int):
-        self.model, self.cache, self.cos, self.sin = model, cache, cos_table, sin_table
-        self.scratch_slot = scratch_slot
-        self.batch_sizes = _buckets(max_rows, [1, 2, 4, 8], 8)
-        self.widths = _buckets(cache.max_seq_len, [64], None)
-        self.device = cos_table.device
-        # (rows, width) -> (graph, static inputs [3, rows] = tokens/slots/starts, the static
-        # Batch over them, static logits). All must stay alive: the graph reads their memory.
-        self._graphs: dict[tuple[int, int], tuple] = {}
-        self._pool = None
-
-    def __len__(self) -> int:
-        return len(self._graphs)
-
-    def clear(self) -> None:
-        """Drop every captured graph (they are recaptured on next use)."""
-        self._graphs.clear()
-        self._pool = None
-
-    def _static_batch(self, rows: int, width: int) -> tuple[torch.Tensor, Batch]:
-        inputs = torch.zeros((3, rows), dtype=torch.long, device=self.device)
-        inputs[1] = self.scratch_slot  # idle rows write only into the scratch slot
-        tokens, slots, starts = inputs[0], inputs[1], inputs[2]
-        return inputs, Batch(tokens=tokens.view(rows, 1), slots=slots, starts=starts,
-                             n_new=torch.ones(rows, dtype=torch.long, device=self.device), width=width,
-                             write_rows=torch.arange(rows, device=self.device), write_slots=slots,
-                             write_pos=starts, slot_range=None)
-
-    def _capture(self, rows: int, width: int):
-        inputs, batch = self._static_batch(rows, width)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):  # warm up (allocator, kernels) outside the capture
-                forward(self.model, self.cache, batch, self.cos, self.sin)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.no_grad():
-            logits = forward(self.model, self.cache, batch, self.cos, self.sin)
-        return graph, inputs, batch, logits
-
-    def run(self, tokens: list[int], slots: list[int], starts: list[int]) -> torch.Tensor:
-        """Decode one token for each row; returns logits ``[len(tokens), vocab]`` (valid until the next run)."""
-        n = len(tokens)
-        rows = next(b for b in self.batch_sizes if b >= n)
-        width = next(w for w in self.widths if w >= max(starts) + 1)
-        entry = self._graphs.get((rows, width))
-        if entry is None:
-            entry = self._graphs[(rows, width)] = self._capture(rows, width)
-        graph, inputs, _, logits = entry
-        pad = rows - n
-        inputs.copy_(torch.tensor([tokens + [0] * pad, slots + [self.scratch_slot] * pad,
-                                   starts + [0] * pad], dtype=torch.long))
-        graph.replay()
-        return logits[:n]

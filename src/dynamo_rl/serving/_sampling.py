@@ -55,9 +55,12 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def draw_keys(generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Two 32-bit keys per row from each row's CPU generator: int64 ``[B, 2]`` on the CPU."""
-    return torch.stack([torch.randint(0, 1 << 32, (2,), generator=g) for g in generators])
+def draw_keys(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Two 32-bit keys per row from each row's CPU generator (zeros, no draw, for ``None``:
+    a greedy row): int64 ``[B, 2]`` on the CPU."""
+    zeros = torch.zeros(2, dtype=torch.int64)
+    return torch.stack([zeros if g is None else torch.randint(0, 1 << 32, (2,), generator=g)
+                        for g in generators])
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -85,35 +88,59 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sample_tensors(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
+                   top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Choose one token per row, tensors in, tensors out (no host sync: CUDA-graph safe).
+
+    Args:
+        logits: fp32 ``[B, V]``.
+        temperatures: fp32 ``[B]``; ``0`` → greedy (argmax of ``logits``).
+        keys: int64 ``[B, 2]`` from :func:`draw_keys`.
+        top_k, top_p: ``[B]`` (see :func:`filter_logits`), or ``None`` for no filtering.
+    Returns:
+        float64 ``[2, B]``: row 0 the token ids (exact in float64), row 1 their logprobs
+        ``log_softmax(logits)[id]``, packed so that one copy brings both to the host.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    greedy = torch.argmax(logits, dim=-1)
+    x = logits / temperatures.clamp(min=1e-5)[:, None]  # greedy rows: computed, then unused
+    if top_k is not None:
+        x = filter_logits(x, top_k, top_p)
+    race = torch.softmax(x, dim=-1) / -torch.log(uniform_noise(keys, x.shape[-1]))  # probs / Exp(1)
+    ids = torch.where(temperatures > 0, torch.argmax(race, dim=-1), greedy)
+    return torch.stack([ids.to(torch.float64), logprobs.gather(1, ids[:, None])[:, 0].to(torch.float64)])
+
+
+def unpack(packed: torch.Tensor) -> tuple[list[int], list[float]]:
+    """``[2, B]`` from :func:`sample_tensors` → ``(token_ids, logprobs)`` on the host (one copy)."""
+    ids, logprobs = packed.tolist()
+    return [int(t) for t in ids], logprobs
+
+
+def needs_filter(vocab_size: int, temperatures: Sequence[float], top_ks: Sequence[int],
+                 top_ps: Sequence[float]) -> bool:
+    """True when some sampled row uses top-k or top-p."""
+    return any(t > 0 and (0 < k < vocab_size or p < 1.0) for t, k, p in zip(temperatures, top_ks, top_ps))
+
+
 def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int],
-           top_ps: Sequence[float], generators: Sequence[torch.Generator | None]
-           ) -> tuple[list[int], list[float]]:
+           top_ps: Sequence[float], keys: torch.Tensor) -> tuple[list[int], list[float]]:
     """Pick one token per row and return it with its raw logprob.
 
     Args:
         logits: ``[B, V]`` (any float dtype) for the rows' next token.
-        temperatures, top_ks, top_ps, generators: per row; ``generators`` are CPU
-            ``torch.Generator`` (``None`` allowed only for a greedy row, temperature 0).
+        temperatures, top_ks, top_ps: per row.
+        keys: int64 ``[B, 2]`` from :func:`draw_keys` (one draw per row and step).
     Returns:
         ``(token_ids, logprobs)``: ``B`` ints and ``B`` floats, the logprob being
         ``log_softmax(logits.float())`` at the chosen token.
     """
     logits32 = logits.float()
     device = logits32.device
-    logprobs = torch.log_softmax(logits32, dim=-1)  # [B, V]
-    ids = torch.argmax(logits32, dim=-1)  # greedy rows keep this
-    rows = [b for b, t in enumerate(temperatures) if t > 0]
-    if rows:
-        def per_row(values, dtype):
-            return torch.tensor([values[b] for b in rows], dtype=dtype).to(device, non_blocking=True)
-
-        sel = per_row(range(len(temperatures)), torch.int64)
-        x = logits32.index_select(0, sel) / per_row(temperatures, torch.float32)[:, None]
-        if any(0 < top_ks[b] < x.shape[-1] or top_ps[b] < 1.0 for b in rows):
-            x = filter_logits(x, per_row(top_ks, torch.int64), per_row(top_ps, torch.float32))
-        probs = torch.softmax(x, dim=-1)
-        keys = draw_keys([generators[b] for b in rows]).to(device, non_blocking=True)
-        exp_noise = -torch.log(uniform_noise(keys, x.shape[-1]))  # Exp(1)
-        ids[sel] = torch.argmax(probs / exp_noise, dim=-1)
-    chosen = logprobs.gather(1, ids[:, None])[:, 0]
-    return ids.tolist(), chosen.tolist()
+    temps = torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True)
+    top_k = top_p = None
+    if needs_filter(logits32.shape[-1], temperatures, top_ks, top_ps):
+        top_k = torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True)
+        top_p = torch.tensor(top_ps, dtype=torch.float32).to(device, non_blocking=True)
+    return unpack(sample_tensors(logits32, temps, keys.to(device, non_blocking=True), top_k, top_p))

@@ -13,10 +13,11 @@ How a request flows
     (``max_batch_size`` slots) and all admitted together are prefilled in ONE forward
     (right-padded, at most ``max_prefill_tokens`` padded tokens). Then every running
     request is decoded in ONE batched forward per step (``stats["max_decode_batch"]``
-    shows the largest); requests that arrive meanwhile join at the next step boundary. A
-    forward runs on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
-    uvloop in the worker) stays responsive; tokens reach each request through its own
-    ``asyncio.Queue``. The forward itself is :mod:`dynamo_rl.serving._qwen3` (a
+    shows the largest); requests that arrive meanwhile join at the next step boundary.
+    Forwards run on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
+    uvloop in the worker) stays responsive; one hand-off runs up to ``decode_steps``
+    decode steps, ending early when a request finishes or a waiting one can be admitted.
+    Tokens reach each request through its own ``asyncio.Queue``. The forward itself is :mod:`dynamo_rl.serving._qwen3` (a
     functional Qwen3/Qwen2/Llama decoder over the HF module's own parameters). On CUDA,
     decode steps replay captured CUDA graphs (``cuda_graphs``), one per (batch, width)
     bucket; prefill runs eagerly.
@@ -68,7 +69,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynamo_rl.serving import _qwen3, _sampling
+from dynamo_rl.serving import _graphs, _qwen3, _sampling
 
 __all__ = ["Engine", "EngineStoppedError", "SamplingParams", "TokenOutput", "WeightsError"]
 
@@ -192,6 +193,10 @@ class Engine:
         prefix_caching: re-use a free slot's keys/values for a prompt that extends them.
         prefill_chunk: the longest piece of a prompt prefilled in one forward; longer
             prompts are prefilled in several (same result, bounded activation memory).
+        decode_steps: decode steps per hand-off to the engine thread (fewer thread switches;
+            tokens then reach the streams in bursts of up to this many). A burst ends early
+            when a request finishes or a waiting one can be admitted, so admission still
+            happens at the next step boundary.
         cuda_graphs: replay decode steps from captured CUDA graphs (default: on for CUDA).
     Raises:
         UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
@@ -200,7 +205,7 @@ class Engine:
     def __init__(self, model, *, eos_token_ids: Sequence[int], device="cpu", max_batch_size=64,
                  weights_version: int = 0, max_seq_len: int | None = None,
                  max_prefill_tokens: int = 8192, prefix_caching: bool = True,
-                 prefill_chunk: int = 2048, cuda_graphs: bool | None = None):
+                 prefill_chunk: int = 2048, decode_steps: int = 4, cuda_graphs: bool | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.shape = _qwen3.describe_decoder(model)
@@ -210,6 +215,7 @@ class Engine:
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.prefix_caching = prefix_caching
         self.prefill_chunk = int(prefill_chunk)
+        self.decode_steps = max(1, int(decode_steps))
         self.weights_version = int(weights_version)
         self.paused = False
         self.layout = {"tp_rank": 0, "tp_size": 1}
@@ -225,7 +231,7 @@ class Engine:
         # one slot more than requests when graphs pad their batches (the scratch slot)
         self._cache = _qwen3.KVCache(self.shape, self.max_batch_size + int(cuda_graphs), self.max_seq_len,
                                      self.dtype, self.device)
-        self._graphs = (_qwen3.DecodeGraphs(model, self._cache, self._cos, self._sin, self.max_batch_size,
+        self._graphs = (_graphs.DecodeGraphs(model, self._cache, self._cos, self._sin, self.max_batch_size,
                                             scratch_slot=self.max_batch_size) if cuda_graphs else None)
         self._slots = [_Slot() for _ in range(self.max_batch_size)]
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -635,7 +641,8 @@ class Engine:
         return best, best_len
 
     async def _step(self, reqs: list[_Request], prefill: bool) -> None:
-        """One forward over ``reqs`` (prefill: their prompts; decode: their last token), then deliver."""
+        """Prefill ``reqs`` (one forward) or decode them (up to ``decode_steps`` forwards in one
+        call to the engine thread), then deliver the tokens in order."""
         if prefill:
             rows = [r.prompt[len(self._slots[r.slot].tokens):] for r in reqs]
         else:
@@ -646,8 +653,12 @@ class Engine:
         leaders = [leader_of.setdefault(tuple(r.prompt), i) for i, r in enumerate(reqs)] if prefill else None
         self._busy = True
         try:
-            ids, logprobs = await self._loop.run_in_executor(
-                self._executor, self._forward_and_sample, reqs, rows, starts, leaders)
+            if prefill:
+                ids, logprobs = await self._loop.run_in_executor(
+                    self._executor, self._forward_and_sample, reqs, rows, starts, leaders)
+                per_row = [[(t, lp)] for t, lp in zip(ids, logprobs)]
+            else:
+                per_row = await self._loop.run_in_executor(self._executor, self._decode, reqs, starts)
         except Exception as exc:  # a failed forward ends these requests, the engine goes on
             error = EngineStoppedError(f"forward failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
@@ -658,27 +669,56 @@ class Engine:
             await self._notify()
             return
         self._busy = False
+        steps = len(per_row[0])
         c = self._counters
-        c["forward_passes"] += 1
+        c["forward_passes"] += steps
         if prefill:
             c["prefill_batches"] += 1
             c["prefill_shared_tokens"] += sum(len(rows[i]) for i, lead in enumerate(leaders) if lead != i)
         else:
-            c["decode_batches"] += 1
+            c["decode_batches"] += steps
             c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))
-        c["tokens_generated"] += len(reqs)
         self._clock += 1
-        for r, row, tok, lp in zip(reqs, rows, ids, logprobs):
+        for r, row, outs in zip(reqs, rows, per_row):
             slot = self._slots[r.slot]
-            slot.tokens.extend(row)
             slot.last_used = self._clock
-            r.output.append(tok)
-            reason = self._finish_reason(r, tok)
-            r.queue.put_nowait(TokenOutput(tok, lp, reason, self.weights_version))
-            if reason is not None:
-                self._release(r)
-                c["requests_finished"] += 1
+            fed = row  # the tokens whose keys/values the forward just wrote
+            for tok, lp in outs:
+                slot.tokens.extend(fed)
+                r.output.append(tok)
+                c["tokens_generated"] += 1
+                reason = self._finish_reason(r, tok)
+                r.queue.put_nowait(TokenOutput(tok, lp, reason, self.weights_version))
+                if reason is not None:
+                    self._release(r)
+                    c["requests_finished"] += 1
+                    break  # (an abort seen here first drops the rest of this row's tokens)
+                fed = [tok]
         await self._notify()
+
+    def _decode(self, reqs: list[_Request], starts: list[int]) -> list[list[tuple[int, float]]]:
+        """Runs on the engine thread: decode steps over all ``reqs`` until one of them
+        finishes, a waiting request could be admitted, or ``decode_steps`` steps are done
+        (fewer hand-offs between threads per token). Returns each row's (token, logprob)s."""
+        out: list[list[tuple[int, float]]] = [[] for _ in reqs]
+        tokens = [r.output[-1] for r in reqs]
+        generated = [len(r.output) for r in reqs]
+        starts = list(starts)
+        for _ in range(self.decode_steps):
+            ids, logprobs = self._forward_and_sample(reqs, [[t] for t in tokens], starts)
+            finished = False
+            for i, (tok, lp) in enumerate(zip(ids, logprobs)):
+                out[i].append((tok, lp))
+                tokens[i] = tok
+                starts[i] += 1
+                generated[i] += 1
+                finished |= self._finish_reason(reqs[i], tok, generated[i]) is not None
+            if finished or self._could_admit():
+                break
+        return out
+
+    def _could_admit(self) -> bool:
+        return self._admissible() and any(s.owner is None for s in self._slots)
 
     def _forward_and_sample(self, reqs, rows, starts, leaders=None) -> tuple[list[int], list[float]]:
         """Runs on the engine thread: one forward, then sampling.
@@ -687,8 +727,16 @@ class Engine:
         it leads); followers get the leader's keys/values copied into their slot and its logits.
         """
         slots = [r.slot for r in reqs]
+        temps = [r.params.temperature for r in reqs]
+        top_ks = [r.params.top_k for r in reqs]
+        top_ps = [r.params.top_p for r in reqs]
+        keys = _sampling.draw_keys([r.generator for r in reqs])  # one draw per request and step
         with torch.no_grad():
-            if leaders is not None and any(lead != i for i, lead in enumerate(leaders)):
+            if self._graphs is not None and leaders is None and all(len(row) == 1 for row in rows):
+                logits, packed = self._graphs.run([row[0] for row in rows], slots, starts, temps, keys)
+                if not _sampling.needs_filter(self.shape.vocab_size, temps, top_ks, top_ps):
+                    return _sampling.unpack(packed)  # sampled inside the graph
+            elif leaders is not None and any(lead != i for i, lead in enumerate(leaders)):
                 own = sorted(set(leaders))
                 lead_logits = self._prefill([rows[i] for i in own], [slots[i] for i in own],
                                             [starts[i] for i in own])
@@ -697,17 +745,9 @@ class Engine:
                         self._cache.copy_slot(slots[lead], slots[i], len(reqs[i].prompt))
                 row_of = {lead: j for j, lead in enumerate(own)}
                 logits = lead_logits[torch.tensor([row_of[lead] for lead in leaders], device=lead_logits.device)]
-            elif self._graphs is not None and all(len(row) == 1 for row in rows):
-                logits = self._graphs.run([row[0] for row in rows], slots, starts)
             else:
                 logits = self._prefill(rows, slots, starts)
-            return _sampling.sample(
-                logits,
-                [r.params.temperature for r in reqs],
-                [r.params.top_k for r in reqs],
-                [r.params.top_p for r in reqs],
-                [r.generator for r in reqs],
-            )
+            return _sampling.sample(logits, temps, top_ks, top_ps, keys)
 
     def _prefill(self, rows: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         """Eager forward of the rows in chunks of ``prefill_chunk`` tokens (bounded activation
@@ -727,14 +767,14 @@ class Engine:
                     last[i] = logits[j]
         return torch.stack(last)
 
-    def _finish_reason(self, req: _Request, token: int) -> str | None:
+    def _finish_reason(self, req: _Request, token: int, generated: int | None = None) -> str | None:
+        """Why ``req`` ends with ``token`` (its ``generated``-th token), or None."""
+        n = len(req.output) if generated is None else generated
         if req.abort_requested:
             return "abort"
         if token in req.stop_ids:
             return "stop"
-        if len(req.output) >= req.params.max_tokens:
-            return "length"
-        if len(req.prompt) + len(req.output) >= self.max_seq_len:
+        if n >= req.params.max_tokens or len(req.prompt) + n >= self.max_seq_len:
             return "length"
         return None
 
