@@ -179,7 +179,7 @@ def test_streaming_chunks_carry_weights_version(serving_stack):
 def test_required_prefix_is_spliced(serving_stack, tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     turn1 = [{"role": "user", "content": "rev 12"}]
-    r1 = chat(serving_stack, turn1, max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    r1 = chat(serving_stack, turn1, max_tokens=4, temperature=1.0, seed=3)   # EOS can only end it
     prefix = r1["nvext"]["engine_data"]["prompt_token_ids"] + r1["nvext"]["completion_token_ids"]
     turn2 = turn1 + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
                      {"role": "user", "content": "ok"}]
