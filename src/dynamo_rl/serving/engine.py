@@ -551,7 +551,7 @@ class Engine:
 
     def _swap(self, tensors: Mapping[str, torch.Tensor], adopt: bool) -> int:
         nbytes = 0
-        with torch.no_grad():
+        with torch.inference_mode():  # also copies into adopted inference-mode tensors
             for name, param in self._params.items():
                 t = tensors[name]
                 if adopt:
