@@ -55,7 +55,7 @@ def describe_decoder(model) -> DecoderShape:
     cfg = model.config
     base = getattr(model, "model", None)
     for owner, attr in ((model, "model"), (base, "embed_tokens"), (base, "layers"), (base, "norm"),
-                        (model, "lm_head")):
+                        (base, "rotary_emb"), (model, "lm_head")):
         if owner is None or not hasattr(owner, attr):
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no '{attr}' module; the engine serves the "

@@ -456,13 +456,16 @@ class Engine:
         a free slot already held), prefill_shared_tokens (prompt tokens not computed because an
         identical prompt was prefilled in the same batch), requests_finished,
         requests_running, requests_waiting, kv_cache_tokens (tokens whose keys/values the
-        cache holds now), kv_cache_capacity_tokens."""
+        cache holds now), kv_cache_capacity_tokens, kv_cache_bytes (allocated, bytes),
+        cuda_graphs (decode graphs captured now)."""
         return {
             **self._counters,
             "requests_running": sum(1 for s in self._slots if s.owner is not None),
             "requests_waiting": len(self._waiting),
             "kv_cache_tokens": sum(len(s.tokens) for s in self._slots),
             "kv_cache_capacity_tokens": self.max_batch_size * self.max_seq_len,
+            "kv_cache_bytes": self._cache.nbytes,
+            "cuda_graphs": 0 if self._graphs is None else len(self._graphs),
         }
 
     # ------------------------------------------------------------------ weights
