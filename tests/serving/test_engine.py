@@ -289,6 +289,18 @@ async def test_bad_requests_are_refused_at_call(engine):
         SamplingParams(max_tokens=0)
 
 
+def test_unsupported_layout_is_refused_with_the_reason():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dynamo_rl.serving._qwen3 import UnsupportedModelError
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                      sliding_window=16, max_window_layers=1)
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        Engine(Qwen3ForCausalLM(cfg), eos_token_ids=[EOS])
+
+
 @pytest.mark.asyncio
 async def test_pause_drains_in_flight_and_holds_new_requests(engine):
     long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
