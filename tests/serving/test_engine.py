@@ -292,7 +292,7 @@ async def test_bad_requests_are_refused_at_call(engine):
 def test_unsupported_layout_is_refused_with_the_reason():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from dynamo_rl.serving._qwen3 import UnsupportedModelError
+    from dynamo_rl.serving.engine import UnsupportedModelError
 
     cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True,

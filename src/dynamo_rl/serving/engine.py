@@ -70,8 +70,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dynamo_rl.serving import _graphs, _qwen3, _sampling
+from dynamo_rl.serving._qwen3 import UnsupportedModelError
 
-__all__ = ["Engine", "EngineStoppedError", "SamplingParams", "TokenOutput", "WeightsError"]
+__all__ = ["Engine", "EngineStoppedError", "SamplingParams", "TokenOutput", "UnsupportedModelError",
+           "WeightsError"]
 
 
 @dataclass(frozen=True)
