@@ -658,8 +658,12 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
     attempts, result, upd_s, paused = 0, {}, 0.0, {}
     try:
         try:
-            paused = await _call(client, "POST", url, "pause_generation", {"timeout_s": t.drain_s},
-                                 max(t.pause_s, t.drain_s + 5.0))
+            pause_timeout = max(t.pause_s, t.drain_s + 5.0)
+            # deadline_unix_s: a worker that reads the request after we gave up (e.g. it was
+            # SIGSTOPped) refuses it with 408 instead of applying it late
+            paused = await _call(client, "POST", url, "pause_generation",
+                                 {"timeout_s": t.drain_s, "deadline_unix_s": time.time() + pause_timeout},
+                                 pause_timeout)
         except _CallError as e:
             # unknown state: do not resume (if the pause lands late the worker stays paused: safe)
             stage = "pause_failed"
@@ -673,7 +677,8 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
         while True:
             attempts += 1
             try:
-                result = await _call(client, "POST", url, "update_weights", body, t.update_s)
+                result = await _call(client, "POST", url, "update_weights",
+                                     {**body, "deadline_unix_s": time.time() + t.update_s}, t.update_s)
                 break
             except _CallError as e:
                 if attempts > retries or not e.retryable:
