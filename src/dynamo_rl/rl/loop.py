@@ -200,6 +200,16 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    except Exception as e:  # a failure of the stack, the frontend or a refit: say what, then exit 1
+        from dynamo_rl.generation import GenerationError
+        from dynamo_rl.refit.errors import RefitError
+        from dynamo_rl.serving.stack import StackError
+
+        if not isinstance(e, (GenerationError, RefitError, StackError)):
+            raise
+        console.print(f"[red]{type(e).__name__}:[/] {e}")
+        console.print(f"partial outputs (if any) are in {out}")
+        return 1
 
 
 async def _train(cfg: Recipe, out: Path) -> int:
@@ -282,7 +292,12 @@ async def _train(cfg: Recipe, out: Path) -> int:
                                       timeouts=timeouts)
                 return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": rep.total_bytes}
 
-            return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start)
+            try:
+                return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start)
+            except Exception:
+                if not dyn.is_remote:
+                    local.check()   # a crashed child explains the error better: StackError with its log tail
+                raise
         finally:
             await gen.aclose()
 
