@@ -14,6 +14,7 @@ from two ranks) to S=T (S=1 → T=1), both over shm.
 
     python benchmarks/refit.py [--device cpu|cuda] [--size-gb 1.0] [--dtype bfloat16]
                                [--transports shm,dist,nixl] [--repeat 3]
+    (``shm@N``: the shm reader with big-run threshold N bytes, to compare copy strategies)
 
 Writes ``benchmarks/results/refit.json``.
 """
@@ -95,7 +96,12 @@ def receiver_main(conn, cfg, dtype, url, version, transport, T, device, repeat):
         for n, st in one.items():
             full[n.replace("layers.0.", f"layers.{i}.")] = st
     full = engine_param_specs(full, cfg, T)
-    recv = Receiver(tp_rank=0, tp_size=T, param_specs=full, device=device, double_buffer=True)
+    opts = {}
+    if "@" in transport:  # e.g. shm@16777216: big-run threshold of the shm reader
+        transport, big = transport.split("@")
+        opts = {"shm": {"big_run_bytes": int(big)}}
+    recv = Receiver(tp_rank=0, tp_size=T, param_specs=full, device=device, double_buffer=True,
+                    transport_options=opts)
     secs, xfer, rep = [], [], None
     for _ in range(repeat + 1):  # the first pull (plan, connections, registration) is reported apart
         out, rep = recv.pull(url, version, transport, timeout_s=600)
@@ -187,20 +193,20 @@ def main(argv=None):
     if device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name(0)
     for tr in a.transports.split(","):
-        if tr == "nixl":
+        if tr.startswith("nixl"):
             try:
                 import nixl_cu13  # noqa: F401
             except Exception as e:  # noqa: BLE001
                 results["skipped"]["nixl"] = f"{type(e).__name__}: {e}"
                 continue
         try:
-            r = run_case(ctx, cfg, dtype, 1, 1, tr, device, a.repeat, nixl=(tr == "nixl"))
+            r = run_case(ctx, cfg, dtype, 1, 1, tr, device, a.repeat, nixl=tr.startswith("nixl"))
         except Exception as e:  # noqa: BLE001
             results["skipped"][tr] = f"{type(e).__name__}: {e}"
             continue
         results["runs"].append(r)
         print(json.dumps(r), flush=True)
-    same = next((r for r in results["runs"] if r["transport"] == "shm"), None)
+    same = next((r for r in results["runs"] if r["transport"].startswith("shm")), None)
     if same:
         results["ceiling"] = memcpy_ceiling(same["bytes"], device, a.repeat)
         for r in results["runs"]:

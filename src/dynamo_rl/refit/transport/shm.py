@@ -57,8 +57,11 @@ def _attach(name: str, size: int, rank: int):
 class ShmReader(Reader):
     name = "shm"
 
-    def __init__(self, device="cpu"):
+    def __init__(self, device="cpu", big_run_bytes: int | None = None):
         self.device = torch.device(device)
+        if big_run_bytes is None:  # CPU: every run its own (multi-threaded) copy_
+            big_run_bytes = self.BIG_RUN if self.device.type == "cuda" else 0
+        self.big_run = int(big_run_bytes)
         self._cache: dict[int, tuple[tuple, list, list[torch.Tensor]]] = {}
         self._programs: dict = {}
 
@@ -102,8 +105,9 @@ class ShmReader(Reader):
                 pass
 
     #: coalesced runs at least this long get their own copy (a cudaMemcpy at full bandwidth);
-    #: shorter ones go through one multi-tensor ``torch._foreach_copy_``
-    BIG_RUN = 256 << 10
+    #: shorter ones go through multi-tensor ``torch._foreach_copy_`` calls (few launches),
+    #: viewed as int64 when 8-byte aligned (wide loads)
+    BIG_RUN = 16 << 20
 
     def _program(self, plan, descs, sources, dst, flat):
         """Build (once per plan, source arenas and destination layout) the copy program:
@@ -140,16 +144,19 @@ class ShmReader(Reader):
             pos = d_off + n
         if flat is not None and flat.numel() > pos:
             sizes.append(flat.numel() - pos)
-        big, small_src, small_idx, small_bytes = [], [], [], 0
-        for i, (rank, bucket, s_off, _, n, payload, _) in enumerate(merged):
+        big, small, small_bytes = [], {}, 0
+        for i, (rank, bucket, s_off, d_off, n, payload, _) in enumerate(merged):
             src = self._cache[rank][2][bucket][s_off : s_off + n]
-            if n >= self.BIG_RUN:
+            if n >= self.big_run:
                 big.append((src, seg_of[i], payload))
             else:
-                small_src.append(src)
-                small_idx.append(seg_of[i])
+                wide = s_off % 8 == 0 and d_off % 8 == 0 and n % 8 == 0
+                dt = torch.int64 if wide else torch.uint8
+                g = small.setdefault(dt, ([], []))
+                g[0].append(src.view(dt))
+                g[1].append(seg_of[i])
                 small_bytes += payload
-        prog = {"sizes": sizes, "big": big, "small": (small_src, small_idx, small_bytes),
+        prog = {"sizes": sizes, "big": big, "small": (small, small_bytes),
                 "strided": strided, "ops": len(merged) + len(strided)}
         self._programs = {key: (plan, prog)}
         return prog
@@ -172,9 +179,10 @@ class ShmReader(Reader):
             done += payload
             if progress is not None:
                 progress(done, total)
-        small_src, small_idx, small_bytes = prog["small"]
-        if small_src:
-            torch._foreach_copy_([segs[i] for i in small_idx], small_src, non_blocking=True)
+        small, small_bytes = prog["small"]
+        for dt, (srcs, idx) in small.items():
+            torch._foreach_copy_([segs[i].view(dt) for i in idx], srcs, non_blocking=True)
+        if small:
             done += small_bytes
             if progress is not None:
                 progress(done, total)
