@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 RECIPE ?= examples/grpo_tiny.yaml
 ARGS   ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-gpu clean
 install: $(STAMP)
 
 # torch is pinned to the CPU build that lies on this machine's disk (a looser pin pulls a
@@ -31,6 +31,11 @@ bench: install
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/refit.py
+
+# On a machine with a CUDA GPU (results under benchmarks/results/*_gpu*.json / refit_cuda.json)
+bench-gpu: install
+	$(BIN)/python benchmarks/step_gpu.py
+	$(BIN)/python benchmarks/refit.py --device cuda --out benchmarks/results/refit_cuda.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -396,7 +396,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
                         generation_gpus=0, **extra)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if log.records:
-        plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}")
+        plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}",
+                     initial_eval=extra.get("eval_reward_initial"))
     _print_summary(summary, out)
     return 0
 

@@ -60,8 +60,10 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Rollout reward per step (mean ± std band) and greedy eval reward when present."""
+def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "",
+                 initial_eval: float | None = None) -> Path:
+    """Rollout reward per step (mean ± std band) and greedy eval reward when present
+    (``initial_eval``: the greedy eval before the first GRPO step, drawn at step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,6 +77,8 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "") -> 
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     color="tab:blue", alpha=0.15, label="± std")
     ev = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
+    if ev and initial_eval is not None:
+        ev.insert(0, (0, initial_eval))
     if ev:
         ax.plot(*zip(*ev), "o-", color="tab:orange", label="greedy eval reward")
     ax.set_xlabel("GRPO step")
