@@ -18,7 +18,11 @@ class _Section(BaseModel):
 
 
 class TinyModel(_Section):
-    """Shapes of the locally built tiny Qwen3 model (see ``dynamo_rl.models.tiny``)."""
+    """Shapes and seed of the locally built tiny Qwen3 model (``dynamo_rl.models.tiny``).
+
+    Every field maps onto ``transformers.Qwen3Config``; the same values (seed included)
+    always give byte-identical weights.
+    """
 
     hidden_size: int = 128
     intermediate_size: int = 384

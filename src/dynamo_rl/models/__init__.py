@@ -2,7 +2,7 @@
 
 Owns: the tiny Qwen3-architecture model and character tokenizer built locally for the
 embedded default and the tests, and the ordinary HF loading path used for any checkpoint
-directory. Must not import any other ``dynamo_rl`` module.
+directory. Imports only ``dynamo_rl.config`` (the tiny model's spec is the recipe's ``policy.tiny``).
 """
 
 from dynamo_rl.models.chat import splice_required_prefix

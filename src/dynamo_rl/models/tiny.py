@@ -20,7 +20,8 @@ import string
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+
+from dynamo_rl.config.schema import TinyModel
 
 #: Special tokens, in id order. ``<|im_end|>`` ends every chat message and is the EOS id.
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
@@ -33,20 +34,8 @@ CHAT_TEMPLATE = (
 )
 
 
-class TinyModelSpec(BaseModel):
-    """Shape and seed of the tiny model. Every field maps onto ``transformers.Qwen3Config``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    max_position_embeddings: int = 256
-    tie_word_embeddings: bool = True
-    seed: int = 0
+#: Shapes and seed of the tiny model: the recipe's ``policy.tiny`` section.
+TinyModelSpec = TinyModel
 
 
 def build_tokenizer():

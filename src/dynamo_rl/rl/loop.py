@@ -31,7 +31,6 @@ from rich.table import Table
 from dynamo_rl.config import Recipe
 from dynamo_rl.generation import Conversation
 from dynamo_rl.models import ensure_tiny_model, load_model, load_tokenizer
-from dynamo_rl.models.tiny import TinyModelSpec
 from dynamo_rl.rl.grpo import group_advantages, grpo_loss, logprob_mismatch, token_logprobs
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
 from dynamo_rl.rl.tasks import Problem, sample_problems, supervised_example, turn_reward
@@ -228,7 +227,7 @@ async def _train(cfg: Recipe, out: Path) -> int:
                 f"policy.model_path {str(model_dir)!r} is not a Hugging Face checkpoint directory "
                 "(no config.json); fix the path or drop it to use the tiny model")
     else:
-        model_dir = ensure_tiny_model(out / "model", TinyModelSpec(**cfg.policy.tiny.model_dump()))
+        model_dir = ensure_tiny_model(out / "model", cfg.policy.tiny)
     model = load_model(model_dir, dtype=cfg.policy.dtype, device=cfg.policy.device)
     tokenizer = load_tokenizer(model_dir)
     trainer = Trainer(model, cfg)
