@@ -96,7 +96,10 @@ async def test_three_turns_contiguous_and_identical_through_completions_and_chat
             # both routes give the same ids, and those are the engine's
             assert torch.equal(a.prompt_token_ids, b.prompt_token_ids)
             assert torch.equal(a.generation_token_ids, b.generation_token_ids)
-            assert torch.equal(a.generation_logprobs, b.generation_logprobs)
+            # the two requests may run on different workers, in different batches: the same
+            # ids' logprobs agree to float round-off; exactness is checked right below against
+            # the record of the worker that produced each one
+            assert torch.allclose(a.generation_logprobs, b.generation_logprobs, atol=1e-5, rtol=0)
             records = read_records(stack)
             assert_matches_record(a, record_of(records, a), seed=77 + t)
             assert_matches_record(b, record_of(records, b), seed=77 + t)
