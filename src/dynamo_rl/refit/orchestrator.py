@@ -4,7 +4,7 @@ Owns: discovery of the instances the Dynamo frontend routes to, mapping each to 
 control URL (the Dynamo system server, ``DYN_SYSTEM_PORT``), the per-worker refit cycle,
 scale-up passes, failure semantics and the final verification. It speaks HTTP only
 (``/health`` on the frontend, ``/engine/*`` on each worker; routes in
-``.helpers/CONTRACTS.md``) and must NOT import ``dynamo_rl.serving``, ``dynamo_rl.k8s`` or
+``docs/contracts.md``) and must NOT import ``dynamo_rl.serving``, ``dynamo_rl.k8s`` or
 ``dynamo_rl.rl``: how instances map to control URLs is injected as a *resolver*.
 
 Cycle (:func:`refit_all`)::
