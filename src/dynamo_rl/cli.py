@@ -25,10 +25,12 @@ def train(
     recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml")],
     run_dir: Annotated[Optional[str], typer.Option(help="output directory (default runs/<name>-<time>)")] = None,
 ) -> None:
-    """Run GRPO. Extra arguments are dotted overrides: grpo.num_steps=20 +generation.dynamo.dgd_name=x.
+    """Run GRPO on RECIPE; extra arguments are dotted overrides (grpo.num_steps=20).
 
     Starts the embedded Dynamo stack (frontend + workers on 127.0.0.1) unless the recipe
-    sets generation.dynamo.frontend_url or generation.dynamo.dgd_name.
+    sets generation.dynamo.frontend_url or generation.dynamo.dgd_name. An override is
+    section.key=value (value parsed as YAML); a leading + (Hydra habit) is accepted.
+    Outputs: metrics.jsonl, summary.json, reward.png, tensorboard/ in the run directory.
     """
     from dynamo_rl.config import ConfigError, load_recipe
     from dynamo_rl.rl.loop import run_training

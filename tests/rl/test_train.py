@@ -38,7 +38,7 @@ def test_sync_run_writes_outputs_with_exact_versions_and_logprobs(tmp_path):
     p, _ = _run(["examples/grpo_tiny.yaml", f"logging.run_dir={run}", *SHORT], tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and summary["completed"] is True
     assert summary["refits"] == 4
     assert summary["version_mismatches"] == 0
     assert summary["stale_samples"] == 0
@@ -85,7 +85,9 @@ def test_multiturn_run_keeps_token_contiguity(tmp_path):
     "args, message",
     [
         (["grpo.num_stepz=3"], "grpo.num_stepz: unknown key; did you mean 'grpo.num_steps'?"),
-        (["policy.model_path=/nonexistent/model"], "'/nonexistent/model' is not a Hugging Face checkpoint"),
+        (["policy.model_path=/nonexistent/model"], "policy.model_path '/nonexistent/model' does not exist"),
+        (["policy.model_path=examples"], "'examples' is not a Hugging Face checkpoint directory"),
+        (["grpo.num_steps=0"], "grpo.num_steps: Input should be greater than or equal to 1"),
         (["generation.dynamo.frontend_url=http://127.0.0.1:9", "refit.control_urls=[http://127.0.0.1:9]"],
          "http://127.0.0.1:9"),
     ],
@@ -98,3 +100,5 @@ def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message)
     assert seconds < 60
     assert _descendants_alive(before) == []
     assert not (tmp_path / "run" / "stack").exists()
+    if "model_path" in args[0]:
+        assert not (tmp_path / "run").exists()   # nothing is created for a recipe that cannot run

@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read one YAML mapping. Raises :class:`ConfigError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(path)!r} is a directory; give a YAML file, e.g. examples/grpo_tiny.yaml")
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
@@ -83,7 +85,10 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {e['msg']}{got_s}")
+            msg = e["msg"].removeprefix("Value error, ")
+            if msg.startswith(key + ": "):  # our validators name the key themselves
+                msg = msg[len(key) + 2:]
+            lines.append(f"{source}: {key}: {msg}{got_s}")
     return "\n".join(lines)
 
 

@@ -112,7 +112,7 @@ class GenerationConfig(_Section):
 
 
 class GRPOConfig(_Section):
-    num_steps: int = Field(60, ge=0)
+    num_steps: int = Field(60, ge=1)
     prompts_per_step: int = Field(16, gt=0)
     samples_per_prompt: int = Field(8, ge=2, description="group size; advantages are normalized per group")
     clip_eps: float = Field(0.2, gt=0)

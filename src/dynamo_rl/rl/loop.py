@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from dynamo_rl.rl.grpo import group_advantages, grpo_loss, logprob_mismatch, tok
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
 from dynamo_rl.rl.tasks import Problem, sample_problems, supervised_example, turn_reward
 
-console = Console(highlight=False)
+# soft_wrap: a step line stays one line in a log file (no wrapping at 80 columns)
+console = Console(highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -170,7 +172,7 @@ class Trainer:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            stats = {"loss": float(out.loss), "kl": out.kl, "clip_fraction": out.clip_fraction,
+            stats = {"loss": out.loss.item(), "kl": out.kl, "clip_fraction": out.clip_fraction,
                      "ratio_mean": out.ratio_mean, "grad_norm": float(gn)}
         stats.update(mm)
         stats["train_seconds"] = time.perf_counter() - t0
@@ -184,13 +186,41 @@ def _run_dir(cfg: Recipe, run_dir: str | None) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _check_model_path(cfg: Recipe) -> None:
+    """Fail before anything is created or started when ``policy.model_path`` is unusable."""
+    if not cfg.policy.model_path:
+        return
+    p = Path(cfg.policy.model_path)
+    if not p.exists():
+        raise FileNotFoundError(f"policy.model_path {str(p)!r} does not exist; fix the path, or drop "
+                                "policy.model_path to train the tiny model")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"policy.model_path {str(p)!r} is not a Hugging Face checkpoint directory "
+                                "(no config.json); point it at a directory written by save_pretrained")
+
+
 def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | None = None) -> int:
-    """Run the recipe; returns a process exit code (0 ok, 1 failed, 2 bad input)."""
+    """Run the recipe; returns a process exit code (0 ok, 1 failed, 2 bad input, 130 interrupted).
+
+    SIGTERM (``kill``, a pod being deleted) is handled like Ctrl-C: everything this run
+    started is stopped and what was measured so far is summarized.
+    """
+    try:
+        _check_model_path(cfg)
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
     out = _run_dir(cfg, run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(cfg.model_dump_json(indent=2))
     torch.set_num_threads(cfg.policy.num_threads)
     torch.manual_seed(cfg.grpo.seed)
+    _quiet_libraries()
+
+    def _sigterm(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return asyncio.run(_train(cfg, out))
     except KeyboardInterrupt:
@@ -209,6 +239,21 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         console.print(f"[red]{type(e).__name__}:[/] {e}")
         console.print(f"partial outputs (if any) are in {out}")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_libraries() -> None:
+    """No per-file progress bars from transformers / safetensors on every checkpoint load."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 async def _train(cfg: Recipe, out: Path) -> int:
@@ -219,13 +264,9 @@ async def _train(cfg: Recipe, out: Path) -> int:
     g = cfg.grpo
     if cfg.generation.dynamo.is_remote:
         await _preflight(cfg)
-    # 1. policy (fail fast on a bad model path, before anything is started)
+    # 1. policy (the path was checked before anything was started)
     if cfg.policy.model_path:
         model_dir = Path(cfg.policy.model_path)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"policy.model_path {str(model_dir)!r} is not a Hugging Face checkpoint directory "
-                "(no config.json); fix the path or drop it to use the tiny model")
     else:
         model_dir = ensure_tiny_model(out / "model", cfg.policy.tiny)
     model = load_model(model_dir, dtype=cfg.policy.dtype, device=cfg.policy.device)
@@ -251,7 +292,8 @@ async def _train(cfg: Recipe, out: Path) -> int:
         else:
             from dynamo_rl.serving.stack import LocalStack
 
-            served = dyn.model or "policy"
+            # the same default name as `dynamo-rl serve`: "tiny", or the checkpoint dir's name
+            served = dyn.model or (model_dir.name if cfg.policy.model_path else "tiny")
             console.print(f"[bold]starting the embedded Dynamo stack[/] ({cfg.cluster.workers} workers) in {out / 'stack'}")
             local = stack.enter_context(LocalStack(
                 model_dir, served_model_name=served, workers=cfg.cluster.workers, run_dir=out / "stack",
@@ -329,6 +371,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
                         wandb_project=cfg.logging.wandb_project, config=cfg.model_dump())
     extra: dict = {}
     version = 0
+    completed = False
     eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts)
     try:
         if cfg.policy.warm_start.steps:
@@ -389,23 +432,27 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             rec["elapsed_seconds"] = time.perf_counter() - t_start
             log.log(rec)
             _print_step(rec, g.num_steps)
+        completed = True
     finally:
         log.close()
-    summary = summarize(log.records, wall_seconds=time.perf_counter() - t_start, loop=g.loop,
-                        generation_gpus=0, **extra)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if log.records:
-        plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}",
-                     initial_eval=extra.get("eval_reward_initial"))
+        # also on Ctrl-C / SIGTERM / a failure: what was measured so far is summarized
+        summary = summarize(log.records, wall_seconds=time.perf_counter() - t_start, loop=g.loop,
+                            generation_gpus=0, completed=completed, **extra)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if log.records:
+            plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}",
+                         initial_eval=extra.get("eval_reward_initial"))
     _print_summary(summary, out)
     return 0
 
 
 def _print_step(r: dict, n: int) -> None:
     ev = f" eval {r['eval_reward']:.3f}" if "eval_reward" in r else ""
+    loss = f"{r['loss']:+.4f}" if "loss" in r else "n/a (all samples dropped)"
+    mae = f"{r['logprob_mae']:.1e}" if "logprob_mae" in r else "n/a"
     console.print(
         f"step {r['step']:>4}/{n}  reward {r['reward_mean']:.3f}±{r['reward_std']:.2f}{ev}  "
-        f"loss {r.get('loss', float('nan')):+.4f}  |Δlogp| {r.get('logprob_mae', float('nan')):.1e}  "
+        f"loss {loss}  |Δlogp| {mae}  "
         f"gen {r['gen_tokens_per_s'] or 0:,.0f} tok/s  train {r.get('train_seconds', 0):.2f}s  "
         f"refit {r['refit_seconds']:.2f}s  v{r['weights_version']}"
         + (f"  stale {r['stale_samples']}" if r["stale_samples"] else ""))

@@ -4,7 +4,9 @@
 Summary fields: ``steps``, ``reward_first`` / ``reward_last`` (mean rollout reward over the
 first and last 3 steps), ``refits``, ``stale_samples``, ``version_mismatches``,
 ``logprob_mae`` (mean over steps of the trainer-vs-engine mean |Δlogprob| on on-policy
-samples), ``wall_seconds``, plus warm-start and eval figures.
+samples), ``wall_seconds``, ``completed`` (false when the run was interrupted or failed),
+``eval_reward_initial`` (greedy, after the warm start, before GRPO) and ``eval_reward_last``,
+plus warm-start figures.
 """
 
 from __future__ import annotations
@@ -114,6 +116,6 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     }
     evals = [r["eval_reward"] for r in records if "eval_reward" in r]
     if evals:
-        out["eval_reward_first"], out["eval_reward_last"] = evals[0], evals[-1]
+        out["eval_reward_last"] = evals[-1]
     out.update(extra)
     return out

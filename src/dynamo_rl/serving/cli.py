@@ -15,7 +15,7 @@ import typer
 
 
 def serve(
-    workers: Annotated[int, typer.Option("--workers", "-n", help="number of workers")] = 1,
+    workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="number of workers")] = 1,
     model_path: Annotated[Optional[str], typer.Option(
         help="HF checkpoint directory; default: the tiny model, built in <run-dir>/model")] = None,
     port: Annotated[int, typer.Option(help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
@@ -34,6 +34,20 @@ def serve(
     from dynamo_rl.serving.stack import LocalStack, StackError
 
     console = Console(stderr=True)
+    if model_path is not None and not (Path(model_path) / "config.json").is_file():
+        what = "does not exist" if not Path(model_path).exists() else "is not a Hugging Face checkpoint directory (no config.json)"
+        console.print(f"[red]error:[/red] --model-path {model_path!r} {what}; omit it to serve the tiny model")
+        raise typer.Exit(2)
+    if port:
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as e:
+                console.print(f"[red]error:[/red] --port {port}: 127.0.0.1:{port} is not free ({e.strerror}); "
+                              "choose another port, or --port 0 for a free one")
+                raise typer.Exit(2) from None
     if model_path is None:
         from dynamo_rl.models import ensure_tiny_model
 

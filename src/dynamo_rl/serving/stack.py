@@ -37,6 +37,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,13 +84,17 @@ def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
     raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def tail(path: str | os.PathLike, lines: int = 40) -> str:
-    """The last ``lines`` lines of a text file ('' if it does not exist)."""
+    """The last ``lines`` lines of a text file, terminal colour codes removed ('' if absent)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 64 * 1024))
-            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+            text = _ANSI.sub("", f.read().decode("utf-8", "replace"))
+            return "\n".join(text.splitlines()[-lines:])
     except OSError:
         return ""
 
