@@ -102,3 +102,31 @@ def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message)
     assert not (tmp_path / "run" / "stack").exists()
     if "model_path" in args[0]:
         assert not (tmp_path / "run").exists()   # nothing is created for a recipe that cannot run
+
+
+def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):
+    run = tmp_path / "run"
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    p = subprocess.Popen([*CLI, "examples/grpo_tiny.yaml", f"logging.run_dir={run}", *SHORT, "grpo.num_steps=200"],
+                         cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert p.poll() is None, p.stdout.read()
+            assert time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.5)
+        stack_pids = [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+        assert len(stack_pids) >= 4   # broker, frontend, 2 workers
+        p.send_signal(15)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, out[-2000:]
+    assert "interrupted; everything this run started has been stopped" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] is False and summary["steps"] >= 2
+    assert [pid for pid in stack_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"] == []
+    assert _descendants_alive(before) == []
