@@ -93,7 +93,7 @@ def test_multidoc_skips_configmaps(cases):
 
 def test_placeholder_image_is_rejected_until_overridden(cases):
     path = cases / "dgd/v1alpha1_examples-vllm_agg_router.yaml"
-    with pytest.raises(ManifestError, match=r"vllm-runtime:\$\{VERSION\}.*overrides"):
+    with pytest.raises(ManifestError, match=r"(?s)vllm-runtime:\$\{VERSION\}.*overrides"):
         render_dgd(infra_for(path), "g")
 
 
@@ -258,3 +258,88 @@ def test_driver_entrypoint_writes_recipe_and_propagates_exit_code(tmp_path):
     assert r.returncode == 7
     assert yaml.safe_load(target.read_text()) == recipe
     assert r.stdout.strip().endswith("grpo.num_steps=2 a b=c")
+
+
+# ------------------------------------------------------------------ QA pass: named lists, typos, placeholders
+
+
+@pytest.mark.parametrize("override", [
+    {"components": [{"name": "VllmDecodeWorker", "replicas": 3}]},
+    {"components": {"VllmDecodeWorker": {"replicas": 3}}},
+])
+def test_v1beta1_component_override_merges_by_name(cases, override):
+    """QA 1: a v1beta1 components override (list or mapping-by-name) merges onto the named
+    component; the Frontend and the worker's type/command/GPU limits survive."""
+    p = cases / "dgd/v1beta1_examples-vllm_agg.yaml"
+    original = {c["name"]: c for c in yaml.safe_load(p.read_text())["spec"]["components"]}
+    m = render_dgd(infra_for(p, overrides=override), "g")
+    validate_manifest(m)
+    comps = {c["name"]: c for c in m["spec"]["components"]}
+    assert list(comps) == ["Frontend", "VllmDecodeWorker"]
+    w, w0 = comps["VllmDecodeWorker"], original["VllmDecodeWorker"]
+    assert w["replicas"] == 3 and w["type"] == "worker"
+    c, c0 = w["podTemplate"]["spec"]["containers"][0], w0["podTemplate"]["spec"]["containers"][0]
+    assert c["command"] == c0["command"] and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert comps["Frontend"]["replicas"] == 1 and comps["Frontend"]["type"] == "frontend"
+
+
+def test_v1beta1_nested_named_lists_merge_and_delete(cases):
+    p = cases / "dgd/v1beta1_examples-vllm_agg.yaml"
+    m = render_dgd(infra_for(p, overrides={"components": {
+        "VllmDecodeWorker": {"podTemplate": {"spec": {"containers": [{"name": "main", "image": "x/y:1",
+                                                                        "env": [{"name": "A", "value": "1"}]}]}}},
+        "Frontend": None}}), "g")
+    validate_manifest(m)
+    [w] = m["spec"]["components"]
+    c = w["podTemplate"]["spec"]["containers"][0]
+    assert c["image"] == "x/y:1" and c["args"] == ["--model", "Qwen/Qwen3-0.6B"] and c["env"] == [{"name": "A", "value": "1"}]
+    assert deep_merge({"env": [{"name": "A", "value": "1"}]}, {"env": [{"name": "B", "value": "2"}]}) == \
+        {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}
+    assert deep_merge({"args": ["a", "b"]}, {"args": ["c"]}) == {"args": ["c"]}  # plain lists still replace
+
+
+@pytest.mark.parametrize("file, override, msg", [
+    ("v1beta1_examples-vllm_agg.yaml", {"components": {"VllmDecodeWorkr": {"replicas": 3}}},
+     "no component 'VllmDecodeWorkr' in {path} (components: Frontend, VllmDecodeWorker); did you mean 'VllmDecodeWorker'?"),
+    ("v1beta1_examples-vllm_agg.yaml", {"components": [{"name": "Planner", "replicas": 1}]},
+     "no component 'Planner' in {path} (components: Frontend, VllmDecodeWorker)"),
+    ("v1beta1_examples-vllm_agg.yaml", {"components": [{"replicas": 1}]}, "every item needs a `name:`"),
+    ("v1alpha1_examples-vllm_disagg_planner.yaml", {"services": {"VllmDecodeWroker": {"replicas": 2}}},
+     "no service 'VllmDecodeWroker' in {path} (services: "),
+])
+def test_override_naming_an_unknown_service_or_component_is_an_error(cases, file, override, msg):
+    """QA 1/2: a typo no longer adds a bogus service/component; the error lists what exists."""
+    p = cases / "dgd" / file
+    with pytest.raises(ManifestError) as e:
+        render_dgd(infra_for(p, overrides=override), "g")
+    assert msg.format(path=p) in str(e.value), str(e.value)
+    if "Wroker" in msg:
+        assert "did you mean 'VllmDecodeWorker'?" in str(e.value)
+
+
+def test_every_unresolved_placeholder_is_reported_by_path(tmp_path):
+    """QA 5: `${...}` anywhere (labels, env values, secret names) fails render, each by path;
+    shell expansions inside container command/args stay legal; the infra `name:` is blamed."""
+    dgd = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoGraphDeployment",
+           "metadata": {"name": "g", "labels": {"owner": "${user:}"}},
+           "spec": {"services": {"W": {"componentType": "worker", "envFromSecret": "${user:}-secrets",
+                                       "envs": [{"name": "HF_HOME", "value": "/ws/${oc.env:USER}/hf"}],
+                                       "extraPodSpec": {"mainContainer": {
+                                           "image": "a/b:1", "command": ["/bin/sh", "-c"],
+                                           "args": ["python -m x --model ${MODEL_PATH} --n ${N:-1} --u ${user:}"]}}}}}}
+    f = tmp_path / "g.yaml"
+    f.write_text(yaml.safe_dump(dgd))
+    with pytest.raises(ManifestError) as e:
+        render_dgd(infra_for(f), "g")
+    msg = str(e.value)
+    for p in ("metadata.labels.owner = '${user:}'", "spec.services.W.envFromSecret = '${user:}-secrets'",
+              "spec.services.W.envs[0].value", "spec.services.W.extraPodSpec.mainContainer.args[0]"):
+        assert p in msg, msg
+    dgd["metadata"]["labels"] = {}
+    dgd["spec"]["services"]["W"].update(envFromSecret="s", envs=[])
+    dgd["spec"]["services"]["W"]["extraPodSpec"]["mainContainer"]["args"] = ["python -m x --model ${MODEL_PATH} --n ${N:-1}"]
+    f.write_text(yaml.safe_dump(dgd))
+    render_dgd(infra_for(f), "g")  # shell expansions in args are fine
+    with pytest.raises(ManifestError, match=r"dynamo.g.name \(the infra file\) = '\$\{user:\}-g'") as e:
+        render_dgd(infra_for(f, name="${user:}-g"), "g")
+    assert "metadata.name" not in str(e.value)

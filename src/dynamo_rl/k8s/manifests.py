@@ -86,13 +86,39 @@ class ObjRef:
 # --------------------------------------------------------------------------- helpers
 
 
+def _named_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in v)
+
+
 def deep_merge(base: Any, override: Any, path: str = "overrides") -> Any:
     """Return ``base`` with ``override`` merged in (neither is modified).
 
-    Mappings merge key by key, lists and scalars replace, ``None`` in ``override``
-    deletes the key. Raises :class:`ManifestError` when a mapping would replace a
-    list/scalar or the reverse (almost always a wrong indentation or a wrong key).
+    Mappings merge key by key, ``None`` in ``override`` deletes the key, scalars and
+    plain lists replace. A list of named objects (every item a mapping with a ``name``:
+    v1beta1 ``components``, ``containers``, ``env``, ``volumes``, ...) merges **by name**,
+    like kubectl's strategic merge: an override item merges onto the item of the same
+    name, a new name is appended, and the override may also be a mapping
+    ``{<name>: {fields}}`` (``<name>: null`` deletes that item). Raises
+    :class:`ManifestError` when a mapping would replace a list/scalar or the reverse
+    (almost always a wrong indentation or a wrong key).
     """
+    if _named_list(base) and (isinstance(override, dict) or _named_list(override)):
+        items = override.items() if isinstance(override, dict) else [(i["name"], i) for i in override]
+        out = copy.deepcopy(base)
+        for name, v in items:
+            idx = next((i for i, item in enumerate(out) if item.get("name") == name), None)
+            if v is None:
+                if idx is not None:
+                    out.pop(idx)
+                continue
+            if not isinstance(v, dict):
+                raise ManifestError(f"{path}.{name}: give a mapping of the fields to change, got {v!r:.60}")
+            v = {**v, "name": name}
+            if idx is None:
+                out.append(copy.deepcopy(v))
+            else:
+                out[idx] = deep_merge(out[idx], v, f"{path}.{name}")
+        return out
     if not isinstance(override, dict):
         if isinstance(base, dict) and override is not None:
             raise ManifestError(
@@ -118,36 +144,110 @@ def deep_merge(base: Any, override: Any, path: str = "overrides") -> Any:
     return out
 
 
+def check_override_names(spec: dict, overrides: dict, source: str, where: str) -> None:
+    """An override of ``services`` (v1alpha1, a mapping) or ``components`` (v1beta1, a list
+    of named objects; a list or a ``{name: fields}`` mapping in the override) may only
+    name what the manifest declares: a typo would otherwise add a bogus service/component.
+    Raises :class:`ManifestError` naming the unknown name, the declared ones and the closest.
+    To add a service/component, edit a copy of the manifest (or use an inline ``spec``).
+    """
+    import difflib
+
+    for key, noun in (("services", "service"), ("components", "component")):
+        ov = (overrides or {}).get(key)
+        if ov is None or key not in spec:
+            continue
+        base = spec.get(key)
+        have = list(base) if isinstance(base, dict) else [i.get("name") for i in base or [] if isinstance(i, dict)]
+        if isinstance(ov, dict):
+            names = list(ov)
+        elif isinstance(ov, list):
+            names = [i.get("name") if isinstance(i, dict) else None for i in ov]
+            if key == "components" and any(not isinstance(n, str) for n in names):
+                raise ManifestError(f"{where}.{key}: every item needs a `name:` (one of {', '.join(map(str, have))}); "
+                                    "components merge by name")
+        else:
+            continue
+        for n in names:
+            if isinstance(n, str) and n not in have:
+                close = difflib.get_close_matches(n, [str(h) for h in have], n=1)
+                raise ManifestError(
+                    f"no {noun} {n!r} in {source} ({key}: {', '.join(map(str, have))})"
+                    + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (in {where}; to add a {noun}, edit a copy of the manifest)"
+                )
+
+
 def _labels(infra: Infra, target: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**(extra or {}), **infra.labels, **MANAGED_BY, TARGET_LABEL: target}
 
 
-def _check_placeholders(obj: dict, source: str) -> None:
+#: ``${VAR}``, ``${VAR:-x}``, ``${VAR:0:3}``, ``${#VAR}``: shell expansions, legitimate in container commands.
+_SHELL_VAR = re.compile(r"^#?[A-Za-z_][A-Za-z0-9_]*(\[[^]]*\])?([:]?[-=+?]|:[0-9 ]|[#%/^,]|$)")
+_SHELL_KEYS = {"command", "args", "entrypoint"}
+
+
+def unresolved_placeholders(obj: Any, path: str = "") -> list[str]:
+    """Every ``path = 'value'`` of a string in ``obj`` holding an unresolved ``${...}``
+    (OmegaConf/nrl-k8s interpolations such as ``${user:}``, ``${oc.env:X}``, ``${a.b}``).
+    Inside container ``command``/``args`` and a RayJob ``entrypoint``, shell expansions
+    (``${VAR}``, ``${VAR:-default}``) are left alone: the container's shell resolves them."""
     found: list[str] = []
 
-    def walk(node: Any, path: str) -> None:
+    def bad(text: str, shell: bool) -> bool:
+        for m in _PLACEHOLDER.finditer(text):
+            if not (shell and _SHELL_VAR.match(m.group(0)[2:-1])):
+                return True
+        return False
+
+    def walk(node: Any, p: str, shell: bool) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                if k == "image" and isinstance(v, str) and _PLACEHOLDER.search(v):
-                    found.append(f"{path}.{k} = {v!r}")
-                else:
-                    walk(v, f"{path}.{k}")
+                walk(v, f"{p}.{k}" if p else str(k), shell or k in _SHELL_KEYS)
         elif isinstance(node, list):
             for i, v in enumerate(node):
-                walk(v, f"{path}[{i}]")
+                walk(v, f"{p}[{i}]", shell)
+        elif isinstance(node, str) and "${" in node and bad(node, shell):
+            found.append(f"{p} = {node!r}")
 
-    md = obj.get("metadata") or {}
-    for k in ("name", "namespace"):
-        if isinstance(md.get(k), str) and _PLACEHOLDER.search(md[k]):
-            found.append(f"metadata.{k} = {md[k]!r}")
-    walk(obj.get("spec"), "spec")
-    if found:
-        raise ManifestError(
-            f"{source}: unresolved placeholder(s), which dynamo-rl does not interpolate: "
-            + "; ".join(found)
-            + ". Write the value: a name via the `name:` key, an image via `overrides` (the infra `image` "
-            "only fills containers that have none)."
-        )
+    walk(obj, path, False)
+    return found
+
+
+def _check_placeholders(obj: dict, source: str, infra_keys: dict[str, str] | None = None) -> None:
+    """Raise :class:`ManifestError` listing every unresolved ``${...}`` of ``obj``.
+
+    ``infra_keys`` maps a manifest path (``metadata.name``) to the infra key it came from
+    (``dynamo.serving.name``): such a placeholder is blamed on the infra file, not the manifest.
+    """
+    found = unresolved_placeholders(obj)
+    if not found:
+        return
+    blamed = []
+    for f in found:
+        p = f.split(" = ", 1)[0]
+        if infra_keys and p in infra_keys:
+            blamed.append(f"{infra_keys[p]} (the infra file) = {f.split(' = ', 1)[1]}")
+        else:
+            blamed.append(f)
+    raise ManifestError(
+        f"{source}: unresolved placeholder(s), which dynamo-rl does not interpolate:\n  "
+        + "\n  ".join(blamed)
+        + "\nWrite the values: a name via the `name:` key, an image via `overrides` (the infra `image` "
+        "only fills containers that have none), anything else via `overrides` or the manifest."
+    )
+
+
+def _blame(infra: Infra, name_key: str | None) -> dict[str, str]:
+    """Manifest paths whose value comes from the infra file → the infra key to blame."""
+    out = {"metadata.namespace": "namespace"}
+    if name_key:
+        out["metadata.name"] = name_key
+    for k in infra.labels:
+        out[f"metadata.labels.{k}"] = f"labels.{k}"
+    for k in infra.annotations:
+        out[f"metadata.annotations.{k}"] = f"annotations.{k}"
+    return out
 
 
 def _add_pull_secrets(pod_spec: dict, secrets: Iterable[str]) -> None:
@@ -311,14 +411,17 @@ def render_dgd(infra: Infra, key: str) -> dict:
     if g.manifest is not None:
         path = infra.dgd_path(key)
         source = f"dynamo.{key} ({path.name})"
+        origin = str(g.manifest)
         dgd = select_dgd(load_yaml_documents(path), g.select, source)
     else:
         source = f"dynamo.{key} (inline spec)"
+        origin = f"the inline dynamo.{key}.spec"
         spec = g.spec or {}
         api = g.api_version or ("nvidia.com/v1beta1" if "components" in spec else "nvidia.com/v1alpha1")
         dgd = {"apiVersion": api, "kind": DGD_KIND, "metadata": {}, "spec": copy.deepcopy(spec)}
     if dgd.get("apiVersion", "").split("/")[0] != DGD_GROUP:
         raise ManifestError(f"{source}: apiVersion {dgd.get('apiVersion')!r} is not in group {DGD_GROUP}")
+    check_override_names(dgd.get("spec") or {}, g.overrides, origin, f"dynamo.{key}.overrides")
     dgd["spec"] = deep_merge(dgd.get("spec") or {}, g.overrides, f"dynamo.{key}.overrides")
     md = dgd.setdefault("metadata", {})
     if g.name:
@@ -335,7 +438,7 @@ def render_dgd(infra: Infra, key: str) -> dict:
         md.pop(k, None)
     dgd.pop("status", None)
     _default_dgd_images(dgd, infra)
-    _check_placeholders(dgd, source)
+    _check_placeholders(dgd, source, _blame(infra, f"dynamo.{key}.name" if g.name else None))
     return dgd
 
 
@@ -363,7 +466,7 @@ def render_raycluster(infra: Infra, role: str) -> dict:
     if r.annotations or infra.annotations:
         md["annotations"] = {**infra.annotations, **r.annotations}
     rc = {"apiVersion": RAY_API, "kind": "RayCluster", "metadata": md, "spec": _ray_cluster_spec(infra, role)}
-    _check_placeholders(rc, f"kuberay.{role}")
+    _check_placeholders(rc, f"kuberay.{role}", _blame(infra, f"kuberay.{role}.name"))
     return rc
 
 
@@ -388,7 +491,7 @@ def render_rayjob(infra: Infra, role: str, entrypoint: str) -> dict:
     if r.annotations or infra.annotations:
         md["annotations"] = {**infra.annotations, **r.annotations}
     job = {"apiVersion": RAY_API, "kind": "RayJob", "metadata": md, "spec": spec}
-    _check_placeholders(job, f"kuberay.{role}")
+    _check_placeholders(job, f"kuberay.{role}", _blame(infra, f"kuberay.{role}.name"))
     return job
 
 
@@ -405,7 +508,7 @@ def render_deployment(infra: Infra, key: str) -> dict:
         "metadata": {"name": d.name, "namespace": infra.namespace, "labels": _labels(infra, f"deployments.{key}", d.labels)},
         "spec": spec,
     }
-    _check_placeholders(dep, f"deployments.{key}")
+    _check_placeholders(dep, f"deployments.{key}", _blame(infra, f"deployments.{key}.name"))
     return dep
 
 
