@@ -47,9 +47,13 @@ def test_run_dry_run_prints_rayjob_and_stamped_recipe(runner):
     r = runner.invoke(app, ["run", INFRA, RECIPE, "--rayjob", "--dry-run", "grpo.num_steps=3"])
     assert r.exit_code == 0, r.output
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-    assert [d.get("kind") for d in docs] == ["DynamoGraphDeployment", "RayJob", None]
+    # only Kubernetes objects: the output pipes into `kubectl apply -f -` (QA 6)
+    assert [d.get("kind") for d in docs] == ["DynamoGraphDeployment", "RayJob"]
     assert docs[1]["spec"]["entrypoint"].endswith("grpo.num_steps=3")
-    assert docs[2]["generation"]["dynamo"]["dgd_name"] == "dynamo-rl-tiny"
+    # the recipe is shown as comment lines, stamped and with the command-line overrides applied
+    lines = r.stdout[r.stdout.index("# the recipe the trainer runs"):].splitlines()
+    recipe = yaml.safe_load("\n".join(line[2:] for line in lines[1:] if line.startswith("# ")))
+    assert recipe["generation"]["dynamo"]["dgd_name"] == "dynamo-rl-tiny" and recipe["grpo"]["num_steps"] == 3
     r = runner.invoke(app, ["render", INFRA, "--recipe", RECIPE, "--raycluster", "-n", "team-a"])
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     assert [d["kind"] for d in docs] == ["RayCluster", "DynamoGraphDeployment"]
@@ -111,3 +115,37 @@ def test_up_failure_exits_1(runner, emu, kubeconfig):
     emu.faults.append(Fault("POST", "dynamographdeployments", 403))
     r = runner.invoke(app, ["up", INFRA, "--kubeconfig", kubeconfig, "--poll-s", "0.005"])
     assert r.exit_code == 1 and "lacks RBAC permission" in r.output and "rollback: deleted RayCluster/dynamo-rl-train" in r.output
+
+
+@pytest.mark.parametrize("cmd, msg", [
+    (["run", INFRA, RECIPE, "--rayjob", "--dry-run", "grpo.num_stepz=20"],
+     "error: {recipe}: grpo.num_stepz: unknown key; did you mean 'grpo.num_steps'?"),
+    (["run", INFRA, RECIPE, "--raycluster", "--dry-run", "grpo.num_steps=many"], "error: {recipe}: grpo.num_steps: "),
+    (["run", INFRA, RECIPE, "--dry-run", "generation.dynamo.model=qwen"],
+     "error: {recipe}: generation.dynamo.model is 'qwen' but dynamo.serving.servedModelName (the model DGD "
+     "dynamo-rl-tiny serves) is 'tiny'"),
+    (["render", INFRA, "--recipe", "{bad}", "--rayjob"], "error: {bad}: grpo.num_stepz: unknown key"),
+    (["check", INFRA, "--recipe", "{bad}", "--offline"], "error: {bad}: grpo.num_stepz: unknown key"),
+    (["run", INFRA, "missing.yaml", "--dry-run"], "error: recipe 'missing.yaml' not found"),
+])
+def test_recipe_and_overrides_are_validated_like_train(runner, tmp_path, cmd, msg):
+    """QA 4: the recipe + trailing overrides are validated with dynamo_rl.config before
+    anything is rendered or sent; the message is the one `dynamo-rl train` prints; exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(RECIPE).read_text().replace("num_steps:", "num_stepz:"))
+    r = runner.invoke(app, [c.format(bad=bad) for c in cmd])
+    assert r.exit_code == 2, r.output
+    assert msg.format(recipe=RECIPE, bad=bad) in " ".join(r.output.split()), r.output
+    assert "apiVersion" not in r.stdout
+
+
+def test_train_prints_the_same_recipe_error(tmp_path):
+    from dynamo_rl.config import ConfigError, load_recipe
+    from dynamo_rl.k8s.errors import RecipeError
+    from dynamo_rl.k8s.orchestrate import validate_recipe
+
+    with pytest.raises(ConfigError) as want:
+        load_recipe(RECIPE, ["grpo.num_stepz=20"])
+    with pytest.raises(RecipeError) as got:
+        validate_recipe(yaml.safe_load(Path(RECIPE).read_text()), ["grpo.num_stepz=20"], RECIPE)
+    assert str(got.value) == str(want.value)

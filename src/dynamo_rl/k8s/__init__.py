@@ -16,6 +16,7 @@ from .errors import (
     K8sError,
     KubeApiError,
     ManifestError,
+    RecipeError,
     SchemaValidationError,
     WaitTimeout,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "K8sError",
     "KubeApiError",
     "ManifestError",
+    "RecipeError",
     "SchemaValidationError",
     "WaitTimeout",
     "load_infra",

@@ -67,6 +67,10 @@ def _print_yaml(docs: list[dict], note: str | None = None) -> None:
     typer.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)
 
 
+def _comment(text: str) -> str:
+    return "\n".join(f"# {line}".rstrip() for line in text.rstrip("\n").splitlines())
+
+
 def _mode(raycluster: bool, rayjob: bool, infra: Infra) -> str:
     if raycluster and rayjob:
         raise typer.BadParameter("give at most one of --raycluster / --rayjob")
@@ -90,7 +94,8 @@ def check(
     try:
         infra = _infra(infra_file, namespace)
         kube = None if offline else _kube(kubeconfig, context)
-        rep = orchestrate.check(kube, infra, recipe=orchestrate.load_recipe_dict(recipe) if recipe else None)
+        rep = orchestrate.check(kube, infra, recipe=orchestrate.load_recipe_dict(recipe) if recipe else None,
+                                recipe_source=str(recipe or "recipe"))
     except CRDMissingError as e:
         raise _fail(e, 1) from None
     except K8sError as e:
@@ -143,7 +148,8 @@ def render(
         if raycluster and rayjob:
             raise typer.BadParameter("give at most one of --raycluster / --rayjob")
         plan = orchestrate.render_plan(infra, mode=mode, targets=target,
-                                       recipe=orchestrate.load_recipe_dict(recipe) if recipe else None)
+                                       recipe=orchestrate.load_recipe_dict(recipe) if recipe else None,
+                                       recipe_source=str(recipe or "recipe"))
     except K8sError as e:
         raise _fail(e, _code(e)) from None
     _print_yaml(plan.manifests(), _owner_note(plan))
@@ -226,12 +232,16 @@ def run(
         mode = _mode(raycluster, rayjob, infra)
         if dry_run:
             plan = orchestrate.render_plan(infra, mode=mode, recipe=orchestrate.load_recipe_dict(recipe),
-                                           recipe_overrides=list(ctx.args))
+                                           recipe_overrides=list(ctx.args), recipe_source=str(recipe))
             docs = plan.manifests()
             _print_yaml(docs, _owner_note(plan))
-            typer.echo("---\n# the stamped recipe the driver runs\n" + yaml.safe_dump(plan.recipe, sort_keys=False), nl=False)
+            # comment lines only: the output stays one `kubectl apply -f -` stream
+            head = ("the recipe the trainer runs: stamped, with the command-line overrides applied "
+                    f"({' '.join(ctx.args)}; they are passed on the trainer's command line, after the stamped file)"
+                    if ctx.args else "the stamped recipe the trainer runs")
+            typer.echo(_comment(head + ":\n" + yaml.safe_dump(plan.effective_recipe, sort_keys=False)))
             if mode == "raycluster":
-                typer.echo(f"# driver entrypoint, submitted through the Ray dashboard:\n# {plan.entrypoint}")
+                typer.echo(_comment(f"driver entrypoint, submitted through the Ray dashboard:\n{plan.entrypoint}"))
             return
         result = orchestrate.run(_kube(kubeconfig, context), infra, recipe, mode=mode, recipe_overrides=list(ctx.args),
                                  recreate=recreate, wait=wait, timing=orchestrate.Timing(poll_s=poll_s),

@@ -20,6 +20,12 @@ class ManifestError(K8sError):
     an override that does not merge, an unresolved ``${...}`` placeholder, a bad name."""
 
 
+class RecipeError(ManifestError):
+    """The training recipe (with the command-line overrides) does not validate against
+    ``dynamo_rl.config.Recipe``, or it disagrees with the infra file (served model name).
+    The message is the one ``dynamo-rl train`` prints for the same recipe."""
+
+
 class SchemaValidationError(K8sError):
     """A rendered manifest does not validate against its CRD's openAPIV3Schema.
 

@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import httpx
-import yaml
 
 from .api import Applied, Kube, in_pod
-from .errors import CRDMissingError, JobFailed, K8sError, KubeApiError, ManifestError, WaitTimeout
+from .errors import CRDMissingError, JobFailed, K8sError, KubeApiError, ManifestError, RecipeError, WaitTimeout
 from .manifests import (
     RAY_API,
     ObjRef,
@@ -84,8 +83,10 @@ class Plan:
     """Everything one command would send, rendered and validated against the CRDs.
 
     ``rayclusters``/``dgds``/``deployments`` map ``role``/``key`` → manifest; ``rayjob`` is
-    set in RayJob mode; ``recipe`` is the stamped recipe and ``entrypoint`` the driver's
-    shell command (``run`` only).
+    set in RayJob mode; ``recipe`` is the stamped recipe (the file written in the head
+    pod), ``effective_recipe`` the same with the command-line overrides applied (what the
+    trainer runs: the overrides are passed on its command line) and ``entrypoint`` the
+    driver's shell command (``run`` only).
     """
 
     infra: Infra
@@ -95,6 +96,7 @@ class Plan:
     deployments: dict[str, dict] = field(default_factory=dict)
     rayjob: dict | None = None
     recipe: dict | None = None
+    effective_recipe: dict | None = None
     entrypoint: str | None = None
 
     def manifests(self) -> list[dict]:
@@ -127,14 +129,58 @@ def parse_targets(infra: Infra, targets: Iterable[str] | None) -> tuple[list[str
     return picked["kuberay"], picked["dynamo"], picked["deployments"]
 
 
+def validate_recipe(stamped: dict, overrides: Iterable[str], source: str) -> dict:
+    """The stamped recipe with ``overrides`` applied, validated exactly as ``dynamo-rl train``
+    does (``dynamo_rl.config``: ``apply_overrides`` then the ``Recipe`` schema, same messages).
+    Returns the effective recipe as a mapping. Raises :class:`RecipeError`."""
+    from pydantic import ValidationError
+
+    from dynamo_rl.config import ConfigError, Recipe, apply_overrides
+    from dynamo_rl.config.loader import format_validation_error
+
+    try:
+        data = apply_overrides(stamped, list(overrides))
+        Recipe.model_validate(data)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, source)) from None
+    return data
+
+
+def _check_served_model(plan: Plan, effective: dict, source: str) -> None:
+    """With exactly one DGD, the recipe's ``generation.dynamo.model`` must be the model it serves."""
+    if len(plan.dgds) != 1:
+        return
+    key = next(iter(plan.dgds))
+    want = ((effective.get("generation") or {}).get("dynamo") or {}).get("model")
+    declared = plan.infra.dynamo[key].served_model_name
+    if want is None:
+        return
+    if declared is not None and want != declared:
+        raise RecipeError(
+            f"{source}: generation.dynamo.model is {want!r} but dynamo.{key}.servedModelName (the model "
+            f"DGD {plan.dgds[key]['metadata']['name']} serves) is {declared!r}; make them the same"
+        )
+    guessed = plan.served_model(key)
+    if declared is None and guessed is not None and want != guessed:
+        log.warning("%s: generation.dynamo.model %r differs from the model dynamo.%s appears to serve (%r, "
+                    "guessed from its args); set dynamo.%s.servedModelName to be sure", source, want, key, guessed, key)
+
+
 def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str] | None = None,
-                recipe: dict | None = None, recipe_overrides: Iterable[str] = (), validate: bool = True) -> Plan:
+                recipe: dict | None = None, recipe_overrides: Iterable[str] = (), validate: bool = True,
+                recipe_source: str = "recipe") -> Plan:
     """Render (and by default validate against the CRDs) what a command would send.
     (``deployments`` are core ``apps/v1`` objects: no CRD, the API server validates them.)
 
     ``mode`` None (``up``/``render``): a RayCluster per targeted role. ``raycluster``/``rayjob``
     (``run``): only ``launch.role``, as a RayCluster or as a RayJob whose entrypoint runs
-    the stamped ``recipe``. Raises :class:`ManifestError`, :class:`SchemaValidationError`.
+    the stamped ``recipe``. In run mode (or whenever a ``recipe`` is given) the stamped
+    recipe plus ``recipe_overrides`` is validated first, as ``dynamo-rl train`` would
+    (``recipe_source`` names it in messages), and its ``generation.dynamo.model`` must match
+    the single DGD's ``servedModelName``. Raises :class:`RecipeError`,
+    :class:`ManifestError`, :class:`SchemaValidationError`.
     """
     roles, keys, deps = parse_targets(infra, targets)
     plan = Plan(infra, mode)
@@ -142,12 +188,16 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
         plan.dgds[key] = render_dgd(infra, key)
     for key in deps:
         plan.deployments[key] = render_deployment(infra, key)
+    if mode is not None or recipe is not None:
+        plan.recipe = stamp_recipe(recipe or {}, list(plan.dgds.values()),
+                                   {m["metadata"]["name"]: infra.dynamo[k].frontend_port for k, m in plan.dgds.items()})
+        plan.effective_recipe = validate_recipe(plan.recipe, recipe_overrides, recipe_source)
+        _check_served_model(plan, plan.effective_recipe, recipe_source)
     if mode is not None:
         role = infra.launch.role
         if role not in infra.kuberay:
             raise ManifestError(f"launch.role is {role!r} but the infra file has no kuberay.{role}")
-        plan.recipe = stamp_recipe(recipe or {}, list(plan.dgds.values()),
-                                   {m["metadata"]["name"]: infra.dynamo[k].frontend_port for k, m in plan.dgds.items()})
+        assert plan.recipe is not None
         plan.entrypoint = _entrypoint(infra, plan.recipe, recipe_overrides)
         if mode == "rayjob":
             plan.rayjob = render_rayjob(infra, role, plan.entrypoint)
@@ -174,16 +224,14 @@ def _entrypoint(infra: Infra, recipe: dict, overrides: Iterable[str]) -> str:
 
 
 def load_recipe_dict(path: str | Path) -> dict:
-    """The recipe YAML as a plain mapping (stamping edits it as a dict). Raises :class:`ManifestError`."""
+    """The recipe YAML as a plain mapping (stamping edits it as a dict), read by
+    ``dynamo_rl.config.load_yaml`` (same messages as ``dynamo-rl train``). Raises :class:`RecipeError`."""
+    from dynamo_rl.config import ConfigError, load_yaml
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read the recipe ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ManifestError(f"{path}: the recipe is not valid YAML: {e}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ManifestError(f"{path}: the recipe must be a mapping")
-    return data or {}
+        return load_yaml(path)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
 
 
 # ------------------------------------------------------------------ rollback
@@ -487,7 +535,8 @@ def run(kube: Kube, infra: Infra, recipe_path: str | Path | None, *, mode: str |
     timing = timing or Timing()
     mode = mode or infra.launch.mode
     recipe = load_recipe_dict(recipe_path) if recipe_path else {}
-    plan = render_plan(infra, mode=mode, recipe=recipe, recipe_overrides=recipe_overrides)
+    plan = render_plan(infra, mode=mode, recipe=recipe, recipe_overrides=recipe_overrides,
+                       recipe_source=str(recipe_path or "recipe"))
     rb = Rollback(kube, progress)
     try:
         if mode == "raycluster":
@@ -661,7 +710,7 @@ class CheckReport:
     warnings: list[str]
 
 
-def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None) -> CheckReport:
+def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None, recipe_source: str = "recipe") -> CheckReport:
     """Render and validate everything (RayClusters, DGDs, the RayJob of ``launch.role``),
     then, when ``kube`` is given, probe the CRDs.
 
@@ -673,7 +722,7 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None) -> Che
     rayjob = None
     warnings: list[str] = []
     if infra.launch.role in infra.kuberay:
-        rj = render_plan(infra, mode="rayjob", recipe=recipe or {})
+        rj = render_plan(infra, mode="rayjob", recipe=recipe or {}, recipe_source=recipe_source)
         rayjob = rj.rayjob
     elif infra.kuberay:
         warnings.append(f"launch.role {infra.launch.role!r} is not a kuberay role; `run` will fail")
@@ -704,4 +753,5 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None) -> Che
 __all__ = [
     "Plan", "RunResult", "Rollback", "Timing", "render_plan", "up", "down", "run", "attach_owner",
     "follow_rayjob", "follow_dashboard_job", "check", "CheckReport", "submit_driver", "wait_raycluster", "load_recipe_dict",
+    "validate_recipe",
 ]
