@@ -6,7 +6,7 @@ garbage collection or service proxy; the official client is synchronous. Adding 
 that around kmock was larger than this stdlib ``ThreadingHTTPServer`` (loopback only).
 
 What it does, and no more:
-* namespaced custom objects: POST (create), GET (one / list with ``labelSelector``),
+* namespaced custom objects, Deployments, and core ConfigMaps/PVCs: POST (create), GET (one / list with ``labelSelector``),
   PATCH (``application/merge-patch+json``, optimistic ``resourceVersion``), DELETE
   (with immediate background garbage collection of dependents by ownerReference uid);
   uid, resourceVersion, generation (bumped when ``spec`` changes);
@@ -36,6 +36,8 @@ import jsonschema
 import yaml
 from kubernetes import client as k8s_client
 
+#: core (``/api/v1``) namespaced kinds the emulator stores: a DGD file's companions.
+CORE = {"configmaps": "ConfigMap", "persistentvolumeclaims": "PersistentVolumeClaim"}
 CRD_FILES = ["nvidia.com_dynamographdeployments.yaml", "ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"]
 
 
@@ -104,6 +106,8 @@ def _load_crds(crd_dir: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str
             validators[(spec["group"], v["name"], spec["names"]["plural"])] = jsonschema.Draft7Validator(
                 _defaulted(v["schema"]["openAPIV3Schema"]))
     kinds["deployments"] = ("apps", "Deployment")  # core kind: the real API server validates it, not a CRD
+    for plural, kind in CORE.items():
+        kinds[plural] = ("", kind)
     return kinds, validators
 
 
@@ -229,6 +233,8 @@ class KubeEmulator:
 
     def _validate(self, group: str, version: str, plural: str, obj: dict) -> list[str]:
         v = self.validators.get((group, version, plural))
+        if group == "" and plural in CORE:
+            return [] if obj.get("kind") == CORE[plural] else [f"kind: must be {CORE[plural]}"]
         if (group, version, plural) == ("apps", "v1", "deployments"):
             return [] if obj.get("spec", {}).get("template") else ["spec.template: Required value"]
         if v is None:
@@ -271,11 +277,17 @@ class KubeEmulator:
                 return self._status(503, "ServiceUnavailable", f'no endpoints available for service "{svc}"')
             return handler(method, sub, body)
         # /apis/<group>/<version>/namespaces/<ns>/<plural>[/<name>]
-        if parts[:1] == ["apis"] and len(parts) in (6, 7) and parts[3] == "namespaces":
-            group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
-            name = parts[6] if len(parts) == 7 else ""
+        # /api/v1/namespaces/<ns>/<configmaps|persistentvolumeclaims>[/<name>]
+        core = parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (5, 6) and parts[4] in CORE
+        if core or (parts[:1] == ["apis"] and len(parts) in (6, 7) and parts[3] == "namespaces"):
+            if core:
+                group, version, ns, plural = "", "v1", parts[3], parts[4]
+                name = parts[5] if len(parts) == 6 else ""
+            else:
+                group, version, ns, plural = parts[1], parts[2], parts[4], parts[5]
+                name = parts[6] if len(parts) == 7 else ""
             req.plural, req.namespace, req.name = plural, ns, name or ((body or {}).get("metadata") or {}).get("name", "")
-            known = (group, version, plural) in self.validators or (group, version, plural) == ("apps", "v1", "deployments")
+            known = (group, version, plural) in self.validators or (group, version, plural) == ("apps", "v1", "deployments") or core
             if plural in self.missing_crds or plural not in self.kinds or not known:
                 return self._status(404, "NotFound", "the server could not find the requested resource")
             for f in self.faults:
@@ -288,7 +300,7 @@ class KubeEmulator:
                 items = [copy.deepcopy(o) for (p, n, _), o in sorted(self.objects.items())
                          if p == plural and n == ns and _matches(o["metadata"].get("labels") or {}, query.get("labelSelector", ""))]
                 lim = int(query.get("limit", 0) or 0)
-                return 200, {"apiVersion": f"{group}/{version}", "kind": self.kinds[plural][1] + "List",
+                return 200, {"apiVersion": f"{group}/{version}" if group else version, "kind": self.kinds[plural][1] + "List",
                              "metadata": {"resourceVersion": str(self._rv)}, "items": items[:lim] if lim else items}
             if not name and method == "POST":
                 obj = copy.deepcopy(body)

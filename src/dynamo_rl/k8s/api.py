@@ -1,7 +1,8 @@
 """Kubernetes API calls, through the official ``kubernetes`` client only.
 
 Owns: connecting (kubeconfig/context, or in-cluster), get/create/patch/delete of
-namespaced custom objects (``CustomObjectsApi``), pod listing and the API server's
+namespaced custom objects (``CustomObjectsApi``) and of core ``v1`` objects
+(ConfigMaps, PVCs: the same client's ``call_api``), pod listing and the API server's
 service proxy (``CoreV1Api``), idempotent apply, bounded waits for deletion, and the
 CRD probe. Everything is ordinary client code, so it runs unchanged against a real
 cluster and against the test emulator.
@@ -117,9 +118,28 @@ class Kube:
 
     # ------------------------------------------------------------------ objects
 
+    def _core(self, method: str, ref: ObjRef, body: dict | None = None, *, named: bool = True,
+              content_type: str = "application/json", query: str = "") -> dict:
+        """A call on a core (``v1``) namespaced object such as a ConfigMap or PVC, through the
+        same client (``/api/v1/namespaces/<ns>/<plural>[/<name>]``). Raises :class:`ApiException`."""
+        path = f"/api/v1/namespaces/{quote(ref.namespace)}/{ref.plural}" + (f"/{quote(ref.name)}" if named else "")
+        params = self.api_client.param_serialize(
+            method=method, resource_path=path + query,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body, auth_settings=["BearerToken"],
+        )
+        resp = self.api_client.call_api(*params)
+        resp.read()
+        text = resp.data.decode() if resp.data else ""
+        if not 200 <= resp.status < 300:
+            raise ApiException(status=resp.status, reason=resp.reason, body=text)
+        return json.loads(text) if text else {}
+
     def get(self, ref: ObjRef) -> dict | None:
         """The live object, or None when it does not exist (HTTP 404)."""
         try:
+            if not ref.group:
+                return self._core("GET", ref)
             return self.custom.get_namespaced_custom_object(ref.group, ref.version, ref.namespace, ref.plural, ref.name)
         except ApiException as e:
             if e.status == 404:
@@ -130,6 +150,8 @@ class Kube:
         """Create ``obj``; returns the live object (with ``metadata.uid``)."""
         ref = ObjRef.of(obj)
         try:
+            if not ref.group:
+                return self._core("POST", ref, obj, named=False)
             return self.custom.create_namespaced_custom_object(ref.group, ref.version, ref.namespace, ref.plural, obj)
         except ApiException as e:
             if e.status == 404:
@@ -142,6 +164,8 @@ class Kube:
     def patch(self, ref: ObjRef, body: dict) -> dict:
         """JSON merge patch (``application/merge-patch+json``). Lists in ``body`` replace whole lists."""
         try:
+            if not ref.group:
+                return self._core("PATCH", ref, body, content_type="application/merge-patch+json")
             return self.custom.patch_namespaced_custom_object(
                 ref.group, ref.version, ref.namespace, ref.plural, ref.name, body,
                 _content_type="application/merge-patch+json",
@@ -154,6 +178,9 @@ class Kube:
         Kubernetes ``propagationPolicy`` (``Background`` lets the garbage collector
         delete dependents such as owned DGDs)."""
         try:
+            if not ref.group:
+                self._core("DELETE", ref, {"propagationPolicy": propagation})
+                return True
             self.custom.delete_namespaced_custom_object(
                 ref.group, ref.version, ref.namespace, ref.plural, ref.name, propagation_policy=propagation
             )
@@ -201,7 +228,8 @@ class Kube:
             self.delete(ref)
             self.wait_gone(ref, gone_timeout_s, poll_s)
             return Applied(self.create(obj), "recreated")
-        want = {"spec": obj.get("spec"), "metadata": {"labels": (obj.get("metadata") or {}).get("labels") or {}}}
+        want = {k: obj[k] for k in ("spec", "data", "binaryData") if k in obj}
+        want["metadata"] = {"labels": (obj.get("metadata") or {}).get("labels") or {}}
         if is_subset(want, live):
             return Applied(live, "reused")
         log.warning("%s exists and differs from the rendered manifest; reusing it as is (pass --recreate to replace it)", ref)

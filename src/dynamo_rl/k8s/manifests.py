@@ -6,13 +6,22 @@ Field names follow the Dynamo operator (``nvidia.com/v1alpha1`` ``spec.services`
 ``nvidia.com/v1beta1`` ``spec.components``) and KubeRay (``ray.io/v1``) APIs.
 
 Rules (issue 7):
-* A DGD file may hold several documents: ConfigMaps, PVCs, Pods, ... are skipped; with
-  several DGDs, ``dynamo.<key>.select`` must name one.
+* A DGD file may hold several documents; with several DGDs, ``dynamo.<key>.select``
+  must name one. Its ``ConfigMap``/``PersistentVolumeClaim`` documents are companions
+  (:func:`render_companions`): applied before the DGD, in the infra namespace, labelled
+  and rolled back like it; ConfigMaps are owned like the DGD, PVCs are not. Secrets,
+  Pods and other kinds are not applied: ``check``/``render``/``run`` warn, naming them.
 * ``image`` is only a default, set where a container has none; ``imagePullSecrets``
   are appended; a DGD's ``serviceAccountName`` is never set (the Dynamo operator wires
   its own); ``serviceAccount`` applies to RayCluster pod templates only, where unset.
-* ``overrides`` deep-merge onto ``.spec``: mappings merge, lists and scalars replace,
-  ``null`` deletes the key.
+* ``overrides`` deep-merge onto ``.spec``: mappings merge, ``null`` deletes the key,
+  lists of named objects (v1beta1 ``components``, ``containers``, ``env``, ``volumes``)
+  merge by ``name`` (a ``{name: fields}`` mapping is accepted too), other lists and
+  scalars replace. An override naming a service/component the manifest lacks is an
+  error listing the declared ones (:func:`check_override_names`).
+* Every string of every rendered object is checked for an unresolved ``${...}``
+  (shell ``${VAR}`` in container command/args excepted); values that come from the
+  infra file (``name:``, ``namespace``, ``labels``) are blamed on the infra key.
 
 Imports only yaml and ``k8s.schema``/``k8s.errors``.
 """
@@ -48,7 +57,12 @@ PLURALS = {
     "RayCluster": "rayclusters",
     "RayJob": "rayjobs",
     "Deployment": "deployments",
+    "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
 }
+
+#: Companion kinds of a DGD file that the launcher applies with the DGD (see :func:`render_companions`).
+COMPANION_KINDS = ("ConfigMap", "PersistentVolumeClaim")
 
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 
@@ -69,6 +83,7 @@ class ObjRef:
 
     @property
     def group(self) -> str:
+        """The API group; ``""`` for core objects (``apiVersion: v1``)."""
         return self.api_version.split("/", 1)[0] if "/" in self.api_version else ""
 
     @property
@@ -303,6 +318,46 @@ def select_dgd(docs: list[dict], select: str | None, source: str) -> dict:
             "choose one with `select: <name>` under its dynamo.<key> entry"
         )
     return copy.deepcopy(dgds[0])
+
+
+def render_companions(infra: Infra, key: str) -> tuple[list[dict], list[str]]:
+    """The other documents of ``dynamo.<key>``'s manifest file that the DGD needs.
+
+    ``ConfigMap`` and ``PersistentVolumeClaim`` documents are returned rendered (the infra
+    namespace, the launcher labels with target ``dynamo.<key>``, server fields dropped,
+    placeholders checked): the launcher applies them before the DGD, rolls them back on
+    failure, gives ConfigMaps the DGD's ownerReference (deleted with the training
+    cluster) and leaves PVCs unowned (data such as a model cache outlives a run; `down`
+    does not delete them). Any other kind (``Secret``: credentials are not shipped with
+    a run; ``Pod``, ...) is skipped: returned as a warning naming it and how to apply it.
+    Other DGDs of the file (alternatives to ``select``) are ignored. Inline specs have none.
+    """
+    g = infra.dynamo[key]
+    if g.manifest is None:
+        return [], []
+    path = infra.dgd_path(key)
+    out: list[dict] = []
+    warnings: list[str] = []
+    for doc in load_yaml_documents(path):
+        if not isinstance(doc, dict) or doc.get("kind") == DGD_KIND:
+            continue
+        kind, name = doc.get("kind", "?"), (doc.get("metadata") or {}).get("name", "?")
+        if kind in COMPANION_KINDS and doc.get("apiVersion") == "v1":
+            m = copy.deepcopy(doc)
+            md = m.setdefault("metadata", {})
+            for k in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields", "ownerReferences"):
+                md.pop(k, None)
+            m.pop("status", None)
+            md["namespace"] = infra.namespace
+            md["labels"] = _labels(infra, f"dynamo.{key}", md.get("labels"))
+            _check_placeholders(m, f"dynamo.{key} ({path.name}, {kind} {name})", _blame(infra, None))
+            out.append(m)
+        else:
+            why = "Secrets are not applied by dynamo-rl (keep credentials out of run files)" if kind == "Secret" \
+                else f"dynamo-rl applies only {' and '.join(COMPANION_KINDS)} documents of a DGD file"
+            warnings.append(f"dynamo.{key}: {path.name} also declares {kind} {name!r}, which is NOT applied ({why}); "
+                            f"if the DGD needs it, create it first: `kubectl apply -n {infra.namespace} -f <that document>`")
+    return out, warnings
 
 
 def dgd_api(manifest: dict) -> str:

@@ -17,6 +17,16 @@ Order and lifetimes (issue 7):
 ``deployments.<key>`` (plain ``apps/v1`` Deployments) go with the DGDs: same stage, same
 ownerReference, and they must be available before the trainer starts.
 
+**Companion documents** of a DGD manifest file (``manifests.render_companions``): its
+``ConfigMap``s and ``PersistentVolumeClaim``s (e.g. the ``llm-config`` a TensorRT-LLM
+worker mounts) are applied right before their DGD, in the infra namespace, with the
+launcher labels, recorded for rollback like every object this run creates. ConfigMaps
+get the DGD's ownerReference (to the training RayCluster; in RayJob mode attached with
+the DGDs'), so they go with the run and ``down`` deletes them; PVCs get none (their data
+outlives a run; ``down`` leaves them and says so). Secrets, Pods and other kinds are
+never applied: ``render_plan`` collects a warning naming each (shown by ``check``,
+logged by ``render``/``run``) with the ``kubectl apply`` to do by hand.
+
 Deleting the training RayCluster (``down``, or KubeRay's ``shutdownAfterJobFinishes``)
 garbage-collects the DGDs (and Deployments) and frees the inference GPUs.
 
@@ -53,6 +63,7 @@ from .manifests import (
     guess_served_model,
     owner_reference,
     render_deployment,
+    render_companions,
     render_dgd,
     render_raycluster,
     render_rayjob,
@@ -94,16 +105,19 @@ class Plan:
     rayclusters: dict[str, dict] = field(default_factory=dict)
     dgds: dict[str, dict] = field(default_factory=dict)
     deployments: dict[str, dict] = field(default_factory=dict)
+    companions: dict[str, list[dict]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     rayjob: dict | None = None
     recipe: dict | None = None
     effective_recipe: dict | None = None
     entrypoint: str | None = None
 
     def manifests(self) -> list[dict]:
-        """In the order they are applied."""
+        """In the order they are applied (each DGD right after its file's companions)."""
+        graphs = [m for k, dgd in self.dgds.items() for m in [*self.companions.get(k, []), dgd]]
         if self.mode == "rayjob":
-            return [*self.dgds.values(), *self.deployments.values(), *([self.rayjob] if self.rayjob else [])]
-        return [*self.rayclusters.values(), *self.dgds.values(), *self.deployments.values()]
+            return [*graphs, *self.deployments.values(), *([self.rayjob] if self.rayjob else [])]
+        return [*self.rayclusters.values(), *graphs, *self.deployments.values()]
 
     def served_model(self, key: str) -> str | None:
         g = self.infra.dynamo[key]
@@ -186,6 +200,12 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
     plan = Plan(infra, mode)
     for key in keys:
         plan.dgds[key] = render_dgd(infra, key)
+        comps, warns = render_companions(infra, key)
+        if comps:
+            plan.companions[key] = comps
+        plan.warnings += warns
+        for w in warns:
+            log.warning("%s", w)
     for key in deps:
         plan.deployments[key] = render_deployment(infra, key)
     if mode is not None or recipe is not None:
@@ -408,10 +428,23 @@ def wait_raycluster(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: float) ->
 
 
 def _apply_dgds(kube: Kube, plan: Plan, rb: Rollback, owner: dict | None, recreate: bool,
-                timing: Timing, progress: Progress) -> dict[str, ObjRef]:
-    """Apply the DGDs, then the Deployments (keys ``dynamo.<k>`` / ``deployments.<k>``), each
-    with the non-controlling ownerReference to ``owner`` when given."""
+                timing: Timing, progress: Progress, owned_extra: list[ObjRef] | None = None) -> dict[str, ObjRef]:
+    """Apply each DGD's companions (ConfigMaps, PVCs of its file), the DGDs, then the
+    Deployments (keys ``dynamo.<k>`` / ``deployments.<k>``), each — PVCs excepted — with
+    the non-controlling ownerReference to ``owner`` when given. The companion ConfigMaps
+    are appended to ``owned_extra`` (RayJob mode attaches the owner to them later)."""
     refs = {}
+    for key, comps in plan.companions.items():
+        for m in comps:
+            owned = m["kind"] == "ConfigMap"
+            body = _with_owner(m, owner) if owner is not None and owned else m
+            a = rb.record(kube.apply(body, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
+            ref = ObjRef.of(a.obj)
+            progress(f"dynamo.{key}: {ref} {a.action}" + ("" if owned else " (not owned: kept after the run)"))
+            if owned and owner is not None and not a.created:
+                attach_owner(kube, ref, owner, rb)
+            if owned and owned_extra is not None:
+                owned_extra.append(ref)
     items = [(f"dynamo.{k}", m) for k, m in plan.dgds.items()] + [(f"deployments.{k}", m) for k, m in plan.deployments.items()]
     for target, m in items:
         body = _with_owner(m, owner) if owner is not None else m
@@ -505,8 +538,16 @@ def down(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, wait
     refs: list[ObjRef] = []
     for key in deps:
         refs.append(ObjRef.of(render_deployment(infra, key)))
+    kept: list[str] = []
     for key in keys:
         refs.append(ObjRef.of(render_dgd(infra, key)))
+        for m in render_companions(infra, key)[0]:
+            if m["kind"] == "ConfigMap":
+                refs.append(ObjRef.of(m))
+            else:
+                kept.append(str(ObjRef.of(m)))
+    if kept:
+        progress(f"kept (not deleted by down; delete with kubectl when no longer needed): {', '.join(kept)}")
     for role in roles:
         name = infra.kuberay[role].name
         refs += [ObjRef(RAY_API, "RayJob", infra.namespace, name), ObjRef(RAY_API, "RayCluster", infra.namespace, name)]
@@ -600,7 +641,8 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
             raise KubeApiError(
                 f"RayJob {plan.rayjob['metadata']['name']} from an earlier run exists and has ended "
                 f"({rayjob_outcome(old).summary}); pass --recreate to start a new one, or run `down` first", 409)
-    dgd_refs = _apply_dgds(kube, plan, rb, None, recreate, timing, progress)
+    companion_refs: list[ObjRef] = []
+    dgd_refs = _apply_dgds(kube, plan, rb, None, recreate, timing, progress, companion_refs)
     _wait_dgds(kube, plan, dgd_refs, timing, progress)
     a = rb.record(kube.apply(plan.rayjob, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
     job_ref = ObjRef.of(a.obj)
@@ -609,6 +651,9 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
     rc = kube.get(ObjRef(RAY_API, "RayCluster", infra.namespace, cluster))
     if rc is None:
         raise KubeApiError(f"RayJob {job_ref.name} names cluster {cluster}, which does not exist", 404)
+    for ref in companion_refs:
+        attach_owner(kube, ref, rc, rb)
+        progress(f"{ref}: owned by RayCluster {cluster}")
     for target, ref in dgd_refs.items():
         attach_owner(kube, ref, rc, rb)
         progress(f"{target}: owned by RayCluster {cluster}")
@@ -720,7 +765,7 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None, recipe
     """
     plan = render_plan(infra)
     rayjob = None
-    warnings: list[str] = []
+    warnings: list[str] = list(plan.warnings)
     if infra.launch.role in infra.kuberay:
         rj = render_plan(infra, mode="rayjob", recipe=recipe or {}, recipe_source=recipe_source)
         rayjob = rj.rayjob

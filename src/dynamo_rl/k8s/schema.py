@@ -74,7 +74,10 @@ class DynamoGraphSpec(_Model):
     several documents) or ``spec`` (an inline DGD ``.spec``) is required.
     ``select`` names the DGD to take from a file holding several. ``name`` overrides
     ``metadata.name``. ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
-    lists and scalars replace, ``null`` deletes). ``servedModelName`` is the model the
+    ``null`` deletes, lists of named objects such as v1beta1 ``components`` merge by
+    ``name`` — a list or a ``{name: fields}`` mapping — other lists and scalars replace;
+    naming a service/component the manifest lacks is an error). The file's ConfigMaps
+    and PVCs are applied with the DGD (see ``manifests.render_companions``). ``servedModelName`` is the model the
     frontend must list before the graph counts as ready (guessed from the manifest's
     ``--served-model-name``/``--model`` args or ``SERVED_MODEL_NAME`` env when unset).
     ``readyTimeoutS`` bounds the readiness wait, in seconds.
@@ -193,7 +196,7 @@ def parse_infra(data: Any, *, source: str = "<infra>", base_dir: Path | None = N
             if loc.startswith("launch.mode") and any(p.startswith("launch.mode") for p in problems):
                 continue
             if err["type"] == "extra_forbidden":
-                problems.append(f"{loc}: unknown key (check the spelling; see dynamo_rl.k8s.schema for the allowed keys)")
+                problems.append(f"{loc}: unknown key (check the spelling; examples/k8s/infra.yaml and examples/k8s/README.md show the allowed keys)")
             else:
                 problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r:.80})")
         infra = None
