@@ -149,3 +149,20 @@ def test_train_prints_the_same_recipe_error(tmp_path):
     with pytest.raises(RecipeError) as got:
         validate_recipe(yaml.safe_load(Path(RECIPE).read_text()), ["grpo.num_stepz=20"], RECIPE)
     assert str(got.value) == str(want.value)
+
+
+def test_help_and_hints(runner, tmp_path, monkeypatch):
+    """QA 7: `check` without a kubeconfig suggests --offline; --wait and the default mode are documented."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = runner.invoke(app, ["check", INFRA])
+    assert r.exit_code == 1 and "check --offline" in r.output, r.output
+    r = runner.invoke(app, ["down", "--help"])
+    assert "wait until every deleted object is gone" in " ".join(r.output.split())
+    r = runner.invoke(app, ["run", "--help"])
+    out = " ".join(r.output.split())
+    assert "launch.mode (default: rayjob)" in out and "follow the driver to its end" in out
+    bad = tmp_path / "i.yaml"
+    bad.write_text("namespace: x\nnamspace: y\n")
+    r = runner.invoke(app, ["check", str(bad), "--offline"])
+    assert r.exit_code == 2 and "examples/k8s/infra.yaml" in r.output and "dynamo_rl.k8s.schema" not in r.output

@@ -22,6 +22,7 @@ from .errors import (
     CRDMissingError,
     InfraConfigError,
     K8sError,
+    KubeApiError,
     ManifestError,
     SchemaValidationError,
 )
@@ -38,7 +39,9 @@ KubeconfigOpt = Annotated[Optional[str], typer.Option(help="kubeconfig file (def
 ContextOpt = Annotated[Optional[str], typer.Option(help="kubeconfig context")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", help="dynamo.<key>, kuberay.<role> or deployments.<key> (repeatable; default all)")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print every manifest as YAML and send nothing")]
-WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait for readiness (up) / the driver's end (run)")]
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every object is provisioned/ready")]
+DownWaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every deleted object is gone")]
+RunWaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="follow the driver to its end and exit with its exit code")]
 RecreateOpt = Annotated[bool, typer.Option("--recreate", help="delete and recreate objects that exist")]
 PollOpt = Annotated[float, typer.Option(help="poll interval of every wait, seconds")]
 
@@ -93,7 +96,11 @@ def check(
     """Render and validate everything against the CRD schemas, probe the CRDs, print a summary."""
     try:
         infra = _infra(infra_file, namespace)
-        kube = None if offline else _kube(kubeconfig, context)
+        try:
+            kube = None if offline else _kube(kubeconfig, context)
+        except KubeApiError as e:
+            raise KubeApiError(f"{e}; or run `dynamo-rl k8s check --offline` to render and validate without a cluster",
+                               e.status) from None
         rep = orchestrate.check(kube, infra, recipe=orchestrate.load_recipe_dict(recipe) if recipe else None,
                                 recipe_source=str(recipe or "recipe"))
     except CRDMissingError as e:
@@ -117,6 +124,9 @@ def check(
             dgds.add_row(key if i == 0 else "", m["metadata"]["name"] if i == 0 else "", dgd_api(m) if i == 0 else "",
                          c["name"], c["type"], str(c["replicas"]), c["image"])
     console.print(dgds)
+    for key, comps in rep.plan.companions.items():
+        console.print(f"dynamo.{key} also applies, before its DGD: "
+                      + ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in comps), highlight=False)
     t = Table(title="Readiness and timeouts (seconds)")
     for col in ("what", "value"):
         t.add_column(col)
@@ -192,7 +202,7 @@ def up(
 
 @app.command()
 def down(
-    infra_file: InfraArg, target: TargetOpt = None, dry_run: DryRunOpt = False, wait: WaitOpt = True,
+    infra_file: InfraArg, target: TargetOpt = None, dry_run: DryRunOpt = False, wait: DownWaitOpt = True,
     poll_s: PollOpt = 5.0, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
 ) -> None:
     """Delete the DGDs, then the RayJobs/RayClusters (absent ones are skipped)."""
@@ -218,10 +228,14 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="training recipe YAML; extra arguments are its dotted overrides")],
     raycluster: Annotated[bool, typer.Option("--raycluster", help="RayCluster first, DGDs owned by it, driver via the dashboard")] = False,
     rayjob: Annotated[bool, typer.Option("--rayjob", help="DGDs first, then a RayJob; its cluster then owns the DGDs")] = False,
-    recreate: RecreateOpt = False, dry_run: DryRunOpt = False, wait: WaitOpt = True, poll_s: PollOpt = 5.0,
+    recreate: RecreateOpt = False, dry_run: DryRunOpt = False, wait: RunWaitOpt = True, poll_s: PollOpt = 5.0,
     namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
 ) -> None:
     """Bring up inference, wait until it serves, start the trainer (`dynamo-rl train <recipe>`).
+
+    Mode: --rayjob or --raycluster; with neither, the infra file's launch.mode (default:
+    rayjob). The recipe and the extra arguments (dotted overrides, e.g. grpo.num_steps=20)
+    are validated like `dynamo-rl train` before anything is sent.
 
     Exits with the driver's exit code when waiting. Rolls back what it created on any
     failure before the driver starts. An existing RayJob of the same name is reused
