@@ -8,7 +8,7 @@ import copy
 import pytest
 import yaml
 
-from dynamo_rl.k8s.errors import InfraConfigError, ManifestError, SchemaValidationError
+from dynamo_rl.k8s.errors import InfraConfigError, ManifestError
 from dynamo_rl.k8s.manifests import render_dgd, render_raycluster
 from dynamo_rl.k8s.schema import load_infra, parse_infra
 from dynamo_rl.k8s.validate import validate_manifest

@@ -34,8 +34,11 @@ garbage-collects the DGDs (and Deployments) and frees the inference GPUs.
 order, every object this run *created* (objects it found and reused are left alone).
 A driver that fails is not a launch failure: its exit code is returned.
 
-The trainer is started as ``<launch.command> <recipe>`` with the recipe stamped
-(``manifests.stamp_recipe``) and written in the head pod by the entrypoint. All waits
+The trainer is started as ``<launch.command> <recipe> <overrides>`` with the recipe stamped
+(``manifests.stamp_recipe``) and written in the head pod by the entrypoint. Before
+anything is rendered or sent, the stamped recipe plus the overrides is validated as
+``dynamo-rl train`` would (:func:`validate_recipe`, :class:`RecipeError`, exit 2), and
+its ``generation.dynamo.model`` must equal the single DGD's ``servedModelName``. All waits
 are bounded loops with a deadline and a poll interval in seconds (``Timing``).
 
 Imports every other ``k8s`` module except ``cli``.
