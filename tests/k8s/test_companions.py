@@ -71,8 +71,10 @@ def test_render_lists_companions_and_warns_about_the_rest(infra):
 def test_run_rayjob_applies_companions_first_and_owns_the_configmap(kube, emu, infra):
     DynamoOperator(emu, model="tiny")
     ray = KubeRayOperator(emu)
-    res = run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", timing=FAST)
+    msgs: list[str] = []
+    res = run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", timing=FAST, progress=msgs.append)
     assert res.exit_code == 0
+    assert sum("NOT applied" in m and m.startswith("warning: ") for m in msgs) == 2
     cluster = f"{RC}-x7k2p"
     assert writes(emu)[:5] == [("POST", "configmaps", "llm-config"), ("POST", "persistentvolumeclaims", "model-cache"),
                                ("POST", "dynamographdeployments", DGD), ("POST", "rayjobs", RC),

@@ -64,6 +64,11 @@ def _progress(msg: str) -> None:
     console.print(f"[cyan]•[/cyan] {msg}", highlight=False, soft_wrap=True)
 
 
+def _warn(plan: orchestrate.Plan) -> None:
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+
+
 def _print_yaml(docs: list[dict], note: str | None = None) -> None:
     if note:
         typer.echo(f"# {note}")
@@ -162,6 +167,7 @@ def render(
                                        recipe_source=str(recipe or "recipe"))
     except K8sError as e:
         raise _fail(e, _code(e)) from None
+    _warn(plan)
     _print_yaml(plan.manifests(), _owner_note(plan))
 
 
@@ -191,6 +197,7 @@ def up(
         infra = _infra(infra_file, namespace)
         if dry_run:
             plan = orchestrate.render_plan(infra, targets=target)
+            _warn(plan)
             _print_yaml(plan.manifests(), _owner_note(plan))
             return
         orchestrate.up(_kube(kubeconfig, context), infra, targets=target, recreate=recreate, wait=wait,
@@ -248,6 +255,7 @@ def run(
             plan = orchestrate.render_plan(infra, mode=mode, recipe=orchestrate.load_recipe_dict(recipe),
                                            recipe_overrides=list(ctx.args), recipe_source=str(recipe))
             docs = plan.manifests()
+            _warn(plan)
             _print_yaml(docs, _owner_note(plan))
             # comment lines only: the output stays one `kubectl apply -f -` stream
             head = ("the recipe the trainer runs: stamped, with the command-line overrides applied "

@@ -24,8 +24,8 @@ launcher labels, recorded for rollback like every object this run creates. Confi
 get the DGD's ownerReference (to the training RayCluster; in RayJob mode attached with
 the DGDs'), so they go with the run and ``down`` deletes them; PVCs get none (their data
 outlives a run; ``down`` leaves them and says so). Secrets, Pods and other kinds are
-never applied: ``render_plan`` collects a warning naming each (shown by ``check``,
-logged by ``render``/``run``) with the ``kubectl apply`` to do by hand.
+never applied: ``render_plan`` collects a warning naming each (``Plan.warnings``: shown
+by ``check``/``render``/``--dry-run``, reported through ``progress`` by ``up``/``run``) with the ``kubectl apply`` to do by hand.
 
 Deleting the training RayCluster (``down``, or KubeRay's ``shutdownAfterJobFinishes``)
 garbage-collects the DGDs (and Deployments) and frees the inference GPUs.
@@ -207,8 +207,6 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
         if comps:
             plan.companions[key] = comps
         plan.warnings += warns
-        for w in warns:
-            log.warning("%s", w)
     for key in deps:
         plan.deployments[key] = render_deployment(infra, key)
     if mode is not None or recipe is not None:
@@ -507,6 +505,8 @@ def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recrea
     """
     timing = timing or Timing()
     plan = render_plan(infra, targets=targets)
+    for w in plan.warnings:
+        progress(f"warning: {w}")
     rb = Rollback(kube, progress)
     try:
         clusters = {}
@@ -581,6 +581,8 @@ def run(kube: Kube, infra: Infra, recipe_path: str | Path | None, *, mode: str |
     recipe = load_recipe_dict(recipe_path) if recipe_path else {}
     plan = render_plan(infra, mode=mode, recipe=recipe, recipe_overrides=recipe_overrides,
                        recipe_source=str(recipe_path or "recipe"))
+    for w in plan.warnings:
+        progress(f"warning: {w}")
     rb = Rollback(kube, progress)
     try:
         if mode == "raycluster":
