@@ -123,3 +123,23 @@ def test_existing_configmap_is_reused_and_left_alone_on_rollback(kube, emu, infr
         run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", timing=FAST)
     assert ("DELETE", "configmaps", "llm-config") not in writes(emu)
     assert emu.get("configmaps", "llm-config") is not None
+
+
+def test_recreate_never_recreates_a_pvc(kube, emu, infra):
+    emu.insert({**PVC, "metadata": {"name": "model-cache", "namespace": "default"}})
+    emu.insert({**CM, "metadata": {"name": "llm-config", "namespace": "default"}})
+    KubeRayOperator(emu)
+    emu.faults.append(Fault("POST", "dynamographdeployments", 403))
+    with pytest.raises(Exception):
+        run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", recreate=True, timing=FAST)
+    assert ("DELETE", "configmaps", "llm-config") in writes(emu)  # recreated, then rolled back
+    assert not any(w[1] == "persistentvolumeclaims" for w in writes(emu))
+    assert emu.get("persistentvolumeclaims", "model-cache") is not None
+
+
+def test_check_validates_the_recipe_without_a_training_role(tmp_path):
+    from dynamo_rl.k8s.errors import RecipeError
+    from dynamo_rl.k8s.schema import parse_infra
+
+    with pytest.raises(RecipeError, match="grpo.num_stepz: unknown key"):
+        check(None, parse_infra({}), recipe={"grpo": {"num_stepz": 2}}, recipe_source="r.yaml")

@@ -218,7 +218,9 @@ def down(
         if dry_run:
             plan = orchestrate.render_plan(infra, targets=target, validate=False)
             _print_yaml([{"apiVersion": m["apiVersion"], "kind": m["kind"], "metadata": {"name": m["metadata"]["name"],
-                          "namespace": m["metadata"]["namespace"]}} for m in [*plan.deployments.values(), *plan.dgds.values(), *plan.rayclusters.values()]],
+                          "namespace": m["metadata"]["namespace"]}} for m in [*plan.deployments.values(), *plan.dgds.values(),
+                          *(c for cs in plan.companions.values() for c in cs if c["kind"] == "ConfigMap"),
+                          *plan.rayclusters.values()]],
                         "would delete (and any RayJob of the same name as a role's cluster)")
             return
         deleted = orchestrate.down(_kube(kubeconfig, context), infra, targets=target, wait=wait,

@@ -23,7 +23,7 @@ worker mounts) are applied right before their DGD, in the infra namespace, with 
 launcher labels, recorded for rollback like every object this run creates. ConfigMaps
 get the DGD's ownerReference (to the training RayCluster; in RayJob mode attached with
 the DGDs'), so they go with the run and ``down`` deletes them; PVCs get none (their data
-outlives a run; ``down`` leaves them and says so). Secrets, Pods and other kinds are
+outlives a run; ``down`` leaves them and says so; ``--recreate`` never recreates them). Secrets, Pods and other kinds are
 never applied: ``render_plan`` collects a warning naming each (``Plan.warnings``: shown
 by ``check``/``render``/``--dry-run``, reported through ``progress`` by ``up``/``run``) with the ``kubectl apply`` to do by hand.
 
@@ -439,7 +439,8 @@ def _apply_dgds(kube: Kube, plan: Plan, rb: Rollback, owner: dict | None, recrea
         for m in comps:
             owned = m["kind"] == "ConfigMap"
             body = _with_owner(m, owner) if owner is not None and owned else m
-            a = rb.record(kube.apply(body, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
+            # a PVC is never recreated (--recreate would throw its data away)
+            a = rb.record(kube.apply(body, recreate=recreate and owned, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
             ref = ObjRef.of(a.obj)
             progress(f"dynamo.{key}: {ref} {a.action}" + ("" if owned else " (not owned: kept after the run)"))
             if owned and owner is not None and not a.created:
@@ -768,7 +769,7 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None, recipe
     :class:`CRDMissingError` (with an install hint) when a needed CRD is missing. A CRD
     that answers 403 counts as installed (a warning says list permission is missing).
     """
-    plan = render_plan(infra)
+    plan = render_plan(infra, recipe=recipe, recipe_source=recipe_source)
     rayjob = None
     warnings: list[str] = list(plan.warnings)
     if infra.launch.role in infra.kuberay:
