@@ -3,6 +3,7 @@ every S, T ∈ {1, 2, 4}, in one process (the cross-process runs are in test_pro
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -13,25 +14,33 @@ from dynamo_rl.refit.megatron import engine_specs, hf_to_engine, hf_to_megatron
 from refit_models import model
 
 
+@contextlib.contextmanager
+def published(shards: list[dict], cfg: dict):
+    """S Megatron-layout source ranks publishing version 1; yields rank 0's manifest URL."""
+    S = len(shards)
+    pubs = [Publisher(tp_rank=0, tp_size=S)]
+    pubs += [Publisher(tp_rank=r, tp_size=S, coordinator_url=pubs[0].url) for r in range(1, S)]
+    try:
+        for r, p in enumerate(pubs):
+            p.publish(1, shards[r], naming="megatron", model_config=cfg)
+        yield pubs[0].url
+    finally:
+        for p in pubs:
+            p.close()
+
+
 def test_shm_pull_every_pair_megatron_gqa():
     hf, cfg = model("gqa16_8", seed=7)
     for S, T in itertools.product((1, 2, 4), (1, 2, 4)):
         shards = hf_to_megatron(hf, cfg, S, pad_value=9.0)
-        pubs = [Publisher(tp_rank=0, tp_size=S)]
-        pubs += [Publisher(tp_rank=r, tp_size=S, coordinator_url=pubs[0].url) for r in range(1, S)]
-        try:
-            for r, p in enumerate(pubs):
-                p.publish(1, shards[r], naming="megatron", model_config=cfg)
+        with published(shards, cfg) as url:
             for t in range(T):
                 ref = hf_to_engine(hf, cfg, t, T)
                 with Receiver(tp_rank=t, tp_size=T, param_specs=engine_specs(ref)) as recv:
-                    out, rep = recv.pull(pubs[0].url, 1)
+                    out, rep = recv.pull(url, 1)
                 bad = [n for n in ref if not torch.equal(out[n], ref[n])]
                 assert not bad, (S, T, t, bad)
                 assert rep["overpull_factor"] == 1.0  # strided reads: exactly the needed bytes
-        finally:
-            for p in pubs:
-                p.close()
 
 
 def test_dist_pull_direct_and_staged_paths():
@@ -41,21 +50,14 @@ def test_dist_pull_direct_and_staged_paths():
     hf, cfg = model("gqa16_8", seed=8)
     for S, T in ((1, 2), (2, 4), (4, 1)):
         shards = hf_to_megatron(hf, cfg, S)
-        pubs = [Publisher(tp_rank=0, tp_size=S)]
-        pubs += [Publisher(tp_rank=r, tp_size=S, coordinator_url=pubs[0].url) for r in range(1, S)]
-        try:
-            for r, p in enumerate(pubs):
-                p.publish(1, shards[r], naming="megatron", model_config=cfg)
+        with published(shards, cfg) as url:
             for t in range(T):
                 ref = hf_to_engine(hf, cfg, t, T)
                 with Receiver(tp_rank=t, tp_size=T, param_specs=engine_specs(ref),
                               transport_options={"dist": {"msg_bytes": 4096}}) as recv:
-                    out, rep = recv.pull(pubs[0].url, 1, "dist", timeout_s=60)
+                    out, rep = recv.pull(url, 1, "dist", timeout_s=60)
                 assert rep["transport"] == "dist"
                 assert not [n for n in ref if not torch.equal(out[n], ref[n])], (S, T, t)
                 if T > S:
                     assert rep["overpull_by_role"]["row"] == T / S
                     assert rep["overpull_factor"] > 1.0
-        finally:
-            for p in pubs:
-                p.close()
