@@ -372,6 +372,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
     extra: dict = {}
     version = 0
     completed = False
+    bar = None
     eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts)
     try:
         if cfg.policy.warm_start.steps:
@@ -394,6 +395,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             return eps, time.perf_counter() - t0
 
         pending = asyncio.create_task(rollouts(1))
+        bar = _progress_bar(g.num_steps)
         for step in range(1, g.num_steps + 1):
             episodes, gen_s = await pending
             if g.loop == "async" and step < g.num_steps:
@@ -432,8 +434,11 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             rec["elapsed_seconds"] = time.perf_counter() - t_start
             log.log(rec)
             _print_step(rec, g.num_steps)
+            bar.advance(rec)
         completed = True
     finally:
+        if bar is not None:
+            bar.close()
         log.close()
         # also on Ctrl-C / SIGTERM / a failure: what was measured so far is summarized
         summary = summarize(log.records, wall_seconds=time.perf_counter() - t_start, loop=g.loop,
@@ -444,6 +449,29 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
                          initial_eval=extra.get("eval_reward_initial"))
     _print_summary(summary, out)
     return 0
+
+
+class _progress_bar:
+    """A live bar under the step lines (terminals only): steps done, ETA, last reward."""
+
+    def __init__(self, total: int):
+        self._p = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("GRPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                               TextColumn("{task.fields[info]}"), console=console, transient=True)
+            self._task = self._p.add_task("grpo", total=total, info="")
+            self._p.start()
+
+    def advance(self, rec: dict) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=1, info=f"reward {rec['reward_mean']:.3f}  v{rec['weights_version']}")
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
 
 
 def _print_step(r: dict, n: int) -> None:
