@@ -21,7 +21,6 @@ import random
 import signal
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -30,156 +29,17 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamo_rl.config import Recipe
-from dynamo_rl.generation import Conversation
 from dynamo_rl.models import ensure_tiny_model, load_model, load_tokenizer
-from dynamo_rl.rl.grpo import group_advantages, grpo_loss, logprob_mismatch, token_logprobs
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
-from dynamo_rl.rl.tasks import Problem, sample_problems, supervised_example, turn_reward
+from dynamo_rl.rl.rollouts import collect_rollouts
+from dynamo_rl.rl.tasks import Problem, sample_problems
+from dynamo_rl.rl.trainer import Trainer
 
 # soft_wrap: a step line stays one line in a log file (no wrapping at 80 columns)
 console = Console(highlight=False, soft_wrap=True)
 
 
-# --------------------------------------------------------------------------- rollouts
-@dataclass
-class Episode:
-    """One trajectory: the full token sequence and, aligned with it, what the engine said."""
 
-    problem_index: int
-    ids: list[int] = field(default_factory=list)        # prompt(s) + generation(s), verbatim
-    mask: list[int] = field(default_factory=list)       # 1 on generated tokens
-    engine_logp: list[float] = field(default_factory=list)  # engine logprob at generated positions, 0 elsewhere
-    versions: set = field(default_factory=set)          # weights versions that produced its tokens
-    rewards: list[float] = field(default_factory=list)  # one per turn
-    finish_reasons: list[str] = field(default_factory=list)
-    gen_tokens: int = 0
-
-    @property
-    def reward(self) -> float:
-        return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
-
-    @property
-    def version(self) -> int | None:
-        """Oldest weights version among its tokens (None if the server did not say)."""
-        vs = [v for v in self.versions if v is not None]
-        return min(vs) if vs else None
-
-
-async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, sampling, seed: int) -> list[Episode]:
-    """Generate ``group`` episodes per problem through the frontend, turn by turn.
-
-    Each episode is a :class:`~dynamo_rl.generation.Conversation` on the completion route:
-    turn N+1's prompt is turn N's prompt + generation ids verbatim plus the tokens of only
-    the new user message, checked for contiguity against what the engine saw.
-    Returns episodes ordered problem-major (the ``group`` samples of a problem are contiguous).
-    """
-    convs = [Conversation(gen, tokenizer=tokenizer) for _ in problems for _ in range(group)]
-    episodes = [Episode(problem_index=pi) for pi in range(len(problems)) for _ in range(group)]
-
-    async def turn(i: int, t: int) -> None:
-        ep, turns = episodes[i], problems[episodes[i].problem_index].turns
-        if t >= len(turns):
-            return
-        s = await convs[i].step([{"role": "user", "content": turns[t].user}], sampling=sampling,
-                                seed=seed + 7919 * t + i)
-        new_prompt = s.prompt_token_ids.tolist()[len(ep.ids):]
-        gen_ids = s.generation_token_ids.tolist()
-        ep.ids += new_prompt + gen_ids
-        ep.mask += [0] * len(new_prompt) + [1] * len(gen_ids)
-        ep.engine_logp += [0.0] * len(new_prompt) + s.generation_logprobs.tolist()
-        ep.versions.add(s.weights_version)
-        ep.finish_reasons.append(s.finish_reason)
-        ep.gen_tokens += len(gen_ids)
-        text = tokenizer.decode([t for t in gen_ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
-        ep.rewards.append(turn_reward(text.strip(), turns[t].target))
-
-    for t in range(max(len(p.turns) for p in problems)):
-        await asyncio.gather(*(turn(i, t) for i in range(len(episodes))))
-    return episodes
-
-
-def _batch(episodes: list[Episode], pad_id: int):
-    """Right-padded ``input_ids`` int64 [B,T], ``attention_mask`` [B,T], ``loss_mask`` f32, ``engine_logp`` f32."""
-    T = max(len(e.ids) for e in episodes)
-    B = len(episodes)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.float32)
-    elp = torch.zeros((B, T), dtype=torch.float32)
-    for i, e in enumerate(episodes):
-        n = len(e.ids)
-        ids[i, :n] = torch.tensor(e.ids)
-        attn[i, :n] = 1
-        mask[i, :n] = torch.tensor(e.mask, dtype=torch.float32)
-        elp[i, :n] = torch.tensor(e.engine_logp, dtype=torch.float32)
-    return ids, attn, mask, elp
-
-
-# --------------------------------------------------------------------------- training
-class Trainer:
-    """The policy, its optimizer and (optionally) a frozen reference for the KL term."""
-
-    def __init__(self, model, cfg: Recipe):
-        self.model = model
-        self.cfg = cfg
-        o = cfg.policy.optimizer
-        self.opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.ref = None
-
-    def freeze_reference(self) -> None:
-        if self.cfg.grpo.kl_coef > 0:
-            import copy
-
-            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-
-    def warm_start(self, tokenizer, rng: random.Random) -> dict:
-        """Supervised steps on reference answers (loss on answer tokens only)."""
-        ws = self.cfg.policy.warm_start
-        opt = torch.optim.AdamW(self.model.parameters(), lr=ws.lr)
-        self.model.train()
-        t0, loss = time.perf_counter(), float("nan")
-        for _ in range(ws.steps):
-            exs = [supervised_example(tokenizer, p) for p in sample_problems(self.cfg.task, rng, ws.batch_size)]
-            eps = [Episode(0, ids=i, mask=m, engine_logp=[0.0] * len(i)) for i, m in exs]
-            ids, attn, mask, _ = _batch(eps, tokenizer.pad_token_id)
-            logp = token_logprobs(self.model, ids, attn)
-            l = -(logp * mask).sum() / mask.sum()
-            l.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss = l.item()
-        return {"warm_start_steps": ws.steps, "warm_start_loss": loss, "warm_start_seconds": time.perf_counter() - t0}
-
-    def step(self, episodes: list[Episode], pad_id: int, current_version: int) -> dict:
-        """One GRPO update on a batch of complete groups. Returns metrics."""
-        g = self.cfg.grpo
-        ids, attn, mask, elp = _batch(episodes, pad_id)
-        rewards = torch.tensor([e.reward for e in episodes])
-        adv = group_advantages(rewards, g.samples_per_prompt)
-        self.model.train()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            tlp = token_logprobs(self.model, ids, attn)
-            on_policy = torch.tensor([float(e.version == current_version) for e in episodes])[:, None]
-            mm = logprob_mismatch(tlp, elp, mask * on_policy) if on_policy.any() else {}
-            ref = token_logprobs(self.ref, ids, attn) if self.ref is not None else None
-        stats = {}
-        for _ in range(g.updates_per_batch):
-            logp = token_logprobs(self.model, ids, attn)
-            out = grpo_loss(logp, elp, adv, mask, g.clip_eps, ref, g.kl_coef)
-            out.loss.backward()
-            clip = self.cfg.policy.optimizer.grad_clip
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip else float("inf"))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            stats = {"loss": out.loss.item(), "kl": out.kl, "clip_fraction": out.clip_fraction,
-                     "ratio_mean": out.ratio_mean, "grad_norm": float(gn)}
-        stats.update(mm)
-        stats["train_seconds"] = time.perf_counter() - t0
-        return stats
-
-
-# --------------------------------------------------------------------------- main
 def _run_dir(cfg: Recipe, run_dir: str | None) -> Path:
     if run_dir or cfg.logging.run_dir:
         return Path(run_dir or cfg.logging.run_dir)
