@@ -35,6 +35,7 @@ bench: install
 # On a machine with a CUDA GPU (results under benchmarks/results/*_gpu*.json / refit_cuda.json)
 bench-gpu: install
 	$(BIN)/python benchmarks/step_gpu.py
+	$(BIN)/python benchmarks/refit_gpu.py
 	$(BIN)/python benchmarks/refit.py --device cuda --out benchmarks/results/refit_cuda.json
 
 clean:
