@@ -164,6 +164,16 @@ def _stream(url: str, body: dict, chunks: list | None = None) -> list[dict]:
     return chunks
 
 
+def _stream_in_background(stack, max_tokens: int) -> tuple[threading.Thread, list[dict]]:
+    """Start a streaming completion (ignore_eos) on a thread; chunks arrive in the list."""
+    chunks: list[dict] = []
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "nvext": NVEXT}
+    t = threading.Thread(target=_stream, args=(stack.frontend_url + "/v1/completions", body, chunks))
+    t.start()
+    return t, chunks
+
+
 def test_streaming_chunks_carry_weights_version(serving_stack):
     u = serving_stack.frontend_url
     for path, body in (("/v1/completions", {"prompt": PROMPT}),
@@ -268,10 +278,7 @@ def test_pause_holds_new_tokens_and_resume_releases_them(serving_stack):
     for w in workers:
         res = control(w, "pause_generation")
         assert res["paused"] is True and info(w)["paused"] is True
-    chunks: list[dict] = []
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "ignore_eos": True, "stream": True, "nvext": NVEXT}
-    t = threading.Thread(target=_stream, args=(serving_stack.frontend_url + "/v1/completions", body, chunks))
-    t.start()
+    t, chunks = _stream_in_background(serving_stack, max_tokens=4)
     try:
         deadline = time.monotonic() + 60
         while sum(info(w)["stats"]["requests_waiting"] for w in workers) < 1:
@@ -287,10 +294,7 @@ def test_pause_holds_new_tokens_and_resume_releases_them(serving_stack):
 
 
 def test_pause_drains_in_flight_requests(serving_stack):
-    chunks: list[dict] = []
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True, "nvext": NVEXT}
-    t = threading.Thread(target=_stream, args=(serving_stack.frontend_url + "/v1/completions", body, chunks))
-    t.start()
+    t, chunks = _stream_in_background(serving_stack, max_tokens=200)
     deadline = time.monotonic() + 60
     while not chunks:   # the request is mid-stream
         assert time.monotonic() < deadline, "no token arrived"
@@ -310,10 +314,7 @@ def test_pause_drains_in_flight_requests(serving_stack):
 
 
 def test_pause_with_timeout_aborts_stragglers_visibly(serving_stack):
-    chunks: list[dict] = []
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 240, "ignore_eos": True, "stream": True, "nvext": NVEXT}
-    t = threading.Thread(target=_stream, args=(serving_stack.frontend_url + "/v1/completions", body, chunks))
-    t.start()
+    t, chunks = _stream_in_background(serving_stack, max_tokens=240)
     deadline = time.monotonic() + 60
     while not chunks:
         assert time.monotonic() < deadline, "no token arrived"
