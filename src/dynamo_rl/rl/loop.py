@@ -264,6 +264,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             # staleness: versions behind the trainer's current weights
             stale = [version - (e.version if e.version is not None else version) for e in episodes]
             rec["stale_samples"] = sum(1 for s in stale if s > 0)
+            rec["max_staleness_seen"] = max(stale)
             rec["version_mismatches"] = sum(1 for s in stale if s != 0) if g.loop == "sync" else 0
             keep_groups = []
             G = g.samples_per_prompt
