@@ -44,15 +44,9 @@ unreachable candidates are ignored (pods starting or gone). A URL is
 discovery lease expired while its process stalled (seen with 1.6.1's file backend after a
 ~4 s SIGSTOP: the live worker is never routed to again, yet would still hold old weights).
 
-A Kubernetes resolver (the k8s module's job) is a callable with no arguments returning the
-candidate URLs, e.g.::
-
-    def dgd_worker_urls() -> list[str]:
-        pods = core_v1.list_namespaced_pod(ns, label_selector=f"nvidia.com/dynamo-graph-deployment-name={dgd}")
-        return [f"http://{p.status.pod_ip}:{system_port}" for p in pods.items
-                if p.status.pod_ip and p.status.phase == "Running"]
-
-(async callables work too). Pods that serve no ``/engine/info`` (the frontend's) are ignored
+On Kubernetes the resolver is :func:`dynamo_rl.refit.discovery.dgd_pod_resolver` (the DGD's
+running pods as ``http://<podIP>:<DYN_SYSTEM_PORT>`` candidates); any callable with no
+arguments returning candidate URLs works (async callables work too). Pods that serve no ``/engine/info`` (the frontend's) are ignored
 as unreachable candidates, so the selector need not single out the workers.
 
 Instance ids are compared after normalisation: ints, decimal strings and ``0x`` hex strings
