@@ -13,13 +13,19 @@ Processes (``spawn``), all on the same device:
   under ``torch.device(device)``), wrapped in :class:`dynamo_rl.serving.engine.Engine`,
   with ``Receiver.for_engine(engine)``.
 
-Per refit the engine process times ``Receiver.pull`` (manifest HTTP GET + plan (cached) +
-transfer and translation into the engine's HF/TP layout + seqlock HTTP check) and
-``await engine.load_weights(tensors, version, adopt=...)``. Phases, each with a fresh
-Receiver (so each phase's first refit re-opens the IPC handles and re-plans):
+Per refit the engine process times ``Receiver.pull`` (version check + plan (cached) +
+transfer and translation into the engine's HF/TP layout + seqlock check) and the load into
+the engine. Phases, each with a fresh Receiver (so each phase's first refit re-opens the
+IPC handles, reads the full manifest over HTTP and re-plans):
 
+- ``in_place`` (the fast path): refit 1 is a staged pull adopted by the engine
+  (``load_weights(adopt=True)``), which makes the parameters the views of the receiver's
+  one buffer; every later refit is ``await engine.load_weights_in_place(lambda p:
+  recv.pull(url, N, into=p)[1], N)``: drain, then the copies go straight into the live
+  parameters (one pass over the bytes, CUDA graphs kept), with the version and seqlock
+  read from the publisher's shared-memory state block (no HTTP);
 - ``adopt_false``: ``load_weights(adopt=False)`` copies into the existing parameters (what
-  the Dynamo worker does on CUDA, keeping captured decode graphs valid);
+  the Dynamo worker does on CUDA by default, keeping captured decode graphs valid);
 - ``adopt_true``: ``load_weights(adopt=True)`` makes the pulled tensors the parameters
   (no second copy; captured CUDA graphs are dropped and re-captured on next use — that
   re-capture is NOT timed here);
@@ -85,13 +91,15 @@ DEFINITIONS = {
              "device-to-device copy of its bytes. adopt=False copies every byte twice (pull into "
              "fresh tensors, then into the parameters), so its ideal is ~0.5",
     "total_s": "Receiver.pull + await Engine.load_weights, wall clock in the engine process",
-    "pull_s": "Receiver.pull wall clock: manifest GET + plan (cached after refit 1) + transfer + "
-              "seqlock GET of every source rank's /state",
+    "pull_s": "Receiver.pull wall clock: version check (HTTP manifest GET, or the shm state block "
+              "when control=shm_state) + plan (cached after refit 1) + transfer + seqlock check",
     "transfer_s": "the reader's data movement incl. translation into the engine layout "
                   "(report['transfer_seconds'])",
-    "http_and_check_s": "pull_s - transfer_s: manifest + seqlock HTTP round trips, plan lookup, fills",
-    "load_s": "await Engine.load_weights(...) wall clock (validate, drain, swap on the engine "
-              "thread, cuda synchronize)",
+    "http_and_check_s": "pull_s - transfer_s: version + seqlock checks (HTTP round trips or shm state "
+                        "block reads), plan lookup, fills",
+    "load_s": "total_s - pull_s: await Engine.load_weights(...) (validate, drain, swap on the engine "
+              "thread, cuda synchronize); for in_place the engine's own overhead around the pull "
+              "(drain, hand-off to the engine thread, synchronize)",
     "first": "refit 1 of a phase (fresh Receiver: full manifest, planning, IPC handle opening, "
              "copy-program build, first allocation)",
     "steady": "median over refits 2..N of the phase",
@@ -259,32 +267,45 @@ async def _engine_loop(conn, engine, cfg, dtype, device, seed):
             kind = msg[0]
             try:
                 if kind == "phase":
-                    _, name, transport, adopt, timeout_s = msg
+                    _, name, transport, adopt, timeout_s, options = msg
                     if recv is not None:
                         recv.close()
-                    recv = Receiver.for_engine(engine)
+                    recv = Receiver.for_engine(engine, transport_options=options)
                     phase = {"name": name, "transport": transport, "adopt": adopt, "timeout_s": timeout_s}
                     conn.send(("ok",))
                 elif kind == "refit":
                     _, url, version = msg
                     _sync(device)
                     t0 = time.perf_counter()
-                    tensors, rep = recv.pull(url, version, phase["transport"], timeout_s=phase["timeout_s"])
-                    t1 = time.perf_counter()
-                    load_s, load_rep = None, None
-                    if phase["adopt"] is not None:
-                        load_rep = await engine.load_weights(tensors, version, adopt=phase["adopt"])
+                    if phase["adopt"] == "in_place" and recv.last_version is not None:
+                        # steady state of the in-place path: pull straight into the live parameters
+                        load_rep = await engine.load_weights_in_place(
+                            lambda params: recv.pull(url, version, phase["transport"],
+                                                     timeout_s=phase["timeout_s"], into=params)[1], version)
+                        rep = load_rep["fill"]
+                        t2 = time.perf_counter()
+                        t1 = t0 + rep["seconds"]
                         last_loaded = version
-                    t2 = time.perf_counter()
-                    if phase["adopt"] is not None:
-                        load_s = t2 - t1
-                    del tensors
+                    else:
+                        tensors, rep = recv.pull(url, version, phase["transport"], timeout_s=phase["timeout_s"])
+                        t1 = time.perf_counter()
+                        load_rep = None
+                        if phase["adopt"] is not None:
+                            # in_place, refit 1: staged pull adopted once, so the parameters become
+                            # the views of the receiver's one buffer (coalesced copies from then on)
+                            adopt = phase["adopt"] in (True, "in_place")
+                            load_rep = await engine.load_weights(tensors, version, adopt=adopt)
+                            last_loaded = version
+                        t2 = time.perf_counter()
+                        del tensors
+                    load_s = None if phase["adopt"] is None else t2 - t1
                     conn.send(("refit", {
                         "version": version, "pull_s": t1 - t0, "transfer_s": rep["transfer_seconds"],
                         "report_seconds": rep["seconds"], "http_and_check_s": (t1 - t0) - rep["transfer_seconds"],
                         "load_s": load_s, "load_report_s": None if load_rep is None else load_rep.get("seconds"),
                         "total_s": t2 - t0, "bytes": rep["bytes"], "moved_bytes": rep["moved_bytes"],
                         "copy_ops": rep.get("copy_ops"), "transport": rep["transport"],
+                        "control": rep.get("control"),
                     }))
                 elif kind == "end_phase":
                     conn.send(("stats", _reader_stats(recv)))
@@ -459,8 +480,9 @@ def run_case(ctx, a, cfg, S: int, transport: str, phases: list[str], device: str
             if time.monotonic() > deadline:
                 case["errors"].append(f"phase {ph} skipped: --budget-s reached")
                 continue
-            adopt = {"adopt_false": False, "adopt_true": True, "pull_only": None}[ph]
-            eng[1].send(("phase", ph, transport, adopt, timeout_s))
+            adopt = {"adopt_false": False, "adopt_true": True, "pull_only": None, "in_place": "in_place"}[ph]
+            options = {"shm": {"big_run_bytes": int(a.big_run_kb) << 10}} if a.big_run_kb is not None else None
+            eng[1].send(("phase", ph, transport, adopt, timeout_s, options))
             _wait(eng[1], procs, 60, "engine phase")
             recs, pub_s = [], []
             for _ in range(a.refits):
@@ -528,9 +550,12 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
         return ["S1_T1_shm did not complete; no breakdown"], nums
     copy_s = c["ceiling"]["d2d_copy"]["median_s"]
     ph = c["phases"]
-    ref = ph.get("pull_only") or next(iter(ph.values()))
+    ref_name = next((p for p in ("in_place", "pull_only") if p in ph), next(iter(ph)))
+    ref = ph[ref_name]
     sm = ref["steady_median"]
+    nums["reference_phase"] = ref_name
     nums["copy_s"] = copy_s
+    nums["total_s"] = sm["total_s"]
     nums["transfer_s"] = sm["transfer_s"]
     nums["http_and_check_s"] = sm["http_and_check_s"]
     nums["transfer_over_copy"] = sm["transfer_s"] / copy_s
@@ -541,7 +566,7 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
         why = ("; Megatron's fused QKV is split per KV group into q/k/v pieces that are not adjacent in the "
                "engine layout, so they cannot merge into bucket-sized copies and go through the short-run path")
     out.append(
-        f"transfer (shm/CUDA IPC reader incl. translation): {sm['transfer_s'] * 1e3:.2f} ms = "
+        f"{ref_name} transfer (shm/CUDA IPC reader incl. translation): {sm['transfer_s'] * 1e3:.2f} ms = "
         f"{sm['transfer_s'] / copy_s:.2f}x one d2d copy of the same bytes ({copy_s * 1e3:.2f} ms); the copy "
         f"program has {prog.get('big_copies')} big copies (runs >= {prog.get('big_run_bytes_threshold')} B, "
         f"{(prog.get('big_bytes') or 0) / 1e9:.2f} GB), {n_small} short runs in "
@@ -551,9 +576,18 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
     if "copy_GBps" in ipc:
         out.append(f"CUDA IPC itself: one copy_ per published bucket ({ipc['launches']}) from the mapped arena "
                    f"runs at {ipc['fraction_of_d2d_copy']:.2f} of the d2d copy")
-    out.append(
-        f"manifest GET + seqlock /state GET (one new urllib connection each) and plan lookup: "
-        f"{sm['http_and_check_s'] * 1e3:.2f} ms per refit (receiver.py pull: fetch_manifest, _check_sources)")
+    controls = {r.get("control") for r in ref["all"][1:]}
+    if controls == {"shm_state"}:
+        out.append(f"{ref_name} control: version + seqlock read from the publishers' shared-memory state "
+                   f"blocks (no HTTP), with plan lookup and fills: {sm['http_and_check_s'] * 1e3:.3f} ms per refit")
+    else:
+        out.append(
+            f"{ref_name} control ({sorted(map(str, controls))}): manifest GET + seqlock /state GET and plan "
+            f"lookup: {sm['http_and_check_s'] * 1e3:.2f} ms per refit (receiver.py pull)")
+    if ref_name == "in_place" and sm.get("load_s") is not None:
+        nums["in_place_engine_overhead_s"] = sm["load_s"]
+        out.append(f"in_place engine overhead around the pull (drain, hand-off to the engine thread, "
+                   f"synchronize): {sm['load_s'] * 1e3:.3f} ms (engine.py load_weights_in_place)")
     if "adopt_false" in ph and "adopt_true" in ph:
         lf, lt = ph["adopt_false"]["steady_median"]["load_s"], ph["adopt_true"]["steady_median"]["load_s"]
         nums["load_adopt_false_s"], nums["load_adopt_true_s"] = lf, lt
@@ -566,8 +600,8 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
             f"load_weights(adopt=True) fixed cost {lt * 1e3:.2f} ms: validation of every name/shape/dtype, "
             "drain, run_in_executor hop to the engine thread, torch.cuda.synchronize (engine.py load_weights)")
     s2 = cases.get("S2_T1_shm")
-    if s2 and s2.get("phases") and "pull_only" in s2["phases"] and "pull_only" in ph:
-        r2 = s2["phases"]["pull_only"]["steady_median"]["transfer_s"] / sm["transfer_s"]
+    if s2 and s2.get("phases") and ref_name in s2["phases"]:
+        r2 = s2["phases"][ref_name]["steady_median"]["transfer_s"] / sm["transfer_s"]
         nums["reshard_transfer_ratio"] = r2
         out.append(f"S!=T (2->1): transfer {r2:.2f}x the S=T transfer (strided copies of the row-parallel "
                    "o_proj/down_proj halves, more short runs)")
@@ -582,8 +616,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--refits", type=int, default=8, help="refits per phase (1 first + N-1 steady)")
     ap.add_argument("--cases", default="shm:1,shm:2,dist:1", help="transport:S, comma separated")
-    ap.add_argument("--phases", default="adopt_false,adopt_true,pull_only")
+    ap.add_argument("--phases", default="in_place,adopt_false,adopt_true,pull_only")
     ap.add_argument("--bucket-mb", type=int, default=256, help="Publisher arena bucket size (MiB)")
+    ap.add_argument("--big-run-kb", type=int, default=None,
+                    help="shm reader: runs of at least this many KiB get their own copy_, shorter ones "
+                         "go through _foreach_copy_ (default: the reader's, 16 MiB on CUDA)")
     ap.add_argument("--copy-repeat", type=int, default=10)
     ap.add_argument("--refit-timeout", type=float, default=120.0, help="Receiver.pull timeout (s), shm")
     ap.add_argument("--dist-timeout", type=float, default=60.0, help="Receiver.pull timeout (s), dist/NCCL")
@@ -610,6 +647,7 @@ def main(argv=None) -> int:
     deadline = t_start + a.budget_s
     ctx = mp.get_context("spawn")
     doc: dict = {"device": device, "shape": shape, "dtype": a.dtype, "config": cfg, "refits_per_phase": a.refits,
+                 "big_run_kb": a.big_run_kb,
                  "definitions": DEFINITIONS, "cases": [], "skipped": {}}
     if device.startswith("cuda"):
         doc["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -666,7 +704,7 @@ def main(argv=None) -> int:
         s1 = next((c for c in doc["cases"] if c["name"] == "S1_T1_shm"), None)
         if s1 and s1.get("phases") and "ceiling" in s1:
             doc["ceiling"] = s1["ceiling"]
-            best = max(("adopt_true", "adopt_false"), key=lambda p: s1["phases"].get(p, {}).get("ratio_to_copy", -1))
+            best = max(("in_place", "adopt_true", "adopt_false"), key=lambda p: s1["phases"].get(p, {}).get("ratio_to_copy", -1))
             r = s1["phases"].get(best, {}).get("ratio_to_copy")
             doc["acceptance"] = {
                 "target": "steady-state refit (pull + load_weights) >= 0.70 of the d2d copy, S=T, CUDA IPC",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 
 import torch
@@ -78,6 +79,7 @@ def receiver_main(conn, key, T, t, options=None, device="cpu"):
             if kill_pid and not killed:
                 os.kill(kill_pid, signal.SIGKILL)
                 killed.append(1)
+                time.sleep(0.5)  # SIGKILL is asynchronous: let it land before the copies finish
 
         try:
             out, rep = recv.pull(url, version, transport, timeout_s=60, progress=progress)

@@ -541,6 +541,74 @@ async def test_bad_weights_are_refused_and_nothing_changes(engine, model_b):
     assert {o.weights_version for o in outs} == {3}
 
 
+@pytest.mark.asyncio
+async def test_load_weights_in_place_through_a_receiver(engine, model_a, model_b):
+    """Refit in place: the receiver writes into the live parameters; the first (staged,
+    adopted) pull makes them views of one buffer, so later pulls coalesce and keep the
+    parameters' addresses. A pull that fails part-way leaves the engine refusing requests
+    until a complete load."""
+    from dynamo_rl.refit import Publisher, Receiver
+    from dynamo_rl.serving.engine import PartialWeightsError
+
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    specs = engine.param_specs()
+    cfg = model_a.config.to_dict()
+    sd = {"a": {n: t.clone() for n, t in model_a.state_dict().items() if n in specs},
+          "b": {n: t.clone() for n, t in model_b.state_dict().items() if n in specs}}
+    with Publisher() as pub, Receiver.for_engine(engine) as recv:
+        pub.publish(1, sd["b"], model_config=cfg)
+        staged, rep = recv.pull(pub.url, 1)
+        assert rep["control"] == "http"
+        await engine.load_weights(staged, 1, adopt=True)
+        ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
+        for version, key in ((2, "a"), (3, "b")):
+            pub.publish(version, sd[key], model_config=cfg)
+            res = await engine.load_weights_in_place(
+                lambda params: recv.pull(pub.url, version, into=params)[1], version)
+            assert res["version"] == version == engine.weights_version
+            assert res["fill"]["control"] == "shm_state"  # no HTTP round trip in steady state
+            assert res["fill"]["copy_ops"] < len(specs) / 2  # coalesced into few runs
+            assert {n: p.data_ptr() for n, p in engine.model.named_parameters()} == ptrs
+            for n, p in engine.model.named_parameters():
+                if n in specs:
+                    assert torch.equal(p, sd[key][n]), n
+            model = model_a if key == "a" else model_b
+            for p, o in zip(PROMPTS, await asyncio.gather(*[engine.complete(p, greedy) for p in PROMPTS])):
+                assert ids_of(o) == hf_greedy(model, p, 16)
+                assert {t.weights_version for t in o} == {version}
+        assert (await engine.load_weights_in_place(lambda params: None, 3))["noop"] is True
+
+        # the publisher overwrites version 4 with 5 during the copy: partial weights, refused
+        pub.publish(4, sd["a"], model_config=cfg)
+
+        def torn(params):
+            def progress(done, total):
+                if pub.version == 4:
+                    pub.publish(5, sd["a"], model_config=cfg)
+            return recv.pull(pub.url, 4, into=params, progress=progress)
+
+        from dynamo_rl.refit import StaleVersionError
+
+        with pytest.raises(StaleVersionError, match="overwritten during the pull"):
+            await engine.load_weights_in_place(torn, 4)
+        assert engine.weights_version == 3 and "version 4 failed part-way" in engine.weights_partial
+        with pytest.raises(PartialWeightsError, match="refuses requests"):
+            await engine.complete(PROMPTS[0], greedy)
+        # a complete load (in place too) makes it serve again
+        res = await engine.load_weights_in_place(lambda params: recv.pull(pub.url, 5, into=params)[1], 5)
+        assert engine.weights_partial is None and engine.weights_version == 5
+        outs = await engine.complete(PROMPTS[1], greedy)
+        assert ids_of(outs) == hf_greedy(model_a, PROMPTS[1], 16)
+
+        # into= that does not match the layout is refused before anything is written
+        from dynamo_rl.refit import MismatchError
+
+        bad = {n: t.clone() for n, t in sd["a"].items()}
+        bad["model.norm.weight"] = torch.zeros(3)
+        with pytest.raises(MismatchError, match="model.norm.weight"):
+            recv.pull(pub.url, 5, into=bad)
+
+
 def test_engine_runs_under_uvloop(model_a):
     """The worker runs the engine on Dynamo's uvloop."""
     uvloop = pytest.importorskip("uvloop")

@@ -20,7 +20,10 @@ Every rank also serves ``GET /state`` → ``{rank, version, epoch, pid}``. ``epo
 seqlock counter: odd while the arena is being overwritten. A receiver re-reads the state of
 every rank it pulled from after its copies; a changed epoch (new version written meanwhile)
 or an unreachable rank makes it raise instead of returning torn weights. Ranks also answer
-the ``dist`` transport's ``/dist/*`` routes.
+the ``dist`` transport's ``/dist/*`` routes. The same state (plus ``gen``, bumped when the
+arena is re-allocated or naming / model_config change) is mirrored in a shared-memory
+:class:`~dynamo_rl.refit.transport.shm.StateBlock` named in the ``shm`` address, so a
+same-host receiver that already holds the layout needs no HTTP round trip at all.
 
 Manifest JSON::
 
@@ -51,7 +54,7 @@ from dynamo_rl.refit._http import HTTPStatus, JSONServer, request
 from dynamo_rl.refit.errors import RefitError, StaleVersionError
 from dynamo_rl.refit.roles import Role, local_descriptors, merge_descriptors, strip_wrappers
 from dynamo_rl.refit.transport.base import Arena
-from dynamo_rl.refit.transport.shm import shm_address
+from dynamo_rl.refit.transport.shm import StateBlock, shm_address
 
 
 class Publisher:
@@ -89,6 +92,9 @@ class Publisher:
         self._extra: dict = {}  # transport servers (nixl) by name
         self._want_nixl = transport == "nixl"
         self._shm_addr: dict | None = None
+        self._gen = 0  # bumped when the arena is re-allocated or naming / model_config change
+        self._sig: str | None = None
+        self._state_block = StateBlock.create()  # same-host receivers read the seqlock here
         routes = {("GET", "/state"): self._state}
         if tp_rank == 0:
             routes[("GET", "/manifest")] = self._get_manifest
@@ -152,8 +158,11 @@ class Publisher:
         # tensors sharing storage with another one (tied lm_head in a state_dict) are kept:
         # the receiver decides what it needs.
         device = next(iter(named.values())).device if named else torch.device("cpu")
+        sig = json.dumps([naming, dict(model_config)], sort_keys=True, default=str)
         with self._lock:
             self.epoch += 1  # odd: writing
+            self._state_block.begin(self.epoch)
+            ok = False
             try:
                 if self._arena is None or not self._arena.fits(named, device):
                     if self._arena is not None:
@@ -161,11 +170,21 @@ class Publisher:
                         self._dist.reset()
                     self._arena = Arena(named, bucket_bytes=self.bucket_bytes, device=device)
                     self._shm_addr = None
+                    self._gen += 1
+                if sig != self._sig:
+                    self._sig = sig
+                    self._gen += 1
                 if self._want_nixl:
                     self._bind_nixl()  # registration once per arena, reused across versions
                 self._arena.write(named)
+                ok = True
             finally:
                 self.epoch += 1
+                if ok:
+                    self._state_block.commit(self.epoch, version, self._gen)
+                else:  # torn arena: no complete version here; cached receiver plans are void
+                    self._gen += 1
+                    self._state_block.commit(self.epoch, -1, self._gen)
             self.version = version
             for d in descs:
                 s = self._arena.slots[d.name]
@@ -189,10 +208,11 @@ class Publisher:
                 raise RefitError(f"rank {self.tp_rank}: coordinator refused version {version}: {body}")
 
     def address(self) -> dict:
-        a = {"rank": self.tp_rank, "http": self.http_url, "pid": os.getpid(), "epoch": self.epoch}
+        a = {"rank": self.tp_rank, "http": self.http_url, "pid": os.getpid(), "epoch": self.epoch,
+             "gen": self._gen}
         if self._arena is not None:
             if self._shm_addr is None:  # once per arena: IPC handles stay valid across versions
-                self._shm_addr = shm_address(self._arena)
+                self._shm_addr = dict(shm_address(self._arena), state=self._state_block.name)
             a["shm"] = self._shm_addr
             a["dist"] = {"backend": "nccl" if self._arena.device.type == "cuda" else "gloo"}
             if "nixl" in self._extra:
@@ -278,6 +298,7 @@ class Publisher:
         if self._arena is not None:
             self._arena.close()
             self._arena = None
+        self._state_block.close()  # drops the liveness lock: cached receivers see "gone"
 
     def __enter__(self):
         return self

@@ -17,6 +17,22 @@ storage), so a failed pull never touches live weights. They are views into ONE f
 laid out in source order, so that contiguous runs coalesce into few large copies (with an
 unchanged layout, one copy per source bucket). The manifest's ``layout_id`` lets repeat
 pulls skip re-sending and re-planning the descriptors.
+
+In place (the fast path, for a GPU engine): ``pull(..., into=params)`` writes straight
+into tensors the caller owns — the engine's live parameters, drained first by
+:meth:`Engine.load_weights_in_place <dynamo_rl.serving.engine.Engine.load_weights_in_place>`.
+One pass over the bytes, no second buffer, and captured CUDA graphs stay valid. When the
+parameters are the views of one buffer this receiver allocated (the engine adopted a
+staged pull once), the copies coalesce exactly as above::
+
+    tensors, _ = recv.pull(url, 1); await engine.load_weights(tensors, 1, adopt=True)   # once
+    await engine.load_weights_in_place(lambda p: recv.pull(url, N, into=p)[1], N)       # then
+
+Control without HTTP (``shm`` transport): once a receiver holds a publisher's layout, it
+reads every source rank's :class:`~dynamo_rl.refit.transport.shm.StateBlock` (version,
+seqlock epoch, layout generation, liveness) from shared memory instead of the manifest
+and ``/state`` round trips; a changed generation sends it back to the manifest.
+``report["control"]`` says which path a pull took (``"http"`` or ``"shm_state"``).
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from dynamo_rl.refit.errors import (
 from dynamo_rl.refit.planner import TargetPlan, plan_target
 from dynamo_rl.refit.roles import TensorDescriptor
 from dynamo_rl.refit.transport.base import ALIGN, Reader, boot_id, get_reader
+from dynamo_rl.refit.transport.shm import StateBlock
 
 
 class Receiver:
@@ -72,6 +89,9 @@ class Receiver:
         self.last_version: int | None = None
         self._readers: dict[str, Reader] = {}
         self._layout: dict | None = None
+        self._fast: dict | None = None  # {url, plan, descs, sources, gens}: the shm-state path
+        self._states: dict[str, StateBlock] = {}  # attached state blocks by segment name
+        self._into: tuple | None = None  # (key, (dst, flat, dst_key)) of the last ``into``
 
     @classmethod
     def for_engine(cls, engine, **kw) -> "Receiver":
@@ -122,7 +142,8 @@ class Receiver:
         descs = {d["name"]: TensorDescriptor.from_json(d) for d in manifest["tensors"]}
         p = plan_target(descs, manifest["naming"], manifest["model_config"], self.param_specs,
                         self.tp_rank, self.tp_size)
-        self._layout = {"id": lid, "plan": p, "descs": descs, "dst": self._dst_layout(p, descs)}
+        self._layout = {"id": lid, "plan": p, "descs": descs, "dst": self._dst_layout(p, descs),
+                        "bytes": sum(torch.Size(s).numel() * dt.itemsize for s, dt in self.param_specs.values())}
         self._sets = [None, None]
         return p, descs
 
@@ -155,9 +176,10 @@ class Receiver:
 
     # ------------------------------------------------------------------ pull
     def pull(self, publisher_url: str, version: int, transport: str | None = None,
-             timeout_s: float = 120.0, *, progress: Callable[[int, int], None] | None = None
+             timeout_s: float = 120.0, *, progress: Callable[[int, int], None] | None = None,
+             into: Mapping[str, torch.Tensor] | None = None
              ) -> tuple[dict[str, torch.Tensor], dict]:
-        """Pull version ``version`` into freshly allocated tensors of this rank's layout.
+        """Pull version ``version`` into this rank's layout.
 
         Args:
             publisher_url: rank 0's ``Publisher.url``.
@@ -165,16 +187,24 @@ class Receiver:
             transport: ``"shm"`` | ``"dist"`` | ``"nixl"`` | None (auto).
             timeout_s: overall limit (seconds) incl. waiting for the version to appear.
             progress: optional ``callable(done_bytes, total_bytes)`` during the transfer.
+            into: write into these tensors instead of fresh ones: exactly ``param_specs``
+                (names, shapes, dtypes), contiguous, on this receiver's device. Coalesced
+                copies need them to be views of one buffer (see the module docstring). A
+                failure part-way leaves them PARTIAL: only for a caller that stops using them
+                until a later pull succeeds (``Engine.load_weights_in_place`` does).
         Returns:
-            ``(tensors, report)``: HF-named tensors matching ``param_specs`` exactly, and
-            ``{"version", "bytes", "tensors", "seconds", "transfer_seconds", "transport",
-            "overpull_factor", "moved_bytes", "overpull_by_role"}`` (bytes = destination
-            bytes; transfer_seconds = the transport's data movement alone, incl. translation).
+            ``(tensors, report)``: HF-named tensors matching ``param_specs`` exactly (``into``
+            itself when given), and ``{"version", "bytes", "tensors", "seconds",
+            "transfer_seconds", "transport", "control", "overpull_factor", "moved_bytes",
+            "overpull_by_role", "copy_ops"}`` (bytes = destination bytes; transfer_seconds =
+            the transport's data movement alone, incl. translation; control = ``"http"`` |
+            ``"shm_state"``, how the version and the seqlock were read).
         Raises:
             StaleVersionError: ``version`` older than the last pulled one or than the
                 publisher's, or overwritten during the pull.
             VersionNotFoundError: not published before the timeout.
-            MismatchError: missing / unexpected / shape / dtype / layout mismatch (all listed).
+            MismatchError: missing / unexpected / shape / dtype / layout mismatch (all listed),
+                also for an ``into`` that does not match ``param_specs``.
             PublisherGoneError: a source rank disappeared before the pull was complete.
             TransportError: the transport is unavailable.
         """
@@ -185,25 +215,38 @@ class Receiver:
                 f"asked for version {version} but this receiver already loaded {self.last_version}; "
                 "versions only move forward"
             )
-        manifest = self.fetch_manifest(publisher_url, version, deadline)
-        plan, descs = self.plan(manifest)
-        sources = {int(r): a for r, a in manifest["sources"].items()}
-        used = sorted(plan.by_rank())
-        name = transport or self.transport or self._auto(sources, used)
+        snap = None
+        fast = self._fast
+        if fast is not None and fast["url"] == publisher_url and (transport or self.transport or "shm") == "shm":
+            snap = self._wait_states(fast, version, deadline)  # None: layout changed, ask HTTP
+        via_state = snap is not None
+        if via_state:
+            plan, descs, sources, used, name = fast["plan"], fast["descs"], fast["sources"], fast["used"], "shm"
+        else:
+            manifest = self.fetch_manifest(publisher_url, version, deadline)
+            plan, descs = self.plan(manifest)
+            sources = {int(r): a for r, a in manifest["sources"].items()}
+            used = sorted(plan.by_rank())
+            name = transport or self.transport or self._auto(sources, used)
         reader = self._readers.get(name)
         if reader is None:
             reader = self._readers[name] = get_reader(name, device=self.device,
                                                      **self.transport_options.get(name, {}))
-        if self.double_buffer and self._sets[self._flip] is not None:
+        if into is not None:
+            dst, flat, dst_key = self._bind_into(into)
+        elif self.double_buffer and self._sets[self._flip] is not None:
             dst, flat = self._sets[self._flip]
+            dst_key = ("own", self._layout["id"])
         else:
             dst, flat = self._allocate()
-        for n, box in plan.fills:
-            dst[n][tuple(slice(a, b) for a, b in box)].zero_()
+            dst_key = ("own", self._layout["id"])
         t_xfer = time.monotonic()
         try:
-            moved = reader.pull(plan, descs, sources, dst, version=version, deadline=deadline,
-                                progress=progress, flat=flat)
+            with torch.no_grad():  # ``into`` may be parameters that require grad
+                for n, box in plan.fills:
+                    dst[n][tuple(slice(a, b) for a, b in box)].zero_()
+                moved = reader.pull(plan, descs, sources, dst, version=version, deadline=deadline,
+                                    progress=progress, flat=flat, dst_key=dst_key)
             t_xfer = time.monotonic() - t_xfer
         except RefitError:
             raise
@@ -212,20 +255,136 @@ class Receiver:
                 f"pull of version {version} from {publisher_url} over {name!r} failed: "
                 f"{type(e).__name__}: {e}; the engine keeps its previous weights"
             ) from e
-        self._check_sources(sources, used, version, deadline)
+        states = self._state_blocks(sources, used) if name == "shm" else None
+        if states is not None:
+            if snap is None:
+                snap = {r: sources[r].get("epoch") for r in used}
+            self._check_states(states, snap, version, publisher_url)
+            self._fast = {"url": publisher_url, "plan": plan, "descs": descs, "sources": sources,
+                          "used": used, "gens": {r: sources[r].get("gen") for r in used}, "states": states}
+        else:
+            self._check_sources(sources, used, version, deadline)
+            self._fast = None
         self.last_version = version
-        if self.double_buffer:
+        if self.double_buffer and into is None:
             self._sets[self._flip] = (dst, flat)
             self._flip ^= 1
-        nbytes = sum(t.numel() * t.element_size() for t in dst.values())
+        nbytes = self._layout["bytes"]
         report = {
             "version": version, "bytes": nbytes, "tensors": len(dst),
             "seconds": time.monotonic() - t0, "transfer_seconds": t_xfer, "transport": name,
+            "control": "shm_state" if via_state else "http",
             "moved_bytes": moved, "copy_ops": getattr(reader, "last_ops", None),
             "overpull_factor": moved / plan.needed_bytes if plan.needed_bytes else 1.0,
             "overpull_by_role": plan.overpull_by_role,
         }
         return dst, report
+
+    # ------------------------------------------------------------------ in place
+    def _bind_into(self, into: Mapping[str, torch.Tensor]):
+        """``(dst, flat, dst_key)`` for caller-owned tensors, validated once per storage.
+
+        ``flat`` is the uint8 view of the one storage every tensor lives in (None when they
+        do not share one: every copy is then a per-tensor strided copy)."""
+        key = (tuple(into), tuple(t.data_ptr() for t in into.values()))
+        if self._into is not None and self._into[0] == key:
+            return self._into[1]
+        from dynamo_rl.refit.errors import MismatchError
+
+        missing = [n for n in self.param_specs if n not in into]
+        unexpected = [n for n in into if n not in self.param_specs]
+        bad = {}
+        for n, t in into.items():
+            if n not in self.param_specs:
+                continue
+            shape, dt = self.param_specs[n]
+            if tuple(t.shape) != shape or t.dtype != dt:
+                bad[n] = f"into has {tuple(t.shape)} {t.dtype}, the layout needs {shape} {dt}"
+            elif t.device != self.device:
+                bad[n] = f"into is on {t.device}, this receiver pulls to {self.device}"
+            elif not t.is_contiguous():
+                bad[n] = "into is not contiguous"
+        if missing or unexpected or bad:
+            raise MismatchError("the tensors given as into= do not match this receiver's param_specs",
+                                missing=missing, unexpected=unexpected, mismatched=bad)
+        dst = dict(into)
+        storages = {t.untyped_storage().data_ptr() for t in dst.values()}
+        flat = None
+        if len(storages) == 1 and dst:
+            st = next(iter(dst.values())).untyped_storage()
+            flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(st)
+            dst_key = ("into", tuple(t.data_ptr() - flat.data_ptr() for t in dst.values()))
+        else:
+            dst_key = ("into", key[1])
+        self._into = (key, (dst, flat, dst_key))
+        return self._into[1]
+
+    # ------------------------------------------------------------------ shm state (no HTTP)
+    def _state_blocks(self, sources, used) -> dict[int, StateBlock] | None:
+        """Attached state blocks of the used source ranks, or None when one offers none."""
+        out = {}
+        for r in used:
+            name = ((sources[r].get("shm") or {}).get("state"))
+            if not name or sources[r].get("gen") is None:
+                return None
+            blk = self._states.get(name)
+            if blk is None:
+                blk = self._states[name] = StateBlock.attach(name, r)
+            out[r] = blk
+        return out
+
+    def _wait_states(self, fast: dict, version: int, deadline: float) -> dict[int, int] | None:
+        """Wait until every used source rank holds ``version`` (read from shared memory).
+
+        Returns ``{rank: epoch}`` to check after the copies, or None when a rank's layout
+        generation changed (the caller falls back to the manifest).
+        Raises: StaleVersionError, VersionNotFoundError, PublisherGoneError."""
+        delay = 0.0005
+        while True:
+            snap, waiting = {}, []
+            for r in fast["used"]:
+                blk = fast["states"][r]
+                epoch, v, gen = blk.read()
+                if gen != fast["gens"][r]:
+                    return None
+                if not blk.alive():
+                    raise PublisherGoneError(
+                        f"source rank {r} (pid {fast['sources'][r].get('pid')}) is gone before the pull of "
+                        f"version {version}; restart the publisher and retry")
+                if v > version:
+                    raise StaleVersionError(
+                        f"publisher {fast['url']} rank {r} no longer holds version {version} (current {v}); "
+                        "ask for the current version")
+                if v < version or epoch % 2:
+                    waiting.append(f"rank {r} at version {v}")
+                snap[r] = epoch
+            if not waiting:
+                return snap
+            if time.monotonic() + delay > deadline:
+                raise VersionNotFoundError(
+                    f"publisher {fast['url']} did not publish version {version} in time "
+                    f"({', '.join(waiting)}); publish it first or raise timeout_s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _check_states(self, states, snap, version, url) -> None:
+        """Seqlock check through shared memory: same epoch and version, publisher alive."""
+        gone, moved = [], []
+        for r, blk in states.items():
+            epoch, v, _ = blk.read()
+            if not blk.alive():
+                gone.append(f"rank {r}")
+            elif epoch != snap[r] or v != version:
+                moved.append(f"rank {r} now at version {v} epoch {epoch}")
+        if gone:
+            raise PublisherGoneError(
+                f"source {', '.join(gone)} of {url} disappeared during the pull of version {version}; "
+                "nothing was returned, the engine keeps its previous weights; restart the publisher "
+                "and retry")
+        if moved:
+            raise StaleVersionError(
+                f"version {version} was overwritten during the pull ({'; '.join(moved)}); "
+                "retry with the newer version")
 
     def _auto(self, sources, used) -> str:
         me = boot_id()
@@ -261,6 +420,11 @@ class Receiver:
         for r in self._readers.values():
             r.close()
         self._readers.clear()
+        for b in self._states.values():
+            b.close()
+        self._states.clear()
+        self._fast = None
+        self._into = None
 
     def __enter__(self):
         return self

@@ -53,7 +53,10 @@ Pause (drain) and weights versions
     carries it). :meth:`Engine.load_weights` drains the same way before it swaps, so every
     token of a response carries one ``weights_version``. ``load_weights(adopt=True)``
     drops the captured CUDA graphs (they hold the old weights' addresses); they are
-    captured again on first use.
+    captured again on first use. :meth:`Engine.load_weights_in_place` writes the new
+    version into the parameters themselves (one pass over the bytes, graphs kept); if it
+    fails part-way the engine refuses requests (:class:`PartialWeightsError`) until a later
+    load completes.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ import concurrent.futures
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +143,12 @@ class WeightsError(ValueError):
 
 class EngineStoppedError(RuntimeError):
     """The engine was stopped (or its forward failed) before the request finished."""
+
+
+class PartialWeightsError(EngineStoppedError):
+    """The parameters hold a partial weight set: an in-place load
+    (:meth:`Engine.load_weights_in_place`) failed part-way. Requests are refused until a
+    later load (in place or not) completes."""
 
 
 @dataclass(eq=False)
@@ -240,6 +249,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._clock = 0
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
+        self._partial: str | None = None  # why the weights are partial (failed in-place load)
         self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0)
@@ -347,6 +357,8 @@ class Engine:
     async def _stream(self, req: _Request) -> AsyncIterator[TokenOutput]:
         if req.id in self._requests:  # registered when iteration starts, so an unused iterator leaks nothing
             raise ValueError(f"request_id {req.id!r} is already in flight; use a unique id")
+        if self._partial is not None:
+            raise PartialWeightsError(self._partial)
         self._requests[req.id] = req
         try:
             await self.start()
@@ -535,7 +547,7 @@ class Engine:
         async with self._load_lock:
             if isinstance(version, bool) or not isinstance(version, int):
                 raise WeightsError(f"version must be an int, got {version!r}")
-            if version == self.weights_version:
+            if version == self.weights_version and self._partial is None:
                 return {"noop": True, "version": version, "bytes": 0, "tensors": 0,
                         "seconds": time.perf_counter() - t0}
             if version < self.weights_version:
@@ -548,6 +560,7 @@ class Engine:
                 nbytes = await self._loop.run_in_executor(self._executor, self._swap, tensors, adopt)
                 freed = self._drop_cached_slots()
                 self.weights_version = version
+                self._partial = None
             finally:
                 self._hold -= 1
                 self._wake.set()
@@ -569,6 +582,86 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return nbytes
+
+    async def load_weights_in_place(self, fill: Callable[[dict[str, torch.Tensor]], object],
+                                    version: int) -> dict:
+        """Write version ``version`` straight into the live parameters.
+
+        Stops admitting and drains (as :meth:`load_weights`), then calls ``fill(params)`` on
+        the engine thread under ``torch.inference_mode()``, where ``params`` is
+        ``{hf_name: parameter}`` in the :meth:`param_specs` layout (a tied ``lm_head``
+        omitted); ``fill`` must write every element of every tensor in place and never
+        replace them (e.g. ``Receiver.pull(url, version, into=params)``). Then drops the
+        prefix cache, sets ``weights_version`` and admits again.
+
+        Against :meth:`load_weights`: one pass over the bytes instead of two (or a second
+        buffer), and captured CUDA graphs stay valid, since the parameters keep their
+        addresses. The price: if ``fill`` raises part-way, the parameters are a mix of
+        versions. The engine then refuses every request with :class:`PartialWeightsError`
+        (waiting ones too) until a later load of either kind completes, and ``fill``'s
+        exception is re-raised unchanged. Use it where a failed refit is retried or the
+        worker replaced anyway (RL refits); :meth:`load_weights` keeps serving the old
+        version on failure.
+
+        Returns:
+            ``{"version", "bytes", "tensors", "seconds", "freed_tokens", "fill"}`` (``fill``:
+            what ``fill`` returned), or ``{"noop": True, ...}`` for the current version.
+        Raises:
+            WeightsError: ``version`` is not an int or is older than the current one
+                (nothing changes).
+            Exception: whatever ``fill`` raised (the weights are then partial, see above).
+        """
+        await self.start()
+        t0 = time.perf_counter()
+        async with self._load_lock:
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise WeightsError(f"version must be an int, got {version!r}")
+            if version == self.weights_version and self._partial is None:
+                return {"noop": True, "version": version, "bytes": 0, "tensors": 0,
+                        "seconds": time.perf_counter() - t0}
+            if version < self.weights_version:
+                raise WeightsError(f"weights version {version} is older than the served version "
+                                   f"{self.weights_version}; refusing to go back (send a newer version)")
+            self._hold += 1
+            try:
+                await self._wait_idle()
+                try:
+                    out = await self._loop.run_in_executor(self._executor, self._fill, fill)
+                except BaseException as exc:
+                    self._mark_partial(
+                        f"the in-place load of weights version {version} failed part-way "
+                        f"({type(exc).__name__}: {exc}); the parameters are partial and this engine "
+                        f"refuses requests until a complete weights load (last complete version "
+                        f"{self.weights_version})")
+                    raise
+                self._partial = None
+                freed = self._drop_cached_slots()
+                self.weights_version = version
+            finally:
+                self._hold -= 1
+                self._wake.set()
+        nbytes = sum(p.numel() * p.element_size() for p in self._params.values())
+        return {"version": version, "bytes": nbytes, "tensors": len(self._params),
+                "seconds": time.perf_counter() - t0, "freed_tokens": freed, "fill": out}
+
+    def _fill(self, fill):
+        with torch.inference_mode():
+            out = fill(self._params)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def _mark_partial(self, reason: str) -> None:
+        self._partial = reason
+        self._drop_cached_slots()
+        error = PartialWeightsError(reason)
+        for req in list(self._waiting):
+            self._fail(req, error)
+
+    @property
+    def weights_partial(self) -> str | None:
+        """Why the parameters are partial (a failed :meth:`load_weights_in_place`), else None."""
+        return self._partial
 
     # ------------------------------------------------------------------ scheduling
 
@@ -606,7 +699,7 @@ class Engine:
                 await self._wake.wait()
 
     def _admissible(self) -> bool:
-        return bool(self._waiting) and not self.paused and not self._hold
+        return bool(self._waiting) and not self.paused and not self._hold and self._partial is None
 
     def _admit(self) -> list[_Request]:
         """Give waiting requests (FIFO) free slots, within the prefill token budget."""

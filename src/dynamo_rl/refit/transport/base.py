@@ -134,12 +134,16 @@ class Reader:
         deadline: ``time.monotonic()`` limit; exceeding it raises PublisherGoneError.
         progress: optional ``callable(done_bytes, total_bytes)`` after each unit of work.
         flat: optional uint8 tensor backing every ``dst`` tensor (enables coalesced copies).
+        dst_key: hashable naming the layout of ``dst`` inside ``flat`` (same key = same byte
+            offsets), so a reader may reuse a copy program built for it; None: no reuse
+            across different ``dst`` layouts is assumed safe beyond the plan itself.
     Returns: bytes moved over the transport.
     """
 
     name = "base"
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:  # pragma: no cover
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None,
+             dst_key=None) -> int:  # pragma: no cover
         raise NotImplementedError
 
     def close(self) -> None:

@@ -224,7 +224,8 @@ class DistReader(Reader):
         self._programs[key] = (plan, prog)
         return prog
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None,
+             dst_key=None) -> int:
         moved, total = 0, plan.needed_bytes
         for rank in sorted(plan.by_rank()):
             addr = sources[rank]

@@ -110,7 +110,8 @@ class NixlReader(Reader):
             self._remote[key] = name
         return name
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None,
+             dst_key=None) -> int:
         copies_by = copies_by_source(plan)
         moved, total = 0, plan.row_bytes
         for rank in sorted(plan.by_rank()):

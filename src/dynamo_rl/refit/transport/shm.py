@@ -5,13 +5,21 @@ re-opened only when the publisher re-allocates) and copies every planned slice s
 from the mapping into its destination tensor: one copy per byte, strided reads allowed,
 so no over-pull. Works only when publisher and receiver share the host (``boot_id``
 check) — else use ``dist`` or ``nixl``.
+
+Each source rank also keeps a :class:`StateBlock`: its seqlock state (epoch, version,
+layout generation) in a 64-byte shared-memory segment, with the publisher's liveness as a
+``flock``. A receiver that already holds the layout reads it instead of asking the
+publisher's HTTP server, so a steady-state same-host refit makes no network round trip.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import pickle
+import struct
+import time
 
 import torch
 
@@ -52,6 +60,121 @@ def _attach(name: str, size: int, rank: int):
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
+
+
+class StateBlock:
+    """One source rank's refit state in a small POSIX shared-memory segment (seqlock).
+
+    Layout (little-endian int64 at byte offsets 0, 8, 16): ``epoch`` (odd while the arena is
+    being written, the same counter as ``GET /state``), ``version`` (the last complete one;
+    -1 before the first), ``gen`` (bumped whenever the arena is re-allocated or the tensor
+    layout changes: a receiver's cached plan and mappings are valid only for the ``gen`` they
+    were built for). The publisher holds a shared ``flock`` on the segment for its lifetime;
+    a reader that can take an exclusive one knows the publisher is gone (the kernel drops
+    the lock of a dead process, whatever PID namespace it ran in).
+
+    Publisher side: ``StateBlock.create()``, :meth:`begin` / :meth:`commit`, :meth:`close`.
+    Receiver side: ``StateBlock.attach(name, rank)``, :meth:`read`, :meth:`alive`, :meth:`close`.
+    """
+
+    SIZE = 64
+
+    def __init__(self, name: str, fd: int, mm, owner: bool):
+        self.name, self._fd, self._mm, self._owner = name, fd, mm, owner
+
+    @classmethod
+    def create(cls) -> "StateBlock":
+        import mmap
+
+        import _posixshmem
+        from multiprocessing import resource_tracker
+
+        name = f"drl_state_{os.getpid()}_{time.monotonic_ns() & 0xFFFFFFFF:x}_{os.urandom(3).hex()}"
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            os.ftruncate(fd, cls.SIZE)
+            mm = mmap.mmap(fd, cls.SIZE)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            _posixshmem.shm_unlink("/" + name)
+            raise
+        resource_tracker.register("/" + name, "shared_memory")  # unlinked if this process dies
+        block = cls(name, fd, mm, owner=True)
+        struct.pack_into("<qqq", mm, 0, 0, -1, 0)
+        return block
+
+    @classmethod
+    def attach(cls, name: str, rank: int) -> "StateBlock":
+        """Map a publisher's block read-only in spirit (never written by a receiver).
+
+        Raises: PublisherGoneError when the segment no longer exists."""
+        import mmap
+
+        import _posixshmem
+
+        try:
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        except FileNotFoundError:
+            raise PublisherGoneError(
+                f"state block {name!r} of source rank {rank} is gone: the publisher closed or died; "
+                "re-publish and retry"
+            ) from None
+        try:
+            mm = mmap.mmap(fd, cls.SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, fd, mm, owner=False)
+
+    # publisher side ---------------------------------------------------------------
+    def begin(self, epoch: int) -> None:
+        """Mark the arena as being written (``epoch`` odd)."""
+        struct.pack_into("<q", self._mm, 0, epoch)
+
+    def commit(self, epoch: int, version: int, gen: int) -> None:
+        """Publish ``version`` complete: data fields first, then the (even) epoch."""
+        struct.pack_into("<qq", self._mm, 8, version, gen)
+        struct.pack_into("<q", self._mm, 0, epoch)
+
+    # receiver side ----------------------------------------------------------------
+    def read(self) -> tuple[int, int, int]:
+        """``(epoch, version, gen)``, a consistent snapshot (``epoch`` may be odd: writing)."""
+        mm = self._mm
+        while True:
+            (e1,) = struct.unpack_from("<q", mm, 0)
+            version, gen = struct.unpack_from("<qq", mm, 8)
+            (e2,) = struct.unpack_from("<q", mm, 0)
+            if e1 == e2:
+                return e1, version, gen
+
+    def alive(self) -> bool:
+        """True while the publisher process holds its lock (i.e. is running and not closed)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+        os.close(self._fd)  # releases the publisher's lock
+        self._fd = -1
+        if self._owner:
+            import _posixshmem
+            from multiprocessing import resource_tracker
+
+            try:
+                _posixshmem.shm_unlink("/" + self.name)
+            except FileNotFoundError:
+                pass
+            resource_tracker.unregister("/" + self.name, "shared_memory")
 
 
 class ShmReader(Reader):
@@ -109,15 +232,15 @@ class ShmReader(Reader):
     #: viewed as int64 when 8-byte aligned (wide loads)
     BIG_RUN = 16 << 20
 
-    def _program(self, plan, descs, sources, dst, flat):
+    def _program(self, plan, descs, sources, dst, flat, dst_key):
         """Build (once per plan, source arenas and destination layout) the copy program:
         coalesced byte runs split into big / small, plus strided copies, with every source
         view precomputed. Offsets into ``flat`` are relative, so the program is reused for
-        every pull of the same layout."""
+        every pull into the same layout (``dst_key`` names it)."""
         for r in sorted(plan.by_rank()):
             self._open(r, sources[r])  # cached mapping / IPC handle (re-opened if re-allocated)
         keys = tuple((r, self._cache[r][0]) for r in sorted(plan.by_rank()))
-        key = (id(plan), keys, flat is not None and flat.numel())
+        key = (id(plan), keys, flat is not None and flat.numel(), dst_key)
         hit = self._programs.get(key)
         if hit is not None and hit[0] is plan:
             return hit[1]
@@ -157,37 +280,55 @@ class ShmReader(Reader):
                 g[1].append(seg_of[i])
                 small_bytes += payload
         prog = {"sizes": sizes, "big": big, "small": (small, small_bytes),
-                "strided": strided, "ops": len(merged) + len(strided)}
+                "strided": strided, "ops": len(merged) + len(strided), "bound": None}
         self._programs = {key: (plan, prog)}
         return prog
 
-    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None) -> int:
+    @staticmethod
+    def _bind(prog, dst, flat):
+        """The program's destination views for this ``flat`` (kept while ``flat`` is the same
+        buffer, e.g. pulls into an engine's live parameters: no per-pull view building)."""
+        ptr = None if flat is None else flat.data_ptr()
+        b = prog["bound"]
+        if b is not None and b[0] == ptr and b[1] is dst:
+            return b[2]
+        segs = flat.split(prog["sizes"]) if flat is not None and prog["sizes"] else ()
+        big = [(segs[i], src, payload) for src, i, payload in prog["big"]]
+        small = [([segs[i].view(dt) for i in idx], srcs) for dt, (srcs, idx) in prog["small"][0].items()]
+        strided = [(dst[name][idx], src, nbytes) for src, name, idx, nbytes in prog["strided"]]
+        bound = (big, small, strided)
+        prog["bound"] = (ptr, dst, bound)
+        return bound
+
+    def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None,
+             dst_key=None) -> int:
         """Copy every planned slice from the mapped arenas into ``dst``.
 
         When ``flat`` (the uint8 buffer backing every ``dst`` tensor) is given, copies that
         are byte-contiguous on both sides (row ranges of contiguous tensors) and adjacent in
         both the source bucket and ``flat`` are merged: with an unchanged layout (S = T, same
-        order) a whole bucket moves in a single ``copy_``. Short runs are batched into one
-        ``torch._foreach_copy_``; the program is cached per layout.
+        order) a whole bucket moves in a single ``copy_``. Short runs are batched into
+        ``torch._foreach_copy_`` calls; the program is cached per layout (``dst_key``: what
+        identifies the destination layout relative to ``flat``), its destination views per
+        ``flat`` buffer.
         """
-        prog = self._program(plan, descs, sources, dst, flat)
+        prog = self._program(plan, descs, sources, dst, flat, dst_key)
+        big, small, strided = self._bind(prog, dst, flat)
         total = plan.needed_bytes
         done = 0
-        segs = flat.split(prog["sizes"]) if flat is not None and prog["sizes"] else ()
-        for src, i, payload in prog["big"]:
-            segs[i].copy_(src, non_blocking=True)
+        for d, src, payload in big:
+            d.copy_(src, non_blocking=True)
             done += payload
             if progress is not None:
                 progress(done, total)
-        small, small_bytes = prog["small"]
-        for dt, (srcs, idx) in small.items():
-            torch._foreach_copy_([segs[i].view(dt) for i in idx], srcs, non_blocking=True)
+        for dsts, srcs in small:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if small:
-            done += small_bytes
+            done += prog["small"][1]
             if progress is not None:
                 progress(done, total)
-        for src, name, idx, nbytes in prog["strided"]:
-            dst[name][idx].copy_(src, non_blocking=True)
+        for d, src, nbytes in strided:
+            d.copy_(src, non_blocking=True)
             done += nbytes
             if progress is not None:
                 progress(done, total)
