@@ -343,6 +343,9 @@ def _reader_stats(recv) -> dict:
                    "small_foreach_launch_groups": len(small),
                    "small_bytes": small_bytes,
                    "strided_copies": len(prog["strided"]),
+                   "grids": len(prog.get("grids", ())),
+                   "grid_bytes": sum(g[-1] for g in prog.get("grids", ())),
+                   "runs": prog.get("runs"),
                    "strided_bytes": sum(s[3] for s in prog["strided"]),
                    "ops": prog["ops"],
                    "source_buckets": sum(len(c[2]) for c in reader._cache.values())}
@@ -481,7 +484,10 @@ def run_case(ctx, a, cfg, S: int, transport: str, phases: list[str], device: str
                 case["errors"].append(f"phase {ph} skipped: --budget-s reached")
                 continue
             adopt = {"adopt_false": False, "adopt_true": True, "pull_only": None, "in_place": "in_place"}[ph]
-            options = {"shm": {"big_run_bytes": int(a.big_run_kb) << 10}} if a.big_run_kb is not None else None
+            shm_opts = {} if a.big_run_kb is None else {"big_run_bytes": int(a.big_run_kb) << 10}
+            if a.no_batch_strided:
+                shm_opts["batch_strided"] = False
+            options = {"shm": shm_opts} if shm_opts else None
             eng[1].send(("phase", ph, transport, adopt, timeout_s, options))
             _wait(eng[1], procs, 60, "engine phase")
             recs, pub_s = [], []
@@ -562,16 +568,18 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
     prog = ref.get("reader_program") or {}
     n_small = sum((prog.get("small_runs") or {}).values())
     why = ""
-    if n_small or prog.get("strided_copies"):
+    if n_small or prog.get("strided_copies") or prog.get("grids"):
         why = ("; Megatron's fused QKV is split per KV group into q/k/v pieces that are not adjacent in the "
-               "engine layout, so they cannot merge into bucket-sized copies and go through the short-run path")
+               "engine layout, so they cannot merge into bucket-sized copies: one strided copy per q/k/v per "
+               "layer (grids), or short runs without batching")
     out.append(
         f"{ref_name} transfer (shm/CUDA IPC reader incl. translation): {sm['transfer_s'] * 1e3:.2f} ms = "
         f"{sm['transfer_s'] / copy_s:.2f}x one d2d copy of the same bytes ({copy_s * 1e3:.2f} ms); the copy "
         f"program has {prog.get('big_copies')} big copies (runs >= {prog.get('big_run_bytes_threshold')} B, "
         f"{(prog.get('big_bytes') or 0) / 1e9:.2f} GB), {n_small} short runs in "
         f"{prog.get('small_foreach_launch_groups')} _foreach_copy_ calls ({(prog.get('small_bytes') or 0) / 1e9:.2f} GB) "
-        f"and {prog.get('strided_copies')} strided copies{why} (shm.py ShmReader._program / pull)")
+        f", {prog.get('grids')} strided 2-D copies of equal runs at a fixed stride ({(prog.get('grid_bytes') or 0) / 1e9:.2f} GB) "
+        f"and {prog.get('strided_copies')} other strided copies{why} (shm.py ShmReader._program / pull)")
     ipc = c["ceiling"].get("ipc_bucket_copy") or {}
     if "copy_GBps" in ipc:
         out.append(f"CUDA IPC itself: one copy_ per published bucket ({ipc['launches']}) from the mapped arena "
@@ -621,6 +629,8 @@ def main(argv=None) -> int:
     ap.add_argument("--big-run-kb", type=int, default=None,
                     help="shm reader: runs of at least this many KiB get their own copy_, shorter ones "
                          "go through _foreach_copy_ (default: the reader's, 16 MiB on CUDA)")
+    ap.add_argument("--no-batch-strided", action="store_true",
+                    help="shm reader: no strided 2-D copies; short runs go through _foreach_copy_ (comparison)")
     ap.add_argument("--copy-repeat", type=int, default=10)
     ap.add_argument("--refit-timeout", type=float, default=120.0, help="Receiver.pull timeout (s), shm")
     ap.add_argument("--dist-timeout", type=float, default=60.0, help="Receiver.pull timeout (s), dist/NCCL")
@@ -647,7 +657,7 @@ def main(argv=None) -> int:
     deadline = t_start + a.budget_s
     ctx = mp.get_context("spawn")
     doc: dict = {"device": device, "shape": shape, "dtype": a.dtype, "config": cfg, "refits_per_phase": a.refits,
-                 "big_run_kb": a.big_run_kb,
+                 "big_run_kb": a.big_run_kb, "batch_strided": not a.no_batch_strided,
                  "definitions": DEFINITIONS, "cases": [], "skipped": {}}
     if device.startswith("cuda"):
         doc["gpu"] = torch.cuda.get_device_name(torch.device(device))

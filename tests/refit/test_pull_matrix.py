@@ -43,6 +43,37 @@ def test_shm_pull_every_pair_megatron_gqa():
                 assert rep["overpull_factor"] == 1.0  # strided reads: exactly the needed bytes
 
 
+def test_shm_copy_program_variants_byte_identical():
+    """The GPU copy program on CPU: short runs batched into strided 2-D copies (Megatron QKV
+    split per KV group; row-parallel column halves), the foreach path for the rest, and
+    both without batching; every variant byte-identical, in place too."""
+    hf, cfg = model("gqa16_8", seed=9)
+    variants = {"grids": {"big_run_bytes": 1 << 30}, "foreach": {"big_run_bytes": 1 << 30, "batch_strided": False},
+                "copies": {"big_run_bytes": 0}}
+    for S, T in ((1, 1), (2, 1), (1, 2), (4, 2)):
+        shards = hf_to_megatron(hf, cfg, S, pad_value=9.0)
+        with published(shards, cfg) as url:
+            for t in range(T):
+                ref = hf_to_engine(hf, cfg, t, T)
+                for name, opts in variants.items():
+                    with Receiver(tp_rank=t, tp_size=T, param_specs=engine_specs(ref),
+                                  transport_options={"shm": opts}) as recv:
+                        out, rep = recv.pull(url, 1)
+                        assert not [n for n in ref if not torch.equal(out[n], ref[n])], (S, T, t, name)
+                        prog = next(iter(recv._readers["shm"]._programs.values()))[1]
+                        if name == "grids":
+                            # S=1: per layer one grid each for q, k, v (GQA 16/8: 8 groups)
+                            assert len(prog["grids"]) >= 3 * cfg["num_hidden_layers"], (S, T)
+                            assert rep["copy_ops"] < prog["runs"]
+                        else:
+                            assert prog["grids"] == [] or name == "copies"  # copies: only column grids
+                        # in place into the same layout again: the bound program is reused
+                        into = {n: torch.zeros_like(v) for n, v in out.items()}
+                        out2, _ = recv.pull(url, 1, into=into)
+                        assert out2 is not out
+                        assert not [n for n in ref if not torch.equal(into[n], ref[n])], (S, T, t, name)
+
+
 def test_dist_pull_direct_and_staged_paths():
     """gloo in one process (publisher thread ↔ receiver): row-parallel tensors resharded to a
     wider target travel as whole rows (staged, over-pull T/S); everything else goes straight

@@ -61,6 +61,15 @@ class TargetPlan:
     def overpull_factor(self) -> float:
         return self.row_bytes / self.needed_bytes if self.needed_bytes else 1.0
 
+    @property
+    def source_ranks(self) -> tuple[int, ...]:
+        """The source ranks this plan reads from, sorted (computed once; plans are not
+        modified after :func:`plan_target` returns)."""
+        ranks = self.__dict__.get("_source_ranks")
+        if ranks is None:
+            ranks = self.__dict__["_source_ranks"] = tuple(sorted({c.src_rank for c in self.copies}))
+        return ranks
+
     def by_rank(self) -> dict[int, list[Copy]]:
         out: dict[int, list[Copy]] = defaultdict(list)
         for c in self.copies:

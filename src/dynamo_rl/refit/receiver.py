@@ -226,7 +226,7 @@ class Receiver:
             manifest = self.fetch_manifest(publisher_url, version, deadline)
             plan, descs = self.plan(manifest)
             sources = {int(r): a for r, a in manifest["sources"].items()}
-            used = sorted(plan.by_rank())
+            used = list(plan.source_ranks)
             name = transport or self.transport or self._auto(sources, used)
         reader = self._readers.get(name)
         if reader is None:
@@ -286,7 +286,7 @@ class Receiver:
 
         ``flat`` is the uint8 view of the one storage every tensor lives in (None when they
         do not share one: every copy is then a per-tensor strided copy)."""
-        key = (tuple(into), tuple(t.data_ptr() for t in into.values()))
+        key = (tuple(into), tuple(map(torch.Tensor.data_ptr, into.values())))
         if self._into is not None and self._into[0] == key:
             return self._into[1]
         from dynamo_rl.refit.errors import MismatchError

@@ -234,6 +234,7 @@ class Engine:
         self.dtype = model.model.embed_tokens.weight.dtype
 
         self._params = dict(model.named_parameters())  # deduplicated: a tied lm_head is omitted
+        self._param_bytes = sum(p.numel() * p.element_size() for p in self._params.values())
         self._cos, self._sin = _qwen3.rope_tables(model, self.max_seq_len)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
@@ -640,8 +641,7 @@ class Engine:
             finally:
                 self._hold -= 1
                 self._wake.set()
-        nbytes = sum(p.numel() * p.element_size() for p in self._params.values())
-        return {"version": version, "bytes": nbytes, "tensors": len(self._params),
+        return {"version": version, "bytes": self._param_bytes, "tensors": len(self._params),
                 "seconds": time.perf_counter() - t0, "freed_tokens": freed, "fill": out}
 
     def _fill(self, fill):

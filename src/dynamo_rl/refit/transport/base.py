@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -17,6 +18,7 @@ ALIGN = 256  # bytes; every tensor starts at a multiple (dtype views need alignm
 CREATED_SHM: set[str] = set()
 
 
+@functools.cache
 def boot_id() -> str:
     """Identifies this host (+ boot): shared memory works only when publisher and receiver agree."""
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import math
 import os
 import pickle
 import struct
@@ -60,6 +61,57 @@ def _attach(name: str, size: int, rank: int):
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)
+
+
+_WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def _widest(*values: int) -> torch.dtype:
+    """The widest element type (16, 8, 4, 2, 1 bytes) dividing every offset, stride, size and
+    address: a strided copy then moves that many bytes per element (a bit-exact move; no
+    arithmetic is done on the values)."""
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    return next(dt for dt in _WIDE if g % dt.itemsize == 0)
+
+
+def _grid(buf: torch.Tensor, off: int, stride: int, n: int, count: int, dt: torch.dtype) -> torch.Tensor:
+    """``count`` rows of ``n`` bytes starting at byte ``off`` of the 1-D uint8 ``buf``, one every
+    ``stride`` bytes, as a 2-D view of element type ``dt``."""
+    e = dt.itemsize
+    return buf.view(dt)[off // e :].as_strided((count, n // e), (stride // e, 1))
+
+
+def _progressions(runs: list, idx: list[int]) -> list[list[int]]:
+    """Groups (of 2 or more) of the byte runs ``runs[i]`` (``[rank, bucket, s_off, d_off, n, ...]``,
+    ``i`` in ``idx``) of one source bucket and one length whose source and destination offsets
+    both advance by a fixed positive stride, at least ``n``, in destination order."""
+    by_key: dict[tuple, list[int]] = {}
+    for i in idx:
+        r = runs[i]
+        by_key.setdefault((r[0], r[1], r[4]), []).append(i)
+    out = []
+    for (_, _, n), members in by_key.items():
+        members.sort(key=lambda i: runs[i][3])
+        cur: list[int] = []
+        for i in members:
+            if len(cur) >= 2:
+                a, b = runs[cur[-2]], runs[cur[-1]]
+                if runs[i][2] - b[2] == b[2] - a[2] and runs[i][3] - b[3] == b[3] - a[3]:
+                    cur.append(i)
+                    continue
+            elif len(cur) == 1:
+                a = runs[cur[0]]
+                if runs[i][2] - a[2] >= n and runs[i][3] - a[3] >= n:
+                    cur.append(i)
+                    continue
+            if len(cur) >= 2:
+                out.append(cur)
+            cur = [i]
+        if len(cur) >= 2:
+            out.append(cur)
+    return out
 
 
 class StateBlock:
@@ -180,8 +232,9 @@ class StateBlock:
 class ShmReader(Reader):
     name = "shm"
 
-    def __init__(self, device="cpu", big_run_bytes: int | None = None):
+    def __init__(self, device="cpu", big_run_bytes: int | None = None, batch_strided: bool = True):
         self.device = torch.device(device)
+        self.batch_strided = batch_strided
         if big_run_bytes is None:  # CPU: every run its own (multi-threaded) copy_
             big_run_bytes = self.BIG_RUN if self.device.type == "cuda" else 0
         self.big_run = int(big_run_bytes)
@@ -228,8 +281,9 @@ class ShmReader(Reader):
                 pass
 
     #: coalesced runs at least this long get their own copy (a cudaMemcpy at full bandwidth);
-    #: shorter ones go through multi-tensor ``torch._foreach_copy_`` calls (few launches),
-    #: viewed as int64 when 8-byte aligned (wide loads)
+    #: shorter ones at a fixed stride on both sides form one strided 2-D copy each (with
+    #: ``batch_strided``), the rest go through multi-tensor ``torch._foreach_copy_`` calls (few
+    #: launches), viewed as int64 when 8-byte aligned (wide loads)
     BIG_RUN = 16 << 20
 
     def _program(self, plan, descs, sources, dst, flat, dst_key):
@@ -237,24 +291,48 @@ class ShmReader(Reader):
         coalesced byte runs split into big / small, plus strided copies, with every source
         view precomputed. Offsets into ``flat`` are relative, so the program is reused for
         every pull into the same layout (``dst_key`` names it)."""
-        for r in sorted(plan.by_rank()):
+        for r in plan.source_ranks:
             self._open(r, sources[r])  # cached mapping / IPC handle (re-opened if re-allocated)
-        keys = tuple((r, self._cache[r][0]) for r in sorted(plan.by_rank()))
+        keys = tuple((r, self._cache[r][0]) for r in plan.source_ranks)
         key = (id(plan), keys, flat is not None and flat.numel(), dst_key)
         hit = self._programs.get(key)
         if hit is not None and hit[0] is plan:
             return hit[1]
         merged, strided_copies = contiguous_runs(plan, descs, dst, flat)
+        grids: list[tuple] = []  # (rank, bucket, s_off, s_stride, d_off, d_stride, n, count, payload)
         strided = []
+        base = flat.data_ptr() if flat is not None else None
         for c in strided_copies:
             d = descs[c.src]
             pl = next(p for p in d.placement if p.rank == c.src_rank)
             dt = dtype_from_name(d.dtype)
             shape = d.local_shape(pl)
+            out_t = dst[c.dst]
+            if (self.batch_strided and base is not None and len(shape) == 2 and out_t.dim() == 2
+                    and out_t.is_contiguous()):
+                # a column range of rows: ``count`` equal byte runs at a fixed stride on each side
+                (r0, r1), (c0, c1) = c.src_box
+                (q0, _), (k0, _) = c.dst_box
+                isz = dt.itemsize
+                s_row, d_row = shape[1] * isz, out_t.shape[1] * isz
+                grids.append((c.src_rank, pl.bucket, pl.offset + r0 * s_row + c0 * isz, s_row,
+                              out_t.data_ptr() - base + q0 * d_row + k0 * isz, d_row,
+                              (c1 - c0) * isz, r1 - r0, c.numel * isz))
+                continue
             nbytes = torch.Size(shape).numel() * dt.itemsize
             src = self._cache[c.src_rank][2][pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
             src = src[tuple(slice(x, y) for x, y in c.src_box)]
             strided.append((src, c.dst, tuple(slice(x, y) for x, y in c.dst_box), c.numel * dt.itemsize))
+        # short runs at a fixed stride on both sides (Megatron's fused QKV split per KV group
+        # into q / k / v: one run per group) become one strided copy each
+        small_idx = [i for i, r in enumerate(merged) if r[4] < self.big_run]
+        in_grid = set()
+        if self.batch_strided:
+            for rows in _progressions(merged, small_idx):
+                first, second = merged[rows[0]], merged[rows[1]]
+                grids.append((first[0], first[1], first[2], second[2] - first[2], first[3],
+                              second[3] - first[3], first[4], len(rows), sum(merged[i][5] for i in rows)))
+                in_grid.update(rows)
         # destination segments: flat.split(sizes) yields every run's view in one call
         order = sorted(range(len(merged)), key=lambda i: merged[i][3])
         sizes, seg_of, pos = [], {}, 0
@@ -269,6 +347,8 @@ class ShmReader(Reader):
             sizes.append(flat.numel() - pos)
         big, small, small_bytes = [], {}, 0
         for i, (rank, bucket, s_off, d_off, n, payload, _) in enumerate(merged):
+            if i in in_grid:
+                continue
             src = self._cache[rank][2][bucket][s_off : s_off + n]
             if n >= self.big_run:
                 big.append((src, seg_of[i], payload))
@@ -279,13 +359,13 @@ class ShmReader(Reader):
                 g[0].append(src.view(dt))
                 g[1].append(seg_of[i])
                 small_bytes += payload
-        prog = {"sizes": sizes, "big": big, "small": (small, small_bytes),
-                "strided": strided, "ops": len(merged) + len(strided), "bound": None}
+        prog = {"sizes": sizes, "big": big, "small": (small, small_bytes), "grids": grids,
+                "strided": strided, "ops": len(big) + len(small) + len(grids) + len(strided),
+                "runs": len(merged), "bound": None}
         self._programs = {key: (plan, prog)}
         return prog
 
-    @staticmethod
-    def _bind(prog, dst, flat):
+    def _bind(self, prog, dst, flat):
         """The program's destination views for this ``flat`` (kept while ``flat`` is the same
         buffer, e.g. pulls into an engine's live parameters: no per-pull view building)."""
         ptr = None if flat is None else flat.data_ptr()
@@ -295,8 +375,15 @@ class ShmReader(Reader):
         segs = flat.split(prog["sizes"]) if flat is not None and prog["sizes"] else ()
         big = [(segs[i], src, payload) for src, i, payload in prog["big"]]
         small = [([segs[i].view(dt) for i in idx], srcs) for dt, (srcs, idx) in prog["small"][0].items()]
+        grids = []
+        for rank, bucket, s_off, s_stride, d_off, d_stride, n, count, payload in prog["grids"]:
+            sbuf = self._cache[rank][2][bucket]
+            dt = _widest(n, s_off, s_stride, d_off, d_stride, sbuf.numel(), flat.numel(),
+                         sbuf.data_ptr(), flat.data_ptr())
+            grids.append((_grid(flat, d_off, d_stride, n, count, dt),
+                          _grid(sbuf, s_off, s_stride, n, count, dt), payload))
         strided = [(dst[name][idx], src, nbytes) for src, name, idx, nbytes in prog["strided"]]
-        bound = (big, small, strided)
+        bound = (big, small, grids + strided)
         prog["bound"] = (ptr, dst, bound)
         return bound
 
@@ -313,7 +400,7 @@ class ShmReader(Reader):
         ``flat`` buffer.
         """
         prog = self._program(plan, descs, sources, dst, flat, dst_key)
-        big, small, strided = self._bind(prog, dst, flat)
+        big, small, strided = self._bind(prog, dst, flat)  # strided: 2-D grids first, then others
         total = plan.needed_bytes
         done = 0
         for d, src, payload in big:
