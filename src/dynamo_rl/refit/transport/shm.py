@@ -83,6 +83,13 @@ def _grid(buf: torch.Tensor, off: int, stride: int, n: int, count: int, dt: torc
     return buf.view(dt)[off // e :].as_strided((count, n // e), (stride // e, 1))
 
 
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing when ``stream`` is None."""
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def _progressions(runs: list, idx: list[int]) -> list[list[int]]:
     """Groups (of 2 or more) of the byte runs ``runs[i]`` (``[rank, bucket, s_off, d_off, n, ...]``,
     ``i`` in ``idx``) of one source bucket and one length whose source and destination offsets
@@ -403,22 +410,35 @@ class ShmReader(Reader):
         big, small, strided = self._bind(prog, dst, flat)  # strided: 2-D grids first, then others
         total = plan.needed_bytes
         done = 0
-        for d, src, payload in big:
-            d.copy_(src, non_blocking=True)
-            done += payload
-            if progress is not None:
-                progress(done, total)
-        for dsts, srcs in small:
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+        # big copies (cudaMemcpy) on our stream; on CUDA the short / strided copies (SM kernels
+        # that reach less of the memory bandwidth alone) run beside them on a second stream,
+        # launches interleaved so that both streams have work from the start
+        side = self._side_stream() if self.device.type == "cuda" and big and (small or strided) else None
+        main = torch.cuda.current_stream(self.device) if side is not None else None
+        if side is not None:
+            side.wait_stream(main)
+        others = [(None, dsts, srcs, 0) for dsts, srcs in small] + [(d, None, src, n) for d, src, n in strided]
         if small:
-            done += prog["small"][1]
-            if progress is not None:
-                progress(done, total)
-        for d, src, nbytes in strided:
-            d.copy_(src, non_blocking=True)
+            others[len(small) - 1] = others[len(small) - 1][:3] + (prog["small"][1],)
+        i = j = 0
+        while i < len(big) or j < len(others):
+            if i < len(big) and (j >= len(others) or i * len(others) <= j * len(big)):
+                d, src, nbytes = big[i]
+                i += 1
+                d.copy_(src, non_blocking=True)
+            else:
+                d, dsts, src, nbytes = others[j]
+                j += 1
+                with _on(side):
+                    if d is None:
+                        torch._foreach_copy_(dsts, src, non_blocking=True)
+                    else:
+                        d.copy_(src, non_blocking=True)
             done += nbytes
-            if progress is not None:
+            if progress is not None and nbytes:
                 progress(done, total)
+        if side is not None:
+            main.wait_stream(side)
         if self.device.type == "cuda":
             # only our stream: an engine decoding on other streams of the GPU is not stalled
             torch.cuda.current_stream(self.device).synchronize()
@@ -426,6 +446,12 @@ class ShmReader(Reader):
             torch.cuda.synchronize()
         self.last_ops = prog["ops"]
         return done
+
+    def _side_stream(self):
+        stream = getattr(self, "_side", None)
+        if stream is None:
+            stream = self._side = torch.cuda.Stream(self.device)
+        return stream
 
     def close(self) -> None:
         for rank in list(self._cache):
