@@ -485,8 +485,8 @@ def run_case(ctx, a, cfg, S: int, transport: str, phases: list[str], device: str
                 continue
             adopt = {"adopt_false": False, "adopt_true": True, "pull_only": None, "in_place": "in_place"}[ph]
             shm_opts = {} if a.big_run_kb is None else {"big_run_bytes": int(a.big_run_kb) << 10}
-            if a.no_batch_strided:
-                shm_opts["batch_strided"] = False
+            if a.grid_runs:
+                shm_opts["grid_runs"] = True
             options = {"shm": shm_opts} if shm_opts else None
             eng[1].send(("phase", ph, transport, adopt, timeout_s, options))
             _wait(eng[1], procs, 60, "engine phase")
@@ -570,8 +570,8 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
     why = ""
     if n_small or prog.get("strided_copies") or prog.get("grids"):
         why = ("; Megatron's fused QKV is split per KV group into q/k/v pieces that are not adjacent in the "
-               "engine layout, so they cannot merge into bucket-sized copies: one strided copy per q/k/v per "
-               "layer (grids), or short runs without batching")
+               "engine layout, so they cannot merge into bucket-sized copies: short runs through "
+               "_foreach_copy_ on a second CUDA stream (or, with --grid-runs, one strided copy per q/k/v per layer)")
     out.append(
         f"{ref_name} transfer (shm/CUDA IPC reader incl. translation): {sm['transfer_s'] * 1e3:.2f} ms = "
         f"{sm['transfer_s'] / copy_s:.2f}x one d2d copy of the same bytes ({copy_s * 1e3:.2f} ms); the copy "
@@ -629,8 +629,9 @@ def main(argv=None) -> int:
     ap.add_argument("--big-run-kb", type=int, default=None,
                     help="shm reader: runs of at least this many KiB get their own copy_, shorter ones "
                          "go through _foreach_copy_ (default: the reader's, 16 MiB on CUDA)")
-    ap.add_argument("--no-batch-strided", action="store_true",
-                    help="shm reader: no strided 2-D copies; short runs go through _foreach_copy_ (comparison)")
+    ap.add_argument("--grid-runs", action="store_true",
+                    help="shm reader: short runs at a fixed stride as one strided 2-D copy each instead of "
+                         "_foreach_copy_ (comparison)")
     ap.add_argument("--copy-repeat", type=int, default=10)
     ap.add_argument("--refit-timeout", type=float, default=120.0, help="Receiver.pull timeout (s), shm")
     ap.add_argument("--dist-timeout", type=float, default=60.0, help="Receiver.pull timeout (s), dist/NCCL")
@@ -657,7 +658,7 @@ def main(argv=None) -> int:
     deadline = t_start + a.budget_s
     ctx = mp.get_context("spawn")
     doc: dict = {"device": device, "shape": shape, "dtype": a.dtype, "config": cfg, "refits_per_phase": a.refits,
-                 "big_run_kb": a.big_run_kb, "batch_strided": not a.no_batch_strided,
+                 "big_run_kb": a.big_run_kb, "grid_runs": a.grid_runs,
                  "definitions": DEFINITIONS, "cases": [], "skipped": {}}
     if device.startswith("cuda"):
         doc["gpu"] = torch.cuda.get_device_name(torch.device(device))

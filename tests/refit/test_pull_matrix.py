@@ -44,11 +44,12 @@ def test_shm_pull_every_pair_megatron_gqa():
 
 
 def test_shm_copy_program_variants_byte_identical():
-    """The GPU copy program on CPU: short runs batched into strided 2-D copies (Megatron QKV
-    split per KV group; row-parallel column halves), the foreach path for the rest, and
-    both without batching; every variant byte-identical, in place too."""
+    """The GPU copy program on CPU: short runs through _foreach_copy_ (the default), or
+    batched into strided 2-D copies (Megatron QKV split per KV group), or one copy each;
+    row-parallel column ranges as strided 2-D copies of a wide element type. Every variant
+    byte-identical, in place too."""
     hf, cfg = model("gqa16_8", seed=9)
-    variants = {"grids": {"big_run_bytes": 1 << 30}, "foreach": {"big_run_bytes": 1 << 30, "batch_strided": False},
+    variants = {"grids": {"big_run_bytes": 1 << 30, "grid_runs": True}, "foreach": {"big_run_bytes": 1 << 30},
                 "copies": {"big_run_bytes": 0}}
     for S, T in ((1, 1), (2, 1), (1, 2), (4, 2)):
         shards = hf_to_megatron(hf, cfg, S, pad_value=9.0)
@@ -65,8 +66,8 @@ def test_shm_copy_program_variants_byte_identical():
                             # S=1: per layer one grid each for q, k, v (GQA 16/8: 8 groups)
                             assert len(prog["grids"]) >= 3 * cfg["num_hidden_layers"], (S, T)
                             assert rep["copy_ops"] < prog["runs"]
-                        else:
-                            assert prog["grids"] == [] or name == "copies"  # copies: only column grids
+                        elif S == T:  # no column ranges: no strided copies at all
+                            assert prog["grids"] == [] and prog["strided"] == []
                         # in place into the same layout again: the bound program is reused
                         into = {n: torch.zeros_like(v) for n, v in out.items()}
                         out2, _ = recv.pull(url, 1, into=into)

@@ -286,7 +286,11 @@ class Receiver:
 
         ``flat`` is the uint8 view of the one storage every tensor lives in (None when they
         do not share one: every copy is then a per-tensor strided copy)."""
-        key = (tuple(into), tuple(map(torch.Tensor.data_ptr, into.values())))
+        values = list(into.values())
+        # re-validated when the mapping, its size or its first / last tensor's address changes
+        # (an engine that adopts new storage replaces every parameter)
+        key = (id(into), len(values), values[0].data_ptr() if values else 0,
+               values[-1].data_ptr() if values else 0)
         if self._into is not None and self._into[0] == key:
             return self._into[1]
         from dynamo_rl.refit.errors import MismatchError
@@ -315,7 +319,7 @@ class Receiver:
             flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(st)
             dst_key = ("into", tuple(t.data_ptr() - flat.data_ptr() for t in dst.values()))
         else:
-            dst_key = ("into", key[1])
+            dst_key = ("into", tuple(map(torch.Tensor.data_ptr, values)))
         self._into = (key, (dst, flat, dst_key))
         return self._into[1]
 

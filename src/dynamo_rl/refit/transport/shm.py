@@ -239,9 +239,9 @@ class StateBlock:
 class ShmReader(Reader):
     name = "shm"
 
-    def __init__(self, device="cpu", big_run_bytes: int | None = None, batch_strided: bool = True):
+    def __init__(self, device="cpu", big_run_bytes: int | None = None, grid_runs: bool = False):
         self.device = torch.device(device)
-        self.batch_strided = batch_strided
+        self.grid_runs = grid_runs
         if big_run_bytes is None:  # CPU: every run its own (multi-threaded) copy_
             big_run_bytes = self.BIG_RUN if self.device.type == "cuda" else 0
         self.big_run = int(big_run_bytes)
@@ -288,9 +288,12 @@ class ShmReader(Reader):
                 pass
 
     #: coalesced runs at least this long get their own copy (a cudaMemcpy at full bandwidth);
-    #: shorter ones at a fixed stride on both sides form one strided 2-D copy each (with
-    #: ``batch_strided``), the rest go through multi-tensor ``torch._foreach_copy_`` calls (few
-    #: launches), viewed as int64 when 8-byte aligned (wide loads)
+    #: shorter ones go through multi-tensor ``torch._foreach_copy_`` calls (few launches),
+    #: viewed as int64 when 8-byte aligned (wide loads). On CUDA those run on a second stream
+    #: beside the big copies. ``grid_runs=True`` instead turns short runs at a fixed stride
+    #: into one strided copy each: measured slower on an H200 (benchmarks/refit_gpu.py), kept
+    #: for comparison. Column ranges of 2-D tensors (row-parallel halves when S != T) are
+    #: always one strided copy each, moved in the widest aligned element type.
     BIG_RUN = 16 << 20
 
     def _program(self, plan, descs, sources, dst, flat, dst_key):
@@ -315,8 +318,7 @@ class ShmReader(Reader):
             dt = dtype_from_name(d.dtype)
             shape = d.local_shape(pl)
             out_t = dst[c.dst]
-            if (self.batch_strided and base is not None and len(shape) == 2 and out_t.dim() == 2
-                    and out_t.is_contiguous()):
+            if base is not None and len(shape) == 2 and out_t.dim() == 2 and out_t.is_contiguous():
                 # a column range of rows: ``count`` equal byte runs at a fixed stride on each side
                 (r0, r1), (c0, c1) = c.src_box
                 (q0, _), (k0, _) = c.dst_box
@@ -330,11 +332,11 @@ class ShmReader(Reader):
             src = self._cache[c.src_rank][2][pl.bucket][pl.offset : pl.offset + nbytes].view(dt).view(shape)
             src = src[tuple(slice(x, y) for x, y in c.src_box)]
             strided.append((src, c.dst, tuple(slice(x, y) for x, y in c.dst_box), c.numel * dt.itemsize))
-        # short runs at a fixed stride on both sides (Megatron's fused QKV split per KV group
-        # into q / k / v: one run per group) become one strided copy each
+        # with ``grid_runs``: short runs at a fixed stride on both sides (Megatron's fused QKV
+        # split per KV group into q / k / v: one run per group) become one strided copy each
         small_idx = [i for i, r in enumerate(merged) if r[4] < self.big_run]
         in_grid = set()
-        if self.batch_strided:
+        if self.grid_runs:
             for rows in _progressions(merged, small_idx):
                 first, second = merged[rows[0]], merged[rows[1]]
                 grids.append((first[0], first[1], first[2], second[2] - first[2], first[3],
@@ -410,32 +412,24 @@ class ShmReader(Reader):
         big, small, strided = self._bind(prog, dst, flat)  # strided: 2-D grids first, then others
         total = plan.needed_bytes
         done = 0
-        # big copies (cudaMemcpy) on our stream; on CUDA the short / strided copies (SM kernels
-        # that reach less of the memory bandwidth alone) run beside them on a second stream,
-        # launches interleaved so that both streams have work from the start
-        side = self._side_stream() if self.device.type == "cuda" and big and (small or strided) else None
+        # On CUDA the short runs (one _foreach_copy_ per element type: SM kernels) run on a
+        # second stream beside the bucket copies (cudaMemcpy) and the strided copies; running
+        # the strided copies there too was measured slower (benchmarks/refit_gpu.py).
+        side = self._side_stream() if self.device.type == "cuda" and small and (big or strided) else None
         main = torch.cuda.current_stream(self.device) if side is not None else None
         if side is not None:
             side.wait_stream(main)
-        others = [(None, dsts, srcs, 0) for dsts, srcs in small] + [(d, None, src, n) for d, src, n in strided]
+        with _on(side):
+            for dsts, srcs in small:
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if small:
-            others[len(small) - 1] = others[len(small) - 1][:3] + (prog["small"][1],)
-        i = j = 0
-        while i < len(big) or j < len(others):
-            if i < len(big) and (j >= len(others) or i * len(others) <= j * len(big)):
-                d, src, nbytes = big[i]
-                i += 1
-                d.copy_(src, non_blocking=True)
-            else:
-                d, dsts, src, nbytes = others[j]
-                j += 1
-                with _on(side):
-                    if d is None:
-                        torch._foreach_copy_(dsts, src, non_blocking=True)
-                    else:
-                        d.copy_(src, non_blocking=True)
+            done += prog["small"][1]
+            if progress is not None:
+                progress(done, total)
+        for d, src, nbytes in big + strided:
+            d.copy_(src, non_blocking=True)
             done += nbytes
-            if progress is not None and nbytes:
+            if progress is not None:
                 progress(done, total)
         if side is not None:
             main.wait_stream(side)
