@@ -79,9 +79,12 @@ def test_async_run_respects_the_staleness_bound(tmp_path, max_staleness):
 
 def test_multiturn_run_keeps_token_contiguity(tmp_path):
     run = tmp_path / "run"
-    p, _ = _run(["examples/grpo_multiturn.yaml", f"logging.run_dir={run}", "task.turns=3", *SHORT], tmp_path)
+    # refits in place here: logprobs match below only if every worker holds the trainer's weights
+    p, _ = _run(["examples/grpo_multiturn.yaml", f"logging.run_dir={run}", "task.turns=3", "refit.in_place=true",
+                 *SHORT], tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["refits"] == 4
     # the trainer scores the concatenated 3-turn ids; engine logprobs match only if every
     # turn's prompt extended the previous prompt + generation verbatim (checked per turn)
     assert summary["logprob_mae"] < 1e-4 and summary["version_mismatches"] == 0

@@ -421,3 +421,46 @@ def test_update_weights_from_refit_publisher(serving_stack):
         ids, lps, data = completion_result(resp)
         assert ids == ref_greedy(model, PROMPT, 8) and data["weights_version"] == 2
         assert_logprobs_match(model, PROMPT, ids, lps)
+
+
+def test_update_weights_in_place_from_refit_publisher(serving_stack):
+    """in_place: straight into the live parameters (these workers pulled before, in the
+    previous test); from a new publisher the version is read over HTTP, then from shared
+    memory. A refit refused before any byte was written leaves the worker serving."""
+    from dynamo_rl.refit.publisher import Publisher
+
+    base = info(serving_stack.workers[0])["weights_version"]
+    models = {v: distinct_model(seed=10 + v) for v in (1, 2, 3)}
+    pub = Publisher(transport="shm")
+    try:
+        for i in (1, 2):
+            v = base + i
+            pub.publish(v, dict(models[i].state_dict()), naming="hf", model_config=models[i].config.to_dict())
+            for w in serving_stack.workers:
+                res = control(w, "update_weights", {"version": v, "publisher": pub.url, "in_place": True})
+                assert "error" not in res, res
+                assert res["version"] == v and res["in_place"] is True, res
+                assert res["control"] == ("shm_state" if i == 2 else "http"), res
+            for _ in serving_stack.workers:
+                ids, lps, data = completion_result(complete(serving_stack, PROMPT, max_tokens=8, temperature=0.0))
+                assert ids == ref_greedy(models[i], PROMPT, 8) and data["weights_version"] == v
+                assert_logprobs_match(models[i], PROMPT, ids, lps)
+        # the trainer moved on to v+2 before the worker asked for v+1: refused, nothing written
+        v = base + 3
+        pub.publish(v, dict(models[3].state_dict()), naming="hf", model_config=models[3].config.to_dict())
+        pub.publish(v + 1, dict(models[3].state_dict()), naming="hf", model_config=models[3].config.to_dict())
+        w = serving_stack.workers[0]
+        res = control(w, "update_weights", {"version": v, "publisher": pub.url, "in_place": True, "timeout_s": 5})
+        assert res["status"] == 409 and "before any weight was written" in res["error"], res
+        state = info(w)
+        assert state["weights_version"] == base + 2 and state["weights_partial"] is None
+        ids, _, data = completion_result(complete(serving_stack, PROMPT, max_tokens=8, temperature=0.0))
+        assert data["weights_version"] == base + 2
+        bad = control(w, "update_weights", {"version": v + 5, "path": "/nonexistent", "in_place": True})
+        assert bad["status"] == 400 and "in_place needs a 'publisher'" in bad["error"]
+        for w in serving_stack.workers:
+            res = control(w, "update_weights", {"version": v + 1, "publisher": pub.url, "in_place": True})
+            assert "error" not in res and res["version"] == v + 1, res
+    finally:
+        pub.close()
+

@@ -133,12 +133,18 @@ class RefitConfig(_Section):
     workers read; slowest, works anywhere a shared filesystem exists).
     ``control_urls``: the workers' system servers (``http://host:DYN_SYSTEM_PORT``) when
     generation is remote; the embedded stack fills them itself.
+    ``in_place``: see ``Engine.load_weights_in_place`` (off: the safe staged path, where a
+    failed refit leaves a worker serving its previous version).
     """
 
     transport: Literal["shm", "dist", "nixl", "checkpoint"] = "shm"
     timeout_s: float = Field(120.0, gt=0)
     publisher_host: str = Field("127.0.0.1", description="address the trainer's publisher binds (pod IP on K8s)")
     control_urls: list[str] = Field(default_factory=list)
+    in_place: bool = Field(
+        False, description="workers pull new weights straight into their live parameters (one pass over "
+                           "the bytes, CUDA graphs kept; fastest on GPUs). A pull failing part-way leaves a "
+                           "worker refusing requests until the next complete refit")
 
 
 class TaskConfig(_Section):

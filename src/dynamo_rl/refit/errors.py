@@ -25,7 +25,14 @@ def _names(names: Iterable[str], limit: int = 20) -> str:
 
 
 class RefitError(ValueError):
-    """Base class of every weight-plane error."""
+    """Base class of every weight-plane error.
+
+    Attribute ``untouched``: True when the error was raised before any destination byte was
+    written (matters for ``Receiver.pull(into=...)``, which writes into caller-owned tensors:
+    they still hold what they held before). False when it is not known.
+    """
+
+    untouched: bool = False
 
 
 class MismatchError(RefitError):

@@ -207,39 +207,21 @@ class Receiver:
                 also for an ``into`` that does not match ``param_specs``.
             PublisherGoneError: a source rank disappeared before the pull was complete.
             TransportError: the transport is unavailable.
+            Every error raised before the first byte is written has ``untouched = True``.
         """
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        if self.last_version is not None and version < self.last_version:
-            raise StaleVersionError(
-                f"asked for version {version} but this receiver already loaded {self.last_version}; "
-                "versions only move forward"
-            )
-        snap = None
-        fast = self._fast
-        if fast is not None and fast["url"] == publisher_url and (transport or self.transport or "shm") == "shm":
-            snap = self._wait_states(fast, version, deadline)  # None: layout changed, ask HTTP
-        via_state = snap is not None
-        if via_state:
-            plan, descs, sources, used, name = fast["plan"], fast["descs"], fast["sources"], fast["used"], "shm"
-        else:
-            manifest = self.fetch_manifest(publisher_url, version, deadline)
-            plan, descs = self.plan(manifest)
-            sources = {int(r): a for r, a in manifest["sources"].items()}
-            used = list(plan.source_ranks)
-            name = transport or self.transport or self._auto(sources, used)
-        reader = self._readers.get(name)
-        if reader is None:
-            reader = self._readers[name] = get_reader(name, device=self.device,
-                                                     **self.transport_options.get(name, {}))
-        if into is not None:
-            dst, flat, dst_key = self._bind_into(into)
-        elif self.double_buffer and self._sets[self._flip] is not None:
-            dst, flat = self._sets[self._flip]
-            dst_key = ("own", self._layout["id"])
-        else:
-            dst, flat = self._allocate()
-            dst_key = ("own", self._layout["id"])
+        try:
+            if self.last_version is not None and version < self.last_version:
+                raise StaleVersionError(
+                    f"asked for version {version} but this receiver already loaded {self.last_version}; "
+                    "versions only move forward"
+                )
+            prep = self._prepare(publisher_url, version, transport, deadline, into)
+        except RefitError as e:
+            e.untouched = True  # nothing written yet: ``into`` still holds what it held
+            raise
+        via_state, snap, plan, descs, sources, used, name, reader, dst, flat, dst_key = prep
         t_xfer = time.monotonic()
         try:
             with torch.no_grad():  # ``into`` may be parameters that require grad
@@ -279,6 +261,35 @@ class Receiver:
             "overpull_by_role": plan.overpull_by_role,
         }
         return dst, report
+
+    def _prepare(self, publisher_url, version, transport, deadline, into):
+        """Everything before the first byte moves: version wait, plan, reader, destination."""
+        snap = None
+        fast = self._fast
+        if fast is not None and fast["url"] == publisher_url and (transport or self.transport or "shm") == "shm":
+            snap = self._wait_states(fast, version, deadline)  # None: layout changed, ask HTTP
+        via_state = snap is not None
+        if via_state:
+            plan, descs, sources, used, name = fast["plan"], fast["descs"], fast["sources"], fast["used"], "shm"
+        else:
+            manifest = self.fetch_manifest(publisher_url, version, deadline)
+            plan, descs = self.plan(manifest)
+            sources = {int(r): a for r, a in manifest["sources"].items()}
+            used = list(plan.source_ranks)
+            name = transport or self.transport or self._auto(sources, used)
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = get_reader(name, device=self.device,
+                                                     **self.transport_options.get(name, {}))
+        if into is not None:
+            dst, flat, dst_key = self._bind_into(into)
+        elif self.double_buffer and self._sets[self._flip] is not None:
+            dst, flat = self._sets[self._flip]
+            dst_key = ("own", self._layout["id"])
+        else:
+            dst, flat = self._allocate()
+            dst_key = ("own", self._layout["id"])
+        return via_state, snap, plan, descs, sources, used, name, reader, dst, flat, dst_key
 
     # ------------------------------------------------------------------ in place
     def _bind_into(self, into: Mapping[str, torch.Tensor]):

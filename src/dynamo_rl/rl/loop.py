@@ -189,7 +189,8 @@ async def _train(cfg: Recipe, out: Path) -> int:
                 await asyncio.to_thread(publisher.publish, version, params, naming="hf",
                                         model_config=trainer.model.config.to_dict())
                 rep = await refit_all(frontend_url or gen.base_url, resolver, version,
-                                      {"publisher": publisher.url, "transport": cfg.refit.transport},
+                                      {"publisher": publisher.url, "transport": cfg.refit.transport,
+                                       "in_place": cfg.refit.in_place},
                                       timeouts=timeouts)
                 return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": rep.total_bytes}
 

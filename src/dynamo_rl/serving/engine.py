@@ -600,7 +600,8 @@ class Engine:
         addresses. The price: if ``fill`` raises part-way, the parameters are a mix of
         versions. The engine then refuses every request with :class:`PartialWeightsError`
         (waiting ones too) until a later load of either kind completes, and ``fill``'s
-        exception is re-raised unchanged. Use it where a failed refit is retried or the
+        exception is re-raised unchanged. An exception with ``untouched = True`` (a refit
+        error raised before the first byte was written) leaves the engine serving as before. Use it where a failed refit is retried or the
         worker replaced anyway (RL refits); :meth:`load_weights` keeps serving the old
         version on failure.
 
@@ -629,6 +630,8 @@ class Engine:
                 try:
                     out = await self._loop.run_in_executor(self._executor, self._fill, fill)
                 except BaseException as exc:
+                    if getattr(exc, "untouched", False):  # failed before writing a byte
+                        raise
                     self._mark_partial(
                         f"the in-place load of weights version {version} failed part-way "
                         f"({type(exc).__name__}: {exc}); the parameters are partial and this engine "

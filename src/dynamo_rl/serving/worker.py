@@ -70,7 +70,10 @@ Pause (drain)
 Control routes (``rt.register_engine_route``)
     ``GET /engine/info``, ``POST /engine/pause_generation``, ``/engine/resume_generation``,
     ``/engine/flush_cache``, ``/engine/update_weights`` (``{"version", "path"}`` or
-    ``{"version", "publisher", "transport"}``). ``pause_generation`` and ``update_weights``
+    ``{"version", "publisher", "transport", "in_place"}``; ``in_place: true`` pulls straight
+    into the live parameters after the first pull, see ``Engine.load_weights_in_place``:
+    fastest on a GPU, but a pull failing part-way leaves the worker refusing requests,
+    ``info.weights_partial`` set, until a complete update). ``pause_generation`` and ``update_weights``
     accept an optional ``deadline_unix_s`` (wall clock, seconds): arriving later (say the
     worker was stopped while the caller timed out) they do nothing and answer 408, so a
     request the caller gave up on is never applied behind its back. How 1.6.1 reports route errors: a dict
@@ -354,6 +357,7 @@ class Worker:
             "model": self.served_model_name,
             "model_path": self.model_path,
             "weights_version": e.weights_version,
+            "weights_partial": e.weights_partial,
             "paused": e.paused,
             "layout": dict(e.layout),
             "stats": dict(e.stats),
@@ -413,31 +417,66 @@ class Worker:
             if version == current:
                 return {"noop": True, "version": version, "bytes": 0, "tensors": 0, "seconds": 0.0}
             t0 = time.perf_counter()
-            if has_path:
-                tensors = await asyncio.to_thread(self._load_checkpoint, str(body["path"]))
-                report: dict[str, Any] = {"source": "path"}
+            in_place = bool(body.get("in_place", False))
+            if in_place and has_path:
+                raise RouteError("update_weights: in_place needs a 'publisher' source, not 'path'", 400)
+            if in_place and self._receiver is not None and self._receiver.last_version is not None:
+                res = await self._load_in_place(body, version)
+                report = {"source": "publisher", "in_place": True, **dict(res.pop("fill"))}
             else:
-                tensors, report = await self._pull(body)
-                report = {"source": "publisher", **dict(report)}
-            self._check_deadline(body, "update_weights")
-            res = await self._load(tensors, version)
+                if has_path:
+                    tensors = await asyncio.to_thread(self._load_checkpoint, str(body["path"]))
+                    report: dict[str, Any] = {"source": "path"}
+                else:
+                    tensors, report = await self._pull(body)
+                    report = {"source": "publisher", "in_place": False, **dict(report)}
+                self._check_deadline(body, "update_weights")
+                # in_place, first time: adopt the staged pull, so the parameters become the
+                # views of the receiver's one buffer and later in-place pulls coalesce
+                res = await self._load(tensors, version, adopt=True if in_place else None)
             res = {**report, **res, "seconds": res.get("seconds", time.perf_counter() - t0),
                    "total_seconds": time.perf_counter() - t0}
             log.info("weights version %s loaded: %s", version, res)
             return res
 
-    async def _load(self, tensors, version: int) -> dict:
+    async def _load(self, tensors, version: int, adopt: bool | None = None) -> dict:
         from dynamo_rl.serving.engine import WeightsError
 
         # CPU: adopt the received storage (no copy). CUDA: copy into the existing parameters,
         # whose addresses the engine's captured decode graphs hold (adopting would force a
         # re-capture, seconds, after every refit; the copy of a 0.6B model is ~5 ms on an H200).
-        adopt = self.engine.device.type != "cuda"
+        if adopt is None:
+            adopt = self.engine.device.type != "cuda"
         try:  # the engine drains in-flight requests, swaps, and drops stale KV entries
             return dict(await self.engine.load_weights(tensors, version, adopt=adopt))
         except WeightsError as e:
             raise RouteError(f"weights version {version} rejected, served weights unchanged: {e}",
                              409 if version < self.engine.weights_version else 422) from None
+
+    async def _load_in_place(self, body: dict, version: int) -> dict:
+        """Pull straight into the engine's live parameters (drained first). On failure the
+        engine refuses requests until a complete update_weights succeeds."""
+        from dynamo_rl.serving.engine import WeightsError
+
+        url, transport = str(body["publisher"]), body.get("transport")
+        timeout_s = float(body.get("timeout_s", 120.0))
+
+        def fill(params):
+            return self._receiver.pull(url, version, transport, timeout_s, into=params)[1]
+
+        try:
+            return dict(await self.engine.load_weights_in_place(fill, version))
+        except WeightsError as e:
+            raise RouteError(f"weights version {version} rejected, served weights unchanged: {e}",
+                             409 if version < self.engine.weights_version else 422) from None
+        except Exception as e:  # noqa: BLE001
+            status, what = self._refit_status(e)
+            if getattr(e, "untouched", False):
+                raise RouteError(f"in-place refit of version {version} from {url} failed ({what}) before "
+                                 f"any weight was written: {e}; served weights unchanged", status) from None
+            raise RouteError(f"in-place refit of version {version} from {url} failed ({what}): {e}; the "
+                             "parameters are partial and this worker refuses requests until a complete "
+                             "update_weights", status) from None
 
     def _load_checkpoint(self, path: str):
         """All tensors of the ``*.safetensors`` files in ``path``, cast to the engine's dtypes."""
@@ -480,21 +519,24 @@ class Worker:
         try:
             return await asyncio.to_thread(self._receiver.pull, url, version, body.get("transport"),
                                            float(body.get("timeout_s", 120.0)))
-        except rerr.RefitError as e:
-            status = 500
-            for cls, code in ((getattr(rerr, "StaleVersionError", None), 409),
-                              (getattr(rerr, "VersionNotFoundError", None), 404),
-                              (getattr(rerr, "MismatchError", None), 422),
-                              (getattr(rerr, "PublisherGoneError", None), 502),
-                              (getattr(rerr, "TransportError", None), 503)):
-                if cls is not None and isinstance(e, cls):
-                    status = code
-                    break
-            raise RouteError(f"refit pull of version {version} from {url} failed ({type(e).__name__}): {e}; "
+        except (rerr.RefitError, ConnectionError, TimeoutError, OSError) as e:
+            status, what = self._refit_status(e)
+            raise RouteError(f"refit pull of version {version} from {url} failed ({what}): {e}; "
                              "served weights unchanged", status) from None
-        except (ConnectionError, TimeoutError, OSError) as e:
-            raise RouteError(f"refit publisher {url} unreachable ({type(e).__name__}: {e}); "
-                             "served weights unchanged", 502) from None
+
+    @staticmethod
+    def _refit_status(e: BaseException) -> tuple[int, str]:
+        """HTTP status and name for a failed pull: 409 stale, 404 not published, 422
+        mismatch, 502 publisher gone / unreachable, 503 transport unavailable, else 500."""
+        from dynamo_rl.refit import errors as rerr
+
+        for cls, code in ((rerr.StaleVersionError, 409), (rerr.VersionNotFoundError, 404),
+                          (rerr.MismatchError, 422), (rerr.PublisherGoneError, 502),
+                          (rerr.TransportError, 503), (ConnectionError, 502), (TimeoutError, 502),
+                          (OSError, 502)):
+            if isinstance(e, cls):
+                return code, type(e).__name__
+        return 500, type(e).__name__
 
     def close(self) -> None:
         if self._receiver is not None:
