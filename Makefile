@@ -32,11 +32,10 @@ bench: install
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/refit.py
 
-# On a machine with a CUDA GPU (results under benchmarks/results/*_gpu*.json / refit_cuda.json)
+# On a machine with a CUDA GPU (results under benchmarks/results/*_gpu*.json)
 bench-gpu: install
 	$(BIN)/python benchmarks/step_gpu.py
 	$(BIN)/python benchmarks/refit_gpu.py
-	$(BIN)/python benchmarks/refit.py --device cuda --out benchmarks/results/refit_cuda.json
 
 clean:
 	rm -rf $(VENV) runs

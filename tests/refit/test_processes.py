@@ -157,3 +157,12 @@ def test_cuda_ipc_and_nccl(children, transport):
     assert recv.ask()[0] == "ready"
     kind, rep, bad = recv.ask("pull", url, 1, transport, 5, None)
     assert kind == "ok" and bad == [], rep
+    # the same TP=2 trainer into a TP=2 engine (both ranks on the receiving GPU)
+    recvs = [Child(refit_procs.receiver_main, "gqa16_8", 2, t, None, dev) for t in range(2)]
+    children.extend(recvs)
+    for r in recvs:
+        assert r.ask()[0] == "ready"
+        r.conn.send(("pull", url, 1, transport, 5, None))
+    for r in recvs:
+        kind, rep, bad = r.ask()
+        assert kind == "ok" and bad == [], rep

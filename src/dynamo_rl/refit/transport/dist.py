@@ -200,17 +200,18 @@ class DistReader(Reader):
             b = self._buf[key] = torch.empty(max(n, 1), dtype=torch.uint8, device=dev)
         return b
 
-    def _program(self, plan, descs, dst, flat, rank):
+    def _program(self, plan, descs, dst, flat, rank, dst_key=None):
         """Per source rank: direct messages (byte runs received straight into ``flat``: one
         copy per byte, single-range messages are sent straight from the arena) and staged
         messages (whole rows, for strided copies). Cached per plan and layout."""
-        key = (id(plan), flat is not None and flat.numel(), rank)
+        key = (id(plan), flat is not None and flat.numel(), rank, dst_key)
         hit = self._programs.get(key)
         if hit is not None and hit[0] is plan:
             return hit[1]
-        if (id(plan), "runs") not in self._programs or self._programs[(id(plan), "runs")][0] is not plan:
-            self._programs = {(id(plan), "runs"): (plan, contiguous_runs(plan, descs, dst, flat))}
-        runs, strided = self._programs[(id(plan), "runs")][1]
+        rkey = (id(plan), "runs", dst_key)
+        if rkey not in self._programs or self._programs[rkey][0] is not plan:
+            self._programs = {rkey: (plan, contiguous_runs(plan, descs, dst, flat))}
+        runs, strided = self._programs[rkey][1]
         direct = []  # (bucket, s_off, n, d_off)
         for r_rank, bucket, s_off, d_off, span, _, _ in runs:
             if r_rank != rank:
@@ -227,9 +228,9 @@ class DistReader(Reader):
     def pull(self, plan, descs, sources, dst, *, version, deadline, progress=None, flat=None,
              dst_key=None) -> int:
         moved, total = 0, plan.needed_bytes
-        for rank in sorted(plan.by_rank()):
+        for rank in plan.source_ranks:
             addr = sources[rank]
-            direct, staged, copies_by = self._program(plan, descs, dst, flat, rank)
+            direct, staged, copies_by = self._program(plan, descs, dst, flat, rank, dst_key)
             try:
                 pg, _, backend = self._pg(rank, addr, deadline)
                 if backend == "gloo" and flat is not None and flat.is_cuda:

@@ -114,7 +114,7 @@ class NixlReader(Reader):
              dst_key=None) -> int:
         copies_by = copies_by_source(plan)
         moved, total = 0, plan.row_bytes
-        for rank in sorted(plan.by_rank()):
+        for rank in plan.source_ranks:
             a = sources[rank].get("nixl")
             if not a:
                 raise TransportError(
