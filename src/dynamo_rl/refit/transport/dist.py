@@ -255,9 +255,14 @@ class DistReader(Reader):
                     if not work.wait(timedelta(seconds=max(1.0, deadline - time.monotonic()))):
                         raise PublisherGoneError(f"source rank {rank}: receive timed out")
 
-                for _, _, n, d_off in direct:
-                    wait(pg.recv([flat[d_off : d_off + n]], 0, 0))
-                    moved += n
+                # every direct receive is posted before the first wait: with NCCL a wait with a
+                # timeout blocks the host, and one round trip per short run (the QKV pieces)
+                # would dominate; ops of one pair complete in the order they were posted
+                works = [pg.recv([flat[d_off : d_off + n]], 0, 0) for _, _, n, d_off in direct]
+                for w in works:
+                    wait(w)
+                if direct:
+                    moved += sum(n for _, _, n, _ in direct)
                     if progress is not None:
                         progress(moved, total)
                 for m in staged:
