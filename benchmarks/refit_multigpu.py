@@ -119,9 +119,13 @@ def receiver_main(conn, cfg, dtype_name, T, t, device, ref_device, url, seed, ms
             secs.append(time.perf_counter() - t0)
         del src, dst
         p2p = statistics.median(secs)
+        reader = recv._readers.get("dist")  # the copy program's shape (internal, best effort)
+        progs = [v[1] for k, v in (reader._programs.items() if reader else []) if len(k) == 4]
+        messages = {"direct": sum(len(p[0]) for p in progs), "staged": sum(len(p[1]) for p in progs)}
         recv.close()
         conn.send(("done", {"verify": {"ok": not bad, "checked_tensors": checked, "mismatched": bad[:20],
                                        "version": version},
+                            "messages_per_pull": messages,
                             "p2p": {"bytes": nbytes, "median_s": p2p, "seconds": secs,
                                     "p2p_GBps": nbytes / p2p / 1e9,
                                     "from": ref_device, "to": device}}))
@@ -182,7 +186,8 @@ def run_engine(ctx, a, cfg, T: int, devices: list[str], trainers, url, ref_devic
                 "steady_median_s": med, "GBps": gbps,
                 "steady_transfer_median_s": statistics.median(r["transfer_seconds"] for r in steady),
                 "overpull_factor": per[t][-1]["overpull_factor"], "p2p": done["p2p"],
-                "ratio_to_p2p": gbps / done["p2p"]["p2p_GBps"], "verify": done["verify"], "all": per[t]})
+                "ratio_to_p2p": gbps / done["p2p"]["p2p_GBps"], "verify": done["verify"],
+                "messages_per_pull": done["messages_per_pull"], "all": per[t]})
     except Exception as e:  # noqa: BLE001 - recorded
         case["errors"].append(f"{type(e).__name__}: {e}")
     finally:
@@ -279,6 +284,14 @@ def main(argv=None) -> int:
         }
         doc["acceptance"]["met"] = (len(doc["engines"]) == 2 and all(doc["acceptance"]["byte_identical"].values())
                                     and device == "cuda")
+        doc["limits"] = [
+            f"T={e['T']} rank {r['tp_rank']}: {r['messages_per_pull']['direct']} direct + "
+            f"{r['messages_per_pull']['staged']} staged NCCL messages per pull, one send/recv pair each, "
+            f"issued from Python on both sides (dist.py); {r['bytes'] / 1e9:.2f} GB in "
+            f"{r['steady_median_s'] * 1e3:.1f} ms vs {r['p2p']['median_s'] * 1e3:.1f} ms for one p2p copy"
+            for e in doc["engines"] for r in e["ranks"]]
+        if device == "cuda" and torch.cuda.device_count() < 4:
+            doc["limits"].append("2 GPUs: both engine ranks of TP=2 share GPU 1 and its NVLink with each other")
         doc["wall_s"] = time.monotonic() - t_start
         write_result("refit_multigpu", doc, out)
         print("acceptance:", doc["acceptance"])
