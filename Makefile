@@ -36,6 +36,7 @@ bench: install
 bench-gpu: install
 	$(BIN)/python benchmarks/step_gpu.py
 	$(BIN)/python benchmarks/refit_gpu.py
+	$(BIN)/python benchmarks/refit_multigpu.py   # skips without 2 GPUs
 
 clean:
 	rm -rf $(VENV) runs
