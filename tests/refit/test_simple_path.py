@@ -62,3 +62,43 @@ def test_double_buffer_alternates_two_sets(tiny_sd):
             assert torch.equal(out["model.norm.weight"], sd["model.norm.weight"] + v)
             ptrs.append(out["model.norm.weight"].data_ptr())
         assert ptrs[0] == ptrs[2] != ptrs[1]
+
+
+def test_shared_memory_control_path(tiny_sd):
+    """Once a receiver holds the layout it reads version, seqlock and liveness from the
+    publisher's state block: no HTTP. A changed layout sends it back to the manifest; a
+    version not yet published times out; a closed publisher is named."""
+    import threading
+
+    from dynamo_rl.refit import PublisherGoneError
+
+    sd, cfg = tiny_sd
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}
+    pub = Publisher()
+    recv = Receiver(tp_rank=0, tp_size=1, param_specs=specs)
+    try:
+        pub.publish(1, sd, model_config=cfg)
+        assert recv.pull(pub.url, 1)[1]["control"] == "http"
+        pub.publish(2, {k: v + 2 for k, v in sd.items()}, model_config=cfg)
+        out, rep = recv.pull(pub.url, 2)
+        assert rep["control"] == "shm_state" and torch.equal(out["model.norm.weight"], sd["model.norm.weight"] + 2)
+        # the receiver waits (in shared memory) for a version the trainer publishes later
+        later = threading.Timer(0.2, pub.publish, (3, {k: v + 3 for k, v in sd.items()}), {"model_config": cfg})
+        later.start()
+        out, rep = recv.pull(pub.url, 3, timeout_s=10)
+        later.join()
+        assert rep["control"] == "shm_state" and torch.equal(out["model.norm.weight"], sd["model.norm.weight"] + 3)
+        with pytest.raises(VersionNotFoundError, match="rank 0 at version 3"):
+            recv.pull(pub.url, 4, timeout_s=0.2)
+        # a new model config (same shapes) bumps the layout generation: manifest again
+        pub.publish(4, sd, model_config={**cfg, "rope_theta": 1234.0})
+        out, rep = recv.pull(pub.url, 4)
+        assert rep["control"] == "http" and torch.equal(out["model.norm.weight"], sd["model.norm.weight"])
+        pub.publish(5, sd, model_config={**cfg, "rope_theta": 1234.0})
+        assert recv.pull(pub.url, 5)[1]["control"] == "shm_state"
+        pub.close()
+        with pytest.raises(PublisherGoneError, match="gone before the pull of version 6"):
+            recv.pull(pub.url, 6, timeout_s=2)
+    finally:
+        pub.close()
+        recv.close()
