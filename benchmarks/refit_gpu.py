@@ -111,10 +111,19 @@ DEFINITIONS = {
 # ----------------------------------------------------------------------------- helpers
 
 
-def _child_env() -> None:
-    # NVLink multicast stays off (the device machine's rule); other multicast variables untouched
+def _child_env(device: str | None = None) -> None:
+    """Every child process: NVLink multicast stays off (the device machine's rule; other
+    multicast variables untouched), NCCL warnings on stderr (a refusal says why), and its
+    device: the current CUDA device, or one torch thread on CPU (steadier timings on small
+    machines, and idle OpenMP workers do not steal the other processes' cores)."""
     os.environ["NCCL_NVLS_ENABLE"] = "0"
-    os.environ.setdefault("NCCL_DEBUG", "WARN")  # an NCCL refusal (one GPU, two ranks) says why on stderr
+    os.environ.setdefault("NCCL_DEBUG", "WARN")
+    if device is None:
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
 
 
 def _sync(device) -> None:
@@ -168,15 +177,12 @@ def _wait(conn, procs, timeout_s: float, what: str):
 
 
 def trainer_main(conn, cfg, dtype_name, S, rank, url, device, seed, bucket_bytes):
-    _child_env()
-    torch.set_num_threads(1)  # CPU runs: idle OpenMP workers of the trainers must not steal the engine's cores
+    _child_env(device)
     try:
         dtype = getattr(torch, dtype_name)
         from dynamo_rl.refit import Publisher
         from dynamo_rl.refit.megatron import hf_to_megatron
 
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
         pub = Publisher(tp_rank=rank, tp_size=S, coordinator_url=url, transport="shm",
                         bucket_bytes=bucket_bytes)
         conn.send(("url", pub.url))
@@ -215,7 +221,7 @@ def trainer_main(conn, cfg, dtype_name, S, rank, url, device, seed, bucket_bytes
 
 
 def engine_main(conn, cfg, dtype_name, device, seed):
-    _child_env()
+    _child_env(device)
     try:
         import asyncio
 
@@ -224,10 +230,6 @@ def engine_main(conn, cfg, dtype_name, device, seed):
 
         from dynamo_rl.serving.engine import Engine
 
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        else:
-            torch.set_num_threads(1)  # CPU check runs: steadier timings on small machines
         t0 = time.perf_counter()
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # init straight in bf16 (no fp32 copy of 4B parameters)

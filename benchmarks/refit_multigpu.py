@@ -61,16 +61,12 @@ DEFINITIONS = {
 
 
 def receiver_main(conn, cfg, dtype_name, T, t, device, ref_device, url, seed, msg_bytes, refits, copy_repeat):
-    _child_env()
+    _child_env(device)
     try:
         from dynamo_rl.refit import Receiver
         from dynamo_rl.refit.megatron import engine_param_specs, hf_to_engine
 
         dtype = getattr(torch, dtype_name)
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        else:
-            torch.set_num_threads(1)
         specs = {}
         for group in hf_groups(cfg, dtype, ref_device, seed):  # shapes only
             specs.update(engine_param_specs({n: (tuple(v.shape), v.dtype) for n, v in group.items()}, cfg, T))

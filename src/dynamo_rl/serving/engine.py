@@ -543,30 +543,55 @@ class Engine:
             WeightsError: ``version`` is older than the current one, or the set does not
                 match (every missing/unexpected/mismatched name listed). Nothing changes.
         """
+        nbytes, rep = await self._replace_weights(version, lambda: self._swap(tensors, adopt),
+                                                  prepare=lambda: self._validate(tensors, version, adopt))
+        return rep if rep.get("noop") else {**rep, "bytes": nbytes}
+
+    async def _replace_weights(self, version: int, work: Callable[[], object], *,
+                               prepare: Callable[[], None] | None = None,
+                               on_error: Callable[[BaseException], None] | None = None) -> tuple[object, dict]:
+        """The one way weights change: under the load lock, unless ``version`` is current
+        (then ``(None, noop report)``), ``prepare()`` (may refuse), stop admitting, wait
+        until no request runs, ``work()`` on the engine thread (``on_error(exc)`` and re-raise
+        on failure), drop the prefix cache, make ``version`` current, admit again.
+
+        Returns ``(work's result, {"version", "tensors", "seconds", "freed_tokens"})``."""
         await self.start()
         t0 = time.perf_counter()
         async with self._load_lock:
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise WeightsError(f"version must be an int, got {version!r}")
-            if version == self.weights_version and self._partial is None:
-                return {"noop": True, "version": version, "bytes": 0, "tensors": 0,
-                        "seconds": time.perf_counter() - t0}
-            if version < self.weights_version:
-                raise WeightsError(f"weights version {version} is older than the served version "
-                                   f"{self.weights_version}; refusing to go back (send a newer version)")
-            self._validate(tensors, version, adopt)
+            if self._is_current(version):
+                return None, {"noop": True, "version": version, "bytes": 0, "tensors": 0,
+                              "seconds": time.perf_counter() - t0}
+            if prepare is not None:
+                prepare()
             self._hold += 1
             try:
                 await self._wait_idle()
-                nbytes = await self._loop.run_in_executor(self._executor, self._swap, tensors, adopt)
+                try:
+                    out = await self._loop.run_in_executor(self._executor, work)
+                except BaseException as exc:
+                    if on_error is not None:
+                        on_error(exc)
+                    raise
                 freed = self._drop_cached_slots()
                 self.weights_version = version
                 self._partial = None
             finally:
                 self._hold -= 1
                 self._wake.set()
-        return {"version": version, "bytes": nbytes, "tensors": len(self._params),
-                "seconds": time.perf_counter() - t0, "freed_tokens": freed}
+        return out, {"version": version, "tensors": len(self._params), "seconds": time.perf_counter() - t0,
+                     "freed_tokens": freed}
+
+    def _is_current(self, version) -> bool:
+        """True when ``version`` is served already (a no-op load).
+
+        Raises: WeightsError when ``version`` is not an int or is older than the served one."""
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise WeightsError(f"version must be an int, got {version!r}")
+        if version < self.weights_version:
+            raise WeightsError(f"weights version {version} is older than the served version "
+                               f"{self.weights_version}; refusing to go back (send a newer version)")
+        return version == self.weights_version and self._partial is None
 
     def _swap(self, tensors: Mapping[str, torch.Tensor], adopt: bool) -> int:
         nbytes = 0
@@ -613,39 +638,17 @@ class Engine:
                 (nothing changes).
             Exception: whatever ``fill`` raised (the weights are then partial, see above).
         """
-        await self.start()
-        t0 = time.perf_counter()
-        async with self._load_lock:
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise WeightsError(f"version must be an int, got {version!r}")
-            if version == self.weights_version and self._partial is None:
-                return {"noop": True, "version": version, "bytes": 0, "tensors": 0,
-                        "seconds": time.perf_counter() - t0}
-            if version < self.weights_version:
-                raise WeightsError(f"weights version {version} is older than the served version "
-                                   f"{self.weights_version}; refusing to go back (send a newer version)")
-            self._hold += 1
-            try:
-                await self._wait_idle()
-                try:
-                    out = await self._loop.run_in_executor(self._executor, self._fill, fill)
-                except BaseException as exc:
-                    if getattr(exc, "untouched", False):  # failed before writing a byte
-                        raise
-                    self._mark_partial(
-                        f"the in-place load of weights version {version} failed part-way "
-                        f"({type(exc).__name__}: {exc}); the parameters are partial and this engine "
-                        f"refuses requests until a complete weights load (last complete version "
-                        f"{self.weights_version})")
-                    raise
-                self._partial = None
-                freed = self._drop_cached_slots()
-                self.weights_version = version
-            finally:
-                self._hold -= 1
-                self._wake.set()
-        return {"version": version, "bytes": self._param_bytes, "tensors": len(self._params),
-                "seconds": time.perf_counter() - t0, "freed_tokens": freed, "fill": out}
+        def failed(exc: BaseException) -> None:
+            if getattr(exc, "untouched", False):  # failed before writing a byte
+                return
+            self._mark_partial(
+                f"the in-place load of weights version {version} failed part-way "
+                f"({type(exc).__name__}: {exc}); the parameters are partial and this engine "
+                f"refuses requests until a complete weights load (last complete version "
+                f"{self.weights_version})")
+
+        out, rep = await self._replace_weights(version, lambda: self._fill(fill), on_error=failed)
+        return rep if rep.get("noop") else {**rep, "bytes": self._param_bytes, "fill": out}
 
     def _fill(self, fill):
         with torch.inference_mode():

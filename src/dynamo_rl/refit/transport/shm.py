@@ -41,11 +41,13 @@ def shm_address(arena: Arena) -> dict:
             "sizes": [int(b.numel()) for b in arena.buffers]}
 
 
-def _attach(name: str, size: int, rank: int):
-    """Map an existing POSIX shared-memory segment without registering it with Python's
-    resource tracker (``SharedMemory(name=...)`` would, and the tracker would then unlink
-    the publisher's segment when this process exits, or double-unregister it when the
-    tracker is shared by a spawn family)."""
+def _map(name: str, size: int, rank: int, what: str = "shared memory"):
+    """``(fd, mmap)`` of an existing POSIX shared-memory segment, mapped without registering
+    it with Python's resource tracker (``SharedMemory(name=...)`` would, and the tracker would
+    then unlink the publisher's segment when this process exits, or double-unregister it
+    when the tracker is shared by a spawn family). The caller closes ``fd``.
+
+    Raises: PublisherGoneError when the segment no longer exists."""
     import mmap
 
     import _posixshmem
@@ -54,13 +56,21 @@ def _attach(name: str, size: int, rank: int):
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
     except FileNotFoundError:
         raise PublisherGoneError(
-            f"shared memory {name!r} of source rank {rank} is gone: the publisher closed or "
-            "died; re-publish and retry"
+            f"{what} {name!r} of source rank {rank} is gone: the publisher closed or died; "
+            "re-publish and retry"
         ) from None
     try:
-        return mmap.mmap(fd, size)
-    finally:
+        return fd, mmap.mmap(fd, size)
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def _attach(name: str, size: int, rank: int):
+    """The mmap of an arena bucket (see :func:`_map`)."""
+    fd, mm = _map(name, size, rank)
+    os.close(fd)
+    return mm
 
 
 _WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16, torch.uint8)
@@ -165,25 +175,10 @@ class StateBlock:
 
     @classmethod
     def attach(cls, name: str, rank: int) -> "StateBlock":
-        """Map a publisher's block read-only in spirit (never written by a receiver).
+        """Map a publisher's block (never written by a receiver).
 
         Raises: PublisherGoneError when the segment no longer exists."""
-        import mmap
-
-        import _posixshmem
-
-        try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-        except FileNotFoundError:
-            raise PublisherGoneError(
-                f"state block {name!r} of source rank {rank} is gone: the publisher closed or died; "
-                "re-publish and retry"
-            ) from None
-        try:
-            mm = mmap.mmap(fd, cls.SIZE)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, mm = _map(name, cls.SIZE, rank, "state block")
         return cls(name, fd, mm, owner=False)
 
     # publisher side ---------------------------------------------------------------
