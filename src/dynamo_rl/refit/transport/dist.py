@@ -7,12 +7,14 @@ in a background thread, builds its side of a ``ProcessGroupGloo``/``ProcessGroup
 (rank 0 of 2); the receiver builds rank 1 with the returned store address.
 
 Transfer: the receiver splits its plan (``base.contiguous_runs``) into byte runs — row
-ranges contiguous on both sides, merged when adjacent — and strided copies. Each run (cut
-at ``msg_bytes``) is a single-range message that the publisher sends straight from its
-arena and the receiver receives straight into its flat destination buffer: one copy per
-byte, no staging. Strided copies (row-parallel tensors resharded) move as whole rows
-(``TargetPlan.row_ranges``) packed into messages of at most ``msg_bytes``, received into
-one reusable buffer and copied out. The message list is POSTed to ``/dist/pull``; the
+ranges contiguous on both sides, merged when adjacent — and strided copies. Each run of at
+least ``direct_min_bytes`` (cut at ``msg_bytes``) is a single-range message that the
+publisher sends straight from its arena and the receiver receives straight into its flat
+destination buffer: one copy per byte, no staging; all of them are posted before the first
+wait. Strided copies (row-parallel tensors resharded) and the copies of shorter runs
+(Megatron's fused QKV split per KV group) move as whole rows (``TargetPlan.row_ranges``)
+packed into messages of at most ``msg_bytes``, received into one reusable buffer and copied
+out: a few large messages instead of one send/recv pair per short run. The message list is POSTed to ``/dist/pull``; the
 publisher's connection thread sends them in order. Timeouts come from the receiver's deadline; a
 dead publisher surfaces as a gloo/NCCL error which the Receiver reports as
 ``PublisherGoneError``.
@@ -20,6 +22,7 @@ dead publisher surfaces as a gloo/NCCL error which the Receiver reports as
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -34,6 +37,7 @@ from dynamo_rl.refit.errors import PublisherGoneError, StaleVersionError, Transp
 from dynamo_rl.refit.planner import TargetPlan
 from dynamo_rl.refit.transport.base import (
     Reader,
+    _rows_only,
     contiguous_runs,
     copies_by_source,
     row_messages,
@@ -161,14 +165,35 @@ class DistServer:
             self.conns.clear()
 
 
+def _in_runs(c, descs, dst, spans: dict[int, list[tuple[int, int]]]) -> bool:
+    """True when copy ``c`` is a row range (on both sides) whose source bytes lie in one of
+    ``spans`` (``{bucket: [(start, end)]}``, byte offsets in the source arena)."""
+    from dynamo_rl.refit.roles import dtype_from_name
+
+    d = descs[c.src]
+    pl = next(p for p in d.placement if p.rank == c.src_rank)
+    shape = d.local_shape(pl)
+    if not (_rows_only(c.src_box, shape) and _rows_only(c.dst_box, dst[c.dst].shape)):
+        return False
+    rowb = dtype_from_name(d.dtype).itemsize * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+    s_off = pl.offset + c.src_box[0][0] * rowb
+    return any(a <= s_off < b for a, b in spans.get(pl.bucket, ()))
+
+
 class DistReader(Reader):
     """Receiver side of ``dist``. ``msg_bytes`` bounds each message (and the reusable buffer)."""
 
     name = "dist"
 
-    def __init__(self, device="cpu", msg_bytes: int = DEFAULT_MSG_BYTES):
+    #: byte runs shorter than this (Megatron's fused QKV split per KV group: ~1,000 runs of
+    #: 0.6-2.6 MB for a 4B model) travel inside whole-row messages and are copied out
+    #: locally, instead of one NCCL send/recv pair each
+    DIRECT_MIN = 8 << 20
+
+    def __init__(self, device="cpu", msg_bytes: int = DEFAULT_MSG_BYTES, direct_min_bytes: int | None = None):
         self.device = torch.device(device)
         self.msg_bytes = msg_bytes
+        self.direct_min = self.DIRECT_MIN if direct_min_bytes is None else int(direct_min_bytes)
         self.id = uuid.uuid4().hex
         self._pgs: dict[str, tuple] = {}
         self._buf: dict[str, torch.Tensor] = {}
@@ -201,9 +226,10 @@ class DistReader(Reader):
         return b
 
     def _program(self, plan, descs, dst, flat, rank, dst_key=None):
-        """Per source rank: direct messages (byte runs received straight into ``flat``: one
-        copy per byte, single-range messages are sent straight from the arena) and staged
-        messages (whole rows, for strided copies). Cached per plan and layout."""
+        """Per source rank: direct messages (byte runs of at least ``direct_min`` bytes received
+        straight into ``flat``: one copy per byte, sent straight from the arena) and staged
+        messages (whole rows, for strided copies and the copies of shorter runs, received into
+        one buffer and copied out). Cached per plan and layout."""
         key = (id(plan), flat is not None and flat.numel(), rank, dst_key)
         hit = self._programs.get(key)
         if hit is not None and hit[0] is plan:
@@ -213,12 +239,19 @@ class DistReader(Reader):
             self._programs = {rkey: (plan, contiguous_runs(plan, descs, dst, flat))}
         runs, strided = self._programs[rkey][1]
         direct = []  # (bucket, s_off, n, d_off)
+        short: dict[int, list[tuple[int, int]]] = {}  # bucket -> [(s_off, end)] of short runs
         for r_rank, bucket, s_off, d_off, span, _, _ in runs:
             if r_rank != rank:
+                continue
+            if span < self.direct_min:
+                short.setdefault(bucket, []).append((s_off, s_off + span))
                 continue
             for k in range(0, span, self.msg_bytes):
                 n = min(self.msg_bytes, span - k)
                 direct.append((bucket, s_off + k, n, d_off + k))
+        if short:  # the copies making up short runs travel staged, with the strided ones
+            strided = list(strided) + [c for c in plan.copies if c.src_rank == rank
+                                       and _in_runs(c, descs, dst, short)]
         sub = TargetPlan(plan.tp_rank, plan.tp_size, copies=[c for c in strided if c.src_rank == rank])
         staged = row_messages(sub, descs, rank, self.msg_bytes) if sub.copies else []
         prog = (direct, staged, copies_by_source(sub))
