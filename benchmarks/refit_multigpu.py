@@ -60,7 +60,8 @@ DEFINITIONS = {
 }
 
 
-def receiver_main(conn, cfg, dtype_name, T, t, device, ref_device, url, seed, msg_bytes, refits, copy_repeat):
+def receiver_main(conn, cfg, dtype_name, T, t, device, ref_device, url, seed, msg_bytes, refits, copy_repeat,
+                  direct_min_bytes=0):
     _child_env(device)
     try:
         from dynamo_rl.refit import Receiver
@@ -73,7 +74,7 @@ def receiver_main(conn, cfg, dtype_name, T, t, device, ref_device, url, seed, ms
             del group
         specs.pop("lm_head.weight", None)  # tied: the engine has none
         recv = Receiver(tp_rank=t, tp_size=T, param_specs=specs, device=device,
-                        transport_options={"dist": {"msg_bytes": msg_bytes}})
+                        transport_options={"dist": {"msg_bytes": msg_bytes, "direct_min_bytes": direct_min_bytes}})
         conn.send(("ready", {"tensors": len(specs)}))
         into, recs = None, []
         for _ in range(refits):
@@ -152,7 +153,7 @@ def run_engine(ctx, a, cfg, T: int, devices: list[str], trainers, url, ref_devic
             pa, pb = ctx.Pipe()
             p = ctx.Process(target=receiver_main, name=f"engine_T{T}_{t}", daemon=True,
                             args=(pb, cfg, a.dtype, T, t, devices[t], ref_devices[t % len(ref_devices)], url,
-                                  a.seed, a.msg_mb << 20, a.refits, a.copy_repeat))
+                                  a.seed, a.msg_mb << 20, a.refits, a.copy_repeat, a.direct_min_mb << 20))
             p.start()
             recvs.append((p, pa))
         procs = [p for p, _ in recvs] + [p for p, _ in trainers]
@@ -203,6 +204,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--refits", type=int, default=5, help="refits per engine (1 first + N-1 steady)")
     ap.add_argument("--msg-mb", type=int, default=256, help="dist transport message size (MiB)")
+    ap.add_argument("--direct-min-mb", type=int, default=0,
+                    help="dist reader: runs shorter than this travel staged in whole-row messages (0: every "
+                         "run its own message, the default)")
     ap.add_argument("--bucket-mb", type=int, default=256, help="Publisher arena bucket size (MiB)")
     ap.add_argument("--copy-repeat", type=int, default=10)
     ap.add_argument("--build-timeout", type=float, default=240.0)
@@ -228,6 +232,7 @@ def main(argv=None) -> int:
     out = a.out or (None if device == "cuda" else str(ROOT / f"benchmarks/results/refit_multigpu_cpu_{shape}.json"))
     doc: dict = {"shape": shape, "dtype": a.dtype, "config": cfg, "S": 2, "transport": "dist",
                  "backend": "nccl" if device == "cuda" else "gloo", "msg_bytes": a.msg_mb << 20,
+                 "direct_min_bytes": a.direct_min_mb << 20,
                  "placement": place, "definitions": DEFINITIONS, "engines": []}
     if device == "cuda":
         doc["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -12,7 +12,7 @@ least ``direct_min_bytes`` (cut at ``msg_bytes``) is a single-range message that
 publisher sends straight from its arena and the receiver receives straight into its flat
 destination buffer: one copy per byte, no staging; all of them are posted before the first
 wait. Strided copies (row-parallel tensors resharded) and the copies of shorter runs
-(Megatron's fused QKV split per KV group) move as whole rows (``TargetPlan.row_ranges``)
+(Megatron's fused QKV split per KV group), when ``direct_min_bytes`` is set, move as whole rows (``TargetPlan.row_ranges``)
 packed into messages of at most ``msg_bytes``, received into one reusable buffer and copied
 out: a few large messages instead of one send/recv pair per short run. The message list is POSTed to ``/dist/pull``; the
 publisher's connection thread sends them in order. Timeouts come from the receiver's deadline; a
@@ -185,10 +185,12 @@ class DistReader(Reader):
 
     name = "dist"
 
-    #: byte runs shorter than this (Megatron's fused QKV split per KV group: ~1,000 runs of
-    #: 0.6-2.6 MB for a 4B model) travel inside whole-row messages and are copied out
-    #: locally, instead of one NCCL send/recv pair each
-    DIRECT_MIN = 8 << 20
+    #: byte runs shorter than this travel inside whole-row messages and are copied out
+    #: locally instead of one send/recv pair each. Megatron's fused QKV split per KV group
+    #: makes ~1,000 runs of 0.6-2.6 MB for a 4B model, and over NCCL the message count is
+    #: what limits (benchmarks/results/refit_multigpu.json, measured with 0); 8 MiB staging is
+    #: checked for bytes on CPU but not measured on GPUs yet, so the default stays 0
+    DIRECT_MIN = 0
 
     def __init__(self, device="cpu", msg_bytes: int = DEFAULT_MSG_BYTES, direct_min_bytes: int | None = None):
         self.device = torch.device(device)
