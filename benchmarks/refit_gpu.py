@@ -318,6 +318,8 @@ async def _engine_loop(conn, engine, cfg, dtype, device, seed):
                     conn.send(("ceiling", _ceilings(nbytes, url, version, repeat, device)))
                 elif kind == "verify":
                     conn.send(("verify", _verify(engine, cfg, dtype, device, seed, last_loaded)))
+                elif kind == "decode":
+                    conn.send(("decode", await _decode(engine, fresh=msg[1])))
                 elif kind == "exit":
                     break
                 else:
@@ -409,6 +411,20 @@ def _ceilings(nbytes: int, url: str, version: int, repeat: int, device: str) -> 
     except Exception as e:  # noqa: BLE001
         out["ipc_bucket_copy"] = {"error": f"{type(e).__name__}: {e}"}
     return out
+
+
+async def _decode(engine, fresh: bool) -> dict:
+    """Greedy ids and logprobs of one prompt through the engine (decode steps replay CUDA
+    graphs on CUDA); ``fresh`` drops the captured graphs first, so they are captured anew."""
+    from dynamo_rl.serving.engine import SamplingParams
+
+    if fresh and engine._graphs is not None:
+        engine._graphs.clear()
+    graphs_before = engine.stats["cuda_graphs"]
+    outs = await engine.complete([1, 5, 9, 13], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    return {"ids": [o.token_id for o in outs], "logprobs": [o.logprob for o in outs],
+            "weights_version": outs[-1].weights_version, "graphs_before": graphs_before,
+            "graphs_after": engine.stats["cuda_graphs"]}
 
 
 def _verify(engine, cfg, dtype, device, seed, last_loaded) -> dict:
@@ -505,10 +521,27 @@ def run_case(ctx, a, cfg, S: int, transport: str, phases: list[str], device: str
                     case.setdefault("tracebacks", []).append(msg[2])
                     break
                 recs.append(msg[1])
+                if adopt == "in_place" and len(recs) == 1:  # capture decode graphs on the adopted storage
+                    eng[1].send(("decode", False))
+                    case["decode_after_first_refit"] = _wait(eng[1], procs, 120, "decode")[1]
                 if a.verbose:
                         print(f"  {name} {ph:<11} v{version}: total {msg[1]['total_s'] * 1e3:8.2f} ms  pull "
                           f"{msg[1]['pull_s'] * 1e3:8.2f} ms (transfer {msg[1]['transfer_s'] * 1e3:8.2f})  load "
                           f"{(msg[1]['load_s'] or 0) * 1e3:8.2f} ms", flush=True)
+            if adopt == "in_place" and len(recs) > 1:
+                # the graphs captured after refit 1 survived the in-place refits and read the new
+                # weights: they give exactly what graphs captured now give (the final norm, set to
+                # the version number, changes every logprob between versions)
+                eng[1].send(("decode", False))
+                kept = _wait(eng[1], procs, 120, "decode")[1]
+                eng[1].send(("decode", True))
+                fresh = _wait(eng[1], procs, 120, "decode")[1]
+                case["cuda_graphs_kept"] = {
+                    "graphs_captured_after_refit_1": case["decode_after_first_refit"]["graphs_after"],
+                    "graphs_before_decode_after_last_refit": kept["graphs_before"],
+                    "same_as_fresh_capture": kept["ids"] == fresh["ids"] and kept["logprobs"] == fresh["logprobs"],
+                    "logprobs_changed_since_refit_1": kept["logprobs"] != case["decode_after_first_refit"]["logprobs"],
+                    "kept": kept, "fresh": fresh}
             eng[1].send(("end_phase",))
             stats = _wait(eng[1], procs, 60, "engine end_phase")[1]
             if recs:
@@ -697,6 +730,11 @@ def main(argv=None) -> int:
                       f"({c['d2d_copy']['median_s'] * 1e3:.2f} ms); IPC bucket copy "
                       f"{ipc.get('copy_GBps', float('nan')):9.4g} GB/s; verify {case.get('verify', {}).get('ok')}",
                       flush=True)
+            if "cuda_graphs_kept" in case:
+                g = case["cuda_graphs_kept"]
+                print(f"{case['name']:<11} in_place: {g['graphs_before_decode_after_last_refit']} decode graphs kept "
+                      f"through the in-place refits, same tokens and logprobs as a fresh capture: "
+                      f"{g['same_as_fresh_capture']}", flush=True)
             for e in case["errors"]:
                 print(f"{case['name']}: {e.splitlines()[0][:300]}", flush=True)
     finally:
