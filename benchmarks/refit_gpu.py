@@ -281,9 +281,11 @@ async def _engine_loop(conn, engine, cfg, dtype, device, seed):
                     t0 = time.perf_counter()
                     if phase["adopt"] == "in_place" and recv.last_version is not None:
                         # steady state of the in-place path: pull straight into the live parameters
-                        load_rep = await engine.load_weights_in_place(
-                            lambda params: recv.pull(url, version, phase["transport"],
-                                                     timeout_s=phase["timeout_s"], into=params)[1], version)
+                        def fill(params, recv=recv, url=url, version=version, ph=phase):
+                            return recv.pull(url, version, ph["transport"], timeout_s=ph["timeout_s"],
+                                             into=params)[1]
+
+                        load_rep = await engine.load_weights_in_place(fill, version)
                         rep = load_rep["fill"]
                         t2 = time.perf_counter()
                         t1 = t0 + rep["seconds"]

@@ -43,9 +43,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from refit_gpu import NORM_HF, SHAPES, _child_env, _sync, _wait, hf_groups, trainer_main  # noqa: E402
-
 from _common import write_result  # noqa: E402
+from refit_gpu import NORM_HF, SHAPES, _child_env, _sync, _wait, hf_groups, trainer_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

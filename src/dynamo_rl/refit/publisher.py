@@ -52,7 +52,12 @@ import torch
 
 from dynamo_rl.refit._http import HTTPStatus, JSONServer, request
 from dynamo_rl.refit.errors import RefitError, StaleVersionError
-from dynamo_rl.refit.roles import Role, local_descriptors, merge_descriptors, strip_wrappers
+from dynamo_rl.refit.roles import (
+    Role,
+    local_descriptors,
+    merge_descriptors,
+    strip_wrappers,
+)
 from dynamo_rl.refit.transport.base import Arena
 from dynamo_rl.refit.transport.shm import StateBlock, shm_address
 

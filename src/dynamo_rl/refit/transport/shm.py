@@ -48,9 +48,8 @@ def _map(name: str, size: int, rank: int, what: str = "shared memory"):
     when the tracker is shared by a spawn family). The caller closes ``fd``.
 
     Raises: PublisherGoneError when the segment no longer exists."""
-    import mmap
-
     import _posixshmem
+    import mmap
 
     try:
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
@@ -153,9 +152,8 @@ class StateBlock:
 
     @classmethod
     def create(cls) -> "StateBlock":
-        import mmap
-
         import _posixshmem
+        import mmap
         from multiprocessing import resource_tracker
 
         name = f"drl_state_{os.getpid()}_{time.monotonic_ns() & 0xFFFFFFFF:x}_{os.urandom(3).hex()}"
