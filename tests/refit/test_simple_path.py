@@ -97,8 +97,58 @@ def test_shared_memory_control_path(tiny_sd):
         pub.publish(5, sd, model_config={**cfg, "rope_theta": 1234.0})
         assert recv.pull(pub.url, 5)[1]["control"] == "shm_state"
         pub.close()
-        with pytest.raises(PublisherGoneError, match="gone before the pull of version 6"):
+        with pytest.raises(PublisherGoneError, match="unreachable"):
             recv.pull(pub.url, 6, timeout_s=2)
+        # a publisher restarted at the same address is found again (over HTTP, then shm)
+        port = int(pub.url.rsplit(":", 1)[1])
+        pub = Publisher(port=port)
+        pub.publish(6, {k: v + 6 for k, v in sd.items()}, model_config=cfg)
+        out, rep = recv.pull(pub.url, 6)
+        assert rep["control"] == "http" and torch.equal(out["model.norm.weight"], sd["model.norm.weight"] + 6)
+        pub.publish(7, sd, model_config=cfg)
+        assert recv.pull(pub.url, 7)[1]["control"] == "shm_state"
     finally:
         pub.close()
         recv.close()
+
+
+def test_into_is_validated_and_foreign_layouts_touch_only_their_tensors(tiny_sd):
+    from dynamo_rl.refit import MismatchError
+
+    sd, cfg = tiny_sd
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}
+    names = list(specs)
+    with Publisher() as pub, Receiver(tp_rank=0, tp_size=1, param_specs=specs) as recv:
+        pub.publish(1, sd, model_config=cfg)
+        own, _ = recv.pull(pub.url, 1)
+        # the caller's own buffer: tensors 512 bytes apart, its data in between must survive
+        sizes = [sd[n].numel() * 4 for n in names]
+        buf = torch.full((sum(sizes) + 512 * len(names),), -7, dtype=torch.uint8)
+        into, pos = {}, 0
+        for n, size in zip(names, sizes):
+            into[n] = buf[pos : pos + size].view(torch.float32).view(specs[n][0])
+            pos += size + 512
+        pub.publish(2, {k: v + 2 for k, v in sd.items()}, model_config=cfg)
+        out, rep = recv.pull(pub.url, 2, into=into)
+        assert out is into and rep["copy_ops"] >= len(names)  # no coalescing over the caller's bytes
+        assert all(torch.equal(into[n], sd[n] + 2) for n in names)
+        pos = 0
+        for size in sizes:
+            assert bool((buf[pos + size : pos + size + 512] == 0xF9).all())  # -7 as uint8: untouched
+            pos += size + 512
+        # a tensor swapped inside the same mapping is noticed
+        into[names[3]] = torch.zeros_like(into[names[3]])
+        recv.pull(pub.url, 2, into=into)
+        assert torch.equal(into[names[3]], sd[names[3]] + 2)
+        into[names[3]] = torch.zeros(7)
+        with pytest.raises(MismatchError, match=f"{names[3]}.*the layout needs") as err:
+            recv.pull(pub.url, 2, into=into)
+        assert err.value.untouched and "pass into= exactly the receiver's param_specs" in str(err.value)
+        # aliasing and non-tensors are refused before anything is written
+        alias = dict(own)
+        alias[names[1]] = alias[names[0]] if specs[names[0]] == specs[names[1]] else alias[names[1]]
+        alias["model.layers.0.input_layernorm.weight"] = alias["model.norm.weight"]
+        with pytest.raises(MismatchError, match="shares memory with"):
+            recv.pull(pub.url, 2, into=alias)
+        with pytest.raises(MismatchError, match="not a torch.Tensor"):
+            recv.pull(pub.url, 2, into={**own, names[0]: None})

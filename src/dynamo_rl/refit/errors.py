@@ -44,7 +44,7 @@ class MismatchError(RefitError):
         mismatched: ``{name: "why"}`` for shape / dtype / layout mismatches.
     """
 
-    def __init__(self, message: str = "", *, missing=(), unexpected=(), mismatched=None):
+    def __init__(self, message: str = "", *, missing=(), unexpected=(), mismatched=None, fix: str | None = None):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.mismatched = dict(mismatched or {})
@@ -56,10 +56,8 @@ class MismatchError(RefitError):
         if self.mismatched:
             items = [f"{k} ({v})" for k, v in sorted(self.mismatched.items())]
             parts.append(f"mismatched {len(items)} tensor(s): {_names(items)}")
-        parts.append(
-            "fix: publish the same model architecture/dtype the engine serves, or pass the "
-            "engine's exact param_specs() to the Receiver"
-        )
+        parts.append("fix: " + (fix or "publish the same model architecture/dtype the engine serves, or pass "
+                                       "the engine's exact param_specs() to the Receiver"))
         super().__init__("; ".join(parts))
 
 

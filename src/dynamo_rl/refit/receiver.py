@@ -260,7 +260,7 @@ class Receiver:
             "overpull_factor": moved / plan.needed_bytes if plan.needed_bytes else 1.0,
             "overpull_by_role": plan.overpull_by_role,
         }
-        return dst, report
+        return (dst if into is None else into), report
 
     def _prepare(self, publisher_url, version, transport, deadline, into):
         """Everything before the first byte moves: version wait, plan, reader, destination."""
@@ -293,44 +293,62 @@ class Receiver:
 
     # ------------------------------------------------------------------ in place
     def _bind_into(self, into: Mapping[str, torch.Tensor]):
-        """``(dst, flat, dst_key)`` for caller-owned tensors, validated once per storage.
+        """``(dst, flat, dst_key)`` for caller-owned tensors, validated whenever the mapping,
+        one of its tensors or an address changes.
 
-        ``flat`` is the uint8 view of the one storage every tensor lives in (None when they
-        do not share one: every copy is then a per-tensor strided copy)."""
+        ``flat`` (coalesced copies) only when every tensor sits where this receiver's own
+        buffer layout puts it, in one storage: then the bytes between tensors are this
+        receiver's alignment padding and may be copied over. Any other layout gets one copy
+        per planned slice, touching nothing but the tensors' own bytes.
+
+        Raises: MismatchError (names, shapes, dtypes, device, contiguity, overlapping tensors,
+        non-tensors; all listed)."""
         values = list(into.values())
-        # re-validated when the mapping, its size or its first / last tensor's address changes
-        # (an engine that adopts new storage replaces every parameter)
-        key = (id(into), len(values), values[0].data_ptr() if values else 0,
-               values[-1].data_ptr() if values else 0)
-        if self._into is not None and self._into[0] == key:
+        try:
+            key = (id(into), tuple(map(id, values)), tuple(map(torch.Tensor.data_ptr, values)))
+        except TypeError:  # a non-tensor: refused below
+            key = None
+        if key is not None and self._into is not None and self._into[0] == key:
             return self._into[1]
         from dynamo_rl.refit.errors import MismatchError
 
         missing = [n for n in self.param_specs if n not in into]
         unexpected = [n for n in into if n not in self.param_specs]
         bad = {}
+        spans = []
         for n, t in into.items():
             if n not in self.param_specs:
                 continue
             shape, dt = self.param_specs[n]
-            if tuple(t.shape) != shape or t.dtype != dt:
+            if not isinstance(t, torch.Tensor):
+                bad[n] = f"not a torch.Tensor ({type(t).__name__})"
+            elif tuple(t.shape) != shape or t.dtype != dt:
                 bad[n] = f"into has {tuple(t.shape)} {t.dtype}, the layout needs {shape} {dt}"
             elif t.device != self.device:
                 bad[n] = f"into is on {t.device}, this receiver pulls to {self.device}"
             elif not t.is_contiguous():
                 bad[n] = "into is not contiguous"
+            elif t.numel():
+                spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n))
+        spans.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                bad.setdefault(b, f"shares memory with {a} (every tensor needs its own bytes)")
         if missing or unexpected or bad:
-            raise MismatchError("the tensors given as into= do not match this receiver's param_specs",
-                                missing=missing, unexpected=unexpected, mismatched=bad)
+            raise MismatchError(
+                "the tensors given as into= do not match this receiver's param_specs",
+                missing=missing, unexpected=unexpected, mismatched=bad,
+                fix="pass into= exactly the receiver's param_specs (names, shapes, dtypes) as contiguous, "
+                    "non-overlapping torch tensors on its device, e.g. the engine's parameters")
         dst = dict(into)
-        storages = {t.untyped_storage().data_ptr() for t in dst.values()}
-        flat = None
-        if len(storages) == 1 and dst:
-            st = next(iter(dst.values())).untyped_storage()
+        offs, total = self._layout["dst"]
+        st = values[0].untyped_storage() if values else None
+        flat, dst_key = None, ("into", key[2])
+        if st is not None and st.nbytes() >= total and all(
+                t.untyped_storage().data_ptr() == st.data_ptr() and t.data_ptr() - st.data_ptr() == offs[n]
+                for n, t in dst.items()):
             flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(st)
-            dst_key = ("into", tuple(t.data_ptr() - flat.data_ptr() for t in dst.values()))
-        else:
-            dst_key = ("into", tuple(map(torch.Tensor.data_ptr, values)))
+            dst_key = ("own", self._layout["id"])
         self._into = (key, (dst, flat, dst_key))
         return self._into[1]
 
@@ -352,8 +370,9 @@ class Receiver:
         """Wait until every used source rank holds ``version`` (read from shared memory).
 
         Returns ``{rank: epoch}`` to check after the copies, or None when a rank's layout
-        generation changed (the caller falls back to the manifest).
-        Raises: StaleVersionError, VersionNotFoundError, PublisherGoneError."""
+        generation changed or its publisher is gone (the caller asks the manifest over HTTP:
+        a restarted publisher answers, a dead one raises PublisherGoneError there).
+        Raises: StaleVersionError, VersionNotFoundError."""
         delay = 0.0005
         while True:
             snap, waiting = {}, []
@@ -362,10 +381,9 @@ class Receiver:
                 epoch, v, gen = blk.read()
                 if gen != fast["gens"][r]:
                     return None
-                if not blk.alive():
-                    raise PublisherGoneError(
-                        f"source rank {r} (pid {fast['sources'][r].get('pid')}) is gone before the pull of "
-                        f"version {version}; restart the publisher and retry")
+                if not blk.alive():  # gone, or restarted (at the same URL?): ask over HTTP again
+                    self._drop_fast()
+                    return None
                 if v > version:
                     raise StaleVersionError(
                         f"publisher {fast['url']} rank {r} no longer holds version {version} (current {v}); "
@@ -381,6 +399,13 @@ class Receiver:
                     f"({', '.join(waiting)}); publish it first or raise timeout_s")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def _drop_fast(self) -> None:
+        """Forget the shared-memory path (its publisher went away); detach its blocks."""
+        fast, self._fast = self._fast, None
+        for blk in (fast or {}).get("states", {}).values():
+            self._states.pop(blk.name, None)
+            blk.close()
 
     def _check_states(self, states, snap, version, url) -> None:
         """Seqlock check through shared memory: same epoch and version, publisher alive."""
