@@ -304,8 +304,9 @@ class Receiver:
         Raises: MismatchError (names, shapes, dtypes, device, contiguity, overlapping tensors,
         non-tensors; all listed)."""
         values = list(into.values())
-        try:
-            key = (id(into), tuple(map(id, values)), tuple(map(torch.Tensor.data_ptr, values)))
+        try:  # every address: a tensor replaced by another one is at another address (the
+            # cached binding still holds the old one, so its memory cannot be reused)
+            key = (id(into), tuple(into), tuple(map(torch.Tensor.data_ptr, values)))
         except TypeError:  # a non-tensor: refused below
             key = None
         if key is not None and self._into is not None and self._into[0] == key:
