@@ -390,14 +390,16 @@ class Receiver:
                 epoch, v, gen = blk.read()
                 if gen != fast["gens"][r]:
                     return None
-                if not blk.alive():  # gone, or restarted (at the same URL?): ask over HTTP again
-                    self._drop_fast()
-                    return None
                 if v > version:
                     raise StaleVersionError(
                         f"publisher {fast['url']} rank {r} no longer holds version {version} (current {v}); "
                         "ask for the current version")
                 if v < version or epoch % 2:
+                    # not there yet: a dead (or restarted) publisher never gets there, ask HTTP.
+                    # (When it is there, liveness is checked after the copies, in _check_states.)
+                    if not blk.alive():
+                        self._drop_fast()
+                        return None
                     waiting.append(f"rank {r} at version {v}")
                 snap[r] = epoch
             if not waiting:
