@@ -144,6 +144,16 @@ def test_into_is_validated_and_foreign_layouts_touch_only_their_tensors(tiny_sd)
         with pytest.raises(MismatchError, match=f"{names[3]}.*the layout needs") as err:
             recv.pull(pub.url, 2, into=into)
         assert err.value.untouched and "pass into= exactly the receiver's param_specs" in str(err.value)
+        # a FrozenTensors is checked once, then by identity; a new one is validated again
+        from dynamo_rl.refit import FrozenTensors
+
+        frozen = FrozenTensors({n: t for n, t in own.items()})
+        out, _ = recv.pull(pub.url, 2, into=frozen)
+        assert out is frozen and torch.equal(own[names[0]], sd[names[0]] + 2)
+        with pytest.raises(TypeError):
+            frozen[names[0]] = torch.zeros(1)  # read-only
+        with pytest.raises(MismatchError, match="not a torch.Tensor"):
+            recv.pull(pub.url, 2, into=FrozenTensors({**own, names[0]: None}))
         # aliasing and non-tensors are refused before anything is written
         alias = dict(own)
         alias[names[1]] = alias[names[0]] if specs[names[0]] == specs[names[1]] else alias[names[1]]

@@ -16,9 +16,10 @@ from dynamo_rl.refit.errors import (
     VersionNotFoundError,
 )
 from dynamo_rl.refit.publisher import Publisher
-from dynamo_rl.refit.receiver import Receiver
+from dynamo_rl.refit.receiver import FrozenTensors, Receiver
 
 __all__ = [
+    "FrozenTensors",
     "MismatchError",
     "Publisher",
     "PublisherGoneError",

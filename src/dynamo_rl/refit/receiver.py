@@ -56,6 +56,30 @@ from dynamo_rl.refit.transport.base import ALIGN, Reader, boot_id, get_reader
 from dynamo_rl.refit.transport.shm import StateBlock
 
 
+class FrozenTensors(Mapping):
+    """A read-only ``{name: tensor}`` for ``Receiver.pull(into=...)``.
+
+    It cannot change after construction, so a receiver validates it once and afterwards
+    only checks that it is the same object: O(1) per pull, where a plain dict is re-checked
+    entry by entry (~0.1 ms for 400 tensors, a few % of an 8 GB GPU refit). Build a new one
+    when the tensors change (``Engine`` does after adopting new storage).
+    """
+
+    __slots__ = ("_tensors",)
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 class Receiver:
     """Pulls published weights into one target TP rank's layout.
 
@@ -297,8 +321,9 @@ class Receiver:
     # ------------------------------------------------------------------ in place
     def _bind_into(self, into: Mapping[str, torch.Tensor]):
         """``(dst, flat, dst_key)`` for caller-owned tensors, validated whenever the mapping or
-        one of its tensor objects changes. Not detected: moving ONE tensor object to new
-        storage in place (``p.data = t``, ``set_``): pass a new mapping then.
+        one of its tensor objects changes (a :class:`FrozenTensors` only when it is another
+        object). Not detected: moving ONE tensor object to new storage in place
+        (``p.data = t``, ``set_``): pass a new mapping then.
 
         ``flat`` (coalesced copies) only when every tensor sits where this receiver's own
         buffer layout puts it, in one storage: then the bytes between tensors are this
@@ -307,18 +332,24 @@ class Receiver:
 
         Raises: MismatchError (names, shapes, dtypes, device, contiguity, overlapping tensors,
         non-tensors; all listed)."""
-        values = list(into.values())
-        # re-validated when the mapping or any of its tensor objects is another one (the
-        # cached binding holds the old objects, so their ids cannot be reused), or when the
-        # first / last tensor moved (new storage for all, as an engine that adopts). Reading
-        # every address instead would cost ~0.15 ms per pull of 400 tensors.
-        try:
-            key = (id(into), tuple(into), tuple(map(id, values)),
-                   values[0].data_ptr() if values else 0, values[-1].data_ptr() if values else 0)
-        except (AttributeError, TypeError):  # a non-tensor: refused below
+        if isinstance(into, FrozenTensors):  # immutable: the same object is the same binding
+            if self._into is not None and self._into[2] is into:
+                return self._into[1]
             key = None
-        if key is not None and self._into is not None and self._into[0] == key:
-            return self._into[1]
+        else:
+            hit = self._into[1] if self._into is not None else None
+            values = list(into.values())
+            # re-validated when the mapping or any of its tensor objects is another one (the
+            # cached binding holds the old objects, so their ids cannot be reused), or when
+            # the first / last tensor moved (new storage for all, as an engine that adopts)
+            try:
+                key = (id(into), tuple(into), tuple(map(id, values)),
+                       values[0].data_ptr() if values else 0, values[-1].data_ptr() if values else 0)
+            except (AttributeError, TypeError):  # a non-tensor: refused below
+                key = None
+            if key is not None and hit is not None and self._into[0] == key:
+                return hit
+        values = list(into.values())
         from dynamo_rl.refit.errors import MismatchError
 
         missing = [n for n in self.param_specs if n not in into]
@@ -358,7 +389,7 @@ class Receiver:
                 for n, t in dst.items()):
             flat = torch.empty(0, dtype=torch.uint8, device=self.device).set_(st)
             dst_key = ("own", self._layout["id"])
-        self._into = (key, (dst, flat, dst_key))
+        self._into = (key, (dst, flat, dst_key), into)  # holding ``into`` keeps its id unique
         return self._into[1]
 
     # ------------------------------------------------------------------ shm state (no HTTP)
@@ -484,4 +515,4 @@ class Receiver:
         self.close()
 
 
-__all__ = ["Receiver", "TransportError"]
+__all__ = ["FrozenTensors", "Receiver", "TransportError"]

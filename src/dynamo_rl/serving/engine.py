@@ -251,7 +251,7 @@ class Engine:
         self._clock = 0
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
         self._partial: str | None = None  # why the weights are partial (failed in-place load)
-        self._views: dict[str, torch.Tensor] | None = None  # detached parameter views, in place loads
+        self._views = None  # FrozenTensors of detached parameter views, for in-place loads
         self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0)
@@ -619,8 +619,8 @@ class Engine:
         Stops admitting and drains (as :meth:`load_weights`), then calls ``fill(params)`` on
         the engine thread under ``torch.inference_mode()``, where ``params`` is
         ``{hf_name: tensor}`` in the :meth:`param_specs` layout (a tied ``lm_head`` omitted):
-        detached views sharing the parameters' storage, the same mapping object until the
-        storage changes; ``fill`` must write every element of every tensor in place and never
+        detached views sharing the parameters' storage, one read-only
+        :class:`~dynamo_rl.refit.receiver.FrozenTensors` until the storage changes; ``fill`` must write every element of every tensor in place and never
         replace them (e.g. ``Receiver.pull(url, version, into=params)``). Then drops the
         prefix cache, sets ``weights_version`` and admits again.
 
@@ -655,8 +655,10 @@ class Engine:
         return rep if rep.get("noop") else {**rep, "bytes": self._param_bytes, "fill": out}
 
     def _fill(self, fill):
-        if self._views is None:  # plain tensors: a Parameter's methods cost ~1 us more each
-            self._views = {n: p.detach() for n, p in self._params.items()}
+        if self._views is None:  # read-only, plain tensors: a receiver checks it in O(1)
+            from dynamo_rl.refit.receiver import FrozenTensors
+
+            self._views = FrozenTensors({n: p.detach() for n, p in self._params.items()})
         with torch.inference_mode():
             out = fill(self._views)
         if self.device.type == "cuda":
