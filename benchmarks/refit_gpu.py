@@ -653,13 +653,19 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
     return out, nums
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
+def model_args(doc: str, device_help: str, *, refits: int, what: str) -> argparse.ArgumentParser:
+    """The options every refit benchmark takes: device, model shape and refit count."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help=device_help)
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen3-4b (cuda), tiny (cpu)")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--refits", type=int, default=8, help="refits per phase (1 first + N-1 steady)")
+    ap.add_argument("--refits", type=int, default=refits, help=f"refits per {what} (1 first + N-1 steady)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = model_args(__doc__, "cuda | cuda:N | cpu", refits=8, what="phase")
     ap.add_argument("--cases", default="shm:1,shm:2,dist:1", help="transport:S, comma separated")
     ap.add_argument("--phases", default="in_place,adopt_false,adopt_true,pull_only")
     ap.add_argument("--bucket-mb", type=int, default=256, help="Publisher arena bucket size (MiB)")

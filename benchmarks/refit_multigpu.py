@@ -31,7 +31,6 @@ Writes ``benchmarks/results/refit_multigpu.json`` (``--out``). With fewer than 2
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import statistics
@@ -44,7 +43,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
-from refit_gpu import NORM_HF, SHAPES, _child_env, _sync, _wait, hf_groups, trainer_main  # noqa: E402
+from refit_gpu import (  # noqa: E402
+    NORM_HF,
+    SHAPES,
+    _child_env,
+    _sync,
+    _wait,
+    hf_groups,
+    model_args,
+    trainer_main,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,12 +204,7 @@ def run_engine(ctx, a, cfg, T: int, devices: list[str], trainers, url, ref_devic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="cuda (needs >= 2 GPUs) | cpu (gloo, code path check)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen3-4b (cuda), tiny (cpu)")
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--refits", type=int, default=5, help="refits per engine (1 first + N-1 steady)")
+    ap = model_args(__doc__, "cuda (needs >= 2 GPUs) | cpu (gloo, code path check)", refits=5, what="engine")
     ap.add_argument("--msg-mb", type=int, default=256, help="dist transport message size (MiB)")
     ap.add_argument("--direct-min-mb", type=int, default=0,
                     help="dist reader: runs shorter than this travel staged in whole-row messages (0: every "
