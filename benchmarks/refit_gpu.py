@@ -21,9 +21,11 @@ IPC handles, reads the full manifest over HTTP and re-plans):
 - ``in_place`` (the fast path): refit 1 is a staged pull adopted by the engine
   (``load_weights(adopt=True)``), which makes the parameters the views of the receiver's
   one buffer; every later refit is ``await engine.load_weights_in_place(lambda p:
-  recv.pull(url, N, into=p)[1], N)``: drain, then the copies go straight into the live
-  parameters (one pass over the bytes, CUDA graphs kept), with the version and seqlock
-  read from the publisher's shared-memory state block (no HTTP);
+  recv.pull(url, N, into=p)[1], N, inline=recv.ready(url, N))``: drain, then the copies go
+  straight into the live parameters (one pass over the bytes, CUDA graphs kept), with the
+  version and seqlock read from the publisher's shared-memory state block (no HTTP), on
+  the event loop's thread when the version is already published (as the worker does on
+  a GPU);
 - ``adopt_false``: ``load_weights(adopt=False)`` copies into the existing parameters (what
   the Dynamo worker does on CUDA by default, keeping captured decode graphs valid);
 - ``adopt_true``: ``load_weights(adopt=True)`` makes the pulled tensors the parameters
@@ -285,7 +287,10 @@ async def _engine_loop(conn, engine, cfg, dtype, device, seed):
                             return recv.pull(url, version, ph["transport"], timeout_s=ph["timeout_s"],
                                              into=params)[1]
 
-                        load_rep = await engine.load_weights_in_place(fill, version)
+                        # as the worker does on a GPU: the version is already published, so
+                        # the copies run on the event loop's thread (no thread hand-offs)
+                        inline = phase.get("inline", True) and recv.ready(url, version)
+                        load_rep = await engine.load_weights_in_place(fill, version, inline=inline)
                         rep = load_rep["fill"]
                         t2 = time.perf_counter()
                         t1 = t0 + rep["seconds"]

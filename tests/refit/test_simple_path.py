@@ -79,7 +79,9 @@ def test_shared_memory_control_path(tiny_sd):
     try:
         pub.publish(1, sd, model_config=cfg)
         assert recv.pull(pub.url, 1)[1]["control"] == "http"
+        assert not recv.ready(pub.url, 2) and not recv.ready("http://127.0.0.1:9", 1)
         pub.publish(2, {k: v + 2 for k, v in sd.items()}, model_config=cfg)
+        assert recv.ready(pub.url, 2) and not recv.ready(pub.url, 3)
         out, rep = recv.pull(pub.url, 2)
         assert rep["control"] == "shm_state" and torch.equal(out["model.norm.weight"], sd["model.norm.weight"] + 2)
         # the receiver waits (in shared memory) for a version the trainer publishes later

@@ -563,8 +563,10 @@ async def test_load_weights_in_place_through_a_receiver(engine, model_a, model_b
         ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
         for version, key in ((2, "a"), (3, "b")):
             pub.publish(version, sd[key], model_config=cfg)
+            assert recv.ready(pub.url, version)  # published and this receiver holds the layout
+            # version 3 on the event loop's thread (no hand-off to the engine thread)
             res = await engine.load_weights_in_place(
-                lambda params: recv.pull(pub.url, version, into=params)[1], version)
+                lambda params: recv.pull(pub.url, version, into=params)[1], version, inline=version == 3)
             assert res["version"] == version == engine.weights_version
             assert res["fill"]["control"] == "shm_state"  # no HTTP round trip in steady state
             assert res["fill"]["copy_ops"] < len(specs) / 2  # coalesced into few runs

@@ -442,6 +442,23 @@ class Receiver:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    def ready(self, publisher_url: str, version: int) -> bool:
+        """True when a pull of ``version`` from ``publisher_url`` would start copying at once:
+        this receiver holds that publisher's layout (it pulled from it before over ``shm``)
+        and every source rank's shared-memory state shows ``version`` complete. Reads shared
+        memory only; never blocks, never raises."""
+        fast = self._fast
+        if fast is None or fast["url"] != publisher_url:
+            return False
+        try:
+            for r in fast["used"]:
+                epoch, v, gen = fast["states"][r].read()
+                if v != version or epoch % 2 or gen != fast["gens"][r]:
+                    return False
+        except (OSError, ValueError):  # a closed mapping
+            return False
+        return True
+
     def _drop_fast(self) -> None:
         """Forget the shared-memory path (its publisher went away); detach its blocks."""
         fast, self._fast = self._fast, None
