@@ -262,13 +262,15 @@ class Receiver:
         except Exception as e:  # transport-level failure (socket closed, gloo error...)
             raise PublisherGoneError(
                 f"pull of version {version} from {publisher_url} over {name!r} failed: "
-                f"{type(e).__name__}: {e}; the engine keeps its previous weights"
+                f"{type(e).__name__}: {e}; "
+                + ("the engine keeps its previous weights" if into is None else
+                   "the tensors given as into= are partial: pull a complete version into them")
             ) from e
         states = self._state_blocks(sources, used) if name == "shm" else None
         if states is not None:
             if snap is None:
                 snap = {r: sources[r].get("epoch") for r in used}
-            self._check_states(states, snap, version, publisher_url)
+            self._check_states(states, snap, version, publisher_url, partial=into is not None)
             self._fast = {"url": publisher_url, "plan": plan, "descs": descs, "sources": sources,
                           "used": used, "gens": {r: sources[r].get("gen") for r in used}, "states": states}
         else:
@@ -466,7 +468,7 @@ class Receiver:
             self._states.pop(blk.name, None)
             blk.close()
 
-    def _check_states(self, states, snap, version, url) -> None:
+    def _check_states(self, states, snap, version, url, partial: bool = False) -> None:
         """Seqlock check through shared memory: same epoch and version, publisher alive."""
         gone, moved = [], []
         for r, blk in states.items():
@@ -478,8 +480,9 @@ class Receiver:
         if gone:
             raise PublisherGoneError(
                 f"source {', '.join(gone)} of {url} disappeared during the pull of version {version}; "
-                "nothing was returned, the engine keeps its previous weights; restart the publisher "
-                "and retry")
+                + ("the tensors given as into= are partial" if partial else
+                   "nothing was returned, the engine keeps its previous weights")
+                + "; restart the publisher and retry")
         if moved:
             raise StaleVersionError(
                 f"version {version} was overwritten during the pull ({'; '.join(moved)}); "
