@@ -334,23 +334,9 @@ class Receiver:
 
         Raises: MismatchError (names, shapes, dtypes, device, contiguity, overlapping tensors,
         non-tensors; all listed)."""
-        if isinstance(into, FrozenTensors):  # immutable: the same object is the same binding
-            if self._into is not None and self._into[2] is into:
-                return self._into[1]
-            key = None
-        else:
-            hit = self._into[1] if self._into is not None else None
-            values = list(into.values())
-            # re-validated when the mapping or any of its tensor objects is another one (the
-            # cached binding holds the old objects, so their ids cannot be reused), or when
-            # the first / last tensor moved (new storage for all, as an engine that adopts)
-            try:
-                key = (id(into), tuple(into), tuple(map(id, values)),
-                       values[0].data_ptr() if values else 0, values[-1].data_ptr() if values else 0)
-            except (AttributeError, TypeError):  # a non-tensor: refused below
-                key = None
-            if key is not None and hit is not None and self._into[0] == key:
-                return hit
+        key = self._into_key(into)
+        if key is not None and self._into is not None and self._into[0] == key:
+            return self._into[1]
         values = list(into.values())
         from dynamo_rl.refit.errors import MismatchError
 
@@ -393,6 +379,23 @@ class Receiver:
             dst_key = ("own", self._layout["id"])
         self._into = (key, (dst, flat, dst_key), into)  # holding ``into`` keeps its id unique
         return self._into[1]
+
+    @staticmethod
+    def _into_key(into) -> tuple | None:
+        """What identifies a validated ``into`` (None: a mapping holding non-tensors).
+
+        A :class:`FrozenTensors` is immutable: its identity is enough, O(1). Another mapping:
+        itself, its names, its tensor objects and the first / last address (new storage for
+        all, as an engine that adopts). The cached binding holds ``into`` and its tensors, so
+        none of these ids can be reused by another object."""
+        if isinstance(into, FrozenTensors):
+            return ("frozen", id(into))
+        values = list(into.values())
+        try:
+            return (id(into), tuple(into), tuple(map(id, values)),
+                    values[0].data_ptr() if values else 0, values[-1].data_ptr() if values else 0)
+        except (AttributeError, TypeError):
+            return None
 
     # ------------------------------------------------------------------ shm state (no HTTP)
     def _state_blocks(self, sources, used) -> dict[int, StateBlock] | None:
