@@ -101,7 +101,7 @@ DEFINITIONS = {
                         "block reads), plan lookup, fills",
     "load_s": "total_s - pull_s: await Engine.load_weights(...) (validate, drain, swap on the engine "
               "thread, cuda synchronize); for in_place the engine's own overhead around the pull "
-              "(drain, hand-off to the engine thread, synchronize)",
+              "(drain, hand-off to the engine thread unless the pull runs inline, synchronize)",
     "first": "refit 1 of a phase (fresh Receiver: full manifest, planning, IPC handle opening, "
              "copy-program build, first allocation)",
     "steady": "median over refits 2..N of the phase",
@@ -636,7 +636,7 @@ def _limits(doc: dict) -> tuple[list[str], dict]:
             f"lookup: {sm['http_and_check_s'] * 1e3:.2f} ms per refit (receiver.py pull)")
     if ref_name == "in_place" and sm.get("load_s") is not None:
         nums["in_place_engine_overhead_s"] = sm["load_s"]
-        out.append(f"in_place engine overhead around the pull (drain, hand-off to the engine thread, "
+        out.append(f"in_place engine overhead around the pull (drain, engine-thread hand-off unless inline, "
                    f"synchronize): {sm['load_s'] * 1e3:.3f} ms (engine.py load_weights_in_place)")
     if "adopt_false" in ph and "adopt_true" in ph:
         lf, lt = ph["adopt_false"]["steady_median"]["load_s"], ph["adopt_true"]["steady_median"]["load_s"]

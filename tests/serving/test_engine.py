@@ -116,6 +116,21 @@ async def test_logprobs_and_greedy_match_hf_cuda(model_a, model_b, cuda_graphs):
                                       for p in PROMPTS])
         for p, o in zip(PROMPTS, outs):
             assert ids_of(o) == hf_greedy(model_b, p, 16)
+        # in place (the worker's refit path on CUDA): the parameters keep their addresses,
+        # so the graphs captured above are kept and replay the new weights
+        a = {n: t.to("cuda") for n, t in model_a.state_dict().items() if n in eng.param_specs()}
+        for inline in (False, True):
+            graphs = eng.stats["cuda_graphs"]
+            assert graphs > 0 or not cuda_graphs
+            res = await eng.load_weights_in_place(
+                lambda params: [params[n].copy_(a[n]) for n in params], 2 + inline, inline=inline)
+            assert res["version"] == eng.weights_version == 2 + inline
+            assert eng.stats["cuda_graphs"] == graphs
+            outs = await asyncio.gather(*[eng.complete(p, SamplingParams(max_tokens=16, temperature=0))
+                                          for p in PROMPTS])
+            for p, o in zip(PROMPTS, outs):
+                assert ids_of(o) == hf_greedy(model_a, p, 16)
+                assert {t.weights_version for t in o} == {2 + inline}
     finally:
         await eng.stop()
 
