@@ -249,6 +249,7 @@ def test_info_and_system_health(serving_stack):
         i = info(w)
         assert i["instance_id"] == w.instance_id and i["pid"] == w.pid and i["model"] == "tiny"
         assert i["layout"] == {"tp_rank": 0, "tp_size": 1} and i["paused"] is False
+        assert i["ready"] is True and i["unhealthy"] is None  # the health watch runs
         assert {"forward_passes", "decode_batches", "max_decode_batch", "tokens_generated",
                 "requests_finished", "kv_cache_tokens"} <= set(i["stats"])
         h = httpx.get(f"{w.system_url}/health", timeout=30)

@@ -251,10 +251,12 @@ class Engine:
         self._clock = 0
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
         self._partial: str | None = None  # why the weights are partial (failed in-place load)
+        self._died: str | None = None  # why the scheduling loop died (until it is started again)
         self._views = None  # FrozenTensors of detached parameter views, for in-place loads
         self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
-                              prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0)
+                              prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0,
+                              loop_deaths=0)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -298,6 +300,7 @@ class Engine:
         if self._task is not None and not self._task.done() and self._loop is loop:
             return
         self._loop = loop
+        self._died = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._load_lock = asyncio.Lock()
@@ -468,7 +471,8 @@ class Engine:
     @property
     def stats(self) -> dict:
         """Counters (ints): forward_passes, prefill_batches, decode_batches, max_decode_batch,
-        tokens_generated, prompt_tokens, prefix_cache_hit_tokens (prompt tokens whose keys/values
+        tokens_generated, prompt_tokens, loop_deaths (times the scheduling loop died, see
+        :attr:`loop_died`), prefix_cache_hit_tokens (prompt tokens whose keys/values
         a free slot already held), prefill_shared_tokens (prompt tokens not computed because an
         identical prompt was prefilled in the same batch), requests_finished,
         requests_running, requests_waiting, kv_cache_tokens (tokens whose keys/values the
@@ -684,6 +688,23 @@ class Engine:
         """Why the parameters are partial (a failed :meth:`load_weights_in_place`), else None."""
         return self._partial
 
+    @property
+    def loop_died(self) -> str | None:
+        """Why the scheduling loop died (an exception escaped it, or its task was cancelled
+        from outside :meth:`stop`), else None. Requests in flight then were failed with
+        :class:`EngineStoppedError`; the next request or :meth:`start` starts a new loop
+        and clears this (``stats["loop_deaths"]`` keeps the count). It is a bug: a server
+        should treat it as fatal (the Dynamo worker exits, so that its supervisor restarts
+        it)."""
+        return self._died
+
+    @property
+    def unhealthy(self) -> str | None:
+        """Why this engine cannot serve requests now, else None: its scheduling loop died
+        (:attr:`loop_died`) or its weights are partial (:attr:`weights_partial`). A paused or
+        not yet started engine is healthy (requests wait)."""
+        return self._died or self._partial
+
     # ------------------------------------------------------------------ scheduling
 
     async def _wait_idle(self) -> None:
@@ -699,7 +720,9 @@ class Engine:
         try:
             await self._schedule_steps()
         except BaseException as exc:  # a bug here must not leave requests waiting forever
-            error = EngineStoppedError(f"the scheduling loop died: {type(exc).__name__}: {exc}")
+            self._died = f"the scheduling loop died: {type(exc).__name__}: {exc}"
+            self._counters["loop_deaths"] += 1
+            error = EngineStoppedError(self._died)
             for req in list(self._requests.values()):
                 self._fail(req, error)
             raise

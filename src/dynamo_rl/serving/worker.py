@@ -95,6 +95,13 @@ Health
     The system server's ``/health`` answers ``ready`` once the model is registered
     (``rt.set_health_status(True)``; 1.6.1 ignores the deprecated
     ``DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS`` and would answer 503 otherwise).
+    :meth:`Worker.watch_health` then mirrors the engine into it every ``--health-interval-s``
+    (0.5 s): 503 ``notready`` while the weights are partial (a failed in-place refit; a
+    complete ``update_weights`` makes it ready again), so a readiness probe takes the pod
+    out of rotation; and if the engine's scheduling loop dies, the worker shuts the runtime
+    down and exits with status 1 (as Dynamo's own vLLM worker does on a dead engine), so
+    that Kubernetes or the local stack sees a failed process instead of a live one that
+    fails every request. ``/engine/info`` reports ``ready`` and ``unhealthy`` (the reason).
     ``DYN_SYSTEM_PORT`` must be < 32768: 1.6.1 parses it as a signed 16-bit integer.
 """
 
@@ -109,7 +116,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +235,7 @@ class Worker:
         self.device = device
         self.record_file = record_file
         self.instance_id: int | None = None
+        self.ready: bool | None = None  # what watch_health last reported (None: not watching)
         self._weights_lock = asyncio.Lock()
         self._receiver = None
         cfg = getattr(engine, "model_config", {}) or {}
@@ -358,11 +366,43 @@ class Worker:
             "model_path": self.model_path,
             "weights_version": e.weights_version,
             "weights_partial": e.weights_partial,
+            "ready": self.ready,
+            "unhealthy": e.unhealthy,
             "paused": e.paused,
             "layout": dict(e.layout),
             "stats": dict(e.stats),
             "pid": os.getpid(),
         }
+
+    async def watch_health(self, set_ready: Callable[[bool], None], on_fatal: Callable[[str], None], *,
+                           interval_s: float = 0.5) -> None:
+        """Mirror the engine's health until cancelled (run it as a task).
+
+        Calls ``set_ready(True)`` at once if the engine is healthy, then ``set_ready(x)``
+        whenever :attr:`Engine.unhealthy <dynamo_rl.serving.engine.Engine.unhealthy>` turns
+        set (``False``) or clear (``True``); checked every ``interval_s`` seconds. If the
+        engine's scheduling loop dies (``stats["loop_deaths"]`` grows: counted, so a loop
+        restarted by the next request before a check is not missed), calls
+        ``set_ready(False)`` and ``on_fatal(reason)`` once and returns.
+        """
+        deaths = self.engine.stats["loop_deaths"]
+        while True:
+            if self.engine.stats["loop_deaths"] > deaths:
+                why = self.engine.loop_died or "the scheduling loop died (restarted since)"
+                log.error("engine failed: %s; this worker stops so that it is restarted", why)
+                self.ready = False
+                set_ready(False)
+                on_fatal(why)
+                return
+            reason = self.engine.unhealthy
+            if (reason is None) is not self.ready:
+                self.ready = reason is None
+                if self.ready:
+                    log.info("health: ready")
+                else:
+                    log.warning("health: not ready (%s)", reason)
+                set_ready(self.ready)
+            await asyncio.sleep(interval_s)
 
     @staticmethod
     def _check_deadline(body: dict, what: str) -> None:
@@ -559,7 +599,8 @@ def _message_eos_id(model_path: str) -> int | None:
         return None
 
 
-async def amain(args: argparse.Namespace) -> None:
+async def amain(args: argparse.Namespace) -> int:
+    """Run the worker until shutdown; returns the exit status (1: the engine failed)."""
     import torch
 
     from dynamo.llm import ModelInput, ModelType, WorkerType, register_model
@@ -599,13 +640,23 @@ async def amain(args: argparse.Namespace) -> None:
              args.model_path)
     # System /health: 1.6.1 ignores DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS (deprecated) and
     # would otherwise answer 503 "notready"; the model is registered and the engine runs.
-    rt.set_health_status(True)
+    failed: list[str] = []
+
+    def on_fatal(why: str) -> None:  # the engine is broken: exit 1, so that it is restarted
+        failed.append(why)
+        rt.shutdown()
+        loop.call_later(args.shutdown_grace_s, lambda: loop.create_task(engine.stop()))
+
+    watch = loop.create_task(worker.watch_health(rt.set_health_status, on_fatal,
+                                                 interval_s=args.health_interval_s))
     try:
         await ep.serve_endpoint(worker.generate)
     finally:
+        watch.cancel()
         worker.close()
         await engine.stop()
-        log.info("worker pid=%s stopped", os.getpid())
+        log.info("worker pid=%s stopped%s", os.getpid(), f" (engine failed: {failed[0]})" if failed else "")
+    return 1 if failed else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -622,6 +673,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
+    p.add_argument("--health-interval-s", type=float, default=0.5,
+                   help="seconds between checks of the engine's health (system /health, exit on a dead engine)")
     p.add_argument("--discovery-backend", default=os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
                    choices=["file", "etcd", "kubernetes", "mem"])
     return p.parse_args(argv)
@@ -634,9 +687,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        uvloop.run(amain(args))
+        run = uvloop.run
     except ImportError:  # pragma: no cover
-        asyncio.run(amain(args))
+        run = asyncio.run
+    sys.exit(run(amain(args)))
 
 
 if __name__ == "__main__":
