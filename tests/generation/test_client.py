@@ -21,7 +21,7 @@ from dynamo_rl.generation import (
     resolve_frontend_url,
 )
 
-from .fake_frontend import FakeFrontend, default_generation, ok_response
+from .fake_frontend import FakeFrontend, default_generation, default_handler, ok_response
 
 
 def _cfg(url: str | None = None, **kw) -> GenerationConfig:
@@ -305,16 +305,47 @@ async def test_read_timeouts_are_retried_then_reported(fake):
 
 
 @pytest.mark.asyncio
-async def test_404_on_generation_is_model_not_served_listing_what_is(fake):
+async def test_404_while_other_models_are_served_is_model_not_served_listing_them(fake):
     fake.handler = lambda path, body: (404, b"")
     async with DynamoGeneration(_cfg(fake.url)) as gen:
         await gen.model()
-        fake.models = []
+        fake.models = ["other", "tiny-v2"]
         with pytest.raises(ModelNotServedError) as e:
             await gen.generate([[1], [2]])
-    assert "HTTP 404" in str(e.value) and "'tiny' is not served" in str(e.value) and "no worker is registered" in str(e.value)
+    assert "HTTP 404" in str(e.value) and "'tiny' is not served" in str(e.value)
+    assert "served now: other, tiny-v2" in str(e.value) and e.value.served == ["other", "tiny-v2"]
     assert sorted(e.value.missing) == [(0, 0), (1, 0)]
     assert len([p for p, _ in fake.requests if p == "/v1/completions"]) <= 2  # not retried
+
+
+@pytest.mark.asyncio
+async def test_404_while_no_model_is_registered_is_retried_as_an_outage(fake):
+    """All workers gone (the frontend deregistered the model, lists none): retried like a
+    503; back before the deadline, every sample comes once; not back, a clear error."""
+    def down(path, body):
+        return 404, {"error": {"message": "Model not found: tiny"}}
+
+    async with DynamoGeneration(_cfg(fake.url, retry_deadline_s=20.0)) as gen:
+        await gen.model()
+        fake.models, fake.handler = [], down
+
+        def back():  # the workers re-register 0.5 s later
+            time.sleep(0.5)
+            fake.models, fake.handler = ["tiny"], default_handler
+        threading.Thread(target=back).start()
+        samples = await gen.generate([[1], [2]], n=2, seed=0)
+        assert [[(s.prompt_index, s.sample_index) for s in row] for row in samples] == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
+        assert gen.stats["retries"] >= 1
+    ok = [b for p, b in fake.requests if p == "/v1/completions"]
+    assert len(ok) > 4  # the 404s were resent
+
+    async with DynamoGeneration(_cfg(fake.url, retry_deadline_s=0.5)) as gen:
+        await gen.model()
+        fake.models, fake.handler = [], down  # not back before the deadline
+        with pytest.raises(FrontendUnavailableError) as e:
+            await gen.generate([[1]])
+    assert e.value.last_status == 404 and "Model not found: tiny" in e.value.last_error
+    assert "no model is registered with the frontend" in e.value.last_error and e.value.missing == [(0, 0)]
 
 
 @pytest.mark.asyncio

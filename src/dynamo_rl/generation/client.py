@@ -32,9 +32,11 @@ library is installed) until ``GenerationConfig.retry_deadline_s`` has passed sin
 frontend was last seen answering (shared by all requests of the client, so a dead
 frontend fails a whole batch once, not once per request), then
 :class:`FrontendUnavailableError`. Other 4xx/5xx are not retried
-(:class:`RequestRejectedError` with the server's message); a 404 on a generation route
-(the frontend deregisters a model ~15 s after its last worker is gone) is a
-:class:`ModelNotServedError` that lists the models served now. The first failing request
+(:class:`RequestRejectedError` with the server's message). A 404 on a generation route
+means the model is not registered: if ``/v1/models`` lists other models, it is a
+:class:`ModelNotServedError` that lists them (not retried); if it lists none, every worker
+is gone (the frontend deregisters a model ~15 s after its last worker, say while workers
+restart) and the 404 is retried like a 503. The first failing request
 ends the batch: the rest are cancelled and the error lists every missing
 ``(prompt_index, sample_index)``. A retried request is resent whole; a request that
 reached the worker before the connection broke may therefore appear twice in the
@@ -407,12 +409,19 @@ class DynamoGeneration:
                             f"{url}: HTTP {resp.status_code} with a body that is not JSON: {resp.text[:300]!r}") from None
                 msg = _server_message(resp)
                 if resp.status_code == 404 and method == "POST" and isinstance(body, dict) and "model" in body:
-                    raise await self._model_gone(url, body["model"], msg)
-                if resp.status_code not in RETRY_STATUSES:
+                    gone = await self._model_gone(url, body["model"], msg)
+                    if gone.served:  # other models are served, not this one: not an outage
+                        raise gone
+                    # none is: every worker is gone (the frontend deregisters a model ~15 s
+                    # after its last worker), e.g. restarting; retried like a 503
+                    err = f"HTTP 404: {msg}; no model is registered with the frontend (workers down?)"
+                    status = 404
+                elif resp.status_code not in RETRY_STATUSES:
                     raise RequestRejectedError(
                         f"{method} {url} → HTTP {resp.status_code}: {msg} (not retried)",
                         url=url, status=resp.status_code, server_message=msg)
-                status, err = resp.status_code, f"HTTP {resp.status_code}: {msg}"
+                else:
+                    status, err = resp.status_code, f"HTTP {resp.status_code}: {msg}"
             now = time.monotonic()
             if first_fail is None:
                 first_fail = now
