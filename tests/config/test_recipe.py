@@ -17,10 +17,16 @@ def test_overrides_and_plus_overrides(tmp_path):
     "text, overrides, expected",
     [
         ("grpo:\n  num_stepz: 5\n", [], "grpo.num_stepz: unknown key; did you mean 'grpo.num_steps'?"),
-        ("", ["grpo.num_steps=abc"], "grpo.num_steps: Input should be a valid integer"),
-        ("", ["generation.dynamo.dgd_name=a", "generation.dynamo.frontend_url=http://x"], "not both"),
+        ("name: t\n", ["grpo.num_steps=abc"],
+         "override 'grpo.num_steps=abc': grpo.num_steps: Input should be a valid integer, unable to parse "
+         "string as an integer (got 'abc')"),
+        ("name: t\n", ["+grpo.num_stepz=3"], "override '+grpo.num_stepz=3': grpo.num_stepz: unknown key; "
+                                              "did you mean 'grpo.num_steps'?"),
+        ("name: t\n", ["generation.dynamo.dgd_name=a", "generation.dynamo.frontend_url=http://x"], "not both"),
         ("- a\n- b\n", [], "must be a mapping"),
-        ("", ["grpo.num_steps"], "must look like section.key=value"),
+        ("name: t\n", ["grpo.num_steps"], "must look like section.key=value"),
+        ("", [], "is empty; start from examples/grpo_tiny.yaml"),
+        ("# only a comment\n", ["grpo.num_steps=3"], "is empty; start from examples/grpo_tiny.yaml"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, overrides, expected):
@@ -29,5 +35,12 @@ def test_bad_recipes_name_the_key(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_recipe(p, overrides)
     assert expected in str(e.value)
-    if "unknown key" in expected:
+    if "unknown key" in expected and not overrides:
         assert str(p) in str(e.value)
+
+
+def test_a_binary_recipe_is_a_clear_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"name: t\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"r.yaml' is not UTF-8 text \(byte 8: invalid start byte\); is it really a YAML"):
+        load_recipe(p)

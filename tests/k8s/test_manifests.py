@@ -114,6 +114,21 @@ def test_no_dgd_in_file(tmp_path):
         render_dgd(infra_for(p), "g")
 
 
+@pytest.mark.parametrize("spec", [None, {}, {"services": {}}, {"components": []}, {"backendFramework": "vllm"}])
+def test_a_dgd_without_services_is_refused_even_with_overrides(tmp_path, spec):
+    dgd = {k: v for k, v in DGD.items() if k != "spec"}
+    if spec is not None:
+        dgd["spec"] = spec
+    p = _write(tmp_path, [dgd])
+    for overrides in ({}, {"services": {"Worker": {"replicas": 2}}}):
+        with pytest.raises(ManifestError, match=r"dynamo.g \(g.yaml\): the DGD declares no services \(spec.services, "
+                                                r"v1alpha1\) or components .* e.g. examples/k8s/tiny.dgd.yaml"):
+            render_dgd(infra_for(p, overrides=overrides), "g")
+    inline = parse_infra({"dynamo": {"g": {"name": "inl", "spec": spec or {}}}})
+    with pytest.raises(ManifestError, match=r"dynamo.g \(inline spec\): the DGD declares no services"):
+        render_dgd(inline, "g")
+
+
 def test_several_dgds_require_a_choice(tmp_path):
     b = dict(DGD, metadata={"name": "b"})
     p = _write(tmp_path, [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bench"}}, DGD, b])

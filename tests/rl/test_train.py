@@ -101,6 +101,8 @@ def test_multiturn_run_keeps_token_contiguity(tmp_path):
         (["grpo.num_steps=0"], "grpo.num_steps: Input should be greater than or equal to 1"),
         (["generation.dynamo.frontend_url=http://127.0.0.1:9", "refit.control_urls=[http://127.0.0.1:9]"],
          "http://127.0.0.1:9"),
+        (["policy.device=mps"], "policy.device: 'mps' is not supported; use cpu, cuda or cuda:<index>"),
+        (["cluster.worker_device=cuda:64"], "cluster.worker_device: 'cuda:64' but "),
     ],
 )
 def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message):
@@ -111,8 +113,15 @@ def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message)
     assert seconds < 60
     assert _descendants_alive(before) == []
     assert not (tmp_path / "run" / "stack").exists()
-    if "model_path" in args[0]:
-        assert not (tmp_path / "run").exists()   # nothing is created for a recipe that cannot run
+    assert not (tmp_path / "run").exists()   # nothing is left for a recipe that cannot run
+
+
+def test_a_run_dir_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    p, _ = _run(["examples/grpo_tiny.yaml", "--run-dir", str(tmp_path / "afile")], tmp_path, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"--run-dir '{tmp_path / 'afile'}': cannot write there" in p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr and (tmp_path / "afile").read_text() == "x"
 
 
 def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):

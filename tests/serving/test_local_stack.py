@@ -168,3 +168,26 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
     while _alive(pids):
         assert time.monotonic() < deadline, f"left alive: {_alive(pids)}"
         time.sleep(0.2)
+    # plain-text logs, without Dynamo's per-request "request received" / "Selected worker" lines
+    logs = {p.name: p.read_bytes() for p in (tmp_path / "run" / "logs").glob("*.log")}
+    assert {"frontend.log", "worker-0.log"} <= set(logs)
+    assert all(b"\x1b[" not in text for text in logs.values())
+    assert b"Selected worker" not in logs["frontend.log"] and b"request received" not in logs["worker-0.log"]
+    assert b"route request completed" in logs["frontend.log"]  # the one per-request line 1.6.1 keeps
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "foo"], "--dtype: unknown dtype 'foo'"),
+    (["--device", "cuda:64"], "--device: 'cuda:64' but"),
+    (["--threads", "0"], "Invalid value for '--threads'"),
+    (["--port", "70000"], "Invalid value for '--port'"),
+])
+def test_serve_refuses_bad_options_before_starting_anything(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "dynamo_rl.cli", "serve", "--run-dir", str(tmp_path / "run"), *args],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stdout + p.stderr and "Traceback" not in p.stdout + p.stderr
+    assert not (tmp_path / "run").exists()

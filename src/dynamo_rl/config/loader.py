@@ -32,9 +32,17 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                          "is it really a YAML file?") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {str(path)!r} cannot be read ({e.strerror or e})") from None
+    if data is None:
+        raise ConfigError(f"recipe {str(path)!r} is empty; start from examples/grpo_tiny.yaml "
+                          "(every key has a default, but a recipe names at least its task)")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping at the top level, got {type(data).__name__}")
     return data
@@ -60,6 +68,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def override_keys(overrides: list[str]) -> dict[str, str]:
+    """``{dotted.key: override text}`` of ``[+]dotted.key=value`` overrides (the last wins)."""
+    return {item.partition("=")[0].strip().lstrip("+"): item for item in overrides}
+
+
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
@@ -70,25 +83,33 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = Recipe) -> str:
-    """One line per problem: ``source: dotted.key: what is wrong (and the likely fix)``."""
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = Recipe,
+                            overridden: dict[str, str] | None = None) -> str:
+    """One line per problem: ``source: dotted.key: what is wrong (and the likely fix)``.
+
+    ``overridden`` maps dotted keys set on the command line to their override text; a
+    problem at (or under) such a key names the override instead of ``source``."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
+        parts = [str(p) for p in loc]
+        hits = [overridden[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1))
+                if overridden and k in overridden]
+        where = f"override {hits[0]!r}" if hits else source
         if e["type"] == "extra_forbidden":
             known = _known_keys(model, loc)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else (
                 f"; known keys here: {', '.join(known)}" if known else "")
-            lines.append(f"{source}: {key}: unknown key{hint}")
+            lines.append(f"{where}: {key}: unknown key{hint}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
             msg = e["msg"].removeprefix("Value error, ")
             if msg.startswith(key + ": "):  # our validators name the key themselves
                 msg = msg[len(key) + 2:]
-            lines.append(f"{source}: {key}: {msg}{got_s}")
+            lines.append(f"{where}: {key}: {msg}{got_s}")
     return "\n".join(lines)
 
 
@@ -107,7 +128,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     source = str(path) if path is not None else "recipe"
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
+    overridden = override_keys(overrides or [])
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, overridden=overridden)) from None

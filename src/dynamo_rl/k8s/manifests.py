@@ -476,6 +476,13 @@ def render_dgd(infra: Infra, key: str) -> dict:
         dgd = {"apiVersion": api, "kind": DGD_KIND, "metadata": {}, "spec": copy.deepcopy(spec)}
     if dgd.get("apiVersion", "").split("/")[0] != DGD_GROUP:
         raise ManifestError(f"{source}: apiVersion {dgd.get('apiVersion')!r} is not in group {DGD_GROUP}")
+    spec = dgd.get("spec")
+    if not isinstance(spec, dict) or not (spec.get("services") or spec.get("components")):
+        raise ManifestError(
+            f"{source}: the DGD declares no services (spec.services, v1alpha1) or components "
+            "(spec.components, v1beta1); a DynamoGraphDeployment needs at least a frontend and a "
+            "worker. Start from a complete one, e.g. examples/k8s/tiny.dgd.yaml or Dynamo's "
+            "examples/backends/<backend>/deploy/agg.yaml")
     check_override_names(dgd.get("spec") or {}, g.overrides, origin, f"dynamo.{key}.overrides")
     dgd["spec"] = deep_merge(dgd.get("spec") or {}, g.overrides, f"dynamo.{key}.overrides")
     md = dgd.setdefault("metadata", {})

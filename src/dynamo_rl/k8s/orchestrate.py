@@ -153,15 +153,16 @@ def validate_recipe(stamped: dict, overrides: Iterable[str], source: str) -> dic
     from pydantic import ValidationError
 
     from dynamo_rl.config import ConfigError, Recipe, apply_overrides
-    from dynamo_rl.config.loader import format_validation_error
+    from dynamo_rl.config.loader import format_validation_error, override_keys
 
+    overrides = list(overrides)
     try:
-        data = apply_overrides(stamped, list(overrides))
+        data = apply_overrides(stamped, overrides)
         Recipe.model_validate(data)
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     except ValidationError as e:
-        raise RecipeError(format_validation_error(e, source)) from None
+        raise RecipeError(format_validation_error(e, source, overridden=override_keys(overrides))) from None
     return data
 
 

@@ -6,15 +6,17 @@ directory. Imports only ``dynamo_rl.config`` (the tiny model's spec is the recip
 """
 
 from dynamo_rl.models.chat import splice_required_prefix
-from dynamo_rl.models.loading import load_model, load_tokenizer, save_checkpoint
+from dynamo_rl.models.loading import check_device, load_model, load_tokenizer, parse_dtype, save_checkpoint
 from dynamo_rl.models.tiny import TinyModelSpec, build_tiny_model, ensure_tiny_model
 
 __all__ = [
     "TinyModelSpec",
     "build_tiny_model",
+    "check_device",
     "ensure_tiny_model",
     "load_model",
     "load_tokenizer",
+    "parse_dtype",
     "save_checkpoint",
     "splice_required_prefix",
 ]

@@ -29,6 +29,33 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
+def check_device(device: str, key: str = "device") -> torch.device:
+    """``"cpu" | "cuda" | "cuda:1" | ...`` → ``torch.device``, checked against this machine.
+
+    Args:
+        device: a ``torch.device`` string.
+        key: the setting it came from, named in the error (``"policy.device"``, ``"--device"``).
+    Raises:
+        ValueError: not a device string, CUDA asked for on a machine (or torch build) without
+            it, or a CUDA index past the last device.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{key}: {device!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(f"{key}: {device!r} but no CUDA device is usable here (torch {torch.__version__}, "
+                             f"{build}); use cpu, or run on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{key}: {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"{key}: {device!r} is not supported; use cpu, cuda or cuda:<index>")
+    return dev
+
+
 def _check_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():

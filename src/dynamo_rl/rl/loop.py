@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import signal
 import time
 from contextlib import ExitStack
@@ -29,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dynamo_rl.config import Recipe
-from dynamo_rl.models import ensure_tiny_model, load_model, load_tokenizer
+from dynamo_rl.models import check_device, ensure_tiny_model, load_model, load_tokenizer
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
 from dynamo_rl.rl.rollouts import collect_rollouts
 from dynamo_rl.rl.tasks import Problem, sample_problems
@@ -46,8 +47,12 @@ def _run_dir(cfg: Recipe, run_dir: str | None) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _check_model_path(cfg: Recipe) -> None:
-    """Fail before anything is created or started when ``policy.model_path`` is unusable."""
+def _check_inputs(cfg: Recipe) -> None:
+    """Fail before anything is created or started when ``policy.model_path`` or a device
+    is unusable (ValueError / FileNotFoundError naming the key)."""
+    check_device(cfg.policy.device, "policy.device")
+    if not cfg.generation.dynamo.is_remote:
+        check_device(cfg.cluster.worker_device, "cluster.worker_device")
     if not cfg.policy.model_path:
         return
     p = Path(cfg.policy.model_path)
@@ -66,13 +71,28 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
     started is stopped and what was measured so far is summarized.
     """
     try:
-        _check_model_path(cfg)
-    except FileNotFoundError as e:
+        _check_inputs(cfg)
+    except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
     out = _run_dir(cfg, run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(cfg.model_dump_json(indent=2))
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(cfg.model_dump_json(indent=2))
+    except OSError as e:
+        key = "--run-dir" if run_dir else "logging.run_dir" if cfg.logging.run_dir else "the run directory"
+        console.print(f"[red]error:[/] {key} {str(out)!r}: cannot write there ({e.strerror or e}); "
+                      "give a directory path that can be created")
+        return 2
+    code = _run(cfg, out)
+    if code == 2 and created and {p.name for p in out.iterdir()} <= {"recipe.json"}:
+        shutil.rmtree(out, ignore_errors=True)  # bad input found before anything ran: leave no empty run
+        console.print(f"(removed {out}: nothing ran)")
+    return code
+
+
+def _run(cfg: Recipe, out: Path) -> int:
     torch.set_num_threads(cfg.policy.num_threads)
     torch.manual_seed(cfg.grpo.seed)
     _quiet_libraries()

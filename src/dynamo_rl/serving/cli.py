@@ -17,10 +17,11 @@ import typer
 def serve(
     workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="number of workers")] = 1,
     model_path: Annotated[Optional[str], typer.Option(
-        help="HF checkpoint directory; default: the tiny model, built in <run-dir>/model")] = None,
-    port: Annotated[int, typer.Option(help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
+        help="HF checkpoint directory; default: the tiny model, built once in <run-dir>/model-tiny "
+             "(with --run-dir) or ~/.cache/dynamo-rl/model-tiny")] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
     served_model_name: Annotated[str, typer.Option(help="model name in /v1/models")] = "tiny",
-    threads: Annotated[int, typer.Option(help="torch threads per worker")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads per worker")] = 1,
     device: Annotated[str, typer.Option(help="engine device: cpu, cuda, cuda:1 ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="engine dtype: float32, bfloat16, float16")] = "float32",
     run_dir: Annotated[Optional[str], typer.Option(help="logs/, kv/, home/, records/ (default: a temp dir)")] = None,
@@ -34,6 +35,14 @@ def serve(
     from dynamo_rl.serving.stack import LocalStack, StackError
 
     console = Console(stderr=True)
+    from dynamo_rl.models import check_device, parse_dtype
+
+    try:  # checked here, not seconds later in each worker
+        check_device(device, "--device")
+        parse_dtype(dtype)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {'' if str(e).startswith('--device') else '--dtype: '}{e}")
+        raise typer.Exit(2) from None
     if model_path is not None and not (Path(model_path) / "config.json").is_file():
         what = "does not exist" if not Path(model_path).exists() else "is not a Hugging Face checkpoint directory (no config.json)"
         console.print(f"[red]error:[/red] --model-path {model_path!r} {what}; omit it to serve the tiny model")

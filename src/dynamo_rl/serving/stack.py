@@ -17,6 +17,9 @@ Run directory layout::
 The model directory is only read (the frontend refuses a model directory whose files keep
 growing, so nothing is ever written there).
 
+Logs: plain text (``NO_COLOR``), Dynamo at ``info`` with one line per request, not four
+(:data:`QUIET_DYN_LOG`); a ``DYN_LOG`` in the environment wins.
+
 Loopback: every child gets ``DYN_TCP_RPC_HOST``, ``DYN_TCP_RESPONSE_STREAM_HOST``,
 ``DYN_EVENT_PLANE_HOST``, ``DYN_SYSTEM_HOST`` = 127.0.0.1 and ``DYN_ZMQ_BROKER_URL`` (event
 publishers connect to the broker instead of binding 0.0.0.0); the frontend binds
@@ -54,6 +57,15 @@ from dynamo_rl.serving.broker import broker_url
 log = logging.getLogger("dynamo_rl.serving.stack")
 
 LOOPBACK = "127.0.0.1"
+#: ``DYN_LOG`` of the stack's children: info, except three of the four lines Dynamo 1.6.1
+#: writes per request (its "route request completed" line ignores the filter).
+QUIET_DYN_LOG = ",".join([
+    "info",
+    "dynamo_llm::http::service::metrics=warn",                        # "request received"
+    "dynamo_runtime::pipeline::network::egress=warn",                 # "Selected worker", "route request completed"
+    "dynamo_runtime::pipeline::network::ingress::push_handler=warn",  # worker: "request received"
+    "dynamo_llm::http::service::service_v2=warn",                     # "http response sent"
+])
 
 
 class StackError(RuntimeError):
@@ -334,6 +346,10 @@ class LocalStack:
         })
         for k in ("DYN_SYSTEM_PORT", "DYN_SYSTEM_ENABLED", "DYN_HTTP_PORT", "DYN_NAMESPACE"):
             env.pop(k, None)
+        # plain-text logs without a line per request (set DYN_LOG yourself to see those)
+        env.setdefault("DYN_LOG", QUIET_DYN_LOG)
+        env.setdefault("NO_COLOR", "1")
+        env.setdefault("DYN_SDK_DISABLE_ANSI_LOGGING", "1")
         self._env = env
 
     def _popen(self, name: str, argv: list[str], env: dict[str, str], cls=ChildProcess, **kw) -> ChildProcess:
