@@ -123,8 +123,13 @@ def test_is_subset():
     assert is_subset({"q": "1"}, {"q": 1}) and not is_subset({"x": True}, {"x": "True"})
 
 
-def test_connect_without_configuration_names_the_fix(tmp_path):
+def test_connect_without_configuration_names_the_fix(tmp_path, monkeypatch):
     from dynamo_rl.k8s.api import Kube
 
-    with pytest.raises(KubeApiError, match="pass --kubeconfig/--context or set KUBECONFIG"):
+    with pytest.raises(KubeApiError, match=r"--kubeconfig '.*absent-kubeconfig' does not exist; give the path"):
         Kube.connect(str(tmp_path / "absent-kubeconfig"))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(KubeApiError, match="pass --kubeconfig/--context or set KUBECONFIG"):
+        Kube.connect()

@@ -72,6 +72,18 @@ def test_bad_infra_exits_2_naming_the_key(runner, tmp_path):
     assert r.exit_code == 2 and "kuberay.training.replicas: unknown key" in r.output
 
 
+def test_bad_namespace_and_kubeconfig_are_named(runner, tmp_path):
+    r = runner.invoke(app, ["render", INFRA, "-n", "Bad_NS!"])
+    assert r.exit_code == 2 and "--namespace: 'Bad_NS!' is not a Kubernetes namespace name (RFC 1123" in r.output
+    p = tmp_path / "infra.yaml"
+    p.write_text(Path(INFRA).read_text().replace("namespace: default", "namespace: Team_A"))
+    r = runner.invoke(app, ["check", str(p), "--offline"])
+    assert r.exit_code == 2 and "namespace: 'Team_A' is not a Kubernetes namespace name" in " ".join(r.output.split())
+    r = runner.invoke(app, ["status", INFRA, "--kubeconfig", str(tmp_path / "nope")])
+    assert r.exit_code == 1, r.output  # as every failure to reach a cluster
+    assert f"--kubeconfig '{tmp_path / 'nope'}' does not exist; give the path of a kubeconfig file" in r.output
+
+
 def test_check_offline_and_online(runner, emu, kubeconfig):
     r = runner.invoke(app, ["check", INFRA, "--offline"])
     assert r.exit_code == 0, r.output
@@ -119,8 +131,9 @@ def test_up_failure_exits_1(runner, emu, kubeconfig):
 
 @pytest.mark.parametrize("cmd, msg", [
     (["run", INFRA, RECIPE, "--rayjob", "--dry-run", "grpo.num_stepz=20"],
-     "error: {recipe}: grpo.num_stepz: unknown key; did you mean 'grpo.num_steps'?"),
-    (["run", INFRA, RECIPE, "--raycluster", "--dry-run", "grpo.num_steps=many"], "error: {recipe}: grpo.num_steps: "),
+     "error: override 'grpo.num_stepz=20': grpo.num_stepz: unknown key; did you mean 'grpo.num_steps'?"),
+    (["run", INFRA, RECIPE, "--raycluster", "--dry-run", "grpo.num_steps=many"],
+     "error: override 'grpo.num_steps=many': grpo.num_steps: "),
     (["run", INFRA, RECIPE, "--dry-run", "generation.dynamo.model=qwen"],
      "error: {recipe}: generation.dynamo.model is 'qwen' but dynamo.serving.servedModelName (the model DGD "
      "dynamo-rl-tiny serves) is 'tiny'"),

@@ -105,6 +105,10 @@ class Kube:
 
         Raises :class:`KubeApiError` when no configuration is found.
         """
+        if kubeconfig is not None and not Path(kubeconfig).expanduser().is_file():
+            what = "is a directory" if Path(kubeconfig).expanduser().is_dir() else "does not exist"
+            raise KubeApiError(f"--kubeconfig {kubeconfig!r} {what}; give the path of a kubeconfig file "
+                               "(kubectl's default is ~/.kube/config)")
         try:
             if kubeconfig is None and context is None and in_pod():
                 cfg = k8s_client.Configuration()
@@ -112,9 +116,9 @@ class Kube:
                 return cls(k8s_client.ApiClient(cfg))
             return cls(k8s_config.new_client_from_config(config_file=kubeconfig, context=context))
         except (k8s_config.ConfigException, OSError) as e:
-            raise KubeApiError(
-                f"cannot load a Kubernetes configuration ({e}); pass --kubeconfig/--context or set KUBECONFIG"
-            ) from None
+            hint = ("check --kubeconfig/--context" if kubeconfig or context
+                    else "pass --kubeconfig/--context or set KUBECONFIG")
+            raise KubeApiError(f"cannot load a Kubernetes configuration ({e}); {hint}") from None
 
     # ------------------------------------------------------------------ objects
 

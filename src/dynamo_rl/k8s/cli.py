@@ -27,7 +27,7 @@ from .errors import (
     SchemaValidationError,
 )
 from .manifests import dgd_api, dgd_components
-from .schema import Infra, load_infra
+from .schema import Infra, check_namespace, load_infra
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Kubernetes launcher: DynamoGraphDeployment (inference) + KubeRay RayCluster/RayJob (training).")
@@ -57,6 +57,11 @@ def _code(e: K8sError) -> int:
 
 def _infra(path: Path, namespace: str | None) -> Infra:
     infra = load_infra(path)
+    if namespace:
+        try:
+            check_namespace(namespace)
+        except ValueError as e:
+            raise InfraConfigError(f"--namespace: {e}") from None
     return infra.model_copy(update={"namespace": namespace}) if namespace else infra
 
 

@@ -21,11 +21,12 @@ Imports only pydantic, yaml and ``k8s.errors``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InfraConfigError
 
@@ -128,6 +129,18 @@ class LaunchSpec(_Model):
     job_timeout_s: float = Field(7 * 24 * 3600.0, alias="jobTimeoutS", gt=0)
 
 
+#: An RFC 1123 label, what Kubernetes requires of a namespace name.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def check_namespace(name: str) -> str:
+    """``name`` if it is a valid namespace name (an RFC 1123 label), else ValueError saying why."""
+    if not DNS_LABEL.fullmatch(name):
+        raise ValueError(f"{name!r} is not a Kubernetes namespace name (RFC 1123 label: at most 63 lowercase "
+                         "letters, digits or '-', starting and ending with a letter or digit)")
+    return name
+
+
 class Infra(_Model):
     """The whole infra file. ``base_dir`` (not a YAML key) resolves relative manifest paths."""
 
@@ -142,6 +155,11 @@ class Infra(_Model):
     dynamo: dict[str, DynamoGraphSpec] = Field(default_factory=dict)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("namespace")
+    @classmethod
+    def _dns_label(cls, v: str) -> str:
+        return check_namespace(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,7 +216,7 @@ def parse_infra(data: Any, *, source: str = "<infra>", base_dir: Path | None = N
             if err["type"] == "extra_forbidden":
                 problems.append(f"{loc}: unknown key (check the spelling; examples/k8s/infra.yaml and examples/k8s/README.md show the allowed keys)")
             else:
-                problems.append(f"{loc}: {err['msg']} (got {err.get('input')!r:.80})")
+                problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r:.80})")
         infra = None
     if problems:
         raise InfraConfigError(f"{source}: invalid infra file:\n  " + "\n  ".join(problems))
