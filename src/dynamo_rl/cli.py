@@ -19,24 +19,26 @@ app = typer.Typer(
 )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"ignore_unknown_options": True})
 def train(
-    ctx: typer.Context,
-    recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml")],
+    recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="dotted overrides, section.key=value (e.g. grpo.num_steps=20)", show_default=False)] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="output directory (default runs/<name>-<time>)")] = None,
 ) -> None:
-    """Run GRPO on RECIPE; extra arguments are dotted overrides (grpo.num_steps=20).
+    """Run GRPO on RECIPE, with OVERRIDES applied in order.
 
     Starts the embedded Dynamo stack (frontend + workers on 127.0.0.1) unless the recipe
     sets generation.dynamo.frontend_url or generation.dynamo.dgd_name. An override is
     section.key=value (value parsed as YAML); a leading + (Hydra habit) is accepted.
-    Outputs: metrics.jsonl, summary.json, reward.png, tensorboard/ in the run directory.
+    Outputs in the run directory: metrics.jsonl, summary.json, reward.png, tensorboard/,
+    recipe.json (the recipe as run), stack/logs/ (the embedded stack's logs).
     """
     from dynamo_rl.config import ConfigError, load_recipe
     from dynamo_rl.rl.loop import run_training
 
     try:
-        cfg = load_recipe(recipe, list(ctx.args))
+        cfg = load_recipe(recipe, list(overrides or []))
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None

@@ -235,11 +235,12 @@ def down(
     console.print(f"[green]down[/green]: {len(deleted)} object(s) deleted")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"ignore_unknown_options": True})
 def run(
-    ctx: typer.Context,
     infra_file: InfraArg,
-    recipe: Annotated[Path, typer.Argument(help="training recipe YAML; extra arguments are its dotted overrides")],
+    recipe: Annotated[Path, typer.Argument(help="training recipe YAML", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="the recipe's dotted overrides, section.key=value (e.g. grpo.num_steps=20)", show_default=False)] = None,
     raycluster: Annotated[bool, typer.Option("--raycluster", help="RayCluster first, DGDs owned by it, driver via the dashboard")] = False,
     rayjob: Annotated[bool, typer.Option("--rayjob", help="DGDs first, then a RayJob; its cluster then owns the DGDs")] = False,
     recreate: RecreateOpt = False, dry_run: DryRunOpt = False, wait: RunWaitOpt = True, poll_s: PollOpt = 5.0,
@@ -260,19 +261,19 @@ def run(
         mode = _mode(raycluster, rayjob, infra)
         if dry_run:
             plan = orchestrate.render_plan(infra, mode=mode, recipe=orchestrate.load_recipe_dict(recipe),
-                                           recipe_overrides=list(ctx.args), recipe_source=str(recipe))
+                                           recipe_overrides=list(overrides or []), recipe_source=str(recipe))
             docs = plan.manifests()
             _warn(plan)
             _print_yaml(docs, _owner_note(plan))
             # comment lines only: the output stays one `kubectl apply -f -` stream
             head = ("the recipe the trainer runs: stamped, with the command-line overrides applied "
-                    f"({' '.join(ctx.args)}; they are passed on the trainer's command line, after the stamped file)"
-                    if ctx.args else "the stamped recipe the trainer runs")
+                    f"({' '.join(overrides or [])}; they are passed on the trainer's command line, after the stamped file)"
+                    if overrides else "the stamped recipe the trainer runs")
             typer.echo(_comment(head + ":\n" + yaml.safe_dump(plan.effective_recipe, sort_keys=False)))
             if mode == "raycluster":
                 typer.echo(_comment(f"driver entrypoint, submitted through the Ray dashboard:\n{plan.entrypoint}"))
             return
-        result = orchestrate.run(_kube(kubeconfig, context), infra, recipe, mode=mode, recipe_overrides=list(ctx.args),
+        result = orchestrate.run(_kube(kubeconfig, context), infra, recipe, mode=mode, recipe_overrides=list(overrides or []),
                                  recreate=recreate, wait=wait, timing=orchestrate.Timing(poll_s=poll_s),
                                  progress=_progress)
     except K8sError as e:
