@@ -101,6 +101,7 @@ def _run(cfg: Recipe, out: Path) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _sigterm)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job ignores it
     try:
         return asyncio.run(_train(cfg, out))
     except KeyboardInterrupt:
@@ -121,6 +122,7 @@ def _run(cfg: Recipe, out: Path) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _quiet_libraries() -> None:

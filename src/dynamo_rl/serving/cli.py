@@ -70,14 +70,19 @@ def serve(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
     try:
         stack.start()
     except KeyboardInterrupt:
         console.print("stopped during startup")
+        _drop_temp_run_dir(stack, run_dir, console)
         raise typer.Exit(130) from None
     except (StackError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
+        if stack.run_dir is not None:
+            console.print(f"logs kept in {stack.run_dir / 'logs'}")
         raise typer.Exit(1) from None
+    clean = False
     try:
         table = Table(title=f"dynamo-rl stack — model {served_model_name!r}", show_lines=False)
         table.add_column("process")
@@ -99,5 +104,19 @@ def serve(
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping ...")
+        clean = True
     finally:
         stack.stop()
+        if clean:
+            _drop_temp_run_dir(stack, run_dir, console)
+        elif stack.run_dir is not None:
+            console.print(f"logs kept in {stack.run_dir / 'logs'}")
+
+
+def _drop_temp_run_dir(stack, run_dir: str | None, console) -> None:
+    """A clean stop removes the temp directory the stack made (no --run-dir given)."""
+    import shutil
+
+    if run_dir is None and stack.run_dir is not None:
+        shutil.rmtree(stack.run_dir, ignore_errors=True)
+        console.print(f"removed {stack.run_dir} (pass --run-dir to keep the logs)")
