@@ -165,6 +165,17 @@ def test_null_override_deletes_and_inline_spec(tmp_path):
     assert "image" not in yaml.safe_dump(m)  # no infra image: nothing invented
 
 
+def test_dgd_labels_and_annotations_reach_its_metadata():
+    infra = parse_infra({"labels": {"team": "rl"}, "annotations": {"a": "infra"},
+                         "dynamo": {"g": {"name": "inl", "spec": DGD["spec"],
+                                          "labels": {"run": "r1", "team": "mine"},
+                                          "annotations": {"nvidia.com/kai-scheduler-queue": "q", "a": "dgd"}}}})
+    md = render_dgd(infra, "g")["metadata"]
+    assert md["annotations"] == {"nvidia.com/kai-scheduler-queue": "q", "a": "infra"}
+    assert md["labels"]["run"] == "r1" and md["labels"]["team"] == "rl"  # infra-wide ones win, as kustomize's
+    validate_manifest(render_dgd(infra, "g"))
+
+
 def test_missing_name_and_unreadable_file(tmp_path):
     p = _write(tmp_path, [dict(DGD, metadata={})])
     with pytest.raises(ManifestError, match="set dynamo.g.name"):

@@ -493,9 +493,9 @@ def render_dgd(infra: Infra, key: str) -> dict:
     if md.get("namespace") and md["namespace"] != infra.namespace:
         log.warning("%s: metadata.namespace %r replaced by the infra namespace %r", source, md["namespace"], infra.namespace)
     md["namespace"] = infra.namespace
-    md["labels"] = _labels(infra, f"dynamo.{key}", md.get("labels"))
-    if infra.annotations:
-        md["annotations"] = {**(md.get("annotations") or {}), **infra.annotations}
+    md["labels"] = _labels(infra, f"dynamo.{key}", {**(md.get("labels") or {}), **g.labels})
+    if infra.annotations or g.annotations:
+        md["annotations"] = {**(md.get("annotations") or {}), **g.annotations, **infra.annotations}
     for k in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"):
         md.pop(k, None)
     dgd.pop("status", None)

@@ -44,6 +44,29 @@ NRL_ONLY_KEYS: dict[str, str] = {
 }
 
 
+#: nrl-k8s keys inside a section (``*`` = any role name), and what to do instead.
+NRL_ONLY_NESTED: dict[str, str] = {
+    "launch.entrypoint": "dynamo-rl starts the trainer itself with `launch.command` (default `dynamo-rl train`) "
+                         "and the stamped recipe path; put setup steps into the image",
+    "launch.runMode": "`dynamo-rl k8s run` submits and follows the driver (--no-wait to return at once); remove it",
+    "launch.codeSource": "the trainer's code comes from the image (`image`); remove it",
+    "launch.codePath": "the trainer's code comes from the image (`image`); remove it",
+    "launch.attach": "dynamo-rl creates the RayCluster of `kuberay.<role>` itself; remove it",
+    "launch.peerWatcher": "the DGDs' lifetime is tied to the RayCluster by an ownerReference instead; remove it",
+    "kuberay.*.segmentSize": "a KAI scheduler topology setting: put it into the pod templates of "
+                             "kuberay.<role>.spec (annotations), or drop it",
+}
+
+
+def _nrl_hint(loc: str) -> str | None:
+    import fnmatch
+
+    for pattern, hint in NRL_ONLY_NESTED.items():
+        if fnmatch.fnmatchcase(loc, pattern):
+            return hint
+    return None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -74,7 +97,8 @@ class DynamoGraphSpec(_Model):
     Exactly one of ``manifest`` (a YAML file, path relative to the infra file; may hold
     several documents) or ``spec`` (an inline DGD ``.spec``) is required.
     ``select`` names the DGD to take from a file holding several. ``name`` overrides
-    ``metadata.name``. ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
+    ``metadata.name``; ``labels`` and ``annotations`` are added to the DGD's metadata
+    (over the file's; the infra-wide ones, like kustomize's common labels, win). ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
     ``null`` deletes, lists of named objects such as v1beta1 ``components`` merge by
     ``name`` — a list or a ``{name: fields}`` mapping — other lists and scalars replace;
     naming a service/component the manifest lacks is an error). The file's ConfigMaps
@@ -89,6 +113,8 @@ class DynamoGraphSpec(_Model):
     api_version: str | None = Field(None, alias="apiVersion")
     select: str | None = None
     name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
     overrides: dict[str, Any] = Field(default_factory=dict)
     served_model_name: str | None = Field(None, alias="servedModelName")
     frontend_port: int = Field(8000, alias="frontendPort", gt=0, lt=65536)
@@ -213,7 +239,9 @@ def parse_infra(data: Any, *, source: str = "<infra>", base_dir: Path | None = N
             loc = _loc(err["loc"])
             if loc.startswith("launch.mode") and any(p.startswith("launch.mode") for p in problems):
                 continue
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "extra_forbidden" and _nrl_hint(loc):
+                problems.append(f"{loc}: an nrl-k8s setting with no equivalent in dynamo-rl ({_nrl_hint(loc)})")
+            elif err["type"] == "extra_forbidden":
                 problems.append(f"{loc}: unknown key (check the spelling; examples/k8s/infra.yaml and examples/k8s/README.md show the allowed keys)")
             else:
                 problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r:.80})")
