@@ -84,6 +84,25 @@ def test_bad_namespace_and_kubeconfig_are_named(runner, tmp_path):
     assert f"--kubeconfig '{tmp_path / 'nope'}' does not exist; give the path of a kubeconfig file" in r.output
 
 
+def test_every_object_with_placeholders_is_reported_at_once_with_its_own_fix(runner, tmp_path):
+    import shutil
+
+    shutil.copy(EXAMPLES / "tiny.dgd.yaml", tmp_path / "tiny.dgd.yaml")
+    text = Path(INFRA).read_text().replace('rayVersion: "2.52.0"', 'rayVersion: "${RAY_VERSION}"')
+    (tmp_path / "infra.yaml").write_text(text + "\n" + "deployments:\n  sandbox:\n    name: ${user:}-sb\n"
+                                         "    spec: {selector: {}, template: {}}\n")
+    dgd = (tmp_path / "tiny.dgd.yaml").read_text()
+    (tmp_path / "tiny.dgd.yaml").write_text(dgd.replace("name: dynamo-rl-tiny", "name: ${user:}-tiny", 1))
+    r = runner.invoke(app, ["check", str(tmp_path / "infra.yaml"), "--offline"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert "kuberay.training: unresolved placeholder(s)" in out and "spec.rayVersion = '${RAY_VERSION}'" in out
+    assert "anything else in `kuberay.training.spec`" in out
+    assert "deployments.sandbox.name (the infra file) = '${user:}-sb'" in out
+    assert "anything else in `deployments.sandbox.spec`" in out
+    assert "metadata.name = '${user:}-tiny'" in out and "via `overrides` or the manifest" in out
+
+
 def test_check_offline_and_online(runner, emu, kubeconfig):
     r = runner.invoke(app, ["check", INFRA, "--offline"])
     assert r.exit_code == 0, r.output

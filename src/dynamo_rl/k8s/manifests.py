@@ -229,11 +229,17 @@ def unresolved_placeholders(obj: Any, path: str = "") -> list[str]:
     return found
 
 
-def _check_placeholders(obj: dict, source: str, infra_keys: dict[str, str] | None = None) -> None:
+_DGD_FIX = ("Write the values: a name via the `name:` key, an image via `overrides` (the infra `image` "
+            "only fills containers that have none), anything else via `overrides` or the manifest.")
+
+
+def _check_placeholders(obj: dict, source: str, infra_keys: dict[str, str] | None = None,
+                        fix: str = _DGD_FIX) -> None:
     """Raise :class:`ManifestError` listing every unresolved ``${...}`` of ``obj``.
 
     ``infra_keys`` maps a manifest path (``metadata.name``) to the infra key it came from
     (``dynamo.serving.name``): such a placeholder is blamed on the infra file, not the manifest.
+    ``fix`` ends the message: where the user writes the values for this kind of object.
     """
     found = unresolved_placeholders(obj)
     if not found:
@@ -247,10 +253,13 @@ def _check_placeholders(obj: dict, source: str, infra_keys: dict[str, str] | Non
             blamed.append(f)
     raise ManifestError(
         f"{source}: unresolved placeholder(s), which dynamo-rl does not interpolate:\n  "
-        + "\n  ".join(blamed)
-        + "\nWrite the values: a name via the `name:` key, an image via `overrides` (the infra `image` "
-        "only fills containers that have none), anything else via `overrides` or the manifest."
+        + "\n  ".join(blamed) + "\n" + fix
     )
+
+
+def _spec_fix(key: str) -> str:
+    return (f"Write the values: a name via `{key}.name`, anything else in `{key}.spec` (the infra "
+            "`image` only fills containers that have none).")
 
 
 def _blame(infra: Infra, name_key: str | None) -> dict[str, str]:
@@ -528,7 +537,7 @@ def render_raycluster(infra: Infra, role: str) -> dict:
     if r.annotations or infra.annotations:
         md["annotations"] = {**infra.annotations, **r.annotations}
     rc = {"apiVersion": RAY_API, "kind": "RayCluster", "metadata": md, "spec": _ray_cluster_spec(infra, role)}
-    _check_placeholders(rc, f"kuberay.{role}", _blame(infra, f"kuberay.{role}.name"))
+    _check_placeholders(rc, f"kuberay.{role}", _blame(infra, f"kuberay.{role}.name"), _spec_fix(f"kuberay.{role}"))
     return rc
 
 
@@ -553,7 +562,8 @@ def render_rayjob(infra: Infra, role: str, entrypoint: str) -> dict:
     if r.annotations or infra.annotations:
         md["annotations"] = {**infra.annotations, **r.annotations}
     job = {"apiVersion": RAY_API, "kind": "RayJob", "metadata": md, "spec": spec}
-    _check_placeholders(job, f"kuberay.{role}", _blame(infra, f"kuberay.{role}.name"))
+    _check_placeholders(job, f"kuberay.{role}", _blame(infra, f"kuberay.{role}.name"),
+                        _spec_fix(f"kuberay.{role}") + " RayJob fields come from `launch.rayJob`.")
     return job
 
 
@@ -570,7 +580,7 @@ def render_deployment(infra: Infra, key: str) -> dict:
         "metadata": {"name": d.name, "namespace": infra.namespace, "labels": _labels(infra, f"deployments.{key}", d.labels)},
         "spec": spec,
     }
-    _check_placeholders(dep, f"deployments.{key}", _blame(infra, f"deployments.{key}.name"))
+    _check_placeholders(dep, f"deployments.{key}", _blame(infra, f"deployments.{key}.name"), _spec_fix(f"deployments.{key}"))
     return dep
 
 

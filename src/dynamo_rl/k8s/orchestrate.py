@@ -202,14 +202,31 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
     """
     roles, keys, deps = parse_targets(infra, targets)
     plan = Plan(infra, mode)
+    errors: list[str] = []  # every object's problems at once, not one object per attempt
+
+    def attempt(render, *args):
+        try:
+            return render(infra, *args)
+        except ManifestError as e:
+            errors.append(str(e))
+            return None
+
     for key in keys:
-        plan.dgds[key] = render_dgd(infra, key)
-        comps, warns = render_companions(infra, key)
+        if (dgd := attempt(render_dgd, key)) is not None:
+            plan.dgds[key] = dgd
+        comps, warns = attempt(render_companions, key) or ([], [])
         if comps:
             plan.companions[key] = comps
         plan.warnings += warns
     for key in deps:
-        plan.deployments[key] = render_deployment(infra, key)
+        if (dep := attempt(render_deployment, key)) is not None:
+            plan.deployments[key] = dep
+    if mode is None:
+        for role in roles:
+            if (rc := attempt(render_raycluster, role)) is not None:
+                plan.rayclusters[role] = rc
+    if errors:
+        raise ManifestError("\n".join(errors))
     if mode is not None or recipe is not None:
         plan.recipe = stamp_recipe(recipe or {}, list(plan.dgds.values()),
                                    {m["metadata"]["name"]: infra.dynamo[k].frontend_port for k, m in plan.dgds.items()})
@@ -224,9 +241,6 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
         if mode == "rayjob":
             plan.rayjob = render_rayjob(infra, role, plan.entrypoint)
         else:
-            plan.rayclusters[role] = render_raycluster(infra, role)
-    else:
-        for role in roles:
             plan.rayclusters[role] = render_raycluster(infra, role)
     if validate:
         for role, m in plan.rayclusters.items():
