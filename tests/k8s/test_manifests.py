@@ -4,6 +4,7 @@ owner references, recipe stamping and the driver entrypoint."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -171,8 +172,8 @@ def test_dgd_labels_and_annotations_reach_its_metadata():
                                           "labels": {"run": "r1", "team": "mine"},
                                           "annotations": {"nvidia.com/kai-scheduler-queue": "q", "a": "dgd"}}}})
     md = render_dgd(infra, "g")["metadata"]
-    assert md["annotations"] == {"nvidia.com/kai-scheduler-queue": "q", "a": "infra"}
-    assert md["labels"]["run"] == "r1" and md["labels"]["team"] == "rl"  # infra-wide ones win, as kustomize's
+    assert md["annotations"] == {"nvidia.com/kai-scheduler-queue": "q", "a": "dgd"}  # as kuberay.<role>'s
+    assert md["labels"]["run"] == "r1" and md["labels"]["team"] == "rl"  # infra-wide labels win (ownership)
     validate_manifest(render_dgd(infra, "g"))
 
 
@@ -229,6 +230,21 @@ def test_rayjob_render_defaults_and_launch_overrides():
     assert job["spec"]["entrypoint"] == "echo hi" and job["spec"]["submissionMode"] == "K8sJobMode"
     assert job["spec"]["shutdownAfterJobFinishes"] is False and job["spec"]["ttlSecondsAfterFinished"] == 60
     assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == IMAGE
+
+
+@pytest.mark.parametrize("ray_job, message", [
+    ({"submissionMode": "InteractiveMode"}, "launch.rayJob.submissionMode 'InteractiveMode': dynamo-rl needs KubeRay"),
+    ({"clusterSelector": {"ray.io/cluster": "old"}}, "launch.rayJob.clusterSelector: not allowed: it runs the job on an existing cluster"),
+    ({"entrypoint": "python x.py"}, "launch.rayJob.entrypoint: not allowed: dynamo-rl sets it"),
+])
+def test_rayjob_launch_overrides_that_would_break_the_run_are_refused(ray_job, message):
+    infra = parse_infra({"kuberay": {"training": {"name": "t", "spec": {"headGroupSpec": {
+        "rayStartParams": {}, "template": {"spec": {"containers": [{"name": "ray-head"}]}}}}}},
+        "launch": {"rayJob": ray_job}})
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        render_rayjob(infra, "training", "echo hi")
+    infra.launch.ray_job = {"submissionMode": "HTTPMode"}
+    assert render_rayjob(infra, "training", "echo hi")["spec"]["submissionMode"] == "HTTPMode"
 
 
 def test_owner_reference_is_non_controlling():

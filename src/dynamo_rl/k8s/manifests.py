@@ -504,7 +504,7 @@ def render_dgd(infra: Infra, key: str) -> dict:
     md["namespace"] = infra.namespace
     md["labels"] = _labels(infra, f"dynamo.{key}", {**(md.get("labels") or {}), **g.labels})
     if infra.annotations or g.annotations:
-        md["annotations"] = {**(md.get("annotations") or {}), **g.annotations, **infra.annotations}
+        md["annotations"] = {**(md.get("annotations") or {}), **infra.annotations, **g.annotations}
     for k in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields"):
         md.pop(k, None)
     dgd.pop("status", None)
@@ -551,6 +551,20 @@ def render_rayjob(infra: Infra, role: str, entrypoint: str) -> dict:
     if role not in infra.kuberay:
         raise ManifestError(f"no kuberay.{role} in the infra file (declared: {sorted(infra.kuberay)})")
     r = infra.kuberay[role]
+    refused = {
+        "entrypoint": "dynamo-rl sets it (launch.command + the stamped recipe); change launch.command",
+        "clusterSelector": "it runs the job on an existing cluster, but the DGDs must be owned by the "
+                           "cluster rendered from kuberay.<role>; use `launch.mode: raycluster` instead",
+        "rayClusterSpec": "it comes from kuberay.<role>.spec; edit that",
+    }
+    for key, why in refused.items():
+        if key in infra.launch.ray_job:
+            raise ManifestError(f"launch.rayJob.{key}: not allowed: {why}")
+    mode = infra.launch.ray_job.get("submissionMode")
+    if mode is not None and mode not in ("K8sJobMode", "HTTPMode", "SidecarMode"):
+        raise ManifestError(f"launch.rayJob.submissionMode {mode!r}: dynamo-rl needs KubeRay to submit the "
+                            "driver itself; use K8sJobMode (the default), HTTPMode or SidecarMode "
+                            "(InteractiveMode would wait for a `ray job submit` that never comes)")
     spec: dict[str, Any] = {
         "entrypoint": entrypoint,
         "submissionMode": "K8sJobMode",

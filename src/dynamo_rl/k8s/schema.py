@@ -98,7 +98,8 @@ class DynamoGraphSpec(_Model):
     several documents) or ``spec`` (an inline DGD ``.spec``) is required.
     ``select`` names the DGD to take from a file holding several. ``name`` overrides
     ``metadata.name``; ``labels`` and ``annotations`` are added to the DGD's metadata
-    (over the file's; the infra-wide ones, like kustomize's common labels, win). ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
+    (over the file's; on a clash, infra-wide labels win and this DGD's annotations win, as
+    for ``kuberay.<role>``). ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
     ``null`` deletes, lists of named objects such as v1beta1 ``components`` merge by
     ``name`` — a list or a ``{name: fields}`` mapping — other lists and scalars replace;
     naming a service/component the manifest lacks is an error). The file's ConfigMaps
