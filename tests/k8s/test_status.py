@@ -75,6 +75,9 @@ def test_rayjob_describe_failed_with_multiline_message(cases):
     out = rayjob_outcome({"status": st})
     assert out.terminal and not out.succeeded and out.exit_code == 1  # Complete does not mean success
     assert "Job failed due to an application error" in out.summary
+    # ... and the driver's last log line, where the error is
+    assert out.summary.endswith("… python: can't open file '/home/ray/samples/sample_code.ppy': "
+                                "[Errno 2] No such file or directory)"), out.summary
 
 
 def test_rayjob_json_fragment(cases):

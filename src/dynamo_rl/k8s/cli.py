@@ -120,7 +120,7 @@ def check(
 
     roles = Table(title=f"KubeRay roles (namespace {infra.namespace}, launch.mode {infra.launch.mode}, launch.role {infra.launch.role})")
     for col in ("role", "RayCluster", "head image", "worker groups"):
-        roles.add_column(col)
+        roles.add_column(col, overflow="fold")
     for role, m in rep.plan.rayclusters.items():
         head = m["spec"].get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
         groups = ", ".join(f"{g.get('groupName')}×{g.get('replicas', 1)}" for g in m["spec"].get("workerGroupSpecs") or []) or "none"
@@ -128,18 +128,21 @@ def check(
     console.print(roles)
     dgds = Table(title="Dynamo graphs")
     for col in ("key", "DGD", "api", "service", "type", "replicas", "image"):
-        dgds.add_column(col)
+        dgds.add_column(col, overflow="fold")
     for key, m in rep.plan.dgds.items():
         for i, c in enumerate(dgd_components(m)):
             dgds.add_row(key if i == 0 else "", m["metadata"]["name"] if i == 0 else "", dgd_api(m) if i == 0 else "",
                          c["name"], c["type"], str(c["replicas"]), c["image"])
     console.print(dgds)
+    for key, m in rep.plan.deployments.items():
+        console.print(f"deployments.{key}: Deployment/{m['metadata']['name']} ×{m['spec'].get('replicas', 1)} "
+                      "(apps/v1: no CRD here, the API server validates it)", highlight=False)
     for key, comps in rep.plan.companions.items():
         console.print(f"dynamo.{key} also applies, before its DGD: "
                       + ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in comps), highlight=False)
     t = Table(title="Readiness and timeouts (seconds)")
     for col in ("what", "value"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for key in rep.plan.dgds:
         g = infra.dynamo[key]
         t.add_row(f"dynamo.{key}", f"model {rep.plan.served_model(key) or '(any)'}, port {g.frontend_port}, readyTimeoutS {g.ready_timeout_s:g}")
@@ -150,7 +153,7 @@ def check(
     console.print(t)
     for w in rep.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
-    console.print("[green]ok[/green]: every manifest validates against its CRD schema" + ("" if offline else "; CRDs installed"))
+    console.print("[green]ok[/green]: every custom resource validates against its CRD schema" + ("" if offline else "; CRDs installed"))
 
 
 @app.command()
@@ -301,7 +304,7 @@ def status(
         raise _fail(e, _code(e)) from None
     t = Table(title=f"namespace {infra.namespace}")
     for col in ("target", "kind", "name", "status"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in rows:
         t.add_row(r.target, r.kind, r.name, r.summary if r.exists else f"[dim]{r.summary}[/dim]")
     Console().print(t)

@@ -39,6 +39,16 @@ class JobOutcome:
     summary: str
 
 
+def _message_gist(message: str, width: int = 300) -> str:
+    """A RayJob ``status.message`` in one line: its first line and, when the driver's log
+    follows ("last available logs ..."), the log's last line, where the error usually is."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    clip = lambda t: t if len(t) <= width else t[: width - 1] + "…"  # noqa: E731
+    return clip(lines[0]) if len(lines) == 1 else f"{clip(lines[0])} … {clip(lines[-1])}"
+
+
 def rayjob_outcome(rayjob: dict) -> JobOutcome:
     """Decide from a live RayJob (``.spec`` + ``.status``) whether the driver is done.
 
@@ -59,7 +69,7 @@ def rayjob_outcome(rayjob: dict) -> JobOutcome:
     spec = rayjob.get("spec") or {}
     dep = st.get("jobDeploymentStatus") or ""
     job = st.get("jobStatus") or ""
-    why = "; ".join(x for x in (st.get("reason"), (st.get("message") or "").strip().splitlines()[0] if st.get("message") else "") if x)
+    why = "; ".join(x for x in (st.get("reason"), _message_gist(st.get("message") or "")) if x)
     head = f"jobDeploymentStatus={dep or '-'} jobStatus={job or '-'}" + (f" ({why})" if why else "")
     if job == "SUCCEEDED":
         note = "; the deployment then failed (cleanup?)" if dep == "Failed" else ""
