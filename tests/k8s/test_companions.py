@@ -62,10 +62,12 @@ def test_render_lists_companions_and_warns_about_the_rest(infra):
     assert [m["kind"] for m in plan.manifests()] == ["ConfigMap", "PersistentVolumeClaim", "DynamoGraphDeployment", "RayJob"]
     assert all(m["metadata"]["namespace"] == "default" and m["metadata"]["labels"].items() >= MANAGED_BY.items()
                for m in plan.manifests())
-    assert len(plan.warnings) == 2
-    assert "Secret 'hf-token-secret', which is NOT applied" in plan.warnings[0] and "kubectl apply -n default" in plan.warnings[0]
-    assert "Pod 'debug', which is NOT applied" in plan.warnings[1]
-    assert plan.warnings == check(None, infra).warnings[:2]
+    assert len(plan.warnings) == 3
+    assert plan.warnings[0] == ("dynamo.serving: tiny.dgd.yaml's ConfigMap 'llm-config' says metadata.namespace "
+                                "'elsewhere'; it is applied in the infra namespace 'default'")
+    assert "Secret 'hf-token-secret', which is NOT applied" in plan.warnings[1] and "kubectl apply -n default" in plan.warnings[1]
+    assert "Pod 'debug', which is NOT applied" in plan.warnings[2]
+    assert plan.warnings == check(None, infra).warnings[:3]
 
 
 def test_run_rayjob_applies_companions_first_and_owns_the_configmap(kube, emu, infra):

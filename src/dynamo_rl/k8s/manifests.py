@@ -357,6 +357,9 @@ def render_companions(infra: Infra, key: str) -> tuple[list[dict], list[str]]:
             for k in ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields", "ownerReferences"):
                 md.pop(k, None)
             m.pop("status", None)
+            if md.get("namespace") and md["namespace"] != infra.namespace:
+                warnings.append(f"dynamo.{key}: {path.name}'s {kind} {name!r} says metadata.namespace "
+                                f"{md['namespace']!r}; it is applied in the infra namespace {infra.namespace!r}")
             md["namespace"] = infra.namespace
             md["labels"] = _labels(infra, f"dynamo.{key}", md.get("labels"))
             _check_placeholders(m, f"dynamo.{key} ({path.name}, {kind} {name})", _blame(infra, None))
