@@ -188,8 +188,9 @@ class DistReader(Reader):
     #: byte runs shorter than this travel inside whole-row messages and are copied out
     #: locally instead of one send/recv pair each. Megatron's fused QKV split per KV group
     #: makes ~1,000 runs of 0.6-2.6 MB for a 4B model, and over NCCL the message count is
-    #: what limits (benchmarks/results/refit_multigpu.json, measured with 0); 8 MiB staging is
-    #: checked for bytes on CPU but not measured on GPUs yet, so the default stays 0
+    #: what limits (benchmarks/results/refit_multigpu.json, measured with 0). 8 MiB staging
+    #: (refit_multigpu_direct8.json) sped a TP=1 engine up 1.4x but slowed two TP=2 ranks
+    #: sharing a GPU 1.7x, so the default stays 0
     DIRECT_MIN = 0
 
     def __init__(self, device="cpu", msg_bytes: int = DEFAULT_MSG_BYTES, direct_min_bytes: int | None = None):
