@@ -26,6 +26,13 @@ def test_overrides_and_plus_overrides(tmp_path):
         ("- a\n- b\n", [], "must be a mapping"),
         ("name: t\n", ["grpo.num_steps"], "must look like section.key=value"),
         ("", [], "is empty; start from examples/grpo_tiny.yaml"),
+        ("name: t\n", ["grpoo.num_steps=3"], "override 'grpoo.num_steps=3': grpoo: unknown key; did you mean 'grpo'?"),
+        ("name: t\n", ["grpo.num_steps.x=3"], "override 'grpo.num_steps.x=3': grpo.num_steps: Input should be"),
+        ("name: t\nstart: 2024-01-01\n", [], "r.yaml: start: Value 'date' is not a supported primitive type; "
+                                              "quote the value"),
+        ("name: t\ngrpo:\n  num_steps: ${x}\n", [], "r.yaml: grpo.num_steps: Interpolation key 'x' not found"),
+        ("name: t\n", ["grpo.num_steps=${nope}"],
+         "override 'grpo.num_steps=${nope}': grpo.num_steps: Interpolation key 'nope' not found"),
         ("# only a comment\n", ["grpo.num_steps=3"], "is empty; start from examples/grpo_tiny.yaml"),
     ],
 )

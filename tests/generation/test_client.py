@@ -349,6 +349,37 @@ async def test_404_while_no_model_is_registered_is_retried_as_an_outage(fake):
 
 
 @pytest.mark.asyncio
+async def test_404_while_the_model_is_listed_again_is_retried(fake):
+    """The race of a restart: the POST got 404, the model re-registered before the probe."""
+    calls = []
+
+    def flaky(path, body):
+        calls.append(path)
+        if len(calls) <= 2:
+            return 404, {"error": {"message": "Model not found: tiny"}}
+        return default_handler(path, body)
+
+    async with DynamoGeneration(_cfg(fake.url, retry_deadline_s=20.0)) as gen:
+        await gen.model()
+        fake.handler = flaky
+        samples = await gen.generate([[1]])
+        assert len(samples[0]) == 1 and gen.stats["retries"] == 2
+
+
+@pytest.mark.asyncio
+async def test_404_with_an_unreadable_model_listing_is_retried_within_the_deadline(fake):
+    async with DynamoGeneration(_cfg(fake.url, retry_deadline_s=1.0, request_timeout_s=3.0)) as gen:
+        await gen.model()
+        fake.handler = lambda path, body: (404, {"error": {"message": "Model not found: tiny"}})
+        fake.models = None  # /v1/models now drops the connection (the fake cannot list None)
+        t0 = time.monotonic()
+        with pytest.raises(FrontendUnavailableError) as e:
+            await gen.generate([[1]])
+        assert time.monotonic() - t0 < 5.0
+    assert e.value.last_status == 404 and "/v1/models did not answer" in e.value.last_error
+
+
+@pytest.mark.asyncio
 async def test_stream_closed_early_cancels_the_rest_and_the_client_stays_usable(fake):
     async with DynamoGeneration(_cfg(fake.url, max_concurrency=2)) as gen:
         agen = gen.stream([[i + 1] for i in range(20)], n=2, seed=0)

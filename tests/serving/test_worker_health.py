@@ -63,9 +63,14 @@ async def test_partial_weights_are_not_ready_and_a_dead_loop_is_fatal():
             assert state["ready"] is False and state["unhealthy"].startswith("the in-place load of weights version 2 failed part-way")
             with pytest.raises(PartialWeightsError):
                 await engine.complete([1, 10, 11], greedy)
-            await engine.load_weights_in_place(lambda p: recv.pull(pub.url, 3, into=p)[1], 3)
+            # the served version (1) again, through the worker's route: a reload, not a no-op
+            with Publisher() as again:
+                again.publish(1, sd, model_config=cfg)
+                res = await worker.update_weights({"version": 1, "publisher": again.url})
+            assert "noop" not in res and res["version"] == 1 and res["tensors"] == len(sd), res
             await until(lambda: ready == [True, False, True], "ready again")
             assert (await worker.info({}))["unhealthy"] is None and fatal == []
+            assert engine.weights_version == 1 and len(await engine.complete([1, 10, 11], greedy)) == 4
 
         # the loop dies (cancelled from outside stop()); a request restarts it at once, but
         # the watch counted the death: fatal, reported once
@@ -82,4 +87,14 @@ async def test_partial_weights_are_not_ready_and_a_dead_loop_is_fatal():
         assert watch.done() and (await worker.info({}))["ready"] is False
     finally:
         watch.cancel()
+        worker.close()
         await engine.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_bad_interval_is_refused():
+    worker = Worker(Engine(build_tiny_model(), eos_token_ids=[EOS]), served_model_name="tiny", model_path="-",
+                    message_eos_id=None)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive, finite number of seconds"):
+            await worker.watch_health(print, print, interval_s=bad)

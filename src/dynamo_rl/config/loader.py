@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
 
 from dynamo_rl.config.schema import Recipe
@@ -48,13 +49,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "recipe") -> dict[str, Any]:
     """Return ``data`` with each ``[+]dotted.key=value`` override applied (new dict).
 
     Raises:
-        ConfigError: an override without ``=`` or with an empty key.
+        ConfigError: an override without ``=`` or with an empty key, a value OmegaConf
+            cannot hold (a YAML date), a ``${...}`` that names no key; ``source`` (the recipe
+            file) or the override is named.
     """
-    cfg = OmegaConf.create(data)
+    try:
+        cfg = OmegaConf.create(data)
+    except OmegaConfBaseException as e:  # e.g. a YAML date, which OmegaConf cannot hold
+        raise ConfigError(f"{source}: {_omegaconf_message(e)}; quote the value to make it a string") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("+")
@@ -64,8 +70,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        try:
+            OmegaConf.update(cfg, key, value, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r}: {_omegaconf_message(e)}") from None
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:  # ${...} that names nothing
+        item = override_keys(overrides).get(str(getattr(e, "full_key", "")))
+        where = f"override {item!r}" if item else source
+        raise ConfigError(f"{where}: {_omegaconf_message(e)}; `${{a.b}}` may only name another key of the "
+                          "recipe (write the value instead)") from None
+
+
+def _omegaconf_message(e: Exception) -> str:
+    """OmegaConf's message without its multi-line 'full_key: ... object_type=...' trailer."""
+    lines = str(e).strip().splitlines()
+    key = getattr(e, "full_key", None)
+    return (f"{key}: " if key else "") + (lines[0] if lines else type(e).__name__)
 
 
 def override_keys(overrides: list[str]) -> dict[str, str]:
@@ -93,10 +115,10 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
-        parts = [str(p) for p in loc]
-        hits = [overridden[k] for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1))
-                if overridden and k in overridden]
-        where = f"override {hits[0]!r}" if hits else source
+        # an override at this key, above it, or below it (grpoo.num_steps=3 → unknown `grpoo`)
+        hits = [text for k, text in (overridden or {}).items()
+                if k == key or key.startswith(k + ".") or k.startswith(key + ".")]
+        where = f"override {hits[-1]!r}" if hits else source
         if e["type"] == "extra_forbidden":
             known = _known_keys(model, loc)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
@@ -127,7 +149,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     """
     source = str(path) if path is not None else "recipe"
     data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, overrides or [], source)
     overridden = override_keys(overrides or [])
     try:
         return Recipe.model_validate(data)

@@ -392,6 +392,7 @@ class DynamoGeneration:
         h = self._health
         deadline = self.cfg.retry_deadline_s
         first_fail: float | None = None
+        failed_at: float | None = None
         attempt = 0
         while True:
             h.counts["requests"] += 1
@@ -409,20 +410,26 @@ class DynamoGeneration:
                             f"{url}: HTTP {resp.status_code} with a body that is not JSON: {resp.text[:300]!r}") from None
                 msg = _server_message(resp)
                 if resp.status_code == 404 and method == "POST" and isinstance(body, dict) and "model" in body:
-                    gone = await self._model_gone(url, body["model"], msg)
-                    if gone.served:  # other models are served, not this one: not an outage
-                        raise gone
-                    # none is: every worker is gone (the frontend deregisters a model ~15 s
-                    # after its last worker), e.g. restarting; retried like a 503
-                    err = f"HTTP 404: {msg}; no model is registered with the frontend (workers down?)"
-                    status = 404
+                    failed_at = time.monotonic()
+                    model, served = body["model"], await self._served_models()
+                    if served and model not in served:  # others are served, not this one: no outage
+                        raise ModelNotServedError(
+                            f"POST {url} → HTTP 404 ({msg}): model {model!r} is not served by "
+                            f"{self.base_url}; served now: {', '.join(served)}. Not retried.", served=served)
+                    # none is (every worker gone: the frontend deregisters a model ~15 s after
+                    # its last one, e.g. while they restart), or it is back already: retried
+                    why = ("/v1/models did not answer" if served is None else
+                           f"{model!r} is listed again" if served else
+                           "no model is registered with the frontend (workers down?)")
+                    status, err = 404, f"HTTP 404: {msg}; {why}"
                 elif resp.status_code not in RETRY_STATUSES:
                     raise RequestRejectedError(
                         f"{method} {url} → HTTP {resp.status_code}: {msg} (not retried)",
                         url=url, status=resp.status_code, server_message=msg)
                 else:
                     status, err = resp.status_code, f"HTTP {resp.status_code}: {msg}"
-            now = time.monotonic()
+            now = failed_at if failed_at is not None else time.monotonic()  # a probe's time counts too
+            failed_at = None
             if first_fail is None:
                 first_fail = now
             if h.down_since is None:
@@ -439,18 +446,15 @@ class DynamoGeneration:
             attempt += 1
 
 
-    async def _model_gone(self, url: str, model: str, msg: str) -> ModelNotServedError:
-        """A 404 on a generation route: the model is not (or no longer) served. Lists what is."""
+    async def _served_models(self) -> list[str] | None:
+        """The model ids ``/v1/models`` lists now, or None when it does not answer with a
+        list (a short probe: it runs inside the retry deadline)."""
         try:
-            r = await self._client.get(self.base_url + "/v1/models")
-            served = [m["id"] for m in r.json().get("data", [])]
-        except Exception:  # noqa: BLE001 - the listing only improves the message
-            served = None
-        listing = ("unknown (/v1/models did not answer)" if served is None else
-                   ", ".join(served) if served else "none: no worker is registered with the frontend (are the workers up?)")
-        return ModelNotServedError(
-            f"POST {url} → HTTP 404 ({msg}): model {model!r} is not served by {self.base_url}; served now: "
-            f"{listing}. Not retried.", served=served or [])
+            r = await self._client.get(self.base_url + "/v1/models", timeout=min(5.0, self.cfg.request_timeout_s))
+            r.raise_for_status()
+            return [str(m["id"]) for m in r.json()["data"]]
+        except Exception:  # noqa: BLE001 - unknown: the caller retries
+            return None
 
 
 def _server_message(resp: httpx.Response) -> str:

@@ -157,7 +157,7 @@ def validate_recipe(stamped: dict, overrides: Iterable[str], source: str) -> dic
 
     overrides = list(overrides)
     try:
-        data = apply_overrides(stamped, overrides)
+        data = apply_overrides(stamped, overrides, source)
         Recipe.model_validate(data)
     except ConfigError as e:
         raise RecipeError(str(e)) from None

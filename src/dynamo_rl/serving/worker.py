@@ -111,6 +111,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -385,6 +386,19 @@ class Worker:
         restarted by the next request before a check is not missed), calls
         ``set_ready(False)`` and ``on_fatal(reason)`` once and returns.
         """
+        if not (interval_s > 0 and math.isfinite(interval_s)):
+            raise ValueError(f"interval_s must be a positive, finite number of seconds, got {interval_s!r}")
+        try:
+            await self._watch(set_ready, on_fatal, interval_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken watch must not leave a worker that nobody checks
+            log.exception("the health watch failed")
+            self.ready = False
+            set_ready(False)
+            on_fatal(f"the health watch failed: {type(e).__name__}: {e}")
+
+    async def _watch(self, set_ready, on_fatal, interval_s: float) -> None:
         deaths = self.engine.stats["loop_deaths"]
         while True:
             if self.engine.stats["loop_deaths"] > deaths:
@@ -454,8 +468,9 @@ class Worker:
                 raise RouteError(
                     f"weights version {version} is older than the served version {current}; "
                     "send a version >= the current one (versions only move forward)", 409)
-            if version == current:
+            if version == current and self.engine.weights_partial is None:
                 return {"noop": True, "version": version, "bytes": 0, "tensors": 0, "seconds": 0.0}
+            # (the served version again while the weights are partial: a reload, which recovers)
             t0 = time.perf_counter()
             in_place = bool(body.get("in_place", False))
             if in_place and has_path:
@@ -659,6 +674,16 @@ async def amain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive, finite number of seconds")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dynamo_rl.serving.worker",
                                 description="dynamo-rl Dynamo worker (engine + control routes)")
@@ -673,7 +698,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
-    p.add_argument("--health-interval-s", type=float, default=0.5,
+    p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
                    help="seconds between checks of the engine's health (system /health, exit on a dead engine)")
     p.add_argument("--discovery-backend", default=os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
                    choices=["file", "etcd", "kubernetes", "mem"])
