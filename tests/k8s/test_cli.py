@@ -103,6 +103,32 @@ def test_every_object_with_placeholders_is_reported_at_once_with_its_own_fix(run
     assert "metadata.name = '${user:}-tiny'" in out and "via `overrides` or the manifest" in out
 
 
+def test_rayjob_mode_reports_cluster_and_dgd_placeholders_together(runner, tmp_path):
+    import shutil
+
+    shutil.copy(EXAMPLES / "tiny.dgd.yaml", tmp_path / "tiny.dgd.yaml")
+    (tmp_path / "infra.yaml").write_text(Path(INFRA).read_text().replace("name: dynamo-rl-train", "name: ${user:}-train"))
+    dgd = (tmp_path / "tiny.dgd.yaml").read_text()
+    (tmp_path / "tiny.dgd.yaml").write_text(dgd.replace("name: dynamo-rl-tiny", "name: ${user:}-tiny", 1))
+    r = runner.invoke(app, ["render", str(tmp_path / "infra.yaml"), "--recipe", RECIPE, "--rayjob"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "metadata.name = '${user:}-tiny'" in out
+    assert "kuberay.training.name (the infra file) = '${user:}-train'" in out
+
+
+def test_check_warns_about_a_rayjob_setting_when_run_uses_a_raycluster(runner, tmp_path):
+    import shutil
+
+    shutil.copy(EXAMPLES / "tiny.dgd.yaml", tmp_path / "tiny.dgd.yaml")
+    data = yaml.safe_load(Path(INFRA).read_text())
+    data["launch"].update(mode="raycluster", rayJob={"clusterSelector": {"ray.io/cluster": "old"}})
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["check", str(tmp_path / "infra.yaml"), "--offline"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "`run --rayjob` would fail (launch.mode is raycluster, so `run` is fine)" in out
+
+
 def test_check_offline_and_online(runner, emu, kubeconfig):
     r = runner.invoke(app, ["check", INFRA, "--offline"])
     assert r.exit_code == 0, r.output

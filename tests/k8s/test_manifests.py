@@ -125,6 +125,10 @@ def test_a_dgd_without_services_is_refused_even_with_overrides(tmp_path, spec):
         with pytest.raises(ManifestError, match=r"dynamo.g \(g.yaml\): the DGD declares no services \(spec.services, "
                                                 r"v1alpha1\) or components .* e.g. examples/k8s/tiny.dgd.yaml"):
             render_dgd(infra_for(p, overrides=overrides), "g")
+    # overrides that delete every service
+    p = _write(tmp_path, [DGD], "full.yaml")
+    with pytest.raises(ManifestError, match=r"after dynamo.g.overrides, the DGD has no services"):
+        render_dgd(infra_for(p, overrides={"services": {"Frontend": None}}), "g")
     inline = parse_infra({"dynamo": {"g": {"name": "inl", "spec": spec or {}}}})
     with pytest.raises(ManifestError, match=r"dynamo.g \(inline spec\): the DGD declares no services"):
         render_dgd(inline, "g")

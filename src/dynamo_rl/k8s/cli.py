@@ -57,12 +57,13 @@ def _code(e: K8sError) -> int:
 
 def _infra(path: Path, namespace: str | None) -> Infra:
     infra = load_infra(path)
-    if namespace:
-        try:
-            check_namespace(namespace)
-        except ValueError as e:
-            raise InfraConfigError(f"--namespace: {e}") from None
-    return infra.model_copy(update={"namespace": namespace}) if namespace else infra
+    if namespace is None:
+        return infra
+    try:
+        check_namespace(namespace)
+    except ValueError as e:
+        raise InfraConfigError(f"--namespace: {e}") from None
+    return infra.model_copy(update={"namespace": namespace})
 
 
 def _progress(msg: str) -> None:

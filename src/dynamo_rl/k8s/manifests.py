@@ -465,6 +465,14 @@ def _default_dgd_images(manifest: dict, infra: Infra) -> None:
             _add_pull_secrets(pod, infra.image_pull_secrets)
 
 
+def _check_has_services(spec: Any, what: str) -> None:
+    if not isinstance(spec, dict) or not (spec.get("services") or spec.get("components")):
+        raise ManifestError(
+            f"{what} no services (spec.services, v1alpha1) or components (spec.components, v1beta1); "
+            "a DynamoGraphDeployment needs at least a frontend and a worker. Start from a complete one, "
+            "e.g. examples/k8s/tiny.dgd.yaml or Dynamo's examples/backends/<backend>/deploy/agg.yaml")
+
+
 def render_dgd(infra: Infra, key: str) -> dict:
     """Render ``dynamo.<key>`` into a DynamoGraphDeployment manifest (v1alpha1 or v1beta1).
 
@@ -488,15 +496,10 @@ def render_dgd(infra: Infra, key: str) -> dict:
         dgd = {"apiVersion": api, "kind": DGD_KIND, "metadata": {}, "spec": copy.deepcopy(spec)}
     if dgd.get("apiVersion", "").split("/")[0] != DGD_GROUP:
         raise ManifestError(f"{source}: apiVersion {dgd.get('apiVersion')!r} is not in group {DGD_GROUP}")
-    spec = dgd.get("spec")
-    if not isinstance(spec, dict) or not (spec.get("services") or spec.get("components")):
-        raise ManifestError(
-            f"{source}: the DGD declares no services (spec.services, v1alpha1) or components "
-            "(spec.components, v1beta1); a DynamoGraphDeployment needs at least a frontend and a "
-            "worker. Start from a complete one, e.g. examples/k8s/tiny.dgd.yaml or Dynamo's "
-            "examples/backends/<backend>/deploy/agg.yaml")
+    _check_has_services(dgd.get("spec"), f"{source}: the DGD declares")
     check_override_names(dgd.get("spec") or {}, g.overrides, origin, f"dynamo.{key}.overrides")
     dgd["spec"] = deep_merge(dgd.get("spec") or {}, g.overrides, f"dynamo.{key}.overrides")
+    _check_has_services(dgd["spec"], f"{source}: after dynamo.{key}.overrides, the DGD has")
     md = dgd.setdefault("metadata", {})
     if g.name:
         md["name"] = g.name

@@ -225,6 +225,8 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
         for role in roles:
             if (rc := attempt(render_raycluster, role)) is not None:
                 plan.rayclusters[role] = rc
+    elif infra.launch.role in infra.kuberay:
+        attempt(render_raycluster, infra.launch.role)  # its problems now, with the others'
     if errors:
         raise ManifestError("\n".join(errors))
     if mode is not None or recipe is not None:
@@ -788,8 +790,12 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None, recipe
     rayjob = None
     warnings: list[str] = list(plan.warnings)
     if infra.launch.role in infra.kuberay:
-        rj = render_plan(infra, mode="rayjob", recipe=recipe or {}, recipe_source=recipe_source)
-        rayjob = rj.rayjob
+        try:
+            rayjob = render_plan(infra, mode="rayjob", recipe=recipe or {}, recipe_source=recipe_source).rayjob
+        except ManifestError as e:
+            if infra.launch.mode == "rayjob":
+                raise
+            warnings.append(f"`run --rayjob` would fail (launch.mode is {infra.launch.mode}, so `run` is fine): {e}")
     elif infra.kuberay:
         warnings.append(f"launch.role {infra.launch.role!r} is not a kuberay role; `run` will fail")
     for key, m in plan.dgds.items():

@@ -76,7 +76,10 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         console.print(f"[red]error:[/] {e}")
         return 2
     out = _run_dir(cfg, run_dir)
-    created = not out.exists()
+    created = out  # the topmost directory this run creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    created = None if out.exists() else created
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.json").write_text(cfg.model_dump_json(indent=2))
@@ -86,8 +89,15 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
                       "give a directory path that can be created")
         return 2
     code = _run(cfg, out)
-    if code == 2 and created and {p.name for p in out.iterdir()} <= {"recipe.json"}:
+    if code == 2 and created is not None and {p.name for p in out.iterdir()} <= {"recipe.json"}:
         shutil.rmtree(out, ignore_errors=True)  # bad input found before anything ran: leave no empty run
+        parent = out
+        while parent != created:  # and the parents it made, while empty (never another run's files)
+            parent = parent.parent
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         console.print(f"(removed {out}: nothing ran)")
     return code
 

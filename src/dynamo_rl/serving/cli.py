@@ -73,9 +73,8 @@ def serve(
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
     try:
         stack.start()
-    except KeyboardInterrupt:
-        console.print("stopped during startup")
-        _drop_temp_run_dir(stack, run_dir, console)
+    except KeyboardInterrupt:  # perhaps a stalled start: keep its logs
+        console.print("stopped during startup" + (f"; logs kept in {stack.run_dir / 'logs'}" if stack.run_dir else ""))
         raise typer.Exit(130) from None
     except (StackError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
