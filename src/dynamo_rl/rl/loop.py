@@ -385,4 +385,6 @@ def _print_summary(s: dict, out: Path) -> None:
     for k, v in s.items():
         t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(t)
-    console.print(f"outputs in [bold]{out}[/]: metrics.jsonl, summary.json, reward.png, tensorboard/")
+    extra = ", stack/logs/" if (out / "stack" / "logs").is_dir() else ""
+    console.print(f"outputs in [bold]{out}[/]: metrics.jsonl, summary.json, reward.png, tensorboard/, "
+                  f"recipe.json{extra}")
