@@ -33,10 +33,11 @@ frontend was last seen answering (shared by all requests of the client, so a dea
 frontend fails a whole batch once, not once per request), then
 :class:`FrontendUnavailableError`. Other 4xx/5xx are not retried
 (:class:`RequestRejectedError` with the server's message). A 404 on a generation route
-means the model is not registered: if ``/v1/models`` lists other models, it is a
-:class:`ModelNotServedError` that lists them (not retried); if it lists none, every worker
-is gone (the frontend deregisters a model ~15 s after its last worker, say while workers
-restart) and the 404 is retried like a 503. The first failing request
+means the model is not registered: if ``/v1/models`` lists other models but not this one,
+it is a :class:`ModelNotServedError` that lists them (not retried); if it lists none (every
+worker gone: the frontend deregisters a model ~15 s after its last worker, say while
+workers restart), lists this one again, or cannot be read, the 404 is retried like a 503.
+The first failing request
 ends the batch: the rest are cancelled and the error lists every missing
 ``(prompt_index, sample_index)``. A retried request is resent whole; a request that
 reached the worker before the connection broke may therefore appear twice in the

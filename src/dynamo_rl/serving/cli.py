@@ -37,11 +37,16 @@ def serve(
     console = Console(stderr=True)
     from dynamo_rl.models import check_device, parse_dtype
 
-    try:  # checked here, not seconds later in each worker
-        check_device(device, "--device")
+    # checked here, not seconds later in each worker
+    try:
+        check_device(device, "--device")  # names the option itself
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    try:
         parse_dtype(dtype)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {'' if str(e).startswith('--device') else '--dtype: '}{e}")
+        console.print(f"[red]error:[/red] --dtype: {e}")
         raise typer.Exit(2) from None
     if model_path is not None and not (Path(model_path) / "config.json").is_file():
         what = "does not exist" if not Path(model_path).exists() else "is not a Hugging Face checkpoint directory (no config.json)"
