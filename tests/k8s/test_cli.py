@@ -129,6 +129,29 @@ def test_check_warns_about_a_rayjob_setting_when_run_uses_a_raycluster(runner, t
     assert "`run --rayjob` would fail (launch.mode is raycluster, so `run` is fine)" in out
 
 
+@pytest.mark.parametrize("labels, message", [
+    ({"bad label!": "x"}, "labels: label key 'bad label!' is not valid: an optional DNS-subdomain prefix and '/'"),
+    ({"app.kubernetes.io/part-of": "dynamo rl"}, "labels: label app.kubernetes.io/part-of='dynamo rl': the value"),
+])
+def test_bad_labels_are_refused_offline_with_the_whole_message(runner, tmp_path, labels, message):
+    data = yaml.safe_load(Path(INFRA).read_text())
+    data["kuberay"]["training"]["labels"] = labels
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["check", str(tmp_path / "infra.yaml"), "--offline"])
+    assert r.exit_code == 2 and "kuberay.training." + message in " ".join(r.output.split()), r.output
+
+
+def test_errors_are_printed_verbatim_not_as_rich_markup(runner, tmp_path):
+    import shutil
+
+    shutil.copy(EXAMPLES / "tiny.dgd.yaml", tmp_path / "tiny.dgd.yaml")
+    data = yaml.safe_load(Path(INFRA).read_text())
+    data["dynamo"]["serving"]["select"] = "[bold]x[/bold]"
+    (tmp_path / "infra.yaml").write_text(yaml.safe_dump(data))
+    r = runner.invoke(app, ["check", str(tmp_path / "infra.yaml"), "--offline"])
+    assert r.exit_code == 2 and "`select: [bold]x[/bold]` matches no" in r.output, r.output
+
+
 def test_check_offline_and_online(runner, emu, kubeconfig):
     r = runner.invoke(app, ["check", INFRA, "--offline"])
     assert r.exit_code == 0, r.output

@@ -240,6 +240,7 @@ def test_rayjob_render_defaults_and_launch_overrides():
     ({"submissionMode": "InteractiveMode"}, "launch.rayJob.submissionMode 'InteractiveMode': dynamo-rl needs KubeRay"),
     ({"clusterSelector": {"ray.io/cluster": "old"}}, "launch.rayJob.clusterSelector: not allowed: it runs the job on an existing cluster"),
     ({"entrypoint": "python x.py"}, "launch.rayJob.entrypoint: not allowed: dynamo-rl sets it"),
+    ({"suspend": True}, "launch.rayJob.suspend: true would create the RayJob without its cluster"),
 ])
 def test_rayjob_launch_overrides_that_would_break_the_run_are_refused(ray_job, message):
     infra = parse_infra({"kuberay": {"training": {"name": "t", "spec": {"headGroupSpec": {

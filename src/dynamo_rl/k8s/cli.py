@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import orchestrate
@@ -47,7 +48,7 @@ PollOpt = Annotated[float, typer.Option(help="poll interval of every wait, secon
 
 
 def _fail(e: Exception, code: int) -> typer.Exit:
-    console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -566,6 +566,9 @@ def render_rayjob(infra: Infra, role: str, entrypoint: str) -> dict:
     for key, why in refused.items():
         if key in infra.launch.ray_job:
             raise ManifestError(f"launch.rayJob.{key}: not allowed: {why}")
+    if infra.launch.ray_job.get("suspend") is True:
+        raise ManifestError("launch.rayJob.suspend: true would create the RayJob without its cluster, and the "
+                            "run would wait for it until launch.jobTimeoutS; remove it")
     mode = infra.launch.ray_job.get("submissionMode")
     if mode is not None and mode not in ("K8sJobMode", "HTTPMode", "SidecarMode"):
         raise ManifestError(f"launch.rayJob.submissionMode {mode!r}: dynamo-rl needs KubeRay to submit the "

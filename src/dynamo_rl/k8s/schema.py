@@ -79,6 +79,11 @@ class RayClusterRole(_Model):
     annotations: dict[str, str] = Field(default_factory=dict)
     spec: dict[str, Any]
 
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
+
 
 class DeploymentSpec(_Model):
     """A plain ``apps/v1`` Deployment (e.g. a sandbox/tool server). Applied right after the
@@ -89,6 +94,11 @@ class DeploymentSpec(_Model):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
     spec: dict[str, Any]
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
 
 
 class DynamoGraphSpec(_Model):
@@ -120,6 +130,11 @@ class DynamoGraphSpec(_Model):
     served_model_name: str | None = Field(None, alias="servedModelName")
     frontend_port: int = Field(8000, alias="frontendPort", gt=0, lt=65536)
     ready_timeout_s: float = Field(900.0, alias="readyTimeoutS", gt=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -160,6 +175,29 @@ class LaunchSpec(_Model):
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """``labels`` if every key and value is valid Kubernetes label syntax, else ValueError
+    naming the first bad one (key: ``[prefix/]name``, prefix a DNS subdomain, name and value
+    at most 63 characters of ``[A-Za-z0-9-_.]``, starting and ending alphanumeric). A
+    ``${...}`` is left to the placeholder check at render time."""
+    for key, value in labels.items():
+        if "${" in key or (isinstance(value, str) and "${" in value):
+            continue  # an unresolved placeholder: rendering reports it, blamed on its infra key
+        prefix, _, name = key.rpartition("/")
+        if not name or not _LABEL_NAME.fullmatch(name) or (prefix and not _DNS_SUBDOMAIN.fullmatch(prefix)):
+            raise ValueError(f"label key {key!r} is not valid: an optional DNS-subdomain prefix and '/', then a "
+                             "name of at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+                             "letter or digit")
+        if not isinstance(value, str) or not _LABEL_NAME.fullmatch(value):
+            raise ValueError(f"label {key}={value!r}: the value must be at most 63 letters, digits, '-', '_' or '.', "
+                             "starting and ending with a letter or digit (or empty)")
+    return labels
+
+
 def check_namespace(name: str) -> str:
     """``name`` if it is a valid namespace name (an RFC 1123 label), else ValueError saying why."""
     if not DNS_LABEL.fullmatch(name):
@@ -187,6 +225,11 @@ class Infra(_Model):
     @classmethod
     def _dns_label(cls, v: str) -> str:
         return check_namespace(v)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
+        return check_labels(v)
 
     @model_validator(mode="before")
     @classmethod

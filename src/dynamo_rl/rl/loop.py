@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dynamo_rl.config import Recipe
@@ -73,7 +74,7 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
     try:
         _check_inputs(cfg)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     out = _run_dir(cfg, run_dir)
     created = out  # the topmost directory this run creates, if any
@@ -118,7 +119,7 @@ def _run(cfg: Recipe, out: Path) -> int:
         console.print("[yellow]interrupted; everything this run started has been stopped[/]")
         return 130
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     except Exception as e:  # a failure of the stack, the frontend or a refit: say what, then exit 1
         from dynamo_rl.generation import GenerationError
@@ -127,7 +128,7 @@ def _run(cfg: Recipe, out: Path) -> int:
 
         if not isinstance(e, (GenerationError, RefitError, StackError)):
             raise
-        console.print(f"[red]{type(e).__name__}:[/] {e}")
+        console.print(f"[red]{type(e).__name__}:[/] {escape(str(e))}")
         console.print(f"partial outputs (if any) are in {out}")
         return 1
     finally:

@@ -30,6 +30,7 @@ def serve(
 ) -> None:
     """Serve a model with the Dynamo frontend and N dynamo-rl workers on 127.0.0.1 until Ctrl-C."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dynamo_rl.serving.stack import LocalStack, StackError
@@ -41,12 +42,12 @@ def serve(
     try:
         check_device(device, "--device")  # names the option itself
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     try:
         parse_dtype(dtype)
     except ValueError as e:
-        console.print(f"[red]error:[/red] --dtype: {e}")
+        console.print(f"[red]error:[/red] --dtype: {escape(str(e))}")
         raise typer.Exit(2) from None
     if model_path is not None and not (Path(model_path) / "config.json").is_file():
         what = "does not exist" if not Path(model_path).exists() else "is not a Hugging Face checkpoint directory (no config.json)"
@@ -82,7 +83,7 @@ def serve(
         console.print("stopped during startup" + (f"; logs kept in {stack.run_dir / 'logs'}" if stack.run_dir else ""))
         raise typer.Exit(130) from None
     except (StackError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         if stack.run_dir is not None:
             console.print(f"logs kept in {stack.run_dir / 'logs'}")
         raise typer.Exit(1) from None
@@ -104,7 +105,7 @@ def serve(
         console.print(f"run dir: {stack.run_dir} (logs in logs/)   Ctrl-C to stop")
         while stack.failure is None:
             time.sleep(0.5)
-        console.print(f"[red]a process of the stack crashed; everything was stopped:[/red]\n{stack.failure}")
+        console.print(f"[red]a process of the stack crashed; everything was stopped:[/red]\n{escape(stack.failure)}")
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print("stopping ...")
