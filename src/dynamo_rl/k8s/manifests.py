@@ -547,6 +547,15 @@ def render_raycluster(infra: Infra, role: str) -> dict:
     return rc
 
 
+#: ``launch.rayJob`` keys that would break a run, and why.
+_RAYJOB_REFUSED = {
+    "entrypoint": "dynamo-rl sets it (launch.command + the stamped recipe); change launch.command",
+    "clusterSelector": "it runs the job on an existing cluster, but the DGDs must be owned by the "
+                       "cluster rendered from kuberay.<role>; use `launch.mode: raycluster` instead",
+    "rayClusterSpec": "it comes from kuberay.<role>.spec; edit that",
+}
+
+
 def render_rayjob(infra: Infra, role: str, entrypoint: str) -> dict:
     """Render a ``ray.io/v1`` RayJob running ``entrypoint`` on a new cluster of ``kuberay.<role>``.
 
@@ -557,13 +566,7 @@ def render_rayjob(infra: Infra, role: str, entrypoint: str) -> dict:
     if role not in infra.kuberay:
         raise ManifestError(f"no kuberay.{role} in the infra file (declared: {sorted(infra.kuberay)})")
     r = infra.kuberay[role]
-    refused = {
-        "entrypoint": "dynamo-rl sets it (launch.command + the stamped recipe); change launch.command",
-        "clusterSelector": "it runs the job on an existing cluster, but the DGDs must be owned by the "
-                           "cluster rendered from kuberay.<role>; use `launch.mode: raycluster` instead",
-        "rayClusterSpec": "it comes from kuberay.<role>.spec; edit that",
-    }
-    for key, why in refused.items():
+    for key, why in _RAYJOB_REFUSED.items():
         if key in infra.launch.ray_job:
             raise ManifestError(f"launch.rayJob.{key}: not allowed: {why}")
     if infra.launch.ray_job.get("suspend") is True:

@@ -225,8 +225,9 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
         for role in roles:
             if (rc := attempt(render_raycluster, role)) is not None:
                 plan.rayclusters[role] = rc
-    elif infra.launch.role in infra.kuberay:
-        attempt(render_raycluster, infra.launch.role)  # its problems now, with the others'
+    elif infra.launch.role in infra.kuberay:  # its problems now, with the others'
+        if (rc := attempt(render_raycluster, infra.launch.role)) is not None and mode == "raycluster":
+            plan.rayclusters[infra.launch.role] = rc
     if errors:
         raise ManifestError("\n".join(errors))
     if mode is not None or recipe is not None:
@@ -242,8 +243,6 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
         plan.entrypoint = _entrypoint(infra, plan.recipe, recipe_overrides)
         if mode == "rayjob":
             plan.rayjob = render_rayjob(infra, role, plan.entrypoint)
-        else:
-            plan.rayclusters[role] = render_raycluster(infra, role)
     if validate:
         for role, m in plan.rayclusters.items():
             validate_manifest(m, source=f"kuberay.{role}")

@@ -21,12 +21,13 @@ Imports only pydantic, yaml and ``k8s.errors``.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InfraConfigError
 
@@ -59,116 +60,10 @@ NRL_ONLY_NESTED: dict[str, str] = {
 
 
 def _nrl_hint(loc: str) -> str | None:
-    import fnmatch
-
     for pattern, hint in NRL_ONLY_NESTED.items():
         if fnmatch.fnmatchcase(loc, pattern):
             return hint
     return None
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class RayClusterRole(_Model):
-    """One KubeRay role: a RayCluster named ``name`` with ``spec`` (a ray.io/v1 RayClusterSpec)."""
-
-    name: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    spec: dict[str, Any]
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_labels(v)
-
-
-class DeploymentSpec(_Model):
-    """A plain ``apps/v1`` Deployment (e.g. a sandbox/tool server). Applied right after the
-    DGDs with the same ownerReference to the training RayCluster; it must have all
-    ``spec.replicas`` available (bounded by ``launch.clusterReadyTimeoutS``) before the
-    trainer starts. No Service is created for it (declare one yourself if needed)."""
-
-    name: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    spec: dict[str, Any]
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_labels(v)
-
-
-class DynamoGraphSpec(_Model):
-    """One DynamoGraphDeployment.
-
-    Exactly one of ``manifest`` (a YAML file, path relative to the infra file; may hold
-    several documents) or ``spec`` (an inline DGD ``.spec``) is required.
-    ``select`` names the DGD to take from a file holding several. ``name`` overrides
-    ``metadata.name``; ``labels`` and ``annotations`` are added to the DGD's metadata
-    (over the file's; on a clash, infra-wide labels win and this DGD's annotations win, as
-    for ``kuberay.<role>``). ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
-    ``null`` deletes, lists of named objects such as v1beta1 ``components`` merge by
-    ``name`` — a list or a ``{name: fields}`` mapping — other lists and scalars replace;
-    naming a service/component the manifest lacks is an error). The file's ConfigMaps
-    and PVCs are applied with the DGD (see ``manifests.render_companions``). ``servedModelName`` is the model the
-    frontend must list before the graph counts as ready (guessed from the manifest's
-    ``--served-model-name``/``--model`` args or ``SERVED_MODEL_NAME`` env when unset).
-    ``readyTimeoutS`` bounds the readiness wait, in seconds.
-    """
-
-    manifest: str | None = None
-    spec: dict[str, Any] | None = None
-    api_version: str | None = Field(None, alias="apiVersion")
-    select: str | None = None
-    name: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    served_model_name: str | None = Field(None, alias="servedModelName")
-    frontend_port: int = Field(8000, alias="frontendPort", gt=0, lt=65536)
-    ready_timeout_s: float = Field(900.0, alias="readyTimeoutS", gt=0)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_labels(v)
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.manifest is None) == (self.spec is None):
-            raise ValueError("set exactly one of `manifest` (a DGD YAML file) or `spec` (an inline DGD spec)")
-        if self.api_version is not None and self.spec is None:
-            raise ValueError("`apiVersion` only applies to an inline `spec`; a manifest file carries its own")
-        return self
-
-
-class LaunchSpec(_Model):
-    """How the trainer starts.
-
-    ``mode``: ``raycluster`` (cluster first, then DGDs owned by it, driver submitted
-    through the Ray dashboard) or ``rayjob`` (DGDs first, then a RayJob whose cluster
-    becomes the DGDs' owner). ``role`` is the ``kuberay`` role that trains.
-    ``command`` is the trainer command; the (stamped) recipe path is appended.
-    ``recipePath`` is where the recipe is written inside the head pod. ``rayJob`` is
-    deep-merged onto the rendered RayJob ``.spec`` (KubeRay field names, e.g.
-    ``ttlSecondsAfterFinished``). ``submissionGraceS``: seconds after
-    ``RayClusterProvisioned`` before the driver is submitted through the dashboard
-    when the operator has not done it. ``clusterReadyTimeoutS``, ``jobTimeoutS``:
-    bounds in seconds.
-    """
-
-    mode: Literal["raycluster", "rayjob"] = "rayjob"
-    role: str = "training"
-    command: str = "dynamo-rl train"
-    recipe_path: str = Field("/tmp/dynamo-rl/recipe.yaml", alias="recipePath")
-    env: dict[str, str] = Field(default_factory=dict)
-    ray_job: dict[str, Any] = Field(default_factory=dict, alias="rayJob")
-    submission_grace_s: float = Field(120.0, alias="submissionGraceS", ge=0)
-    cluster_ready_timeout_s: float = Field(900.0, alias="clusterReadyTimeoutS", gt=0)
-    job_timeout_s: float = Field(7 * 24 * 3600.0, alias="jobTimeoutS", gt=0)
 
 
 #: An RFC 1123 label, what Kubernetes requires of a namespace name.
@@ -206,6 +101,99 @@ def check_namespace(name: str) -> str:
     return name
 
 
+#: ``labels`` mappings, checked with :func:`check_labels`.
+Labels = Annotated[dict[str, str], AfterValidator(check_labels)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class RayClusterRole(_Model):
+    """One KubeRay role: a RayCluster named ``name`` with ``spec`` (a ray.io/v1 RayClusterSpec)."""
+
+    name: str
+    labels: Labels = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    spec: dict[str, Any]
+
+
+class DeploymentSpec(_Model):
+    """A plain ``apps/v1`` Deployment (e.g. a sandbox/tool server). Applied right after the
+    DGDs with the same ownerReference to the training RayCluster; it must have all
+    ``spec.replicas`` available (bounded by ``launch.clusterReadyTimeoutS``) before the
+    trainer starts. No Service is created for it (declare one yourself if needed)."""
+
+    name: str
+    labels: Labels = Field(default_factory=dict)
+    spec: dict[str, Any]
+
+
+class DynamoGraphSpec(_Model):
+    """One DynamoGraphDeployment.
+
+    Exactly one of ``manifest`` (a YAML file, path relative to the infra file; may hold
+    several documents) or ``spec`` (an inline DGD ``.spec``) is required.
+    ``select`` names the DGD to take from a file holding several. ``name`` overrides
+    ``metadata.name``; ``labels`` and ``annotations`` are added to the DGD's metadata
+    (over the file's; on a clash, infra-wide labels win and this DGD's annotations win, as
+    for ``kuberay.<role>``). ``overrides`` is deep-merged onto ``.spec`` (mappings merge,
+    ``null`` deletes, lists of named objects such as v1beta1 ``components`` merge by
+    ``name`` — a list or a ``{name: fields}`` mapping — other lists and scalars replace;
+    naming a service/component the manifest lacks is an error). The file's ConfigMaps
+    and PVCs are applied with the DGD (see ``manifests.render_companions``). ``servedModelName`` is the model the
+    frontend must list before the graph counts as ready (guessed from the manifest's
+    ``--served-model-name``/``--model`` args or ``SERVED_MODEL_NAME`` env when unset).
+    ``readyTimeoutS`` bounds the readiness wait, in seconds.
+    """
+
+    manifest: str | None = None
+    spec: dict[str, Any] | None = None
+    api_version: str | None = Field(None, alias="apiVersion")
+    select: str | None = None
+    name: str | None = None
+    labels: Labels = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    served_model_name: str | None = Field(None, alias="servedModelName")
+    frontend_port: int = Field(8000, alias="frontendPort", gt=0, lt=65536)
+    ready_timeout_s: float = Field(900.0, alias="readyTimeoutS", gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.manifest is None) == (self.spec is None):
+            raise ValueError("set exactly one of `manifest` (a DGD YAML file) or `spec` (an inline DGD spec)")
+        if self.api_version is not None and self.spec is None:
+            raise ValueError("`apiVersion` only applies to an inline `spec`; a manifest file carries its own")
+        return self
+
+
+class LaunchSpec(_Model):
+    """How the trainer starts.
+
+    ``mode``: ``raycluster`` (cluster first, then DGDs owned by it, driver submitted
+    through the Ray dashboard) or ``rayjob`` (DGDs first, then a RayJob whose cluster
+    becomes the DGDs' owner). ``role`` is the ``kuberay`` role that trains.
+    ``command`` is the trainer command; the (stamped) recipe path is appended.
+    ``recipePath`` is where the recipe is written inside the head pod. ``rayJob`` is
+    deep-merged onto the rendered RayJob ``.spec`` (KubeRay field names, e.g.
+    ``ttlSecondsAfterFinished``). ``submissionGraceS``: seconds after
+    ``RayClusterProvisioned`` before the driver is submitted through the dashboard
+    when the operator has not done it. ``clusterReadyTimeoutS``, ``jobTimeoutS``:
+    bounds in seconds.
+    """
+
+    mode: Literal["raycluster", "rayjob"] = "rayjob"
+    role: str = "training"
+    command: str = "dynamo-rl train"
+    recipe_path: str = Field("/tmp/dynamo-rl/recipe.yaml", alias="recipePath")
+    env: dict[str, str] = Field(default_factory=dict)
+    ray_job: dict[str, Any] = Field(default_factory=dict, alias="rayJob")
+    submission_grace_s: float = Field(120.0, alias="submissionGraceS", ge=0)
+    cluster_ready_timeout_s: float = Field(900.0, alias="clusterReadyTimeoutS", gt=0)
+    job_timeout_s: float = Field(7 * 24 * 3600.0, alias="jobTimeoutS", gt=0)
+
+
 class Infra(_Model):
     """The whole infra file. ``base_dir`` (not a YAML key) resolves relative manifest paths."""
 
@@ -213,7 +201,7 @@ class Infra(_Model):
     image: str | None = None
     image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
     service_account: str | None = Field(None, alias="serviceAccount")
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     kuberay: dict[str, RayClusterRole] = Field(default_factory=dict)
     deployments: dict[str, DeploymentSpec] = Field(default_factory=dict)
@@ -225,11 +213,6 @@ class Infra(_Model):
     @classmethod
     def _dns_label(cls, v: str) -> str:
         return check_namespace(v)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_ok(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_labels(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -283,8 +266,9 @@ def parse_infra(data: Any, *, source: str = "<infra>", base_dir: Path | None = N
             loc = _loc(err["loc"])
             if loc.startswith("launch.mode") and any(p.startswith("launch.mode") for p in problems):
                 continue
-            if err["type"] == "extra_forbidden" and _nrl_hint(loc):
-                problems.append(f"{loc}: an nrl-k8s setting with no equivalent in dynamo-rl ({_nrl_hint(loc)})")
+            hint = _nrl_hint(loc) if err["type"] == "extra_forbidden" else None
+            if hint:
+                problems.append(f"{loc}: an nrl-k8s setting with no equivalent in dynamo-rl ({hint})")
             elif err["type"] == "extra_forbidden":
                 problems.append(f"{loc}: unknown key (check the spelling; examples/k8s/infra.yaml and examples/k8s/README.md show the allowed keys)")
             else:

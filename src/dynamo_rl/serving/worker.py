@@ -389,24 +389,22 @@ class Worker:
         if not (interval_s > 0 and math.isfinite(interval_s)):
             raise ValueError(f"interval_s must be a positive, finite number of seconds, got {interval_s!r}")
         try:
-            await self._watch(set_ready, on_fatal, interval_s)
-        except asyncio.CancelledError:
-            raise
+            await self._watch(set_ready, interval_s)
         except Exception as e:  # noqa: BLE001 - a broken watch must not leave a worker that nobody checks
             log.exception("the health watch failed")
-            self.ready = False
-            set_ready(False)
-            on_fatal(f"the health watch failed: {type(e).__name__}: {e}")
+            why = f"the health watch failed: {type(e).__name__}: {e}"
+        else:
+            why = self.engine.loop_died or "the scheduling loop died (restarted since)"
+            log.error("engine failed: %s; this worker stops so that it is restarted", why)
+        self.ready = False
+        set_ready(False)
+        on_fatal(why)
 
-    async def _watch(self, set_ready, on_fatal, interval_s: float) -> None:
+    async def _watch(self, set_ready, interval_s: float) -> None:
+        """Mirror readiness until the engine's scheduling loop has died (then return)."""
         deaths = self.engine.stats["loop_deaths"]
         while True:
             if self.engine.stats["loop_deaths"] > deaths:
-                why = self.engine.loop_died or "the scheduling loop died (restarted since)"
-                log.error("engine failed: %s; this worker stops so that it is restarted", why)
-                self.ready = False
-                set_ready(False)
-                on_fatal(why)
                 return
             reason = self.engine.unhealthy
             if (reason is None) is not self.ready:
