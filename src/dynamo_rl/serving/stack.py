@@ -1,11 +1,15 @@
 """The embedded default: a loopback-only Dynamo stack of processes on this machine.
 
 :class:`LocalStack` starts, in a run directory, a ZMQ broker
-(:mod:`dynamo_rl.serving.broker`), ``python -m dynamo.frontend`` and N of our workers
-(:mod:`dynamo_rl.serving.worker`); it waits until the model is listed in ``/v1/models``,
-every worker's instance is in the frontend's ``/health`` and answers ``/engine/info``;
-and it tears down every process it started (SIGTERM, then SIGKILL after a grace period,
-by PID, grandchildren included).
+(:mod:`dynamo_rl.serving.broker`), ``python -m dynamo.frontend`` and N workers of two
+kinds: ours (``"dynamo-rl"``: :mod:`dynamo_rl.serving.worker`) and Dynamo's stock vLLM
+worker (``"vllm"``: ``python -m dynamo.vllm --enable-rl --worker-extension-cls
+dynamo_rl.integrations.vllm.RefitWorkerExtension``, run by the Python of the vLLM
+environment, :func:`find_vllm_python`), in any mix. It waits until the model is listed in
+``/v1/models``, every worker's system server names its instance in ``/metrics`` and
+answers ``get_weight_version``, and every instance is in the frontend's ``/health``; and it
+tears down every process it started (SIGTERM, then SIGKILL after a grace period, by PID,
+grandchildren included: a vLLM worker's ``EngineCore`` child too).
 
 Run directory layout::
 
@@ -52,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from dynamo_rl.refit.control import worker_id_from_metrics
 from dynamo_rl.serving.broker import broker_url
 
 log = logging.getLogger("dynamo_rl.serving.stack")
@@ -70,6 +75,37 @@ QUIET_DYN_LOG = ",".join([
 
 class StackError(RuntimeError):
     """The stack could not start, or one of its processes died (message holds its log tail)."""
+
+
+#: worker kinds of the stack: ours, and Dynamo's stock vLLM worker
+ENGINES = ("dynamo-rl", "vllm")
+#: ``--worker-extension-cls`` of the vLLM workers (runs the refit receiver in vLLM)
+VLLM_EXTENSION = "dynamo_rl.integrations.vllm.RefitWorkerExtension"
+
+
+def find_vllm_python(explicit: str | None = None) -> str:
+    """The Python that runs ``python -m dynamo.vllm`` (vLLM + Dynamo + dynamo-rl installed).
+
+    Looked up in order: ``explicit``; ``$DYNAMO_RL_VLLM_PYTHON``; ``.venv-vllm/bin/python`` in
+    the current directory and in the dynamo-rl checkout (what ``make vllm`` builds).
+    vLLM runs in an environment of its own, as in a production Dynamo vLLM image: it pins its
+    own torch build and ~80 packages that the trainer must not inherit.
+
+    Raises:
+        FileNotFoundError: none of them exists (the message says how to build it).
+    """
+    tried = []
+    for cand in (explicit, os.environ.get("DYNAMO_RL_VLLM_PYTHON"), str(Path.cwd() / ".venv-vllm/bin/python"),
+                 str(Path(__file__).resolve().parents[3] / ".venv-vllm/bin/python")):
+        if not cand:
+            continue
+        tried.append(cand)
+        if os.access(cand, os.X_OK) and Path(cand).is_file():
+            return cand
+    raise FileNotFoundError(
+        f"vLLM workers need the Python of a vLLM environment; none found (tried {tried}). Build it with "
+        "`make vllm` (creates .venv-vllm, about 2 minutes and 6.5 GB), or set cluster.vllm_python / "
+        "DYNAMO_RL_VLLM_PYTHON to a python where `import vllm, dynamo.vllm, dynamo_rl` works")
 
 
 def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
@@ -111,6 +147,15 @@ def tail(path: str | os.PathLike, lines: int = 40) -> str:
         return ""
 
 
+def _max_position_embeddings(model_dir: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _pdeathsig() -> None:  # runs in the child between fork and exec
     try:
         import ctypes
@@ -144,6 +189,7 @@ class WorkerProcess(ChildProcess):
     system_url: str = ""
     instance_id: int | None = None
     record_file: Path | None = None
+    engine: str = "dynamo-rl"
 
 
 class LocalStack:
@@ -164,6 +210,12 @@ class LocalStack:
         quiet: no progress lines on stderr.
         namespace: the workers' Dynamo namespace.
         on_crash: called (from the watcher thread) with the crash report before teardown.
+        engine: ``"dynamo-rl"`` (our worker), ``"vllm"`` (Dynamo's stock vLLM worker), or a
+            list with one kind per worker (a mixed fleet; its length must equal ``workers``).
+            :meth:`add_worker` takes a kind too (default: the first one).
+        vllm_python: the vLLM environment's Python (default: :func:`find_vllm_python`).
+        max_model_len: vLLM's ``--max-model-len`` (default: the model's
+            ``max_position_embeddings``).
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
@@ -178,13 +230,25 @@ class LocalStack:
                  worker_threads: int = 1, device: str = "cpu", record: bool = False,
                  startup_timeout_s: float = 180.0, frontend_port: int = 0, dtype: str = "float32",
                  max_batch_size: int = 64, stop_grace_s: float = 10.0, quiet: bool = False,
-                 namespace: str = "dynamo", on_crash: Callable[[str], None] | None = None):
+                 namespace: str = "dynamo", on_crash: Callable[[str], None] | None = None,
+                 engine: str | list[str] = "dynamo-rl", vllm_python: str | None = None,
+                 max_model_len: int | None = None):
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
                                     "checkpoint directory (e.g. dynamo_rl.models.ensure_tiny_model(dir))")
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        kinds = [engine] * workers if isinstance(engine, str) else list(engine)
+        if len(kinds) != workers:
+            raise ValueError(f"engine lists {len(kinds)} worker kinds for {workers} workers; give one kind per worker")
+        bad = sorted({k for k in kinds if k not in ENGINES})
+        if bad or (isinstance(engine, str) and engine not in ENGINES):
+            raise ValueError(f"engine {bad or engine!r} unknown; worker kinds are {list(ENGINES)}")
+        self.engines = kinds
+        self.default_engine = engine if isinstance(engine, str) else (kinds[0] if kinds else "dynamo-rl")
+        self.vllm_python = find_vllm_python(vllm_python) if "vllm" in kinds + [self.default_engine] else vllm_python
+        self.max_model_len = max_model_len
         self.served_model_name = served_model_name
         self.num_workers = workers
         self._run_dir_arg = run_dir
@@ -229,7 +293,7 @@ class LocalStack:
             self._prepare_run_dir()
             self._start_broker()
             self._start_frontend()
-            new = [self._spawn_worker() for _ in range(self.num_workers)]
+            new = [self._spawn_worker(kind) for kind in self.engines]
             self._wait_ready(new, t0)
         except BaseException:
             self.stop()
@@ -239,12 +303,18 @@ class LocalStack:
         self._start_watcher()
         return self
 
-    def add_worker(self) -> WorkerProcess:
-        """Start one more worker and wait until the frontend routes to it."""
+    def add_worker(self, engine: str | None = None) -> WorkerProcess:
+        """Start one more worker (of kind ``engine``, default the stack's first kind) and wait
+        until the frontend routes to it."""
         if not self.frontend_url:
             raise StackError("add_worker() needs a started stack; call start() first")
+        engine = engine or self.default_engine
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r} unknown; worker kinds are {list(ENGINES)}")
+        if engine == "vllm" and self.vllm_python is None:
+            self.vllm_python = find_vllm_python()
         t0 = time.monotonic()
-        w = self._spawn_worker()
+        w = self._spawn_worker(engine)
         try:
             self._wait_ready([w], t0)
         except BaseException:
@@ -401,7 +471,7 @@ class LocalStack:
         self.frontend = c
         self._say(f"frontend starting (pid {c.pid}) on {self.frontend_url}")
 
-    def _spawn_worker(self) -> WorkerProcess:
+    def _spawn_worker(self, engine: str = "dynamo-rl") -> WorkerProcess:
         with self._lock:
             i = self._next_index
             self._next_index += 1
@@ -409,19 +479,58 @@ class LocalStack:
         env = dict(self._env)
         env.update({"DYN_SYSTEM_PORT": str(port),
                     "OMP_NUM_THREADS": str(self.worker_threads), "MKL_NUM_THREADS": str(self.worker_threads)})
-        record = self.run_dir / "records" / f"worker-{i}.jsonl" if self.record else None
-        argv = [sys.executable, "-m", "dynamo_rl.serving.worker", "--model-path", str(self.model_dir),
-                "--served-model-name", self.served_model_name, "--device", self.device, "--dtype", self.dtype,
-                "--namespace", self.namespace, "--max-batch-size", str(self.max_batch_size),
-                "--threads", str(self.worker_threads), "--discovery-backend", "file"]
-        if record is not None:
-            argv += ["--record-file", str(record)]
+        record = None
+        if engine == "vllm":
+            argv = self._vllm_argv(env)
+        else:
+            record = self.run_dir / "records" / f"worker-{i}.jsonl" if self.record else None
+            argv = [sys.executable, "-m", "dynamo_rl.serving.worker", "--model-path", str(self.model_dir),
+                    "--served-model-name", self.served_model_name, "--device", self.device, "--dtype", self.dtype,
+                    "--namespace", self.namespace, "--component", self._component(engine),
+                    "--max-batch-size", str(self.max_batch_size),
+                    "--threads", str(self.worker_threads), "--discovery-backend", "file"]
+            if record is not None:
+                argv += ["--record-file", str(record)]
         w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
-                        system_url=f"http://{LOOPBACK}:{port}", record_file=record)
+                        system_url=f"http://{LOOPBACK}:{port}", record_file=record, engine=engine)
         with self._lock:
             self.workers.append(w)
-        self._say(f"worker-{i} starting (pid {w.pid}), control {w.system_url}")
+        self._say(f"worker-{i} ({engine}) starting (pid {w.pid}), control {w.system_url}")
         return w
+
+    def _component(self, engine: str) -> str:
+        """The Dynamo component of a worker. In a mixed fleet our workers get their own
+        (``dynamo-rl``): the frontend keeps one worker set per namespace/component/endpoint
+        and rejects a worker whose model card differs from the set's first one (1.6.1:
+        "Rejected incompatible workers"), and the two engines' cards differ (KV block size,
+        runtime config); a model may be served by several worker sets."""
+        return "dynamo-rl" if engine == "dynamo-rl" and len(set(self.engines) | {self.default_engine}) > 1 \
+            else "backend"
+
+    def _vllm_argv(self, env: dict[str, str]) -> list[str]:
+        """``python -m dynamo.vllm`` on loopback, CPU settings from ``../shared/notes/vllm.md``."""
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise StackError(f"vLLM workers run on 'cpu' or 'cuda', not {self.device!r}")
+        env.update({
+            "DYN_SYSTEM_ENABLED": "true",
+            "DYN_NAMESPACE": self.namespace,
+            "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),   # GiB; vLLM's default is large
+            "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),  # workers share the cores
+            "VLLM_LOGGING_COLOR": "0",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        })
+        max_len = self.max_model_len or _max_position_embeddings(self.model_dir)
+        argv = [self.vllm_python, "-m", "dynamo.vllm", "--model", str(self.model_dir),
+                "--served-model-name", self.served_model_name, "--enable-rl",
+                "--worker-extension-cls", VLLM_EXTENSION,
+                "--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq",
+                "--dtype", self.dtype, "--max-num-seqs", str(self.max_batch_size)]
+        if max_len:
+            argv += ["--max-model-len", str(max_len)]
+        if self.device == "cpu":
+            argv += ["--enforce-eager"]
+        return argv
 
     def _wait_ready(self, new: list[WorkerProcess], t0: float) -> None:
         import httpx
@@ -433,16 +542,12 @@ class LocalStack:
             while True:
                 self.check()
                 for w in list(pending):
-                    try:
-                        r = http.get(f"{w.system_url}/engine/info")
-                        info = r.json() if r.status_code == 200 else None
-                    except (httpx.HTTPError, ValueError):
-                        info = None
-                    if info and info.get("instance_id") is not None:
-                        w.instance_id = info["instance_id"]
+                    found = self._probe(http, w)
+                    if found is not None:
+                        w.instance_id, version = found
                         pending.remove(w)
-                        self._say(f"worker-{w.index} answers /engine/info (instance {w.instance_id}, "
-                                  f"weights v{info.get('weights_version')})")
+                        self._say(f"worker-{w.index} ({w.engine}) is instance {w.instance_id}, weight version "
+                                  f"{version!r}, {time.monotonic() - t0:.0f}s")
                 if not model_listed:
                     try:
                         r = http.get(f"{self.frontend_url}/v1/models")
@@ -467,6 +572,26 @@ class LocalStack:
                     raise StackError(f"stack not ready after {self.startup_timeout_s:.0f} s (waiting for {waiting}; "
                                      f"model listed: {model_listed})\n{logs}")
                 time.sleep(0.25)
+
+    @staticmethod
+    def _probe(http, w: WorkerProcess):
+        """``(instance_id, weight_version)`` once the worker's system server names its
+        ``generate`` instance in ``/metrics`` and answers ``get_weight_version`` (the RL
+        routes are up); ``None`` before."""
+        import httpx
+
+        try:
+            r = http.get(f"{w.system_url}/metrics")
+            iid = worker_id_from_metrics(r.text) if r.status_code == 200 else None
+            if iid is None:
+                return None
+            v = http.post(f"{w.system_url}/engine/get_weight_version", json={})
+            body = v.json() if v.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return None
+        if body.get("status") != "ok":
+            return None
+        return iid, body.get("version")
 
     def _crash_report(self, c: ChildProcess) -> str:
         rc = c.popen.poll()

@@ -336,25 +336,40 @@ class Worker:
 
     # ------------------------------------------------------------- control plane
     def routes(self) -> dict[str, Any]:
-        """``{route_name: async fn(body) -> dict}`` for ``rt.register_engine_route``."""
-        return {
-            "info": self._guard(self.info),
-            "pause_generation": self._guard(self.pause_generation),
-            "resume_generation": self._guard(self.resume_generation),
-            "flush_cache": self._guard(self.flush_cache),
-            "update_weights": self._guard(self.update_weights),
-        }
+        """``{route_name: async fn(body) -> dict}`` for ``rt.register_engine_route``: Dynamo
+        1.6.1's RL admin routes (the names and bodies ``dynamo.vllm --enable-rl`` serves) plus
+        our ``info``."""
+        return {name: self._guard(fn) for name, fn in {
+            "info": self.info,
+            "liveness_probe": self.liveness_probe,
+            "pause_generation": self.pause_generation,
+            "resume_generation": self.resume_generation,
+            "flush_cache": self.flush_cache,
+            "abort_request": self.abort_request,
+            "get_weight_version": self.get_weight_version,
+            "set_weight_version": self.set_weight_version,
+            "update_weights_from_disk": self.update_weights_from_disk,
+            "update_weights_from_distributed": self.update_weights_from_distributed,
+            "update_weights_from_tensor": self.update_weights_from_tensor,
+            "init_weights_update_group": self.init_weights_update_group,
+            "destroy_weights_update_group": self.destroy_weights_update_group,
+        }.items()}
 
     @staticmethod
     def _guard(fn):
+        """Dynamo's answer shape: ``{"status": "ok", ...}`` or ``{"status": "error", "message":
+        msg}``, plus our ``"code"`` (HTTP-like status) on errors. A route never raises."""
         async def route(body: dict | None) -> dict:
+            if body is not None and not isinstance(body, dict):
+                return {"status": "error", "message": "request body must be a JSON object", "code": 400}
             try:
-                return await fn(body or {})
+                out = await fn(body or {})
+                return {"status": "ok", **out}
             except RouteError as e:
-                return {"error": str(e), "status": e.status}
+                return {"status": "error", "message": str(e), "code": e.status}
             except Exception as e:  # noqa: BLE001 - a route must answer, never raise
                 log.exception("route %s failed", fn.__name__)
-                return {"error": f"{type(e).__name__}: {e}", "status": 500}
+                return {"status": "error", "message": f"{type(e).__name__}: {e}", "code": 500}
 
         route.__name__ = fn.__name__
         return route
@@ -431,64 +446,163 @@ class Worker:
             raise RouteError(f"{what} arrived {late:.2f} s after its deadline_unix_s; nothing was done "
                              "(the caller has given up on it)", 408)
 
+    async def liveness_probe(self, body: dict) -> dict:
+        why = self.engine.unhealthy
+        return {"alive": why is None, **({"message": why} if why else {})}
+
     async def pause_generation(self, body: dict) -> dict:
+        """Dynamo's ``pause_generation {mode, clear_cache}``. ``wait`` drains (our ``timeout_s``
+        bounds it: requests still running then are ended), ``abort`` ends in-flight requests
+        at the next step, ``keep`` is answered as ``wait``: this engine cannot hold a request
+        mid-stream across a weight swap without mixing versions in its response."""
         self._check_deadline(body, "pause_generation")
+        mode = body.get("mode", "keep")
+        if mode not in ("keep", "wait", "abort"):
+            raise RouteError(f"Invalid mode '{mode}'; expected keep|wait|abort", 400)
         timeout = body.get("timeout_s")
-        res = await self.engine.pause(timeout_s=None if timeout is None else float(timeout))
-        return {"status": "ok", "paused": True, "weights_version": self.engine.weights_version, **(res or {})}
+        timeout = 0.0 if mode == "abort" else (None if timeout is None else float(timeout))
+        res = await self.engine.pause(timeout_s=timeout)
+        if body.get("clear_cache"):
+            res = {**(res or {}), **self.engine.flush_cache()}
+        return {"message": "Engine paused", "mode": "wait" if mode == "keep" else mode, "requested_mode": mode,
+                "clear_cache": bool(body.get("clear_cache", False)), "weights_version": self.engine.weights_version,
+                **(res or {})}
 
     async def resume_generation(self, body: dict) -> dict:
         res = await self.engine.resume()
-        return {"status": "ok", "paused": False, "weights_version": self.engine.weights_version, **(res or {})}
+        return {"message": "Engine resumed", "weights_version": self.engine.weights_version, **(res or {})}
 
     async def flush_cache(self, body: dict) -> dict:
         try:
             res = self.engine.flush_cache()
         except RuntimeError as e:  # requests are running: pause first
             raise RouteError(str(e), 409) from None
-        return {"status": "ok", **(res or {})}
+        return {"message": "Cache flushed", **(res or {})}
 
-    async def update_weights(self, body: dict) -> dict:
-        """Load weights version ``body["version"]`` from ``path`` or from a refit ``publisher``."""
-        version = body.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise RouteError(f"update_weights needs an integer 'version' >= 0, got {version!r}", 400)
-        has_path, has_pub = body.get("path") is not None, body.get("publisher") is not None
-        if has_path == has_pub:
-            raise RouteError(
-                "update_weights needs exactly one source: {'version', 'path': <safetensors dir>} or "
-                "{'version', 'publisher': <manifest URL>, 'transport': 'shm'|'dist'|'nixl'|null}", 400)
-        self._check_deadline(body, "update_weights")
+    async def abort_request(self, body: dict) -> dict:
+        request_id = body.get("request_id")
+        if not request_id:
+            raise RouteError("Missing 'request_id' in body", 400)
+        return {"request_id": request_id, "aborted": self.engine.abort(str(request_id))}
+
+    async def get_weight_version(self, body: dict) -> dict:
+        """Dynamo's answer plus our ``paused`` (stock workers do not say)."""
+        return {"version": self.engine.weights_version, "version_declared": True, "paused": self.engine.paused}
+
+    async def set_weight_version(self, body: dict) -> dict:
+        if "weight_version" not in body:
+            raise RouteError("Missing 'weight_version' in body", 400)
+        version = self._version(body["weight_version"], "set_weight_version")
         async with self._weights_lock:
-            self._check_deadline(body, "update_weights")
+            if version < self.engine.weights_version:
+                raise RouteError(f"weight_version {version} is older than the served version "
+                                 f"{self.engine.weights_version}; versions only move forward", 409)
+            self.engine.weights_version = version
+        return {"version": version}
+
+    async def update_weights_from_tensor(self, body: dict) -> dict:
+        raise RouteError("update_weights_from_tensor is not implemented", 501)
+
+    async def init_weights_update_group(self, body: dict) -> dict:
+        raise RouteError("this worker needs no weight-update group: update_weights_from_distributed names the "
+                         "trainer's refit publisher in every call", 501)
+
+    async def destroy_weights_update_group(self, body: dict) -> dict:
+        return await self.init_weights_update_group(body)
+
+    @staticmethod
+    def _version(v: Any, route: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise RouteError(f"{route}: this worker's weight versions are integers >= 0, got {v!r}", 400)
+        return v
+
+    def _require_paused(self, body: dict, route: str) -> None:
+        """Dynamo's rule: an update is refused unless paused (or ``allow_unpaused`` without a
+        prefix-cache reset). Our engine would drain itself; the rule is kept so that both
+        kinds of worker behave alike."""
+        allow = body.get("allow_unpaused", False)
+        reset = body.get("reset_prefix_cache", True)
+        if not isinstance(allow, bool) or not isinstance(reset, bool):
+            raise RouteError("'allow_unpaused' and 'reset_prefix_cache' must be booleans", 400)
+        if allow and reset:
+            raise RouteError("Unpaused weight updates cannot reset the prefix cache. Set 'reset_prefix_cache' "
+                             "to false or pause generation first.", 400)
+        if not self.engine.paused and not allow:
+            raise RouteError("Worker must be paused via pause_generation() before updating weights. Call "
+                             "pause_generation() first, then update, then resume_generation().", 409)
+
+    async def update_weights_from_disk(self, body: dict) -> dict:
+        """Dynamo's ``update_weights_from_disk {model_path, weight_version}``: load the
+        safetensors checkpoint directory ``model_path`` as weights version ``weight_version``."""
+        self._require_paused(body, "update_weights_from_disk")
+        path = body.get("model_path")
+        if not path:
+            raise RouteError("Missing 'model_path' in body", 400)
+        rpc = body.get("engine_rpc", "reload_weights")
+        if rpc != "reload_weights":
+            raise RouteError(f"update_weights_from_disk: engine_rpc {rpc!r} is not served here; omit it "
+                             "(reload_weights)", 400)
+        return await self._update(body, self._declared_version(body, "update_weights_from_disk"),
+                                  {"path": str(path)})
+
+    async def update_weights_from_distributed(self, body: dict) -> dict:
+        """Dynamo's ``update_weights_from_distributed`` with ``engine_rpc`` =
+        ``dynamo_rl_update_weights`` (the rpc of our vLLM worker extension, served here by the
+        worker itself): pull ``weight_version`` from the refit ``publisher``."""
+        from dynamo_rl.refit.control import UPDATE_RPC
+
+        self._require_paused(body, "update_weights_from_distributed")
+        rpc = body.get("engine_rpc", "update_weights_from_path")
+        if rpc != UPDATE_RPC:
+            raise RouteError(f"update_weights_from_distributed: engine_rpc {rpc!r} is not served by this worker; "
+                             f"send engine_rpc={UPDATE_RPC!r} with 'publisher' (and 'transport')", 400)
+        version = self._declared_version(body, "update_weights_from_distributed")
+        if body.get("version") is not None and body["version"] != version:
+            raise RouteError(f"'version' {body['version']!r} and 'weight_version' {version!r} differ; send one "
+                             "number", 400)
+        if not body.get("publisher"):
+            raise RouteError(f"{UPDATE_RPC} needs 'publisher' (the trainer's refit publisher URL)", 400)
+        return await self._update(body, version, {k: body[k] for k in ("publisher", "transport", "in_place",
+                                                                       "timeout_s") if k in body})
+
+    def _declared_version(self, body: dict, route: str) -> int:
+        if "weight_version" not in body:
+            raise RouteError(f"{route}: this worker needs 'weight_version' (an integer >= 0)", 400)
+        return self._version(body["weight_version"], route)
+
+    async def _update(self, body: dict, version: int, source: dict) -> dict:
+        """Load weights ``version`` from ``source`` ``{"path"}`` or ``{"publisher", "transport", "in_place"}``."""
+        self._check_deadline(body, "update")
+        async with self._weights_lock:
+            self._check_deadline(body, "update")
             current = self.engine.weights_version
             if version < current:
                 raise RouteError(
                     f"weights version {version} is older than the served version {current}; "
                     "send a version >= the current one (versions only move forward)", 409)
             if version == current and self.engine.weights_partial is None:
-                return {"noop": True, "version": version, "bytes": 0, "tensors": 0, "seconds": 0.0}
+                return {"noop": True, "version": version, "version_declared": True, "bytes": 0, "tensors": 0,
+                        "seconds": 0.0}
             # (the served version again while the weights are partial: a reload, which recovers)
             t0 = time.perf_counter()
-            in_place = bool(body.get("in_place", False))
-            if in_place and has_path:
-                raise RouteError("update_weights: in_place needs a 'publisher' source, not 'path'", 400)
+            in_place = bool(source.get("in_place", False))
+            has_path = "path" in source
             if in_place and self._receiver is not None and self._receiver.last_version is not None:
-                res = await self._load_in_place(body, version)
+                res = await self._load_in_place(source, version)
                 report = {"source": "publisher", "in_place": True, **dict(res.pop("fill"))}
             else:
                 if has_path:
-                    tensors = await asyncio.to_thread(self._load_checkpoint, str(body["path"]))
+                    tensors = await asyncio.to_thread(self._load_checkpoint, source["path"])
                     report: dict[str, Any] = {"source": "path"}
                 else:
-                    tensors, report = await self._pull(body)
+                    tensors, report = await self._pull(source, version)
                     report = {"source": "publisher", "in_place": False, **dict(report)}
-                self._check_deadline(body, "update_weights")
+                self._check_deadline(body, "update")
                 # in_place, first time: adopt the staged pull, so the parameters become the
                 # views of the receiver's one buffer and later in-place pulls coalesce
                 res = await self._load(tensors, version, adopt=True if in_place else None)
-            res = {**report, **res, "seconds": res.get("seconds", time.perf_counter() - t0),
-                   "total_seconds": time.perf_counter() - t0}
+            res = {**report, **res, "version": version, "version_declared": True,
+                   "seconds": res.get("seconds", time.perf_counter() - t0), "total_seconds": time.perf_counter() - t0}
             log.info("weights version %s loaded: %s", version, res)
             return res
 
@@ -560,7 +674,7 @@ class Worker:
                 tensors[name] = t.to(spec[1])
         return tensors
 
-    async def _pull(self, body: dict):
+    async def _pull(self, body: dict, version: int):
         try:
             from dynamo_rl.refit import errors as rerr
             from dynamo_rl.refit.receiver import Receiver
@@ -571,7 +685,7 @@ class Worker:
             layout = self.engine.layout
             self._receiver = Receiver(tp_rank=int(layout.get("tp_rank", 0)), tp_size=int(layout.get("tp_size", 1)),
                                       param_specs=self.engine.param_specs(), device=self.device)
-        version, url = int(body["version"]), str(body["publisher"])
+        url = str(body["publisher"])
         try:
             return await asyncio.to_thread(self._receiver.pull, url, version, body.get("transport"),
                                            float(body.get("timeout_s", 120.0)))
