@@ -169,6 +169,10 @@ async def test_bad_arguments_and_unreachable_frontend_touch_nothing():
         await refit_all(nobody, resolver, -1, {"path": "/x"})
     with pytest.raises(ValueError, match="missing must be 'error' or 'warn'"):
         await refit_all(nobody, resolver, 1, {"path": "/x"}, missing="ignore")
+    with pytest.raises(ValueError, match=r"pause_mode must be one of \['wait', 'keep', 'abort'\]"):
+        await refit_all(nobody, resolver, 1, {"path": "/x"}, pause_mode="later")
+    with pytest.raises(ValueError, match=r"unknown keys \['verison'\]"):
+        await refit_all(nobody, resolver, 1, {"publisher": "http://p", "verison": 2})
     with pytest.raises(DiscoveryError, match=rf"frontend health {nobody}/health did not answer"):
         await refit_all(nobody, resolver, 1, {"path": "/x"})
 
@@ -191,7 +195,7 @@ async def test_discovery_maps_every_instance_and_rejects_bad_resolvers(stack):
         # a mapping that points an instance at another worker's URL is refused
         a, b = sorted(urls)[:2]
         swapped = {**urls, a: urls[b], b: urls[a]}
-        with pytest.raises(DiscoveryError, match="reports instance_id"):
+        with pytest.raises(DiscoveryError, match="its /metrics name instance"):
             await discover_instances(stack.frontend_url, StaticResolver(swapped))
         # an instance without a control URL: refit refuses before touching any worker
         partial = {k: v for k, v in urls.items() if k != a}
@@ -275,7 +279,7 @@ async def test_missing_warn_skips_instance_loudly(stack, checkpoints):
     await refit_all(stack.frontend_url, stack.control_urls, 3, {"path": checkpoints(3)}, concurrency=1,
                     on_event=events.append)
     order = sorted(urls, key=str)
-    stages = ["paused", "updated", "flushed", "resumed"]
+    stages = ["paused", "updated", "verified", "resumed"]
     assert [(e.instance_id, e.stage) for e in events] == \
         [(i, st) for i in order for st in stages] + [(None, "pass_done")]
     await _assert_serves_all(stack, 3)
@@ -293,8 +297,11 @@ async def test_failed_worker_stays_paused_others_resume_and_serve(stack, checkpo
     victim = sorted(urls)[1]
     async with httpx.AsyncClient(timeout=60) as client:
         # the victim already holds version 10, so it refuses version 4 (409, not retried)
-        r = await client.post(f"{urls[victim]}/engine/update_weights", json={"version": 10, "path": checkpoints(10)})
+        await client.post(f"{urls[victim]}/engine/pause_generation", json={"mode": "wait"})
+        r = await client.post(f"{urls[victim]}/engine/update_weights_from_disk",
+                              json={"model_path": checkpoints(10), "weight_version": 10})
         assert r.json()["version"] == 10, r.text
+        await client.post(f"{urls[victim]}/engine/resume_generation", json={})
         with pytest.raises(RefitCycleError) as ei:
             await refit_all(stack.frontend_url, stack.control_urls, 4, {"path": checkpoints(4)})
         err = ei.value

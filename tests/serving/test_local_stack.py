@@ -153,7 +153,7 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
         out = "".join(lines)
         assert "Ctrl-C to stop" in out, out[-3000:]
         url = re.search(r"http://127\.0\.0\.1:\d+(?=\s)", out.split("frontend (OpenAI API)")[1]).group(0)
-        assert re.search(r"http://127\.0\.0\.1:\d+/engine/info", out)
+        assert re.search(r"http://127\.0\.0\.1:\d+/engine/get_weight_version", out)
         r = httpx.post(f"{url}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 2})
         assert r.status_code == 200, r.text

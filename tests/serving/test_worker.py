@@ -60,6 +60,22 @@ def control(worker, route: str, body: dict | None = None) -> dict:
     return r.json()
 
 
+def update(worker, version, *, path=None, publisher=None, **extra) -> dict:
+    """One update through Dynamo's routes, inside pause → update → resume, as the orchestrator
+    sends it: ``update_weights_from_disk`` for ``path``, else ``update_weights_from_distributed``."""
+    if path is not None:
+        route, body = "update_weights_from_disk", {"model_path": str(path), "weight_version": version}
+    else:
+        route, body = "update_weights_from_distributed", {
+            "engine_rpc": "dynamo_rl_update_weights", "weight_version": version, "version": version,
+            "publisher": publisher}
+    control(worker, "pause_generation", {"mode": "wait"})
+    try:
+        return control(worker, route, {**body, **extra})
+    finally:
+        control(worker, "resume_generation")
+
+
 def ref_logprobs(model, prompt, gen) -> torch.Tensor:
     """log_softmax of the raw logits at each generated token, one full-sequence forward (fp32)."""
     with torch.no_grad():
@@ -278,7 +294,7 @@ def test_pause_holds_new_tokens_and_resume_releases_them(serving_stack):
     workers = serving_stack.workers
     for w in workers:
         res = control(w, "pause_generation")
-        assert res["paused"] is True and info(w)["paused"] is True
+        assert (res["status"], res["paused"]) == ("ok", True) and info(w)["paused"] is True
     t, chunks = _stream_in_background(serving_stack, max_tokens=4)
     try:
         deadline = time.monotonic() + 60
@@ -323,7 +339,8 @@ def test_pause_with_timeout_aborts_stragglers_visibly(serving_stack):
     aborted = 0
     try:
         for w in serving_stack.workers:
-            res = control(w, "pause_generation", {"timeout_s": 0.0})
+            res = control(w, "pause_generation", {"mode": "abort"})
+            assert res["mode"] == "abort"
             aborted += res["aborted"]
             assert info(w)["stats"]["requests_running"] == 0
     finally:
@@ -348,7 +365,7 @@ def test_flush_empties_the_kv_cache(serving_stack):
         control(w, "pause_generation")
         try:
             res = control(w, "flush_cache")
-            assert "error" not in res, res
+            assert res["status"] == "ok", res
             freed += res["freed_tokens"]
             assert info(w)["stats"]["kv_cache_tokens"] == 0
         finally:
@@ -363,11 +380,19 @@ def test_update_weights_from_checkpoint(serving_stack, hf_tiny, tmp_path):
     old = {tuple(p): complete(serving_stack, p, max_tokens=8, temperature=0.0)["nvext"]["completion_token_ids"]
            for p in prompts}
     assert all(ids == ref_greedy(hf_tiny, p, 8) for p, ids in zip(prompts, old.values()))
+    w = serving_stack.workers[0]
+    # Dynamo's rule: an update while not paused is refused, with Dynamo's message
+    refused = control(w, "update_weights_from_disk", {"model_path": str(ckpt), "weight_version": 1})
+    assert refused["status"] == "error" and refused["message"].startswith(
+        "Worker must be paused via pause_generation() before updating weights"), refused
+    assert control(w, "get_weight_version") == {"status": "ok", "version": 0, "version_declared": True,
+                                                 "paused": False}
     for w in serving_stack.workers:
-        res = control(w, "update_weights", {"version": 1, "path": str(ckpt)})
-        assert "error" not in res, res
-        assert res["version"] == 1 and res["tensors"] > 0 and res["bytes"] > 0
+        res = update(w, 1, path=ckpt)
+        assert res["status"] == "ok", res
+        assert res["version"] == 1 and res["version_declared"] is True and res["tensors"] > 0 and res["bytes"] > 0
         assert info(w)["weights_version"] == 1
+        assert control(w, "get_weight_version")["version"] == 1
     for p in prompts:
         for _ in serving_stack.workers:   # round-robin: every worker serves the new weights
             resp = complete(serving_stack, p, max_tokens=8, temperature=0.0)
@@ -378,19 +403,20 @@ def test_update_weights_from_checkpoint(serving_stack, hf_tiny, tmp_path):
     assert any(ref_greedy(new_model, p, 8) != list(ids) for p, ids in old.items())
 
     w = serving_stack.workers[0]
-    assert control(w, "update_weights", {"version": 1, "path": str(ckpt)})["noop"] is True
-    stale = control(w, "update_weights", {"version": 0, "path": str(ckpt)})
-    assert stale["status"] == 409 and "older than the served version 1" in stale["error"]
-    missing = control(w, "update_weights", {"version": 2, "path": str(tmp_path / "nowhere")})
-    assert missing["status"] == 404 and "nowhere" in missing["error"]
+    assert update(w, 1, path=ckpt)["noop"] is True
+    stale = update(w, 0, path=ckpt)
+    assert stale["code"] == 409 and "older than the served version 1" in stale["message"]
+    missing = update(w, 2, path=tmp_path / "nowhere")
+    assert missing["code"] == 404 and "nowhere" in missing["message"]
     wrong = save_checkpoint(build_tiny_model(TinyModelSpec(seed=2, intermediate_size=256)), tmp_path / "wrong")
-    mismatch = control(w, "update_weights", {"version": 2, "path": str(wrong)})
-    assert mismatch["status"] == 422 and "mlp" in mismatch["error"], mismatch
-    assert control(w, "update_weights", {"path": str(ckpt)})["status"] == 400
-    late = control(w, "update_weights", {"version": 2, "path": str(ckpt), "deadline_unix_s": time.time() - 1})
-    assert late["status"] == 408 and "deadline" in late["error"]
+    mismatch = update(w, 2, path=wrong)
+    assert mismatch["code"] == 422 and "mlp" in mismatch["message"], mismatch
+    no_version = update(w, 2, path=ckpt, weight_version=None)
+    assert no_version["code"] == 400 and "integers >= 0" in no_version["message"], no_version
+    late = update(w, 2, path=ckpt, deadline_unix_s=time.time() - 1)
+    assert late["code"] == 408 and "deadline" in late["message"]
     late = control(w, "pause_generation", {"deadline_unix_s": time.time() - 1})
-    assert late["status"] == 408 and info(w)["paused"] is False
+    assert late["code"] == 408 and info(w)["paused"] is False
     # the failures left the served weights alone
     assert info(w)["weights_version"] == 1
     for _ in serving_stack.workers:
@@ -404,16 +430,16 @@ def test_update_weights_from_refit_publisher(serving_stack):
     from dynamo_rl.refit.publisher import Publisher
 
     model = distinct_model(seed=2)
-    gone = control(serving_stack.workers[0], "update_weights",
-                   {"version": 2, "publisher": "http://127.0.0.1:9/gone", "transport": "shm", "timeout_s": 5})
-    assert gone["status"] == 502 and "PublisherGoneError" in gone["error"], gone
+    gone = update(serving_stack.workers[0], 2, publisher="http://127.0.0.1:9/gone", transport="shm", timeout_s=5)
+    assert gone["code"] == 502 and "PublisherGoneError" in gone["message"], gone
+    assert control(serving_stack.workers[0], "get_weight_version")["version"] == 1
     assert info(serving_stack.workers[0])["weights_version"] == 1
     pub = Publisher(transport="shm")
     try:
         pub.publish(2, dict(model.state_dict()), naming="hf", model_config=model.config.to_dict())
         for w in serving_stack.workers:
-            res = control(w, "update_weights", {"version": 2, "publisher": pub.url, "transport": "shm"})
-            assert "error" not in res, res
+            res = update(w, 2, publisher=pub.url, transport="shm")
+            assert res["status"] == "ok", res
             assert res["version"] == 2 and res["source"] == "publisher" and res["transport"] == "shm"
     finally:
         pub.close()
@@ -438,8 +464,8 @@ def test_update_weights_in_place_from_refit_publisher(serving_stack):
             v = base + i
             pub.publish(v, dict(models[i].state_dict()), naming="hf", model_config=models[i].config.to_dict())
             for w in serving_stack.workers:
-                res = control(w, "update_weights", {"version": v, "publisher": pub.url, "in_place": True})
-                assert "error" not in res, res
+                res = update(w, v, publisher=pub.url, in_place=True)
+                assert res["status"] == "ok", res
                 assert res["version"] == v and res["in_place"] is True, res
                 assert res["control"] == ("shm_state" if i == 2 else "http"), res
             for _ in serving_stack.workers:
@@ -451,17 +477,17 @@ def test_update_weights_in_place_from_refit_publisher(serving_stack):
         pub.publish(v, dict(models[3].state_dict()), naming="hf", model_config=models[3].config.to_dict())
         pub.publish(v + 1, dict(models[3].state_dict()), naming="hf", model_config=models[3].config.to_dict())
         w = serving_stack.workers[0]
-        res = control(w, "update_weights", {"version": v, "publisher": pub.url, "in_place": True, "timeout_s": 5})
-        assert res["status"] == 409 and "before any weight was written" in res["error"], res
+        res = update(w, v, publisher=pub.url, in_place=True, timeout_s=5)
+        assert res["code"] == 409 and "before any weight was written" in res["message"], res
         state = info(w)
         assert state["weights_version"] == base + 2 and state["weights_partial"] is None
         ids, _, data = completion_result(complete(serving_stack, PROMPT, max_tokens=8, temperature=0.0))
         assert data["weights_version"] == base + 2
-        bad = control(w, "update_weights", {"version": v + 5, "path": "/nonexistent", "in_place": True})
-        assert bad["status"] == 400 and "in_place needs a 'publisher'" in bad["error"]
+        bad = update(w, v + 5, publisher=pub.url, engine_rpc="update_weights_from_path")
+        assert bad["code"] == 400 and "engine_rpc 'update_weights_from_path' is not served" in bad["message"]
         for w in serving_stack.workers:
-            res = control(w, "update_weights", {"version": v + 1, "publisher": pub.url, "in_place": True})
-            assert "error" not in res and res["version"] == v + 1, res
+            res = update(w, v + 1, publisher=pub.url, in_place=True)
+            assert res["status"] == "ok" and res["version"] == v + 1, res
     finally:
         pub.close()
 

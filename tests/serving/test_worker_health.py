@@ -66,7 +66,9 @@ async def test_partial_weights_are_not_ready_and_a_dead_loop_is_fatal():
             # the served version (1) again, through the worker's route: a reload, not a no-op
             with Publisher() as again:
                 again.publish(1, sd, model_config=cfg)
-                res = await worker.update_weights({"version": 1, "publisher": again.url})
+                res = await worker.update_weights_from_distributed(
+                    {"engine_rpc": "dynamo_rl_update_weights", "weight_version": 1, "publisher": again.url,
+                     "allow_unpaused": True, "reset_prefix_cache": False})
             assert "noop" not in res and res["version"] == 1 and res["tensors"] == len(sd), res
             await until(lambda: ready == [True, False, True], "ready again")
             assert (await worker.info({}))["unhealthy"] is None and fatal == []

@@ -129,8 +129,13 @@ class RefitConfig(_Section):
     """How new weights reach the serving workers after every step.
 
     ``transport``: ``shm`` (same host, shared memory / CUDA IPC), ``dist``
-    (torch.distributed gloo/NCCL), ``nixl``, or ``checkpoint`` (a safetensors directory the
-    workers read; slowest, works anywhere a shared filesystem exists).
+    (torch.distributed gloo/NCCL), ``nixl`` — pulled by the workers through Dynamo's
+    ``update_weights_from_distributed`` — or ``checkpoint``: the trainer writes a safetensors
+    checkpoint under ``<run_dir>/refit/`` and the workers load it through Dynamo's
+    ``update_weights_from_disk`` (slowest; works wherever the workers can read that path).
+    ``pause_mode``: Dynamo's ``pause_generation`` mode during a refit: ``wait`` (in-flight
+    requests finish on the old weights), ``abort`` (they are ended), ``keep`` (they go on
+    after the resume, on the new weights: those responses mix two versions).
     ``control_urls``: the workers' system servers (``http://host:DYN_SYSTEM_PORT``) when
     generation is remote; the embedded stack fills them itself.
     ``in_place``: see ``Engine.load_weights_in_place`` (off: the safe staged path, where a
@@ -141,6 +146,7 @@ class RefitConfig(_Section):
     timeout_s: float = Field(120.0, gt=0)
     publisher_host: str = Field("127.0.0.1", description="address the trainer's publisher binds (pod IP on K8s)")
     control_urls: list[str] = Field(default_factory=list)
+    pause_mode: Literal["wait", "keep", "abort"] = "wait"
     in_place: bool = Field(
         False, description="workers pull new weights straight into their live parameters (one pass over "
                            "the bytes, CUDA graphs kept; fastest on GPUs). A pull failing part-way leaves a "
@@ -160,13 +166,41 @@ class LoggingConfig(_Section):
     wandb_project: str = "dynamo-rl"
 
 
+WorkerEngine = Literal["dynamo-rl", "vllm"]
+
+
 class ClusterConfig(_Section):
-    """The embedded local Dynamo stack (ignored when generation points at a deployment)."""
+    """The embedded local Dynamo stack (ignored when generation points at a deployment).
+
+    ``engine``: the workers' kind: ``dynamo-rl`` (our worker) or ``vllm`` (Dynamo's stock
+    ``python -m dynamo.vllm --enable-rl`` with our refit worker extension), or a list with
+    one kind per worker (a mixed fleet; ``workers`` then defaults to its length).
+    ``vllm_python``: the vLLM environment's Python (default: ``$DYNAMO_RL_VLLM_PYTHON``, else
+    ``.venv-vllm/bin/python``, built by ``make vllm``).
+    """
 
     workers: int = Field(2, ge=1)
+    engine: WorkerEngine | list[WorkerEngine] = "dynamo-rl"
+    vllm_python: str | None = None
     worker_threads: int = Field(1, ge=1, description="torch threads per worker process")
     worker_device: str = "cpu"
     startup_timeout_s: float = Field(180.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind_per_worker(self):
+        if isinstance(self.engine, list):
+            if not self.engine:
+                raise ValueError("cluster.engine: an empty list; give one kind per worker, e.g. [vllm, dynamo-rl]")
+            if "workers" not in self.model_fields_set:
+                object.__setattr__(self, "workers", len(self.engine))
+            elif self.workers != len(self.engine):
+                raise ValueError(f"cluster.engine lists {len(self.engine)} worker kinds but cluster.workers is "
+                                 f"{self.workers}; give one kind per worker or drop cluster.workers")
+        return self
+
+    def engines(self) -> list[str]:
+        """One worker kind per worker."""
+        return list(self.engine) if isinstance(self.engine, list) else [self.engine] * self.workers
 
 
 class Recipe(_Section):

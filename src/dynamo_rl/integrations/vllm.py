@@ -137,9 +137,7 @@ class RefitWorkerExtension:
         tensors, report = receiver.pull(str(publisher), version, transport, float(timeout_s))
         self._dynamo_rl_check_deadline(deadline_unix_s)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            self.model_runner.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
-            _retie_lm_head(self.model_runner.model, self.model_runner.model_config.hf_config)
+        self._dynamo_rl_load(tensors.items())
         tp_rank, tp_size = _tp_position()
         report = {**report, "load_seconds": time.perf_counter() - t0, "tp_rank": tp_rank, "tp_size": tp_size,
                   "in_place": False}
@@ -149,6 +147,30 @@ class RefitWorkerExtension:
                  tp_rank, tp_size, version, report.get("bytes", 0), report.get("seconds", 0.0),
                  report["load_seconds"])
         return report
+
+    def dynamo_rl_reload_weights(self, *, weight_path: str, **_ignored: Any) -> dict:
+        """The ``engine_rpc`` of ``update_weights_from_disk`` for the checkpoint transport:
+        load every ``*.safetensors`` file of the directory ``weight_path`` (HF names).
+
+        Dynamo's default rpc (vLLM's ``reload_weights(weights_path=...)``) would do the same
+        but leave a tied ``lm_head`` on the old weights (:func:`_retie_lm_head`).
+
+        Raises:
+            FileNotFoundError: ``weight_path`` holds no ``*.safetensors`` file (nothing loaded).
+        """
+        from safetensors.torch import load_file
+
+        files = sorted(Path(weight_path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"update_weights_from_disk: {weight_path!r} holds no *.safetensors file; "
+                                    "point model_path at a checkpoint written by save_pretrained")
+        t0 = time.perf_counter()
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        self._dynamo_rl_load(tensors.items())
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return {"bytes": nbytes, "tensors": len(tensors), "seconds": time.perf_counter() - t0}
 
     def dynamo_rl_dump_weights(self, *, path: str, **_ignored: Any) -> str:
         """Write the weights this rank's kernels use to ``<path>.rank<r>.safetensors`` (vLLM names).
@@ -194,6 +216,13 @@ class RefitWorkerExtension:
         return file
 
     # ------------------------------------------------------------------ helpers
+    def _dynamo_rl_load(self, items) -> None:
+        """vLLM's own reload (loaders, fusing, TP sharding, kernel weight processing), then the
+        tied head re-tied."""
+        with torch.no_grad():
+            self.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+            _retie_lm_head(self.model_runner.model, self.model_runner.model_config.hf_config)
+
     def _dynamo_rl_receiver(self):
         receiver = getattr(self, "_dynamo_rl_recv", None)
         if receiver is None:

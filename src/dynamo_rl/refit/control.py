@@ -39,6 +39,7 @@ from typing import Any, Literal, Union
 import httpx
 
 __all__ = [
+    "DISK_RPC",
     "PAUSE_MODES",
     "UPDATE_RPC",
     "ControlCallError",
@@ -61,6 +62,9 @@ PAUSE_MODES: tuple[str, ...] = ("wait", "keep", "abort")
 #: ``dynamo_rl.integrations.vllm.RefitWorkerExtension`` in a vLLM worker; our worker
 #: serves the same name itself.
 UPDATE_RPC = "dynamo_rl_update_weights"
+#: the ``engine_rpc`` of ``update_weights_from_disk`` that loads a checkpoint directory and
+#: keeps a tied ``lm_head`` tied (vLLM's default ``reload_weights`` does not, on CPU)
+DISK_RPC = "dynamo_rl_reload_weights"
 
 
 @dataclass(frozen=True)
@@ -221,5 +225,5 @@ def distributed_update_body(*, version: int, publisher: str, transport: str | No
 
 def disk_update_body(*, version: int, path: str) -> dict:
     """``update_weights_from_disk`` body: the safetensors checkpoint directory ``path``
-    (readable by the worker) becomes weights ``version``."""
-    return {"model_path": str(path), "weight_version": version}
+    (readable by the worker) becomes weights ``version``, loaded by :data:`DISK_RPC`."""
+    return {"model_path": str(path), "weight_version": version, "engine_rpc": DISK_RPC}

@@ -54,6 +54,13 @@ def _check_inputs(cfg: Recipe) -> None:
     check_device(cfg.policy.device, "policy.device")
     if not cfg.generation.dynamo.is_remote:
         check_device(cfg.cluster.worker_device, "cluster.worker_device")
+        if "vllm" in cfg.cluster.engines():
+            from dynamo_rl.serving.stack import find_vllm_python
+
+            try:
+                find_vllm_python(cfg.cluster.vllm_python)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"cluster.engine: {e}") from None
     if not cfg.policy.model_path:
         return
     p = Path(cfg.policy.model_path)
@@ -187,25 +194,20 @@ async def _train(cfg: Recipe, out: Path) -> int:
 
             # the same default name as `dynamo-rl serve`: "tiny", or the checkpoint dir's name
             served = dyn.model or (model_dir.name if cfg.policy.model_path else "tiny")
-            console.print(f"[bold]starting the embedded Dynamo stack[/] ({cfg.cluster.workers} workers) in {out / 'stack'}")
+            kinds = cfg.cluster.engines()
+            what = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+            console.print(f"[bold]starting the embedded Dynamo stack[/] ({what} workers) in {out / 'stack'}")
             local = stack.enter_context(LocalStack(
                 model_dir, served_model_name=served, workers=cfg.cluster.workers, run_dir=out / "stack",
                 worker_threads=cfg.cluster.worker_threads, device=cfg.cluster.worker_device,
-                startup_timeout_s=cfg.cluster.startup_timeout_s))
+                startup_timeout_s=cfg.cluster.startup_timeout_s, engine=kinds,
+                vllm_python=cfg.cluster.vllm_python, dtype=cfg.policy.dtype))
             frontend_url = local.frontend_url
             control_urls = None
             console.print(f"frontend {frontend_url}; workers " + ", ".join(w.system_url for w in local.workers))
         gen = DynamoGeneration(cfg.generation, frontend_url=frontend_url)
         await gen.__aenter__()
         try:
-            host = cfg.refit.publisher_host
-            if dyn.dgd_name and host == "127.0.0.1":
-                from dynamo_rl.refit.discovery import pod_ip
-
-                host = pod_ip()   # the workers reach the trainer's publisher at the pod IP
-            publisher = Publisher(host=host, transport=cfg.refit.transport)
-            stack.callback(publisher.close)
-
             from dynamo_rl.refit.orchestrator import RefitTimeouts, refit_all
 
             if control_urls is None:
@@ -215,17 +217,28 @@ async def _train(cfg: Recipe, out: Path) -> int:
             else:
                 resolver = (lambda: control_urls)
             timeouts = RefitTimeouts(update_s=cfg.refit.timeout_s)
+            model_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+            if cfg.refit.transport == "checkpoint":
+                source = _checkpoint_source(trainer, out / "refit")
+            else:
+                host = cfg.refit.publisher_host
+                if dyn.dgd_name and host == "127.0.0.1":
+                    from dynamo_rl.refit.discovery import pod_ip
+
+                    host = pod_ip()   # the workers reach the trainer's publisher at the pod IP
+                publisher = Publisher(host=host, transport=cfg.refit.transport)
+                stack.callback(publisher.close)
+                source = _publisher_source(trainer, publisher, cfg)
 
             async def refit(version: int) -> dict:
                 """Publish the trainer's weights as ``version`` and refit every worker to it."""
-                params = {n: p.detach() for n, p in trainer.model.named_parameters()}
-                await asyncio.to_thread(publisher.publish, version, params, naming="hf",
-                                        model_config=trainer.model.config.to_dict())
-                rep = await refit_all(frontend_url or gen.base_url, resolver, version,
-                                      {"publisher": publisher.url, "transport": cfg.refit.transport,
-                                       "in_place": cfg.refit.in_place},
-                                      timeouts=timeouts)
-                return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": rep.total_bytes}
+                src = await source(version)
+                rep = await refit_all(frontend_url or gen.base_url, resolver, version, src, timeouts=timeouts,
+                                      pause_mode=cfg.refit.pause_mode)
+                # a stock worker does not report bytes (Dynamo passes no rpc result back): it
+                # loaded the whole model (TP=1), as the trainer counts it
+                nbytes = sum(model_bytes if w.bytes is None else w.bytes for w in rep.workers)
+                return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": nbytes}
 
             try:
                 return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start)
@@ -235,6 +248,37 @@ async def _train(cfg: Recipe, out: Path) -> int:
                 raise
         finally:
             await gen.aclose()
+
+
+def _publisher_source(trainer, publisher, cfg: Recipe):
+    """``version -> source``: publish the trainer's weights, then the workers pull them
+    (``update_weights_from_distributed``)."""
+    async def source(version: int) -> dict:
+        params = {n: p.detach() for n, p in trainer.model.named_parameters()}
+        await asyncio.to_thread(publisher.publish, version, params, naming="hf",
+                                model_config=trainer.model.config.to_dict())
+        return {"publisher": publisher.url, "transport": cfg.refit.transport, "in_place": cfg.refit.in_place}
+
+    return source
+
+
+def _checkpoint_source(trainer, root: Path):
+    """``version -> source``: write ``<root>/v<version>`` (safetensors), then the workers load it
+    (``update_weights_from_disk``). The previous version's directory is removed once the next
+    one is written (these are transfer copies, not the run's checkpoints)."""
+    from dynamo_rl.models import save_checkpoint
+
+    written: list[Path] = []
+
+    async def source(version: int) -> dict:
+        path = root / f"v{version}"
+        await asyncio.to_thread(save_checkpoint, trainer.model, path)
+        for old in written:
+            shutil.rmtree(old, ignore_errors=True)
+        written[:] = [path]
+        return {"path": str(path.resolve())}
+
+    return source
 
 
 async def _preflight(cfg: Recipe, deadline_s: float = 5.0) -> None:

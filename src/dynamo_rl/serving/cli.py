@@ -27,8 +27,19 @@ def serve(
     run_dir: Annotated[Optional[str], typer.Option(help="logs/, kv/, home/, records/ (default: a temp dir)")] = None,
     record: Annotated[bool, typer.Option(help="workers append every finished request to records/*.jsonl")] = False,
     startup_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 180.0,
+    engine: Annotated[Optional[list[str]], typer.Option(
+        "--engine", help="worker kind: dynamo-rl (ours) or vllm (Dynamo's stock `python -m dynamo.vllm "
+                         "--enable-rl` with the refit extension; needs `make vllm`). Once: every worker; "
+                         "repeated: one kind per worker, e.g. --engine vllm --engine dynamo-rl")] = None,
+    vllm_python: Annotated[Optional[str], typer.Option(
+        help="Python of the vLLM environment (default: $DYNAMO_RL_VLLM_PYTHON, else .venv-vllm/bin/python)")] = None,
 ) -> None:
-    """Serve a model with the Dynamo frontend and N dynamo-rl workers on 127.0.0.1 until Ctrl-C."""
+    """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
+
+    Workers are ours (dynamo-rl) or Dynamo's stock vLLM worker (--engine vllm); both serve
+    Dynamo's RL admin routes on their system server (pause_generation,
+    update_weights_from_distributed, get_weight_version, ...), which the table lists.
+    """
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -69,9 +80,20 @@ def serve(
         base = Path(run_dir) if run_dir else Path.home() / ".cache" / "dynamo-rl"
         model_path = str(ensure_tiny_model(base / "model-tiny"))
         console.print(f"model: the tiny Qwen3 at {model_path}")
-    stack = LocalStack(model_path, served_model_name=served_model_name, workers=workers, run_dir=run_dir,
-                       worker_threads=threads, device=device, dtype=dtype, record=record,
-                       startup_timeout_s=startup_timeout, frontend_port=port)
+    kinds: str | list[str] = "dynamo-rl"
+    if engine and len(engine) == 1:
+        kinds = engine[0]
+    elif engine:
+        kinds = list(engine)
+        workers = len(kinds)
+    try:
+        stack = LocalStack(model_path, served_model_name=served_model_name, workers=workers, run_dir=run_dir,
+                           worker_threads=threads, device=device, dtype=dtype, record=record,
+                           startup_timeout_s=startup_timeout, frontend_port=port, engine=kinds,
+                           vllm_python=vllm_python)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
+        raise typer.Exit(2) from None
     def _sigterm(*_):  # `kill <pid>` tears the stack down like Ctrl-C
         raise KeyboardInterrupt
 
@@ -95,7 +117,8 @@ def serve(
         table.add_column("URL")
         table.add_row("frontend (OpenAI API)", str(stack.frontend.pid), stack.frontend_url)
         for w in stack.workers:
-            table.add_row(f"worker-{w.index} control", str(w.pid), f"{w.system_url}/engine/info")
+            table.add_row(f"worker-{w.index} ({w.engine}) control", str(w.pid),
+                          f"{w.system_url}/engine/get_weight_version")
         console.print(table)
         console.print(
             f"try: curl -s {stack.frontend_url}/v1/completions -H 'content-type: application/json' -d "

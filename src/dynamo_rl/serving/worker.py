@@ -538,10 +538,12 @@ class Worker:
         path = body.get("model_path")
         if not path:
             raise RouteError("Missing 'model_path' in body", 400)
+        from dynamo_rl.refit.control import DISK_RPC
+
         rpc = body.get("engine_rpc", "reload_weights")
-        if rpc != "reload_weights":
+        if rpc not in ("reload_weights", DISK_RPC):
             raise RouteError(f"update_weights_from_disk: engine_rpc {rpc!r} is not served here; omit it "
-                             "(reload_weights)", 400)
+                             f"or send {DISK_RPC!r}", 400)
         return await self._update(body, self._declared_version(body, "update_weights_from_disk"),
                                   {"path": str(path)})
 
