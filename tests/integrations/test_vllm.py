@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import vllm_procs
+from greedy import greedy_decode
 from dynamo_rl.integrations.vllm import DUMP_RPC, rpc_body
 from dynamo_rl.models import TinyModelSpec, build_tiny_model, save_checkpoint
 from dynamo_rl.refit.orchestrator import RefitCycleError, refit_all
@@ -140,17 +141,6 @@ def assert_byte_identical(served: dict[str, torch.Tensor], hf: dict[str, torch.T
         assert torch.equal(got, t), f"{name} differs from the trainer's tensor"
 
 
-def hf_greedy(model, prompt, n=GREEDY) -> tuple[list[int], list[float]]:
-    """The trainer model's own greedy decoding, full forward per step; logprobs of the raw logits."""
-    ids, lps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-            ids.append(int(torch.argmax(logp)))
-            lps.append(float(logp[ids[-1]]))
-    return ids[len(prompt):], lps
-
-
 def greedy_on(fleet, instance, prompt) -> tuple[list[int], list[float]]:
     """Greedy ids and logprobs from one instance (``nvext.backend_instance_id``).
 
@@ -179,7 +169,7 @@ def assert_fleet_serves(fleet, seed: int, version: int, instances=None) -> None:
     for iid in instances or urls:
         assert control(urls[iid], "get_weight_version")["version"] == version, iid
         for prompt in PROMPTS:
-            want_ids, want_lps = hf_greedy(model, prompt)
+            want_ids, want_lps = greedy_decode(model, prompt, GREEDY)
             ids, lps = greedy_on(fleet, iid, prompt)
             assert ids == want_ids, f"instance {iid}: greedy {ids} != trainer seed {seed}: {want_ids}"
             torch.testing.assert_close(torch.tensor(lps), torch.tensor(want_lps), rtol=0, atol=1e-4)
@@ -204,7 +194,7 @@ def test_fleet_speaks_dynamos_contract(fleet):
                                                              if w.engine == "dynamo-rl"])
     for w in vllm_workers(fleet):   # (no version declared yet: compare the outputs alone)
         for prompt in PROMPTS:
-            assert greedy_on(fleet, w.instance_id, prompt)[0] == hf_greedy(build_tiny_model(), prompt)[0]
+            assert greedy_on(fleet, w.instance_id, prompt)[0] == greedy_decode(build_tiny_model(), prompt, GREEDY)[0]
 
 
 @pytest.mark.parametrize("naming,S,version,seed", [("hf", 1, 1, 101), ("megatron", 2, 2, 102)],

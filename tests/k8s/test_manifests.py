@@ -276,9 +276,11 @@ def test_stamp_recipe_with_one_dgd():
     assert stamp_recipe({}, [_dgd("g1")])["generation"] == {"backend": "dynamo", "dynamo": {"dgd_name": "g1", "namespace": "rl"}}
 
 
-def test_stamp_recipe_with_several_or_no_dgds_changes_nothing():
+def test_stamp_recipe_takes_one_dgd_or_none():
     r = {"grpo": {"num_steps": 1}}
-    assert stamp_recipe(r, [_dgd("a"), _dgd("b")]) == r and stamp_recipe(r, []) == r
+    assert stamp_recipe(r, []) == r
+    with pytest.raises(ValueError, match="2 DGDs given; pass the one that serves the policy"):
+        stamp_recipe(r, [_dgd("a"), _dgd("b")])
 
 
 def test_stamped_example_recipe_is_a_valid_recipe():

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dynamo_rl.k8s import orchestrate
-from dynamo_rl.k8s.errors import CRDMissingError, DeploymentFailed, KubeApiError, WaitTimeout
+from dynamo_rl.k8s.errors import CRDMissingError, DeploymentFailed, KubeApiError, ManifestError, WaitTimeout
 from dynamo_rl.k8s.manifests import ObjRef
 from dynamo_rl.k8s.orchestrate import check, down, run, up
 from dynamo_rl.k8s.schema import Infra, load_infra
@@ -150,8 +150,12 @@ def test_finished_rayjob_is_not_silently_reused(kube, emu, infra):
     assert res.exit_code == 0 and ("DELETE", "rayjobs", RC) in writes(emu)
 
 
-def test_two_dgds_are_both_owned_and_the_recipe_is_not_stamped(kube, emu, infra, caplog):
+def test_two_dgds_are_both_owned_and_the_policy_graph_is_stamped(kube, emu, infra):
     infra.dynamo["judge"] = infra.dynamo["serving"].model_copy(update={"name": "judge"})
+    with pytest.raises(ManifestError, match=r"(?s)declares 2 DGDs .* policyGraph: serving"):
+        run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", wait=False, timing=FAST)
+    assert not [r for r in emu.requests if r.method in ("POST", "PATCH", "DELETE")]   # nothing sent
+    infra.launch.policy_graph = "judge"
     DynamoOperator(emu)
     ray = KubeRayOperator(emu)
     res = run(kube, infra, EXAMPLES / "recipe.yaml", mode="rayjob", wait=False, timing=FAST)
@@ -159,8 +163,7 @@ def test_two_dgds_are_both_owned_and_the_recipe_is_not_stamped(kube, emu, infra,
     for name in (DGD, "judge"):
         assert emu.get("dynamographdeployments", name)["metadata"]["ownerReferences"] == [owner(res.cluster, uid)]
     job = next(r.body for r in emu.requests if r.method == "POST" and r.plural == "rayjobs")
-    assert "dgd_name" not in recipe_in(job["spec"]["entrypoint"])["generation"]["dynamo"]
-    assert "2 DGDs declared: the recipe is not stamped" in caplog.text
+    assert recipe_in(job["spec"]["entrypoint"])["generation"]["dynamo"]["dgd_name"] == "judge"
 
 
 # ------------------------------------------------------------------ rollback

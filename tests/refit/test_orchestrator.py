@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dynamo_rl.models import TinyModelSpec, build_tiny_model, save_checkpoint
+from greedy import greedy_decode
 from dynamo_rl.refit.errors import RefitError
 from dynamo_rl.refit.orchestrator import (
     DiscoveryError,
@@ -85,14 +86,7 @@ def hf_greedy(version: int, prompt=PROMPT, n: int = GREEDY_TOKENS) -> tuple[list
     Full forward per step, no cache. (Random-init tiny models all greedy-decode to a repeated
     token, so the logprobs are what tells two versions apart.)
     """
-    model = trainer_model(version)
-    ids, lps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-            ids.append(int(torch.argmax(logp)))
-            lps.append(float(logp[ids[-1]]))
-    return ids[len(prompt):], lps
+    return greedy_decode(trainer_model(version), prompt, n)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -103,6 +103,17 @@ def test_multiturn_run_keeps_token_contiguity(tmp_path):
          "http://127.0.0.1:9"),
         (["policy.device=mps"], "policy.device: 'mps' is not supported; use cpu, cuda or cuda:<index>"),
         (["cluster.worker_device=cuda:64"], "cluster.worker_device: 'cuda:64' but "),
+        # issue 18: found before anything starts, each naming the key and the fix
+        (["refit.control_urls=[http://127.0.0.1:9]"],
+         "refit.control_urls is set but the recipe starts the embedded stack"),
+        (["generation.dynamo.frontend_url=http://127.0.0.1:9"],
+         "refit.control_urls is empty: list the workers' system servers"),
+        (["refit.transport=nixl"], "refit.transport=nixl but NIXL is not installed"),
+        (["logging.wandb=true"], "logging.wandb is true but wandb is not installed"),
+        (["generation.sampling.max_tokens=100000"],
+         "max_tokens=100000 does not fit the model's context of 256 tokens"),
+        (["cluster.engine=vllm", "cluster.vllm_python=/nonexistent/python"],
+         "cluster.engine: vllm_python '/nonexistent/python' is not an executable file"),
     ],
 )
 def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message):
@@ -153,3 +164,48 @@ def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):
     _, alive = psutil.wait_procs(started, timeout=15)
     assert [f"{q.pid} {q.cmdline()}" for q in alive if q.status() != psutil.STATUS_ZOMBIE] == []
     assert _descendants_alive(before) == []
+
+
+def test_a_refit_failure_mid_run_exits_1_not_2(tmp_path, tiny_model_dir):
+    """Issue 18, defect 1: RefitError is a ValueError, yet a refit that fails at run time is a
+    runtime failure (exit 1), not bad input (2). Here the deployment serves another model
+    shape than the trainer's, so the first refit is refused by the worker (422)."""
+    from dynamo_rl.serving.stack import LocalStack
+
+    run = tmp_path / "run"
+    with LocalStack(tiny_model_dir, workers=1, run_dir=tmp_path / "stack", quiet=True) as stack:
+        p, _ = _run(["examples/grpo_tiny.yaml", f"logging.run_dir={run}",
+                     f"generation.dynamo.frontend_url={stack.frontend_url}",
+                     f"refit.control_urls=[{stack.workers[0].system_url}]", "policy.tiny.intermediate_size=256",
+                     "policy.warm_start.steps=0", "grpo.num_steps=2"], tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out[-3000:]
+    assert "RefitCycleError" in out and "refit to version 1 failed" in out and "mlp" in out, out[-3000:]
+    assert "Traceback" not in out
+    assert (run / "recipe.json").exists()   # a run that began keeps its directory
+
+
+def test_a_killed_worker_ends_the_run_with_1_and_its_log_tail_once(tmp_path):
+    """Issue 18, defects 1 and 9: a worker SIGKILLed mid-run is a runtime failure (exit 1),
+    reported with the worker's log tail exactly once."""
+    run = tmp_path / "run"
+    p = subprocess.Popen([*CLI, "examples/grpo_tiny.yaml", f"logging.run_dir={run}", *SHORT, "grpo.num_steps=200"],
+                         cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = run / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert p.poll() is None, p.stdout.read()
+            assert time.monotonic() < deadline, "no training step within 300 s"
+            time.sleep(0.5)
+        worker = next(c for c in psutil.Process(p.pid).children(recursive=True)
+                      if "dynamo_rl.serving.worker" in " ".join(c.cmdline()))
+        worker.kill()
+        out, _ = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1, out[-3000:]
+    assert out.count("last lines of") == 1, out[-6000:]
+    assert "exited with code -9" in out and "Traceback" not in out

@@ -168,6 +168,7 @@ def check_override_names(spec: dict, overrides: dict, source: str, where: str) -
     """
     import difflib
 
+    _check_override_api(spec, overrides or {}, source, where)
     for key, noun in (("services", "service"), ("components", "component")):
         ov = (overrides or {}).get(key)
         if ov is None or key not in spec:
@@ -191,6 +192,75 @@ def check_override_names(spec: dict, overrides: dict, source: str, where: str) -
                     + (f"; did you mean {close[0]!r}?" if close else "")
                     + f" (in {where}; to add a {noun}, edit a copy of the manifest)"
                 )
+
+
+def _check_override_api(spec: dict, overrides: dict, source: str, where: str) -> None:
+    """``services`` overrides (v1alpha1) on a v1beta1 DGD, or ``components`` overrides on a
+    v1alpha1 one: say so, and show the override in the DGD's own API (else the CRD check
+    says only "'services' was unexpected")."""
+    if "services" in overrides and "components" in spec and "services" not in spec:
+        names = overrides["services"] if isinstance(overrides["services"], dict) else {}
+        example = {n: {k: v for k, v in (f or {}).items() if k in ("replicas",)} or {"replicas": 2}
+                   for n, f in list(names.items())[:2]} or {"<Name>": {"replicas": 2}}
+        raise ManifestError(
+            f"{where}.services: {source} is a nvidia.com/v1beta1 DGD, whose spec lists `components` (matched by "
+            f"name), not v1alpha1 `services`. Write the override as `components`, e.g. {where}: "
+            f"{{components: {_flow(example)}}} (per-pod fields go under podTemplate.spec instead of "
+            "extraPodSpec; env is `env:`, not `envs:`)")
+    if "components" in overrides and "services" in spec and "components" not in spec:
+        raise ManifestError(
+            f"{where}.components: {source} is a nvidia.com/v1alpha1 DGD, whose spec maps `services` by name, "
+            f"not v1beta1 `components`. Write the override as `services`, e.g. {where}: "
+            "{services: {<Name>: {replicas: 2}}}")
+
+
+def _flow(obj) -> str:
+    return yaml.safe_dump(obj, default_flow_style=True, sort_keys=False).strip()
+
+
+#: component types that run an engine (v1alpha1 ``componentType``, v1beta1 ``type``)
+WORKER_TYPES = ("worker", "decode", "prefill", "main")
+
+
+def check_serving_graph(manifest: dict, source: str) -> None:
+    """A DGD the trainer generates with needs a Frontend and at least one worker.
+
+    Raises :class:`ManifestError` naming the graph, what it lacks and what it declares
+    (before any wait: without them the frontend never lists the model)."""
+    comps = dgd_components(manifest)
+    types = {c["type"] for c in comps}
+    missing = []
+    if "frontend" not in types:
+        missing.append("no Frontend (a service/component of type `frontend`)")
+    if not types.intersection(WORKER_TYPES):
+        missing.append(f"no worker (type {', '.join(f'`{t}`' for t in WORKER_TYPES[:3])})")
+    if missing:
+        name = (manifest.get("metadata") or {}).get("name", "?")
+        declared = ", ".join(f"{c['name']} ({c['type'] or 'no type'})" for c in comps) or "nothing"
+        raise ManifestError(f"{source}: DGD {name} has {' and '.join(missing)}, so its frontend would never "
+                            f"serve a model; it declares {declared}. Select a complete graph (`select:`) or add "
+                            "them to the manifest")
+
+
+def declared_served_name(manifest: dict) -> str | None:
+    """The model name a DGD's workers say outright (``--served-model-name X`` or a
+    ``SERVED_MODEL_NAME`` env), or None (``--model`` paths are only a guess)."""
+    found = None
+    for c in _iter_main_containers(manifest):
+        words: list[str] = []
+        for part in list(c.get("command") or []) + list(c.get("args") or []):
+            try:
+                words += shlex.split(str(part))
+            except ValueError:
+                words += str(part).split()
+        if "--served-model-name" in words:
+            i = words.index("--served-model-name")
+            if i + 1 < len(words) and "$" not in words[i + 1]:
+                return words[i + 1]
+        for e in c.get("env") or []:
+            if e.get("name") == "SERVED_MODEL_NAME" and e.get("value") and "$" not in str(e["value"]):
+                found = found or str(e["value"])
+    return found
 
 
 def _labels(infra: Infra, target: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -638,17 +708,22 @@ def owner_reference(owner: dict) -> dict:
 
 
 def stamp_recipe(recipe: dict, dgds: list[dict], frontend_ports: dict[str, int] | None = None) -> dict:
-    """Point the recipe's generation at the DGD when exactly one is declared.
+    """Point the recipe's generation at the policy's DGD.
 
-    Writes ``generation.backend: dynamo``, ``generation.dynamo.dgd_name`` and
+    ``dgds`` is the DGD that serves the policy (one; ``launch.policyGraph`` picks it when the
+    infra file declares several, see ``orchestrate.policy_graph``), or none. Writes
+    ``generation.backend: dynamo``, ``generation.dynamo.dgd_name`` and
     ``generation.dynamo.namespace`` (and ``frontend_port`` when not 8000) into a copy of
-    ``recipe``; drops a ``frontend_url`` (it would conflict). With zero or several DGDs
-    the recipe is returned unchanged (the user picks the endpoint).
+    ``recipe``; drops a ``frontend_url`` (it would conflict). With no DGD the recipe is
+    returned unchanged.
+
+    Raises:
+        ValueError: several DGDs given (the caller must pick one).
     """
     out = copy.deepcopy(recipe or {})
-    if len(dgds) != 1:
-        if dgds:
-            log.warning("%d DGDs declared: the recipe is not stamped; set generation.dynamo.dgd_name yourself", len(dgds))
+    if len(dgds) > 1:
+        raise ValueError(f"stamp_recipe: {len(dgds)} DGDs given; pass the one that serves the policy")
+    if not dgds:
         return out
     md = dgds[0]["metadata"]
     gen = out.setdefault("generation", {}) or {}

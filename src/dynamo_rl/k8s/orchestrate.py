@@ -61,6 +61,8 @@ from .api import Applied, Kube, in_pod
 from .errors import CRDMissingError, JobFailed, K8sError, KubeApiError, ManifestError, RecipeError, WaitTimeout
 from .manifests import (
     RAY_API,
+    check_serving_graph,
+    declared_served_name,
     ObjRef,
     driver_entrypoint,
     guess_served_model,
@@ -156,6 +158,14 @@ def validate_recipe(stamped: dict, overrides: Iterable[str], source: str) -> dic
     from dynamo_rl.config.loader import format_validation_error, override_keys
 
     overrides = list(overrides)
+    dgd_name = ((stamped.get("generation") or {}).get("dynamo") or {}).get("dgd_name")
+    if dgd_name:
+        for o in overrides:
+            key = o.lstrip("+").split("=", 1)[0].strip()
+            if key == "generation.dynamo.frontend_url":
+                raise RecipeError(
+                    f"{o!r}: `k8s run` points the trainer at DGD {dgd_name} itself (it sets "
+                    f"generation.dynamo.dgd_name), so a frontend_url would conflict; drop this override")
     try:
         data = apply_overrides(stamped, overrides, source)
         Recipe.model_validate(data)
@@ -166,11 +176,46 @@ def validate_recipe(stamped: dict, overrides: Iterable[str], source: str) -> dic
     return data
 
 
+def policy_graph(infra: Infra) -> str | None:
+    """The ``dynamo.<key>`` that serves the policy: ``launch.policyGraph``, else the only
+    DGD, else None when there is none.
+
+    Raises:
+        ManifestError: several DGDs and no ``launch.policyGraph`` (the message lists the keys
+            and shows the line to add).
+    """
+    if infra.launch.policy_graph is not None:
+        return infra.launch.policy_graph
+    keys = list(infra.dynamo)
+    if len(keys) > 1:
+        raise ManifestError(
+            f"the infra file declares {len(keys)} DGDs ({', '.join(f'dynamo.{k}' for k in keys)}) and does not say "
+            f"which one serves the policy the trainer generates with and refits; add it under launch, e.g.\n"
+            f"  launch:\n    policyGraph: {keys[0]}")
+    return keys[0] if keys else None
+
+
+def _graph_problem(infra: Infra, key: str, dgd: dict) -> str | None:
+    """What makes ``dynamo.<key>`` unable to serve (no frontend / worker, or a
+    ``servedModelName`` the workers' own args contradict), or None."""
+    try:
+        check_serving_graph(dgd, f"dynamo.{key}")
+    except ManifestError as e:
+        return str(e)
+    declared = infra.dynamo[key].served_model_name
+    said = declared_served_name(dgd)
+    if declared is not None and said is not None and declared != said:
+        return (f"dynamo.{key}.servedModelName is {declared!r} but the DGD's workers serve {said!r} "
+                f"(--served-model-name / SERVED_MODEL_NAME); make them the same, or readiness would wait for a "
+                f"model that never appears")
+    return None
+
+
 def _check_served_model(plan: Plan, effective: dict, source: str) -> None:
-    """With exactly one DGD, the recipe's ``generation.dynamo.model`` must be the model it serves."""
-    if len(plan.dgds) != 1:
+    """The recipe's ``generation.dynamo.model`` must be the model the policy's DGD serves."""
+    key = policy_graph(plan.infra)
+    if key is None or key not in plan.dgds:
         return
-    key = next(iter(plan.dgds))
     want = ((effective.get("generation") or {}).get("dynamo") or {}).get("model")
     declared = plan.infra.dynamo[key].served_model_name
     if want is None:
@@ -214,6 +259,9 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
     for key in keys:
         if (dgd := attempt(render_dgd, key)) is not None:
             plan.dgds[key] = dgd
+            problem = _graph_problem(infra, key, dgd)
+            if problem:
+                errors.append(problem)
         comps, warns = attempt(render_companions, key) or ([], [])
         if comps:
             plan.companions[key] = comps
@@ -231,7 +279,9 @@ def render_plan(infra: Infra, *, mode: str | None = None, targets: Iterable[str]
     if errors:
         raise ManifestError("\n".join(errors))
     if mode is not None or recipe is not None:
-        plan.recipe = stamp_recipe(recipe or {}, list(plan.dgds.values()),
+        key = policy_graph(infra)
+        policy = [plan.dgds[key]] if key in plan.dgds else []
+        plan.recipe = stamp_recipe(recipe or {}, policy,
                                    {m["metadata"]["name"]: infra.dynamo[k].frontend_port for k, m in plan.dgds.items()})
         plan.effective_recipe = validate_recipe(plan.recipe, recipe_overrides, recipe_source)
         _check_served_model(plan, plan.effective_recipe, recipe_source)
@@ -785,6 +835,8 @@ def check(kube: Kube | None, infra: Infra, *, recipe: dict | None = None, recipe
     :class:`CRDMissingError` (with an install hint) when a needed CRD is missing. A CRD
     that answers 403 counts as installed (a warning says list permission is missing).
     """
+    if infra.kuberay:   # a trainer will run: it must know which DGD serves its policy
+        policy_graph(infra)
     plan = render_plan(infra, recipe=recipe, recipe_source=recipe_source)
     rayjob = None
     warnings: list[str] = list(plan.warnings)

@@ -180,11 +180,13 @@ class LaunchSpec(_Model):
     ``ttlSecondsAfterFinished``). ``submissionGraceS``: seconds after
     ``RayClusterProvisioned`` before the driver is submitted through the dashboard
     when the operator has not done it. ``clusterReadyTimeoutS``, ``jobTimeoutS``:
-    bounds in seconds.
+    bounds in seconds. ``policyGraph``: the ``dynamo.<key>`` whose frontend serves the
+    policy (rollouts and refits); needed when the file declares several DGDs.
     """
 
     mode: Literal["raycluster", "rayjob"] = "rayjob"
     role: str = "training"
+    policy_graph: str | None = Field(None, alias="policyGraph")
     command: str = "dynamo-rl train"
     recipe_path: str = Field("/tmp/dynamo-rl/recipe.yaml", alias="recipePath")
     env: dict[str, str] = Field(default_factory=dict)
@@ -213,6 +215,14 @@ class Infra(_Model):
     @classmethod
     def _dns_label(cls, v: str) -> str:
         return check_namespace(v)
+
+    @model_validator(mode="after")
+    def _policy_graph_declared(self):
+        pg = self.launch.policy_graph
+        if pg is not None and pg not in self.dynamo:
+            raise ValueError(f"launch.policyGraph is {pg!r} but the file declares no dynamo.{pg} "
+                             f"(dynamo keys: {', '.join(self.dynamo) or 'none'})")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -31,6 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from dynamo_rl.config import Recipe
+from dynamo_rl.exitcodes import ExitCode
 from dynamo_rl.models import check_device, ensure_tiny_model, load_model, load_tokenizer
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
 from dynamo_rl.rl.rollouts import collect_rollouts
@@ -42,6 +43,11 @@ console = Console(highlight=False, soft_wrap=True)
 
 
 
+class BadInput(ValueError):
+    """The recipe is wrong in a way found only once the run had begun (e.g. the deployment's
+    model does not match); exits 2 even when raised from code whose other errors exit 1."""
+
+
 def _run_dir(cfg: Recipe, run_dir: str | None) -> Path:
     if run_dir or cfg.logging.run_dir:
         return Path(run_dir or cfg.logging.run_dir)
@@ -49,11 +55,21 @@ def _run_dir(cfg: Recipe, run_dir: str | None) -> Path:
 
 
 def _check_inputs(cfg: Recipe) -> None:
-    """Fail before anything is created or started when ``policy.model_path`` or a device
-    is unusable (ValueError / FileNotFoundError naming the key)."""
+    """Fail before anything is created or started when the recipe cannot run (ValueError /
+    FileNotFoundError naming the key and the fix): the policy path, devices, the vLLM
+    environment, optional packages, where the workers are, and whether a prompt and
+    ``max_tokens`` fit the model's context."""
+    import importlib.util
+
+    dyn = cfg.generation.dynamo
     check_device(cfg.policy.device, "policy.device")
-    if not cfg.generation.dynamo.is_remote:
+    if not dyn.is_remote:
         check_device(cfg.cluster.worker_device, "cluster.worker_device")
+        if cfg.refit.control_urls:
+            raise ValueError(
+                "refit.control_urls is set but the recipe starts the embedded stack, whose workers it finds "
+                "itself: drop refit.control_urls, or point the recipe at your deployment with "
+                "generation.dynamo.frontend_url (or dgd_name)")
         if "vllm" in cfg.cluster.engines():
             from dynamo_rl.serving.stack import find_vllm_python
 
@@ -61,15 +77,87 @@ def _check_inputs(cfg: Recipe) -> None:
                 find_vllm_python(cfg.cluster.vllm_python)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"cluster.engine: {e}") from None
-    if not cfg.policy.model_path:
-        return
-    p = Path(cfg.policy.model_path)
-    if not p.exists():
-        raise FileNotFoundError(f"policy.model_path {str(p)!r} does not exist; fix the path, or drop "
-                                "policy.model_path to train the tiny model")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"policy.model_path {str(p)!r} is not a Hugging Face checkpoint directory "
-                                "(no config.json); point it at a directory written by save_pretrained")
+    elif not cfg.refit.control_urls and not dyn.dgd_name:
+        raise ValueError(
+            "generation.dynamo.frontend_url points at a deployment but refit.control_urls is empty: list the "
+            "workers' system servers, e.g. 'refit.control_urls=[http://127.0.0.1:PORT_1, http://127.0.0.1:PORT_2]' "
+            "(`dynamo-rl serve` prints them), so that every worker gets the new weights")
+    else:
+        _check_control_urls(cfg.refit.control_urls)
+    if cfg.refit.transport == "nixl" and not any(
+            importlib.util.find_spec(m) for m in ("nixl_cu13", "nixl")):
+        raise ValueError("refit.transport=nixl but NIXL is not installed: pip install --no-deps nixl-cu13==1.5.1, "
+                         "or use refit.transport=shm (one host) or dist")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("logging.wandb is true but wandb is not installed: pip install wandb, or set "
+                         "logging.wandb=false")
+    if cfg.policy.model_path:
+        p = Path(cfg.policy.model_path)
+        if not p.exists():
+            raise FileNotFoundError(f"policy.model_path {str(p)!r} does not exist; fix the path, or drop "
+                                    "policy.model_path to train the tiny model")
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"policy.model_path {str(p)!r} is not a Hugging Face checkpoint directory "
+                                    "(no config.json); point it at a directory written by save_pretrained")
+    _check_context(cfg)
+
+
+def _check_control_urls(urls: list[str]) -> None:
+    """Every ``refit.control_urls`` entry must be a Dynamo worker's system server (its
+    ``/metrics`` name an instance); else a ValueError naming the URL and the key."""
+    import httpx
+
+    from dynamo_rl.refit.control import worker_id_from_metrics
+
+    for url in urls:
+        why = None
+        try:
+            r = httpx.get(f"{str(url).rstrip('/')}/metrics", timeout=5.0)
+            if r.status_code != 200:
+                why = f"HTTP {r.status_code} on /metrics"
+            elif worker_id_from_metrics(r.text) is None:
+                why = "its /metrics name no serving instance (a worker still starting?)"
+        except (httpx.HTTPError, ValueError) as e:
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            raise ValueError(
+                f"refit.control_urls: {url} is not a reachable Dynamo worker system server ({why}); list each "
+                "worker's http://host:DYN_SYSTEM_PORT (as `dynamo-rl serve` prints them) in refit.control_urls")
+
+
+def _check_context(cfg: Recipe) -> None:
+    """The longest episode the task can make (every turn's prompt plus ``max_tokens`` per
+    turn) must fit the model's context window (``max_position_embeddings``)."""
+    from dynamo_rl.generation.conversation import render_ids
+    from dynamo_rl.models.tiny import build_tokenizer
+
+    if cfg.policy.model_path:
+        import json as _json
+
+        try:
+            context = int(_json.loads((Path(cfg.policy.model_path) / "config.json").read_text())
+                          ["max_position_embeddings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        tokenizer = load_tokenizer(cfg.policy.model_path)
+    else:
+        context, tokenizer = cfg.policy.tiny.max_position_embeddings, build_tokenizer()
+    max_tokens = cfg.generation.sampling.max_tokens
+    problems = sample_problems(cfg.task, random.Random(0), 32)
+    turns = max(len(p.turns) for p in problems)
+    longest = 0
+    for p in problems:
+        messages: list[dict] = []
+        for t in p.turns:
+            messages += [{"role": "user", "content": t.user}]
+            longest = max(longest, len(render_ids(tokenizer, messages)))
+            messages += [{"role": "assistant", "content": ""}]
+    need = longest + turns * max_tokens
+    if need > context:
+        raise ValueError(
+            f"generation.sampling.max_tokens={max_tokens} does not fit the model's context of {context} tokens: "
+            f"the task's prompts take up to {longest} tokens over {turns} turn(s), so an episode could need "
+            f"{need}. Lower generation.sampling.max_tokens to at most {max(0, (context - longest) // turns)}")
 
 
 def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | None = None) -> int:
@@ -82,7 +170,7 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         _check_inputs(cfg)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
-        return 2
+        return ExitCode.BAD_INPUT
     out = _run_dir(cfg, run_dir)
     created = out  # the topmost directory this run creates, if any
     while not created.parent.exists():
@@ -95,10 +183,13 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         key = "--run-dir" if run_dir else "logging.run_dir" if cfg.logging.run_dir else "the run directory"
         console.print(f"[red]error:[/] {key} {str(out)!r}: cannot write there ({e.strerror or e}); "
                       "give a directory path that can be created")
-        return 2
+        return ExitCode.BAD_INPUT
     code = _run(cfg, out)
-    if code == 2 and created is not None and {p.name for p in out.iterdir()} <= {"recipe.json"}:
-        shutil.rmtree(out, ignore_errors=True)  # bad input found before anything ran: leave no empty run
+    # bad input found before training began: leave no run dir (the tiny model's model/ is
+    # rebuilt from the recipe; nothing trained is ever removed)
+    if code == ExitCode.BAD_INPUT and created is not None and {p.name for p in out.iterdir()} <= {"recipe.json",
+                                                                                                  "model"}:
+        shutil.rmtree(out, ignore_errors=True)
         parent = out
         while parent != created:  # and the parents it made, while empty (never another run's files)
             parent = parent.parent
@@ -120,24 +211,28 @@ def _run(cfg: Recipe, out: Path) -> int:
 
     previous = signal.signal(signal.SIGTERM, _sigterm)
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job ignores it
+    from dynamo_rl.generation import GenerationError
+    from dynamo_rl.generation.errors import EndpointConfigError
+    from dynamo_rl.refit.errors import RefitError
+    from dynamo_rl.serving.stack import StackError
+
     try:
         return asyncio.run(_train(cfg, out))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; everything this run started has been stopped[/]")
-        return 130
-    except (FileNotFoundError, ValueError) as e:
+        return ExitCode.INTERRUPTED
+    except (BadInput, EndpointConfigError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
-        return 2
-    except Exception as e:  # a failure of the stack, the frontend or a refit: say what, then exit 1
-        from dynamo_rl.generation import GenerationError
-        from dynamo_rl.refit.errors import RefitError
-        from dynamo_rl.serving.stack import StackError
-
-        if not isinstance(e, (GenerationError, RefitError, StackError)):
-            raise
+        return ExitCode.BAD_INPUT
+    except (GenerationError, RefitError, StackError) as e:
+        # a runtime failure of the stack, the frontend or a refit (RefitError and some
+        # GenerationErrors are ValueErrors too: checked before bad input)
         console.print(f"[red]{type(e).__name__}:[/] {escape(str(e))}")
         console.print(f"partial outputs (if any) are in {out}")
-        return 1
+        return ExitCode.FAILURE
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}")
+        return ExitCode.BAD_INPUT
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
@@ -180,14 +275,10 @@ async def _train(cfg: Recipe, out: Path) -> int:
         if dyn.is_remote:
             frontend_url = None
             control_urls = list(cfg.refit.control_urls)
-            if not control_urls and dyn.dgd_name:
+            if not control_urls:   # dgd_name (checked up front): the DGD's pods
                 from dynamo_rl.refit.discovery import dgd_pod_resolver
 
                 control_urls = dgd_pod_resolver(dyn.dgd_name, dyn.namespace)
-            if not control_urls:
-                raise ValueError(
-                    "generation points at a deployment but refit.control_urls is empty: list the "
-                    "workers' system servers (http://host:DYN_SYSTEM_PORT) so every worker gets the new weights")
             served = dyn.model
         else:
             from dynamo_rl.serving.stack import LocalStack
@@ -248,6 +339,18 @@ async def _train(cfg: Recipe, out: Path) -> int:
                 raise
         finally:
             await gen.aclose()
+
+
+def _version_from_barrier(episodes, version: int, *, exact: bool) -> None:
+    """Give responses that carried no weights version (Dynamo's stock workers send none) the
+    version the refit barrier guarantees: when no refit ran while the batch was generated
+    (``exact``; always so in the sync loop), every response came from ``version`` — each
+    refit pauses, verifies and resumes every worker before it returns. Otherwise (async
+    loop) they keep ``None`` and count as on-policy-unknown (no logprob check)."""
+    for e in episodes:
+        if None in e.versions and exact:
+            e.versions = {v for v in e.versions if v is not None} | {version}
+            e.version_from_barrier = True
 
 
 def _publisher_source(trainer, publisher, cfg: Recipe):
@@ -325,11 +428,15 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             extra["eval_reward_initial"] = await _evaluate(gen, tokenizer, cfg, eval_problems)
             console.print(f"greedy eval reward before GRPO: {extra['eval_reward_initial']:.3f}")
 
+        refits = [0]   # refit cycles finished so far (a rollout batch that saw none knows its version)
+
         async def rollouts(step: int):
             t0 = time.perf_counter()
+            v0, r0 = version, refits[0]
             problems = sample_problems(cfg.task, rng, g.prompts_per_step)
             eps = await collect_rollouts(gen, tokenizer, problems, g.samples_per_prompt,
                                          cfg.generation.sampling, seed=g.seed * 1_000_003 + step * 1009)
+            _version_from_barrier(eps, v0, exact=refits[0] == r0)
             return eps, time.perf_counter() - t0
 
         pending = asyncio.create_task(rollouts(1))
@@ -342,6 +449,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             # staleness: versions behind the trainer's current weights
             stale = [version - (e.version if e.version is not None else version) for e in episodes]
             rec["stale_samples"] = sum(1 for s in stale if s > 0)
+            rec["unversioned_samples"] = sum(1 for e in episodes if e.version_from_barrier)
             rec["max_staleness_seen"] = max(stale)
             rec["version_mismatches"] = sum(1 for s in stale if s != 0) if g.loop == "sync" else 0
             keep_groups = []
@@ -362,6 +470,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
                 rec.update(await asyncio.to_thread(trainer.step, keep_groups, tokenizer.pad_token_id, version))
             version += 1
             rep = await refit(version)
+            refits[0] += 1
             rec["weights_version"] = version
             rec["refit_seconds"] = rep["seconds"]
             rec["refit_bytes"] = rep["bytes"]
@@ -387,7 +496,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}",
                          initial_eval=extra.get("eval_reward_initial"))
     _print_summary(summary, out)
-    return 0
+    return ExitCode.OK
 
 
 class _progress_bar:

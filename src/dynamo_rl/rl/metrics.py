@@ -111,8 +111,10 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "stale_samples": sum(r.get("stale_samples", 0) for r in records),
         "dropped_samples": sum(r.get("dropped_samples", 0) for r in records),
         "version_mismatches": sum(r.get("version_mismatches", 0) for r in records),
+        "unversioned_samples": sum(r.get("unversioned_samples", 0) for r in records),
         "logprob_mae": mean(mae),
         "logprob_max_abs": max((r.get("logprob_max_abs", 0.0) for r in records), default=None),
+        "mismatch_kl": mean([r.get("mismatch_kl") for r in records]),
     }
     evals = [r["eval_reward"] for r in records if "eval_reward" in r]
     if evals:

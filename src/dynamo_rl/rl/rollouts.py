@@ -29,6 +29,7 @@ class Episode:
     rewards: list[float] = field(default_factory=list)  # one per turn
     finish_reasons: list[str] = field(default_factory=list)
     gen_tokens: int = 0
+    version_from_barrier: bool = False   # the server sent no version; the refit barrier gave it
 
     @property
     def reward(self) -> float:

@@ -94,8 +94,13 @@ def find_vllm_python(explicit: str | None = None) -> str:
     Raises:
         FileNotFoundError: none of them exists (the message says how to build it).
     """
+    if explicit:
+        if Path(explicit).is_file() and os.access(explicit, os.X_OK):
+            return explicit
+        raise FileNotFoundError(f"vllm_python {explicit!r} is not an executable file; point it at the Python of "
+                                "a vLLM environment (e.g. .venv-vllm/bin/python, built by `make vllm`)")
     tried = []
-    for cand in (explicit, os.environ.get("DYNAMO_RL_VLLM_PYTHON"), str(Path.cwd() / ".venv-vllm/bin/python"),
+    for cand in (os.environ.get("DYNAMO_RL_VLLM_PYTHON"), str(Path.cwd() / ".venv-vllm/bin/python"),
                  str(Path(__file__).resolve().parents[3] / ".venv-vllm/bin/python")):
         if not cand:
             continue
@@ -611,9 +616,13 @@ class LocalStack:
                 self._record_descendants(c)
                 if not c.expected_exit and c.popen.poll() is not None and not self._stopping:
                     self.failure = self._crash_report(c)
-                    log.error("stack child crashed, tearing the stack down: %s", self.failure)
-                    if not self.quiet:
-                        print(f"[dynamo-rl stack] CRASH: {self.failure}", file=sys.stderr, flush=True)
+                    # one line here; the log tail is in `failure` (StackError), printed once by its reader
+                    short = (f"{c.name} (pid {c.pid}) exited with code {c.popen.poll()}; stopping the stack "
+                             f"(log: {c.log_path})")
+                    if self.quiet:
+                        log.error("stack child crashed: %s", short)
+                    else:
+                        print(f"[dynamo-rl stack] CRASH: {short}", file=sys.stderr, flush=True)
                     if self.on_crash is not None:
                         try:
                             self.on_crash(self.failure)

@@ -67,23 +67,41 @@ Pause (drain)
     ``update_weights`` is serialized and the engine drains before it swaps, so a response
     never mixes two weights versions. ``flush_cache`` while requests run answers 409.
 
-Control routes (``rt.register_engine_route``)
-    ``GET /engine/info``, ``POST /engine/pause_generation``, ``/engine/resume_generation``,
-    ``/engine/flush_cache``, ``/engine/update_weights`` (``{"version", "path"}`` or
-    ``{"version", "publisher", "transport", "in_place"}``; ``in_place: true`` pulls straight
-    into the live parameters after the first pull, see ``Engine.load_weights_in_place``:
-    fastest on a GPU, but a pull failing part-way leaves the worker refusing requests,
-    ``info.weights_partial`` set, until a complete update). ``pause_generation`` and ``update_weights``
-    accept an optional ``deadline_unix_s`` (wall clock, seconds): arriving later (say the
-    worker was stopped while the caller timed out) they do nothing and answer 408, so a
-    request the caller gave up on is never applied behind its back. How 1.6.1 reports route errors: a dict
-    returned by the callback always goes out with HTTP 200; an exception raised in it
-    becomes HTTP 500 ``{"error": "Handler error", "message": "Python callback failed:
-    <Type>: <msg>"}``. Our routes never raise: a failure is the dict ``{"error": msg,
-    "status": code}`` (HTTP 200 on the wire — check for ``"error"``), ``status`` 400 bad
-    body, 408 past ``deadline_unix_s``, 404 checkpoint dir missing / version never published, 409 stale version or
-    requests running, 422 tensors do not match the engine, 502 publisher gone, 503 refit
-    receiver or transport unavailable, 500 anything else.
+Control routes (``rt.register_engine_route``): Dynamo 1.6.1's RL admin contract
+    The names, bodies and answers of ``dynamo.vllm --enable-rl`` (``dynamo/vllm/handlers.py``),
+    so one orchestrator drives both kinds of worker (:mod:`dynamo_rl.refit.control`). Every
+    answer is ``{"status": "ok", ...}`` or ``{"status": "error", "message": msg}`` with HTTP
+    200 (1.6.1 sends a callback's dict with 200; a raised exception would be a bare 500);
+    our additions: ``"code"`` on errors (400 bad body, 404 checkpoint dir missing / version
+    never published, 408 past ``deadline_unix_s``, 409 not paused / stale version / requests
+    running, 422 tensors do not match the engine, 501 not implemented, 502 publisher gone,
+    503 refit receiver or transport unavailable, 500 anything else).
+
+    ``pause_generation {mode, clear_cache}``: ``wait`` drains (our ``timeout_s`` bounds the
+    drain: requests still running then end with finish_reason ``abort``), ``abort`` ends
+    in-flight requests at the next step, ``keep`` is answered as ``wait`` (``"mode": "wait",
+    "requested_mode": "keep"``): this engine cannot hold a request across a weight swap
+    without mixing two versions in its response. ``resume_generation``, ``flush_cache``
+    (409 while requests run), ``abort_request {request_id}``, ``liveness_probe``,
+    ``get_weight_version`` (``{"version", "version_declared": true}`` plus our ``paused``),
+    ``set_weight_version {weight_version}`` (integers only, never backwards).
+    ``update_weights_from_disk {model_path, weight_version}`` (a safetensors checkpoint
+    dir; ``engine_rpc`` absent, ``reload_weights`` or ``dynamo_rl_reload_weights``) and
+    ``update_weights_from_distributed {engine_rpc: "dynamo_rl_update_weights",
+    weight_version, publisher, transport, in_place, timeout_s}`` (a refit pull, the rpc our
+    vLLM extension serves; ``in_place: true`` pulls straight into the live parameters after
+    the first pull, see ``Engine.load_weights_in_place``: fastest on a GPU, but a pull
+    failing part-way leaves the worker refusing requests, ``info.weights_partial`` set,
+    until a complete update). Both are refused unless paused (Dynamo's rule and message;
+    ``allow_unpaused: true`` with ``reset_prefix_cache: false`` lifts it), take integer
+    versions, refuse a version older than the served one, and answer the served version
+    again with ``noop`` (unless the weights are partial). ``update_weights_from_tensor``,
+    ``init_weights_update_group``, ``destroy_weights_update_group``: 501 (no update group
+    is needed: every update names the publisher). ``pause_generation`` and the updates
+    accept ``deadline_unix_s`` (wall clock, seconds): arriving later (say the worker was
+    stopped while the caller timed out) they do nothing and answer 408, so a request the
+    caller gave up on is never applied behind its back. ``GET /engine/info`` (ours):
+    instance id, model, weights version, partial, ready, paused, layout, stats, pid.
 
 Shutdown
     SIGTERM/SIGINT → ``rt.shutdown()`` (deregister, stop taking requests, let in-flight
