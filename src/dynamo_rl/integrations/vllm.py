@@ -61,7 +61,8 @@ import torch
 
 from dynamo_rl.refit.control import UPDATE_RPC
 
-log = logging.getLogger("dynamo_rl.integrations.vllm")
+#: a child of vLLM's own ``vllm`` logger, so the worker's log (vLLM's handler and format) shows it
+log = logging.getLogger("vllm.dynamo_rl")
 
 #: the ``engine_rpc`` that writes the served weights to a safetensors file (tests)
 DUMP_RPC = "dynamo_rl_dump_weights"
