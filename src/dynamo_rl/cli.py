@@ -10,16 +10,20 @@ from typing import Annotated, Optional
 
 import typer
 
+from dynamo_rl.exitcodes import HELP as EXIT_CODES
+from dynamo_rl.exitcodes import ExitCode
+
 app = typer.Typer(
     name="dynamo-rl",
     help="GRPO post-training with rollouts served by an NVIDIA Dynamo inference graph.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
+@app.command(context_settings={"ignore_unknown_options": True}, epilog=EXIT_CODES)
 def train(
     recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml", show_default=False)],
     overrides: Annotated[Optional[list[str]], typer.Argument(
@@ -41,7 +45,7 @@ def train(
         cfg = load_recipe(recipe, list(overrides or []))
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     code = run_training(cfg, recipe_path=recipe, run_dir=run_dir)
     raise typer.Exit(code)
 
@@ -52,13 +56,14 @@ def _mount_subcommands() -> None:
     except ImportError:  # pragma: no cover - module not built yet
         pass
     else:
-        app.command()(serve)
+        app.command(epilog=EXIT_CODES)(serve)
     try:
         from dynamo_rl.k8s.cli import app as k8s_app
     except ImportError:  # pragma: no cover
         pass
     else:
-        app.add_typer(k8s_app, name="k8s", help="Kubernetes: DGD + KubeRay RayCluster/RayJob launcher.")
+        app.add_typer(k8s_app, name="k8s", help="Kubernetes: DGD + KubeRay RayCluster/RayJob launcher.",
+                      epilog=EXIT_CODES + " `k8s run --wait` exits with the driver's code.")
 
 
 _mount_subcommands()

@@ -256,6 +256,25 @@ def test_update_without_pause_is_refused_and_reported(fleet, tmp_path):
     assert_fleet_serves(fleet, 104, 4, instances=others)
 
 
+def test_a_failed_pull_keeps_the_old_weights(fleet, tmp_path):
+    """The trainer's publisher is gone: the extension raises before vLLM's loader runs, Dynamo
+    answers the error and declares no version; the worker serves what it served."""
+    w = vllm_workers(fleet)[1]
+    before = served_by_vllm(w, tmp_path / "before")
+    assert control(w.system_url, "pause_generation", {"mode": "wait"})["status"] == "ok"
+    try:
+        res = control(w.system_url, "update_weights_from_distributed",
+                      {"engine_rpc": "dynamo_rl_update_weights", "weight_version": 99, "version": 99,
+                       "publisher": "http://127.0.0.1:9", "transport": "shm", "timeout_s": 5})
+    finally:
+        control(w.system_url, "resume_generation")
+    assert res["status"] == "error" and "PublisherGoneError" in res["message"] or "127.0.0.1:9" in res["message"], res
+    assert control(w.system_url, "get_weight_version")["version"] == 4
+    after = served_by_vllm(w, tmp_path / "after")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_fleet_serves(fleet, 104, 4, instances=[w.instance_id])
+
+
 def test_killed_vllm_worker_is_named_and_the_others_resume(fleet, tmp_path):
     victim = vllm_workers(fleet)[1]
     survivors = [w.instance_id for w in fleet.workers if w is not victim]

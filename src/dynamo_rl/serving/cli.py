@@ -36,9 +36,7 @@ def serve(
 ) -> None:
     """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
 
-    Workers are ours (dynamo-rl) or Dynamo's stock vLLM worker (--engine vllm); both serve
-    Dynamo's RL admin routes on their system server (pause_generation,
-    update_weights_from_distributed, get_weight_version, ...), which the table lists.
+    Workers are ours (dynamo-rl) or Dynamo's stock vLLM worker (--engine vllm); both serve Dynamo's RL admin routes on their system server (pause_generation, update_weights_from_distributed, get_weight_version, ...), which the table lists.
     """
     from rich.console import Console
     from rich.markup import escape
