@@ -268,7 +268,7 @@ def test_a_failed_pull_keeps_the_old_weights(fleet, tmp_path):
                        "publisher": "http://127.0.0.1:9", "transport": "shm", "timeout_s": 5})
     finally:
         control(w.system_url, "resume_generation")
-    assert res["status"] == "error" and "PublisherGoneError" in res["message"] or "127.0.0.1:9" in res["message"], res
+    assert res["status"] == "error" and "http://127.0.0.1:9" in res["message"], res
     assert control(w.system_url, "get_weight_version")["version"] == 4
     after = served_by_vllm(w, tmp_path / "after")
     assert all(torch.equal(before[k], after[k]) for k in before)
