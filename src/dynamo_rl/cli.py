@@ -29,6 +29,10 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(
         help="dotted overrides, section.key=value (e.g. grpo.num_steps=20)", show_default=False)] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="output directory (default runs/<name>-<time>)")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="go on from a checkpoint: a run directory (its latest) or its checkpoints/step-N; the run continues "
+             "in that directory (weights, optimizer, step, RNG and weights version restored; metrics append) up to "
+             "grpo.num_steps")] = None,
 ) -> None:
     """Run GRPO on RECIPE, with OVERRIDES applied in order.
 
@@ -36,7 +40,8 @@ def train(
     sets generation.dynamo.frontend_url or generation.dynamo.dgd_name. An override is
     section.key=value (value parsed as YAML); a leading + (Hydra habit) is accepted.
     Outputs in the run directory: metrics.jsonl, summary.json, reward.png, tensorboard/,
-    recipe.json (the recipe as run), stack/logs/ (the embedded stack's logs).
+    recipe.json (the recipe as run), checkpoints/step-N/ (the policy, a Hugging Face checkpoint: serve it with
+    `dynamo-rl serve --model-path`), trainer_state/step-N/ (for --resume), stack/logs/ (the embedded stack's logs).
     """
     from dynamo_rl.config import ConfigError, load_recipe
     from dynamo_rl.rl.loop import run_training
@@ -46,7 +51,7 @@ def train(
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(ExitCode.BAD_INPUT) from None
-    code = run_training(cfg, recipe_path=recipe, run_dir=run_dir)
+    code = run_training(cfg, recipe_path=recipe, run_dir=run_dir, resume=resume)
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@ Must not import any other ``dynamo_rl`` module. (The Kubernetes infra schema liv
 
 from dynamo_rl.config.loader import ConfigError, apply_overrides, load_recipe, load_yaml
 from dynamo_rl.config.schema import (
+    CheckpointConfig,
     ClusterConfig,
     DynamoConfig,
     GenerationConfig,
@@ -22,7 +23,7 @@ from dynamo_rl.config.schema import (
 )
 
 __all__ = [
-    "ClusterConfig", "ConfigError", "DynamoConfig", "GRPOConfig", "GenerationConfig",
+    "CheckpointConfig", "ClusterConfig", "ConfigError", "DynamoConfig", "GRPOConfig", "GenerationConfig",
     "LoggingConfig", "OptimizerConfig", "PolicyConfig", "Recipe", "RefitConfig",
     "SamplingConfig", "TaskConfig", "WarmStartConfig", "apply_overrides", "load_recipe", "load_yaml",
 ]

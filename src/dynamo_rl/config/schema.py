@@ -2,8 +2,8 @@
 
 Sections: ``policy`` (model, dtype, optimizer, warm start), ``generation`` (backend,
 Dynamo endpoint, sampling), ``grpo`` (algorithm), ``refit`` (transport), ``task``
-(reward), ``logging`` (run directory, TensorBoard, W&B), ``cluster`` (the embedded
-Dynamo stack's workers).
+(reward), ``logging`` (run directory, TensorBoard, W&B), ``checkpoint`` (how often the
+policy is saved), ``cluster`` (the embedded Dynamo stack's workers).
 """
 
 from __future__ import annotations
@@ -159,6 +159,15 @@ class TaskConfig(_Section):
     turns: int = Field(2, ge=1, description="multiturn tasks: user turns per episode")
 
 
+class CheckpointConfig(_Section):
+    """The trained policy, kept (``dynamo_rl.rl.checkpoint``): a Hugging Face checkpoint under
+    ``<run_dir>/checkpoints/step-N`` every ``every`` steps (0: only at the end) and always at
+    the end of the run, also after Ctrl-C or a failure; the trainer state for ``--resume``
+    beside it under ``<run_dir>/trainer_state/step-N``."""
+
+    every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+
+
 class LoggingConfig(_Section):
     run_dir: str | None = Field(None, description="default: runs/<recipe>-<timestamp>")
     tensorboard: bool = True
@@ -213,4 +222,5 @@ class Recipe(_Section):
     refit: RefitConfig = RefitConfig()
     task: TaskConfig = TaskConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     cluster: ClusterConfig = ClusterConfig()

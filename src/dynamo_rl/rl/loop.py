@@ -160,18 +160,24 @@ def _check_context(cfg: Recipe) -> None:
             f"{need}. Lower generation.sampling.max_tokens to at most {max(0, (context - longest) // turns)}")
 
 
-def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | None = None) -> int:
+def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | None = None,
+                 resume: str | None = None) -> int:
     """Run the recipe; returns a process exit code (0 ok, 1 failed, 2 bad input, 130 interrupted).
 
     SIGTERM (``kill``, a pod being deleted) is handled like Ctrl-C: everything this run
-    started is stopped and what was measured so far is summarized.
+    started is stopped, what was measured so far is summarized and the policy is saved.
+    ``resume``: a run directory or one of its ``checkpoints/step-N``: the run goes on in that
+    directory from the step after the checkpoint (:mod:`dynamo_rl.rl.checkpoint`).
     """
+    found = None
     try:
         _check_inputs(cfg)
+        if resume is not None:
+            found = _find_resume(cfg, resume, run_dir)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return ExitCode.BAD_INPUT
-    out = _run_dir(cfg, run_dir)
+    out = found.run_dir if found is not None else _run_dir(cfg, run_dir)
     created = out  # the topmost directory this run creates, if any
     while not created.parent.exists():
         created = created.parent
@@ -184,7 +190,7 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         console.print(f"[red]error:[/] {key} {str(out)!r}: cannot write there ({e.strerror or e}); "
                       "give a directory path that can be created")
         return ExitCode.BAD_INPUT
-    code = _run(cfg, out)
+    code = _run(cfg, out, found)
     # bad input found before training began: leave no run dir (the tiny model's model/ is
     # rebuilt from the recipe; nothing trained is ever removed)
     if code == ExitCode.BAD_INPUT and created is not None and {p.name for p in out.iterdir()} <= {"recipe.json",
@@ -201,7 +207,23 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
     return code
 
 
-def _run(cfg: Recipe, out: Path) -> int:
+def _find_resume(cfg: Recipe, resume: str, run_dir: str | None):
+    """The checkpoint ``--resume`` names, checked against the recipe (ValueError /
+    FileNotFoundError naming the input)."""
+    from dynamo_rl.rl.checkpoint import find
+
+    found = find(resume)
+    if run_dir is not None and Path(run_dir).resolve() != found.run_dir.resolve():
+        raise ValueError(f"--run-dir {run_dir!r} and --resume {resume!r} name different runs; a resumed run goes "
+                         f"on in its own directory ({found.run_dir}): drop --run-dir")
+    if found.step >= cfg.grpo.num_steps:
+        raise ValueError(f"--resume: {found.policy} is after step {found.step}, and grpo.num_steps is "
+                         f"{cfg.grpo.num_steps}: nothing left to run; raise grpo.num_steps (e.g. "
+                         f"grpo.num_steps={found.step + cfg.grpo.num_steps})")
+    return found
+
+
+def _run(cfg: Recipe, out: Path, resume=None) -> int:
     torch.set_num_threads(cfg.policy.num_threads)
     torch.manual_seed(cfg.grpo.seed)
     _quiet_libraries()
@@ -217,7 +239,7 @@ def _run(cfg: Recipe, out: Path) -> int:
     from dynamo_rl.serving.stack import StackError
 
     try:
-        return asyncio.run(_train(cfg, out))
+        return asyncio.run(_train(cfg, out, resume))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; everything this run started has been stopped[/]")
         return ExitCode.INTERRUPTED
@@ -251,7 +273,7 @@ def _quiet_libraries() -> None:
         pass
 
 
-async def _train(cfg: Recipe, out: Path) -> int:
+async def _train(cfg: Recipe, out: Path, resume=None) -> int:
     from dynamo_rl.generation import DynamoGeneration
     from dynamo_rl.refit.publisher import Publisher
 
@@ -260,7 +282,9 @@ async def _train(cfg: Recipe, out: Path) -> int:
     if cfg.generation.dynamo.is_remote:
         await _preflight(cfg)
     # 1. policy (the path was checked before anything was started)
-    if cfg.policy.model_path:
+    if resume is not None:
+        model_dir = resume.policy
+    elif cfg.policy.model_path:
         model_dir = Path(cfg.policy.model_path)
     else:
         model_dir = ensure_tiny_model(out / "model", cfg.policy.tiny)
@@ -268,6 +292,14 @@ async def _train(cfg: Recipe, out: Path) -> int:
     tokenizer = load_tokenizer(model_dir)
     trainer = Trainer(model, cfg)
     rng = random.Random(g.seed)
+    if resume is not None:
+        from dynamo_rl.rl.checkpoint import set_aside_after
+
+        resume.optimizer_sha256 = resume.restore(trainer, rng)
+        for moved in set_aside_after(out, resume.step):
+            console.print(f"kept {moved} (it came after the checkpoint this run resumes from)")
+        console.print(f"resumed from {resume.policy} (step {resume.step}, weights version "
+                      f"{resume.state['weights_version']})")
 
     with ExitStack() as stack:
         dyn = cfg.generation.dynamo
@@ -284,7 +316,7 @@ async def _train(cfg: Recipe, out: Path) -> int:
             from dynamo_rl.serving.stack import LocalStack
 
             # the same default name as `dynamo-rl serve`: "tiny", or the checkpoint dir's name
-            served = dyn.model or (model_dir.name if cfg.policy.model_path else "tiny")
+            served = dyn.model or (Path(cfg.policy.model_path).name if cfg.policy.model_path else "tiny")
             kinds = cfg.cluster.engines()
             what = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
             console.print(f"[bold]starting the embedded Dynamo stack[/] ({what} workers) in {out / 'stack'}")
@@ -332,7 +364,7 @@ async def _train(cfg: Recipe, out: Path) -> int:
                 return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": nbytes}
 
             try:
-                return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start)
+                return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume)
             except Exception:
                 if not dyn.is_remote:
                     local.check()   # a crashed child explains the error better: StackError with its log tail
@@ -406,25 +438,43 @@ async def _evaluate(gen, tokenizer, cfg: Recipe, problems: list[Problem]) -> flo
     return sum(e.reward for e in eps) / len(eps)
 
 
-async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
+async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=None) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dynamo_rl.rl.checkpoint import Checkpointer
+
     g = cfg.grpo
+    first = resume.step + 1 if resume is not None else 1
     log = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                        wandb_project=cfg.logging.wandb_project, config=cfg.model_dump())
-    extra: dict = {}
+                        wandb_project=cfg.logging.wandb_project, config=cfg.model_dump(),
+                        keep_until=first - 1 if resume is not None else None)
+    extra: dict = dict(resume.state.get("extra", {})) if resume is not None else {}
+    if resume is not None:
+        extra.update(resumed_from=str(resume.policy), resumed_optimizer_sha256=resume.optimizer_sha256)
     version = 0
     completed = False
     bar = None
+    updates = ThreadPoolExecutor(1, thread_name_prefix="grpo-update")   # awaited in `finally`
+    ckpt = Checkpointer(out, cfg.checkpoint.every, trainer, tokenizer, rng,
+                        start_step=first - 1, start_version=resume.state["weights_version"] if resume else 0,
+                        trained=resume is not None)
     eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts)
     try:
-        if cfg.policy.warm_start.steps:
-            console.print(f"warm start: {cfg.policy.warm_start.steps} supervised steps")
-            extra.update(await asyncio.to_thread(trainer.warm_start, tokenizer, rng))
-            console.print(f"warm start done in {extra['warm_start_seconds']:.1f}s (loss {extra['warm_start_loss']:.3f})")
-        trainer.freeze_reference()
-        version = 1
+        if resume is None:
+            if cfg.policy.warm_start.steps:
+                console.print(f"warm start: {cfg.policy.warm_start.steps} supervised steps")
+                extra.update(await asyncio.to_thread(trainer.warm_start, tokenizer, rng))
+                console.print(f"warm start done in {extra['warm_start_seconds']:.1f}s "
+                              f"(loss {extra['warm_start_loss']:.3f})")
+                ckpt.updated(0, 1)
+            trainer.freeze_reference()
+            version = 1
+        else:
+            version = int(resume.state["weights_version"])
+        ckpt.model_version = version
         rep = await refit(version)
         console.print(f"refit → weights version {version} on {rep['workers']} workers ({rep['seconds']:.2f}s)")
-        if g.eval_every:
+        if g.eval_every and resume is None:
             extra["eval_reward_initial"] = await _evaluate(gen, tokenizer, cfg, eval_problems)
             console.print(f"greedy eval reward before GRPO: {extra['eval_reward_initial']:.3f}")
 
@@ -439,9 +489,9 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             _version_from_barrier(eps, v0, exact=refits[0] == r0)
             return eps, time.perf_counter() - t0
 
-        pending = asyncio.create_task(rollouts(1))
-        bar = _progress_bar(g.num_steps)
-        for step in range(1, g.num_steps + 1):
+        pending = asyncio.create_task(rollouts(first))
+        bar = _progress_bar(g.num_steps, done=first - 1)
+        for step in range(first, g.num_steps + 1):
             episodes, gen_s = await pending
             if g.loop == "async" and step < g.num_steps:
                 pending = asyncio.create_task(rollouts(step + 1))   # overlaps with training below
@@ -467,7 +517,13 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             rec["gen_seconds"] = gen_s
             rec["gen_tokens_per_s"] = ntok / gen_s if gen_s > 0 else None
             if keep_groups:
-                rec.update(await asyncio.to_thread(trainer.step, keep_groups, tokenizer.pad_token_id, version))
+                update = updates.submit(trainer.step, keep_groups, tokenizer.pad_token_id, version)
+                # (in the update's thread: also when this coroutine is cancelled meanwhile)
+                update.add_done_callback(lambda f, s=step, v=version + 1: f.cancelled() or f.exception()
+                                         or ckpt.updated(s, v))
+                rec.update(await asyncio.wrap_future(update))
+            else:
+                ckpt.updated(step, version + 1)
             version += 1
             rep = await refit(version)
             refits[0] += 1
@@ -483,10 +539,22 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
             log.log(rec)
             _print_step(rec, g.num_steps)
             bar.advance(rec)
+            if (saved := ckpt.step_done(step, extra)) is not None:
+                console.print(f"checkpoint: {saved.policy}")
         completed = True
     finally:
         if bar is not None:
             bar.close()
+        # an update still running (Ctrl-C during a step) finishes first: the policy saved
+        # below is never half-updated
+        updates.shutdown(wait=True)
+        try:
+            saved = ckpt.final(extra)
+        except Exception as e:  # noqa: BLE001 - never hide the run's own error behind this one
+            console.print(f"[red]could not save the policy:[/] {type(e).__name__}: {escape(str(e))}")
+            saved = None
+        if saved is not None:
+            extra["checkpoint"] = str(saved.policy)
         log.close()
         # also on Ctrl-C / SIGTERM / a failure: what was measured so far is summarized
         summary = summarize(log.records, wall_seconds=time.perf_counter() - t_start, loop=g.loop,
@@ -502,14 +570,14 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start) -> int:
 class _progress_bar:
     """A live bar under the step lines (terminals only): steps done, ETA, last reward."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, done: int = 0):
         self._p = None
         if console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._p = Progress(TextColumn("GRPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                TextColumn("{task.fields[info]}"), console=console, transient=True)
-            self._task = self._p.add_task("grpo", total=total, info="")
+            self._task = self._p.add_task("grpo", total=total, completed=done, info="")
             self._p.start()
 
     def advance(self, rec: dict) -> None:
@@ -541,4 +609,7 @@ def _print_summary(s: dict, out: Path) -> None:
     console.print(t)
     extra = ", stack/logs/" if (out / "stack" / "logs").is_dir() else ""
     console.print(f"outputs in [bold]{out}[/]: metrics.jsonl, summary.json, reward.png, tensorboard/, "
-                  f"recipe.json{extra}")
+                  f"recipe.json, checkpoints/, trainer_state/{extra}")
+    if s.get("checkpoint"):
+        console.print(f"the trained policy: [bold]{s['checkpoint']}[/] (serve it: dynamo-rl serve --model-path "
+                      f"{s['checkpoint']}; go on: dynamo-rl train RECIPE --resume {out})")

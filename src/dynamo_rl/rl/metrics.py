@@ -21,12 +21,20 @@ class MetricsLogger:
     """Append step records to JSONL and TensorBoard; render the reward plot at the end."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "dynamo-rl", config: dict | None = None):
+                 wandb_project: str = "dynamo-rl", config: dict | None = None, keep_until: int | None = None):
+        """``keep_until``: a resumed run's last checkpointed step: the file's records up to it
+        are kept (and summarized with the new ones); later ones, from the part of the old run
+        that the checkpoint does not hold, are dropped."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self._file = self.path.open("a")
         self.records: list[dict[str, Any]] = []
+        if keep_until is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and int((rec := json.loads(line))["step"]) <= keep_until:
+                    self.records.append(rec)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
