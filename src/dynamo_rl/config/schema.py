@@ -154,9 +154,24 @@ class RefitConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["reverse_digits", "multiturn_reverse"] = "reverse_digits"
+    """What the policy is trained on (``dynamo_rl.rl.tasks``): a built-in task, or ``custom``
+    — your JSONL ``data`` (records with ``prompt`` or ``messages``, optional ``answer``) and
+    your ``reward`` function (``"module:function"`` or ``"path/to/file.py:function"``)."""
+
+    name: Literal["reverse_digits", "multiturn_reverse", "custom"] = "reverse_digits"
     num_digits: int = Field(3, ge=1, le=12)
     turns: int = Field(2, ge=1, description="multiturn tasks: user turns per episode")
+    data: str | None = Field(None, description="custom: a JSONL file, one record per line")
+    reward: str | None = Field(None, description="custom: 'module:function' or 'file.py:function'")
+
+    @model_validator(mode="after")
+    def _custom_needs_data_and_reward(self):
+        if self.name == "custom" and not (self.data and self.reward):
+            raise ValueError("task.name=custom needs task.data (a JSONL file) and task.reward ('module:function')")
+        if self.name != "custom" and (self.data or self.reward):
+            raise ValueError(f"task.data / task.reward belong to task.name=custom, not {self.name!r}; set "
+                             "task.name=custom or drop them")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -35,7 +35,7 @@ from dynamo_rl.exitcodes import ExitCode
 from dynamo_rl.models import check_device, ensure_tiny_model, load_model, load_tokenizer
 from dynamo_rl.rl.metrics import MetricsLogger, plot_rewards, summarize
 from dynamo_rl.rl.rollouts import collect_rollouts
-from dynamo_rl.rl.tasks import Problem, sample_problems
+from dynamo_rl.rl.tasks import Problem, TaskError, load_task, sample_problems
 from dynamo_rl.rl.trainer import Trainer
 
 # soft_wrap: a step line stays one line in a log file (no wrapping at 80 columns)
@@ -99,6 +99,10 @@ def _check_inputs(cfg: Recipe) -> None:
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"policy.model_path {str(p)!r} is not a Hugging Face checkpoint directory "
                                     "(no config.json); point it at a directory written by save_pretrained")
+    task = load_task(cfg.task)   # reads a custom task's data, imports and probes its reward (TaskError)
+    if cfg.policy.warm_start.steps and not task.has_answers():
+        raise TaskError(f"policy.warm_start.steps={cfg.policy.warm_start.steps} needs an 'answer' in every record of "
+                        f"{cfg.task.data}; add them, or set policy.warm_start.steps=0")
     _check_context(cfg)
 
 
@@ -149,7 +153,7 @@ def _check_context(cfg: Recipe) -> None:
     for p in problems:
         messages: list[dict] = []
         for t in p.turns:
-            messages += [{"role": "user", "content": t.user}]
+            messages += t.new_messages()
             longest = max(longest, len(render_ids(tokenizer, messages)))
             messages += [{"role": "assistant", "content": ""}]
     need = longest + turns * max_tokens
@@ -243,7 +247,7 @@ def _run(cfg: Recipe, out: Path, resume=None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; everything this run started has been stopped[/]")
         return ExitCode.INTERRUPTED
-    except (BadInput, EndpointConfigError) as e:
+    except (BadInput, EndpointConfigError, TaskError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return ExitCode.BAD_INPUT
     except (GenerationError, RefitError, StackError) as e:
@@ -373,6 +377,19 @@ async def _train(cfg: Recipe, out: Path, resume=None) -> int:
             await gen.aclose()
 
 
+def _task_figures(episodes) -> dict:
+    """Mean over episodes of every figure the task reports beside the reward (each episode's
+    mean over its turns): ``exact_match`` for the built-in tasks, whatever a custom reward
+    returns. Without an ``exact_match`` figure, it is the share of episodes with reward 1."""
+    names = sorted({k for e in episodes for s in e.scores for k in s if k != "reward"})
+    out = {}
+    for k in names:
+        vals = [sum(s[k] for s in e.scores if k in s) / max(1, sum(k in s for s in e.scores)) for e in episodes]
+        out[k] = sum(vals) / len(vals)
+    out.setdefault("exact_match", float(sum(e.reward == 1.0 for e in episodes) / len(episodes)))
+    return out
+
+
 def _version_from_barrier(episodes, version: int, *, exact: bool) -> None:
     """Give responses that carried no weights version (Dynamo's stock workers send none) the
     version the refit barrier guarantees: when no refit ran while the batch was generated
@@ -434,7 +451,7 @@ async def _evaluate(gen, tokenizer, cfg: Recipe, problems: list[Problem]) -> flo
     from dynamo_rl.config import SamplingConfig
 
     greedy = SamplingConfig(temperature=0.0, max_tokens=cfg.generation.sampling.max_tokens)
-    eps = await collect_rollouts(gen, tokenizer, problems, 1, greedy, seed=0)
+    eps = await collect_rollouts(gen, tokenizer, problems, 1, greedy, seed=0, task=load_task(cfg.task))
     return sum(e.reward for e in eps) / len(eps)
 
 
@@ -485,7 +502,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
             v0, r0 = version, refits[0]
             problems = sample_problems(cfg.task, rng, g.prompts_per_step)
             eps = await collect_rollouts(gen, tokenizer, problems, g.samples_per_prompt,
-                                         cfg.generation.sampling, seed=g.seed * 1_000_003 + step * 1009)
+                                         cfg.generation.sampling, seed=g.seed * 1_000_003 + step * 1009,
+                                         task=load_task(cfg.task))
             _version_from_barrier(eps, v0, exact=refits[0] == r0)
             return eps, time.perf_counter() - t0
 
@@ -511,7 +529,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
             rec["dropped_samples"] = len(episodes) - len(keep_groups)
             rewards = torch.tensor([e.reward for e in episodes])
             rec["reward_mean"], rec["reward_std"] = float(rewards.mean()), float(rewards.std())
-            rec["exact_match"] = float(sum(e.reward == 1.0 for e in episodes) / len(episodes))
+            rec.update(_task_figures(episodes))
             ntok = sum(e.gen_tokens for e in episodes)
             rec["gen_tokens"] = ntok
             rec["gen_seconds"] = gen_s
@@ -596,6 +614,7 @@ def _print_step(r: dict, n: int) -> None:
     mae = f"{r['logprob_mae']:.1e}" if "logprob_mae" in r else "n/a"
     console.print(
         f"step {r['step']:>4}/{n}  reward {r['reward_mean']:.3f}±{r['reward_std']:.2f}{ev}  "
+        f"exact {100 * r.get('exact_match', 0.0):.1f}%  "
         f"loss {loss}  |Δlogp| {mae}  "
         f"gen {r['gen_tokens_per_s'] or 0:,.0f} tok/s  train {r.get('train_seconds', 0):.2f}s  "
         f"refit {r['refit_seconds']:.2f}s  v{r['weights_version']}"

@@ -2,7 +2,8 @@
 ``summary.json``; W&B when enabled and installed.
 
 Summary fields: ``steps``, ``reward_first`` / ``reward_last`` (mean rollout reward over the
-first and last 3 steps), ``refits``, ``stale_samples``, ``version_mismatches``,
+first and last 3 steps), ``exact_match_first`` / ``exact_match_last`` (the same for the
+task's exact match), ``refits``, ``stale_samples``, ``version_mismatches``,
 ``logprob_mae`` (mean over steps of the trainer-vs-engine mean |Δlogprob| on on-policy
 samples), ``wall_seconds``, ``completed`` (false when the run was interrupted or failed),
 ``eval_reward_initial`` (greedy, after the warm start, before GRPO) and ``eval_reward_last``,
@@ -86,13 +87,16 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "",
     ax.plot(steps, mean, label="rollout reward (mean)", color="tab:blue")
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     color="tab:blue", alpha=0.15, label="± std")
+    em = [(r["step"], r["exact_match"]) for r in records if r.get("exact_match") is not None]
+    if em:
+        ax.plot(*zip(*em), color="tab:green", label="exact match (rollouts)")
     ev = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
     if ev and initial_eval is not None:
         ev.insert(0, (0, initial_eval))
     if ev:
         ax.plot(*zip(*ev), "o-", color="tab:orange", label="greedy eval reward")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("reward")
+    ax.set_ylabel("reward / exact match")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -115,6 +119,8 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "steps": len(records),
         "reward_first": mean(rewards[:3]),
         "reward_last": mean(rewards[-3:]),
+        "exact_match_first": mean([r.get("exact_match") for r in records[:3]]),
+        "exact_match_last": mean([r.get("exact_match") for r in records[-3:]]),
         "refits": sum(1 for r in records if r.get("refit_seconds") is not None),
         "stale_samples": sum(r.get("stale_samples", 0) for r in records),
         "dropped_samples": sum(r.get("dropped_samples", 0) for r in records),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dynamo_rl.generation import Conversation
-from dynamo_rl.rl.tasks import Problem, turn_reward
+from dynamo_rl.rl.tasks import Completion, Problem, Task
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Episode:
     engine_logp: list[float] = field(default_factory=list)  # engine logprob at generated positions, 0 elsewhere
     versions: set = field(default_factory=set)          # weights versions that produced its tokens
     rewards: list[float] = field(default_factory=list)  # one per turn
+    scores: list[dict] = field(default_factory=list)    # the task's named figures, one dict per turn
     finish_reasons: list[str] = field(default_factory=list)
     gen_tokens: int = 0
     version_from_barrier: bool = False   # the server sent no version; the refit barrier gave it
@@ -42,7 +43,8 @@ class Episode:
         return min(vs) if vs else None
 
 
-async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, sampling, seed: int) -> list[Episode]:
+async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, sampling, seed: int,
+                          task: Task) -> list[Episode]:
     """Generate ``group`` episodes per problem through the frontend, turn by turn.
 
     Each episode is a :class:`~dynamo_rl.generation.Conversation` on the completion route:
@@ -57,8 +59,7 @@ async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, 
         ep, turns = episodes[i], problems[episodes[i].problem_index].turns
         if t >= len(turns):
             return
-        s = await convs[i].step([{"role": "user", "content": turns[t].user}], sampling=sampling,
-                                seed=seed + 7919 * t + i)
+        s = await convs[i].step(turns[t].new_messages(), sampling=sampling, seed=seed + 7919 * t + i)
         new_prompt = s.prompt_token_ids.tolist()[len(ep.ids):]
         gen_ids = s.generation_token_ids.tolist()
         ep.ids += new_prompt + gen_ids
@@ -68,7 +69,9 @@ async def collect_rollouts(gen, tokenizer, problems: list[Problem], group: int, 
         ep.finish_reasons.append(s.finish_reason)
         ep.gen_tokens += len(gen_ids)
         text = tokenizer.decode([t for t in gen_ids if t != tokenizer.eos_token_id], skip_special_tokens=True)
-        ep.rewards.append(turn_reward(text.strip(), turns[t].target))
+        score = task.score(problems[ep.problem_index], t, Completion(text.strip(), gen_ids, s.finish_reason))
+        ep.scores.append(score)
+        ep.rewards.append(score["reward"])
 
     for t in range(max(len(p.turns) for p in problems)):
         await asyncio.gather(*(turn(i, t) for i in range(len(episodes))))

@@ -1,33 +1,95 @@
-"""Reward tasks. A problem is a list of user turns, each with the answer it expects.
+"""Tasks: data plus a reward. Built-in ones and the user's own share one interface.
+
+A :class:`Task` draws :class:`Problem` s (one or more turns of messages, each with the
+answer it expects when known) and scores a turn's completion::
+
+    score(problem, turn_index, Completion(text, token_ids, finish_reason)) -> {"reward": r, ...}
+
+The ``"reward"`` entry is the GRPO training signal; other entries (``"exact_match"``,
+anything the task reports) are logged per step as their mean (``metrics.jsonl``).
+
+Built-in (``task.name``):
 
 - ``reverse_digits``: "rev 472" → "274" (one turn). Learns visibly on the tiny model after
   a short supervised warm start (``shared/notes/tiny-grpo.md``).
 - ``multiturn_reverse``: the same, ``turns`` times in one conversation; turn N+1's prompt
   extends turn N's prompt + generation ids, so it exercises token contiguity.
 
-Reward of one turn: matching characters at the same position / ``max(len(out), len(target))``
-in ``[0, 1]``, which punishes a wrong length; the episode reward is the mean over turns.
+  Their reward (shaped): matching characters at the same position /
+  ``max(len(output), len(target))`` in ``[0, 1]``, which punishes a wrong length, averaged
+  over turns; ``exact_match`` is 1 when the output equals the target.
+
+Your own (``task.name: custom``, ``task.data``, ``task.reward``):
+
+- ``data``: a JSONL file, one record per line: ``"prompt": str`` (one user message) or
+  ``"messages": [{"role", "content"}, ...]`` (a chat history ending with a user message),
+  an optional ``"answer": str`` (the supervised warm start trains on it), and any other
+  fields the reward reads.
+- ``reward``: ``"module:function"`` (imported; the current directory is on ``sys.path``) or
+  ``"path/to/file.py:function"``, called as ``function(record, completion)`` with the
+  record (a dict) and a :class:`Completion`; it returns a number (the reward) or a dict of
+  numbers holding ``"reward"`` (and e.g. ``"exact_match"``).
+
+Every problem is checked before anything starts (:func:`load_task` raises
+:class:`TaskError` naming the file and line, or the function): a line that is not a JSON
+object or has neither ``prompt`` nor ``messages``, a module that does not import, a name
+that is not a function, and a reward that raises or returns no number when called on the
+first record with its answer (or an empty completion). A reward that raises or returns a
+non-number during training raises :class:`TaskError` too, naming the record's line.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
+import math
+import os
 import random
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from dynamo_rl.config import TaskConfig
 from dynamo_rl.generation import render_ids
 from dynamo_rl.models.chat import new_message_start
 
 
+class TaskError(ValueError):
+    """The task's data or reward function is unusable; the message names the file and line,
+    or the function, and the fix. Bad input: ``dynamo-rl train`` exits 2."""
+
+
 @dataclass(frozen=True)
 class Turn:
-    user: str
-    target: str
+    """One turn: the new messages (``user``: one user message; ``messages``: a chat history,
+    for custom records) and the expected answer (``target``; None when unknown)."""
+
+    user: str | None = None
+    target: str | None = None
+    messages: tuple = ()
+
+    def new_messages(self) -> list[dict]:
+        return [dict(m) for m in self.messages] if self.messages else [{"role": "user", "content": self.user}]
 
 
 @dataclass(frozen=True)
 class Problem:
     turns: tuple[Turn, ...]
+    record: Mapping[str, Any] | None = None   # a custom task's JSONL record
+    line: int | None = None                   # its line in the file (1-based)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a reward function is given: the generated text (EOS removed, stripped) and the
+    engine's token ids (int list, the EOS that ended it included) and finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
 
 
 def turn_reward(output: str, target: str) -> float:
@@ -37,17 +99,173 @@ def turn_reward(output: str, target: str) -> float:
     return sum(o == t for o, t in zip(output, target)) / max(len(output), len(target))
 
 
+class Task:
+    """Data + reward. Subclasses draw problems and score completions (see the module docstring)."""
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        raise NotImplementedError
+
+    def score(self, problem: Problem, turn: int, completion: Completion) -> dict[str, float]:
+        raise NotImplementedError
+
+    def has_answers(self) -> bool:
+        return True
+
+
+class ReverseDigits(Task):
+    """The built-in tasks ``reverse_digits`` (one turn) and ``multiturn_reverse`` (``turns``)."""
+
+    def __init__(self, cfg: TaskConfig):
+        self.turns = 1 if cfg.name == "reverse_digits" else cfg.turns
+        self.num_digits = cfg.num_digits
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        out = []
+        for _ in range(n):
+            ts = []
+            for _ in range(self.turns):
+                s = "".join(rng.choice("0123456789") for _ in range(self.num_digits))
+                ts.append(Turn(user=f"rev {s}", target=s[::-1]))
+            out.append(Problem(tuple(ts)))
+        return out
+
+    def score(self, problem: Problem, turn: int, completion: Completion) -> dict[str, float]:
+        target = problem.turns[turn].target or ""
+        return {"reward": turn_reward(completion.text, target), "exact_match": float(completion.text == target)}
+
+
+class CustomTask(Task):
+    """Records from a JSONL file, scored by the user's ``module:function`` (module docstring)."""
+
+    def __init__(self, data: str, reward: str):
+        self.data_path = Path(data)
+        self.reward_name = reward
+        self.problems = _read_jsonl(self.data_path)
+        self.fn = _import_reward(reward)
+        first = self.problems[0]
+        probe = Completion(text=first.turns[0].target or "", token_ids=[])
+        self.score(first, 0, probe)   # raises TaskError naming the function and the line
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        return [rng.choice(self.problems) for _ in range(n)]
+
+    def has_answers(self) -> bool:
+        return all(p.turns[0].target is not None for p in self.problems)
+
+    def score(self, problem: Problem, turn: int, completion: Completion) -> dict[str, float]:
+        where = f"{self.reward_name} on {self.data_path}:{problem.line}"
+        try:
+            out = self.fn(dict(problem.record or {}), completion)
+        except Exception as e:  # noqa: BLE001 - the user's code: name it, with the record
+            raise TaskError(f"reward {where} raised {type(e).__name__}: {e}; fix the function "
+                            "(it gets the record dict and a Completion with .text, .token_ids)") from e
+        return _as_rewards(out, where)
+
+
+def _as_rewards(out: Any, where: str) -> dict[str, float]:
+    def number(x: Any) -> float | None:
+        if isinstance(x, (int, float)) and not isinstance(x, complex):
+            f = float(x)
+            return f if math.isfinite(f) else None
+        return None
+
+    if isinstance(out, Mapping):
+        if "reward" not in out:
+            raise TaskError(f"reward {where} returned a dict without 'reward' ({sorted(out)}); return a number or "
+                            "a dict of numbers holding 'reward'")
+        vals = {str(k): number(v) for k, v in out.items()}
+        bad = [k for k, v in vals.items() if v is None]
+        if bad:
+            raise TaskError(f"reward {where} returned non-numbers (or nan/inf) for {bad}: {dict(out)!r:.200}")
+        return vals  # type: ignore[return-value]
+    r = number(out)
+    if r is None:
+        raise TaskError(f"reward {where} returned {out!r:.80} ({type(out).__name__}); return a finite number or "
+                        "a dict of numbers holding 'reward'")
+    return {"reward": r}
+
+
+def _read_jsonl(path: Path) -> list[Problem]:
+    if not path.is_file():
+        raise TaskError(f"task.data {str(path)!r}: no such file (paths are relative to the current directory)")
+    problems = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise TaskError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise TaskError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
+            answer = rec.get("answer")
+            if answer is not None and not isinstance(answer, str):
+                raise TaskError(f"{path}:{n}: 'answer' must be a string, got {type(answer).__name__}")
+            if isinstance(rec.get("prompt"), str):
+                turn = Turn(user=rec["prompt"], target=answer)
+            elif isinstance(rec.get("messages"), list) and rec["messages"] and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in rec["messages"]):
+                if rec["messages"][-1]["role"] != "user":
+                    raise TaskError(f"{path}:{n}: 'messages' must end with a user message (the model answers it)")
+                turn = Turn(target=answer, messages=tuple(rec["messages"]))
+            else:
+                raise TaskError(f"{path}:{n}: the record needs 'prompt' (a string) or 'messages' (a list of "
+                                f"{{'role', 'content'}} strings); it has {sorted(rec)}")
+            problems.append(Problem((turn,), record=rec, line=n))
+    if not problems:
+        raise TaskError(f"task.data {str(path)!r} holds no record")
+    return problems
+
+
+def _import_reward(spec: str):
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise TaskError(f"task.reward {spec!r}: write 'module:function' or 'path/to/file.py:function'")
+    try:
+        if mod_name.endswith(".py"):
+            file = Path(mod_name)
+            if not file.is_file():
+                raise TaskError(f"task.reward {spec!r}: no file {mod_name} (relative to the current directory)")
+            loader_spec = importlib.util.spec_from_file_location(f"dynamo_rl_user_reward_{file.stem}", file)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(mod_name)
+    except TaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an import of the user's code
+        raise TaskError(f"task.reward {spec!r}: module {mod_name!r} does not import ({type(e).__name__}: {e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise TaskError(f"task.reward {spec!r}: {mod_name} has no function {fn_name!r}"
+                        + (f" ({fn_name} is a {type(fn).__name__})" if fn is not None else ""))
+    return fn
+
+
+_TASKS: dict[tuple, Task] = {}
+
+
+def load_task(cfg: TaskConfig) -> Task:
+    """The task ``cfg`` describes (built once per distinct config; a custom task's file is read
+    and its reward imported and probed then). Raises :class:`TaskError`."""
+    key = (cfg.name, cfg.num_digits, cfg.turns, cfg.data, cfg.reward)
+    if key not in _TASKS:
+        if cfg.name == "custom":
+            if not cfg.data or not cfg.reward:
+                raise TaskError("task.name=custom needs task.data (a JSONL file) and task.reward ('module:function')")
+            _TASKS[key] = CustomTask(cfg.data, cfg.reward)
+        else:
+            _TASKS[key] = ReverseDigits(cfg)
+    return _TASKS[key]
+
+
 def sample_problems(cfg: TaskConfig, rng: random.Random, n: int) -> list[Problem]:
     """Draw ``n`` problems of the configured task."""
-    turns = 1 if cfg.name == "reverse_digits" else cfg.turns
-    out = []
-    for _ in range(n):
-        ts = []
-        for _ in range(turns):
-            s = "".join(rng.choice("0123456789") for _ in range(cfg.num_digits))
-            ts.append(Turn(user=f"rev {s}", target=s[::-1]))
-        out.append(Problem(tuple(ts)))
-    return out
+    return load_task(cfg).sample(rng, n)
 
 
 def supervised_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
@@ -62,7 +280,10 @@ def supervised_example(tokenizer, problem: Problem) -> tuple[list[int], list[int
     mask: list[int] = []
     eos = tokenizer.eos_token_id
     for turn in problem.turns:
-        messages.append({"role": "user", "content": turn.user})
+        if turn.target is None:
+            raise TaskError(f"the supervised warm start needs an 'answer' for every record (line {problem.line}); "
+                            "add one, or set policy.warm_start.steps=0")
+        messages += turn.new_messages()
         rendered = render_ids(tokenizer, messages)
         new = rendered[new_message_start(rendered, ids, eos):] if ids else rendered
         answer = tokenizer(turn.target, add_special_tokens=False).input_ids + [eos]
