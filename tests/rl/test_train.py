@@ -135,19 +135,26 @@ def test_a_run_dir_that_cannot_be_created_is_a_clear_error(tmp_path):
     assert "Traceback" not in p.stdout + p.stderr and (tmp_path / "afile").read_text() == "x"
 
 
-def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):
-    run = tmp_path / "run"
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
+def _start_long_run(run: Path, steps_done: int) -> subprocess.Popen:
+    """A 200-step `train` in the background, returned once ``steps_done`` steps are logged."""
     p = subprocess.Popen([*CLI, "examples/grpo_tiny.yaml", f"logging.run_dir={run}", *SHORT, "grpo.num_steps=200"],
                          cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    metrics = run / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= steps_done):
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            raise AssertionError(f"no {steps_done} training step(s) within 300 s:\n{p.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    return p
+
+
+def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):
+    run = tmp_path / "run"
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    p = _start_long_run(run, steps_done=2)
     try:
-        deadline = time.monotonic() + 300
-        metrics = run / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-            assert p.poll() is None, p.stdout.read()
-            assert time.monotonic() < deadline, "no training step within 300 s"
-            time.sleep(0.5)
         started = psutil.Process(p.pid).children(recursive=True)
         assert len(started) >= 4   # broker, frontend, 2 workers (+ multiprocessing's resource tracker)
         p.send_signal(15)
@@ -189,16 +196,8 @@ def test_a_killed_worker_ends_the_run_with_1_and_its_log_tail_once(tmp_path):
     """Issue 18, defects 1 and 9: a worker SIGKILLed mid-run is a runtime failure (exit 1),
     reported with the worker's log tail exactly once."""
     run = tmp_path / "run"
-    p = subprocess.Popen([*CLI, "examples/grpo_tiny.yaml", f"logging.run_dir={run}", *SHORT, "grpo.num_steps=200"],
-                         cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = _start_long_run(run, steps_done=1)
     try:
-        deadline = time.monotonic() + 300
-        metrics = run / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-            assert p.poll() is None, p.stdout.read()
-            assert time.monotonic() < deadline, "no training step within 300 s"
-            time.sleep(0.5)
         worker = next(c for c in psutil.Process(p.pid).children(recursive=True)
                       if "dynamo_rl.serving.worker" in " ".join(c.cmdline()))
         worker.kill()

@@ -242,17 +242,23 @@ def check_serving_graph(manifest: dict, source: str) -> None:
                             "them to the manifest")
 
 
+def _words(container: dict) -> list[str]:
+    """A container's command and args as words (one-string shell args split like a shell)."""
+    words: list[str] = []
+    for part in list(container.get("command") or []) + list(container.get("args") or []):
+        try:
+            words += shlex.split(str(part))
+        except ValueError:
+            words += str(part).split()
+    return words
+
+
 def declared_served_name(manifest: dict) -> str | None:
     """The model name a DGD's workers say outright (``--served-model-name X`` or a
     ``SERVED_MODEL_NAME`` env), or None (``--model`` paths are only a guess)."""
     found = None
     for c in _iter_main_containers(manifest):
-        words: list[str] = []
-        for part in list(c.get("command") or []) + list(c.get("args") or []):
-            try:
-                words += shlex.split(str(part))
-            except ValueError:
-                words += str(part).split()
+        words = _words(c)
         if "--served-model-name" in words:
             i = words.index("--served-model-name")
             if i + 1 < len(words) and "$" not in words[i + 1]:
@@ -490,12 +496,7 @@ def guess_served_model(manifest: dict) -> str | None:
     """
     found: dict[str, str] = {}
     for c in _iter_main_containers(manifest):
-        words: list[str] = []
-        for part in list(c.get("command") or []) + list(c.get("args") or []):
-            try:
-                words += shlex.split(str(part))
-            except ValueError:
-                words += str(part).split()
+        words = _words(c)
         for flag in ("--served-model-name", "--model", "--model-path"):
             if flag in words and words.index(flag) + 1 < len(words) and flag not in found:
                 val = words[words.index(flag) + 1]
