@@ -162,6 +162,22 @@ async def test_seed_fixes_ids_whatever_the_batch(engine):
     assert ids_of(crowd[1]) != alone
 
 
+@pytest.mark.asyncio
+async def test_chunks_hold_the_same_tokens_as_the_token_stream(engine):
+    """generate_chunks: every token ready at a delivery in one list; the concatenation is
+    exactly generate's ids and logprobs, the last list ends with the finish reason."""
+    params = SamplingParams(max_tokens=11, temperature=1.0, seed=7, ignore_eos=True)
+    single = [o async for o in engine.generate(PROMPTS[0], params)]
+    chunks = [c async for c in engine.generate_chunks(PROMPTS[0], params)]
+    flat = [o for c in chunks for o in c]
+    assert [o.token_id for o in flat] == [o.token_id for o in single]
+    # (the second request reuses the first one's cached prefix: sums in another order)
+    torch.testing.assert_close(torch.tensor([o.logprob for o in flat]), torch.tensor([o.logprob for o in single]),
+                               rtol=0, atol=1e-5)
+    assert [len(c) for c in chunks] == [1, 4, 4, 2]   # prefill, then decode_steps=4 per hand-off
+    assert flat[-1].finish_reason == "length" and all(o.finish_reason is None for o in flat[:-1])
+
+
 def test_sampler_draws_from_the_filtered_distribution():
     """4000 rows x 25 steps, each row its own seeded generator: frequencies within 4 sigma;
     top-k / top-p never pick a token outside their set; logprobs are of the raw logits."""

@@ -341,6 +341,18 @@ class Engine:
             ValueError: (at call time) empty/too long prompt, id out of vocabulary, duplicate id.
             EngineStoppedError: (while iterating) the engine stopped or its forward failed.
         """
+        return self._stream(self._new_request(prompt_ids, params, request_id))
+
+    def generate_chunks(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                        request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
+        """Like :meth:`generate`, but each item is every token of the request ready at that
+        moment, in order (one decode hand-off delivers up to ``decode_steps`` tokens per
+        request): a server sends one message per list instead of one per token, delaying no
+        token. Same arguments and errors as :meth:`generate`; the last list ends with the
+        token whose ``finish_reason`` is set."""
+        return self._stream(self._new_request(prompt_ids, params, request_id), chunked=True)
+
+    def _new_request(self, prompt_ids, params, request_id) -> _Request:
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -357,9 +369,9 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        return self._stream(_Request(request_id, prompt, params, frozenset(stop_ids)))
+        return _Request(request_id, prompt, params, frozenset(stop_ids))
 
-    async def _stream(self, req: _Request) -> AsyncIterator[TokenOutput]:
+    async def _stream(self, req: _Request, chunked: bool = False) -> AsyncIterator:
         if req.id in self._requests:  # registered when iteration starts, so an unused iterator leaks nothing
             raise ValueError(f"request_id {req.id!r} is already in flight; use a unique id")
         if self._partial is not None:
@@ -380,7 +392,18 @@ class Engine:
                     raise item
                 if item is None:  # aborted before its first token
                     return
-                yield item
+                if not chunked:
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+                    continue
+                chunk = [item]
+                while item.finish_reason is None and not req.queue.empty():
+                    item = req.queue.get_nowait()
+                    if isinstance(item, BaseException):
+                        raise item
+                    chunk.append(item)
+                yield chunk
                 if item.finish_reason is not None:
                     return
         finally:

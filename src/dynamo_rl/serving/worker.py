@@ -19,8 +19,11 @@ Data plane
          "output_options": {"logprobs", "prompt_logprobs", ...}, "routing": {...},
          "mdc_sum": str, "extra_args": {"nvext": {...}}}   # extra_args only when nvext was sent
 
-    It yields one chunk per token: ``{"token_ids": [id], "index": 0, "log_probs": [lp],
-    "engine_data": {"weights_version": v}}``. The last chunk adds ``finish_reason``
+    It yields one chunk per engine delivery — every token of the request ready at that
+    moment, up to the engine's ``decode_steps`` (4) — ``{"token_ids": [ids], "index": 0,
+    "log_probs": [lps], "engine_data": {"weights_version": v}}``, as Dynamo's own vLLM
+    worker coalesces with its stream interval: fewer messages through the frontend, no token
+    held back. The last chunk adds ``finish_reason``
     (``stop``/``length``/``cancelled``) and ``completion_usage``, and its ``engine_data``
     adds ``prompt_token_ids`` (the prompt actually run, after any prefix splice) and the
     engine's own ``finish_reason`` (``stop``/``length``/``abort``) — read that one: the
@@ -268,7 +271,7 @@ class Worker:
             params = sampling_params_from_request({**request, "token_ids": prompt},
                                                   context_window=self.context_window)
             request_id = self._request_id(context)
-            stream = self.engine.generate(prompt, params, request_id=request_id)
+            stream = self.engine.generate_chunks(prompt, params, request_id=request_id)
         except ValueError as e:  # bad prefix / ids / params: end the request with the reason
             log.warning("request refused: %s", e)
             from dynamo.llm.exceptions import InvalidArgument
@@ -279,14 +282,15 @@ class Worker:
         finish: str | None = None
         version: int | None = None
         try:
-            async for out in stream:
-                ids.append(out.token_id)
-                lps.append(out.logprob)
-                version = out.weights_version
+            async for outs in stream:   # every token ready now: one message for several tokens
+                out = outs[-1]
+                ids.extend(o.token_id for o in outs)
+                lps.extend(o.logprob for o in outs)
+                version = out.weights_version   # one version per request: the engine drains before a swap
                 chunk: dict[str, Any] = {
-                    "token_ids": [out.token_id],
+                    "token_ids": [o.token_id for o in outs],
                     "index": 0,
-                    "log_probs": [out.logprob],
+                    "log_probs": [o.logprob for o in outs],
                     "engine_data": {"weights_version": out.weights_version},
                 }
                 if out.finish_reason is not None:
