@@ -579,8 +579,11 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
                             generation_gpus=0, completed=completed, **extra)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if log.records:
-            plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}",
-                         initial_eval=extra.get("eval_reward_initial"))
+            try:
+                plot_rewards(log.records, out / "reward.png", title=f"{cfg.name}: {cfg.task.name}",
+                             initial_eval=extra.get("eval_reward_initial"))
+            except ImportError as e:   # a minimal install (e.g. a GPU image): the figures are in metrics.jsonl
+                console.print(f"[yellow]reward.png not drawn:[/] {e}")
     _print_summary(summary, out)
     return ExitCode.OK
 

@@ -24,6 +24,11 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.ref = None
 
+    def _on_device(self, tensors):
+        """A batch (CPU tensors from ``to_batch``) on the policy's device."""
+        device = next(self.model.parameters()).device
+        return tuple(t.to(device, non_blocking=True) for t in tensors)
+
     def freeze_reference(self) -> None:
         if self.cfg.grpo.kl_coef > 0:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -37,7 +42,7 @@ class Trainer:
         for _ in range(ws.steps):
             exs = [supervised_example(tokenizer, p) for p in sample_problems(self.cfg.task, rng, ws.batch_size)]
             eps = [Episode(0, ids=i, mask=m, engine_logp=[0.0] * len(i)) for i, m in exs]
-            ids, attn, mask, _ = to_batch(eps, tokenizer.pad_token_id)
+            ids, attn, mask, _ = self._on_device(to_batch(eps, tokenizer.pad_token_id))
             logp = token_logprobs(self.model, ids, attn)
             l = -(logp * mask).sum() / mask.sum()
             l.backward()
@@ -49,14 +54,14 @@ class Trainer:
     def step(self, episodes: list[Episode], pad_id: int, current_version: int) -> dict:
         """One GRPO update on a batch of complete groups. Returns metrics."""
         g = self.cfg.grpo
-        ids, attn, mask, elp = to_batch(episodes, pad_id)
-        rewards = torch.tensor([e.reward for e in episodes])
+        ids, attn, mask, elp = self._on_device(to_batch(episodes, pad_id))
+        rewards = torch.tensor([e.reward for e in episodes], device=ids.device)
         adv = group_advantages(rewards, g.samples_per_prompt)
         self.model.train()
         t0 = time.perf_counter()
         with torch.no_grad():
             tlp = token_logprobs(self.model, ids, attn)
-            on_policy = torch.tensor([float(e.version == current_version) for e in episodes])[:, None]
+            on_policy = torch.tensor([float(e.version == current_version) for e in episodes], device=ids.device)[:, None]
             mm = logprob_mismatch(tlp, elp, mask * on_policy) if on_policy.any() else {}
             ref = token_logprobs(self.ref, ids, attn) if self.ref is not None else None
         stats = {}
