@@ -166,6 +166,10 @@ def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):
     assert "interrupted; everything this run started has been stopped" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] is False and summary["steps"] >= 2
+    # what was trained is kept: a checkpoint of the last update, named in the summary
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.parent == (run / "checkpoints").resolve() and (ckpt / "model.safetensors").is_file()
+    assert int(ckpt.name.split("-")[1]) >= summary["steps"]
     # every process the run started is gone (helpers such as multiprocessing's resource
     # tracker leave a moment after their parent: allow them a few seconds)
     _, alive = psutil.wait_procs(started, timeout=15)
