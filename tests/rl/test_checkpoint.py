@@ -54,6 +54,9 @@ def test_checkpoints_serve_and_resume(tmp_path):
     from dynamo_rl.serving.stack import LocalStack
 
     with LocalStack(ckpt, workers=1, run_dir=tmp_path / "serve", quiet=True) as stack:
+        # the worker declares the version the checkpoint holds (dynamo_rl_checkpoint.json)
+        v = httpx.post(f"{stack.workers[0].system_url}/engine/get_weight_version", json={}, timeout=30).json()
+        assert v["version"] == 5
         for prompt in ([1, 31, 18, 35, 40, 8, 11, 6, 2, 41], [1, 14, 32, 32, 22, 33, 14, 27, 33, 41]):
             r = httpx.post(f"{stack.frontend_url}/v1/completions", timeout=60, json={
                 "model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0.0, "ignore_eos": True,
@@ -61,6 +64,11 @@ def test_checkpoints_serve_and_resume(tmp_path):
             assert r.status_code == 200, r.text
             assert r.json()["nvext"]["completion_token_ids"] == greedy_decode(policy, prompt, 6)[0]
 
+    # a resume with another task is refused before anything starts
+    p = subprocess.run([sys.executable, "-m", "dynamo_rl.cli", "train", "examples/grpo_arith.yaml", "--resume",
+                        str(run), "grpo.num_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "the recipe differs from the one" in p.stdout + p.stderr, p.stdout + p.stderr
+    assert "on name, task" in p.stdout + p.stderr
     # resume from step 2: steps 3 and 4 again, versions go on, the optimizer is the saved one
     uninterrupted = _metrics(run)
     saved2 = json.loads((run / "trainer_state" / "step-000002" / "state.json").read_text())

@@ -83,8 +83,15 @@ class Saved:
     state: Path
 
 
+#: written into the policy checkpoint: which step and weights version it holds (a worker
+#: serving the directory declares that version; see ``serving.worker``)
+CHECKPOINT_INFO = "dynamo_rl_checkpoint.json"
+#: recipe keys a resumed run must share with the run it resumes (else it trains another thing)
+RESUME_MUST_MATCH = ("name", "task", "policy.model_path", "policy.tiny", "policy.dtype")
+
+
 def save(run_dir: Path, step: int, trainer, tokenizer, *, weights_version: int, rng: random.Random,
-         extra: dict[str, Any] | None = None) -> Saved:
+         extra: dict[str, Any] | None = None, recipe: dict | None = None) -> Saved:
     """Write the policy and the trainer state after ``step``; returns where.
 
     Raises:
@@ -101,6 +108,7 @@ def save(run_dir: Path, step: int, trainer, tokenizer, *, weights_version: int, 
     for d in (tmp_policy, tmp_state):
         shutil.rmtree(d, ignore_errors=True)
     save_checkpoint(trainer.model, tmp_policy, tokenizer)
+    (tmp_policy / CHECKPOINT_INFO).write_text(json.dumps({"step": step, "weights_version": weights_version}) + "\n")
     tmp_state.mkdir(parents=True)
     opt_state = trainer.opt.state_dict()
     torch.save({"optimizer": opt_state,
@@ -114,6 +122,7 @@ def save(run_dir: Path, step: int, trainer, tokenizer, *, weights_version: int, 
         "python_rng": _encode_rng(rng.getstate()),
         "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "extra": extra or {},
+        "recipe": recipe,
     }
     (tmp_state / "state.json").write_text(json.dumps(meta, indent=2))
     for tmp, final in ((tmp_policy, policy), (tmp_state, state)):
@@ -145,6 +154,20 @@ class Resume:
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+    def recipe_differences(self, recipe: dict) -> list[str]:
+        """The :data:`RESUME_MUST_MATCH` keys on which ``recipe`` differs from the checkpoint's
+        (none when the checkpoint recorded no recipe)."""
+        saved = self.state.get("recipe")
+        if not saved:
+            return []
+
+        def get(d, dotted):
+            for part in dotted.split("."):
+                d = d.get(part) if isinstance(d, dict) else None
+            return d
+
+        return [k for k in RESUME_MUST_MATCH if get(saved, k) != get(recipe, k)]
 
     def restore(self, trainer, rng: random.Random) -> str:
         """Load the optimizer, the KL reference and the RNG states into ``trainer`` / ``rng``.
@@ -223,8 +246,8 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: Path, every: int, trainer, tokenizer, rng: random.Random, *,
-                 start_step: int = 0, start_version: int = 0, trained: bool = False):
-        self.run_dir, self.every = Path(run_dir), every
+                 start_step: int = 0, start_version: int = 0, trained: bool = False, recipe: dict | None = None):
+        self.run_dir, self.every, self.recipe = Path(run_dir), every, recipe
         self.trainer, self.tokenizer, self.rng = trainer, tokenizer, rng
         self.model_step, self.model_version = start_step, start_version
         self.saved_step: int | None = start_step if trained and start_step else None
@@ -249,6 +272,6 @@ class Checkpointer:
 
     def _save(self, extra: dict) -> Saved:
         self.last = save(self.run_dir, self.model_step, self.trainer, self.tokenizer,
-                         weights_version=self.model_version, rng=self.rng, extra=extra)
+                         weights_version=self.model_version, rng=self.rng, extra=extra, recipe=self.recipe)
         self.saved_step = self.model_step
         return self.last

@@ -220,8 +220,13 @@ def _find_resume(cfg: Recipe, resume: str, run_dir: str | None):
     if run_dir is not None and Path(run_dir).resolve() != found.run_dir.resolve():
         raise ValueError(f"--run-dir {run_dir!r} and --resume {resume!r} name different runs; a resumed run goes "
                          f"on in its own directory ({found.run_dir}): drop --run-dir")
+    differ = found.recipe_differences(cfg.model_dump(mode="json"))
+    if differ:
+        raise ValueError(f"--resume: the recipe differs from the one {found.policy} was trained with on "
+                         f"{', '.join(differ)}; resume with that run's recipe (its task and model), or start a new "
+                         "run from the checkpoint with policy.model_path")
     if found.step >= cfg.grpo.num_steps:
-        raise ValueError(f"--resume: {found.policy} is after step {found.step}, and grpo.num_steps is "
+        raise ValueError(f"--resume: {found.policy} is at step {found.step}, and grpo.num_steps is "
                          f"{cfg.grpo.num_steps}: nothing left to run; raise grpo.num_steps (e.g. "
                          f"grpo.num_steps={found.step + cfg.grpo.num_steps})")
     return found
@@ -474,7 +479,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
     updates = ThreadPoolExecutor(1, thread_name_prefix="grpo-update")   # awaited in `finally`
     ckpt = Checkpointer(out, cfg.checkpoint.every, trainer, tokenizer, rng,
                         start_step=first - 1, start_version=resume.state["weights_version"] if resume else 0,
-                        trained=resume is not None)
+                        trained=resume is not None, recipe=cfg.model_dump(mode="json"))
     eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts)
     try:
         if resume is None:
@@ -626,6 +631,8 @@ def _print_step(r: dict, n: int) -> None:
 
 def _print_summary(s: dict, out: Path) -> None:
     t = Table(title="dynamo-rl run summary", show_header=False)
+    t.add_column(overflow="fold")
+    t.add_column(overflow="fold")   # paths and hashes are never cut (a log file is 80 columns wide)
     for k, v in s.items():
         t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(t)

@@ -187,7 +187,8 @@ def _as_rewards(out: Any, where: str) -> dict[str, float]:
 
 def _read_jsonl(path: Path) -> list[Problem]:
     if not path.is_file():
-        raise TaskError(f"task.data {str(path)!r}: no such file (paths are relative to the current directory)")
+        raise TaskError(f"task.data {str(path)!r}: no such file"
+                        + ("" if path.is_absolute() else " (relative to the current directory)"))
     problems = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -195,8 +196,8 @@ def _read_jsonl(path: Path) -> list[Problem]:
                 continue
             try:
                 rec = json.loads(line)
-            except ValueError as e:
-                raise TaskError(f"{path}:{n}: not JSON ({e})") from None
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
             if not isinstance(rec, dict):
                 raise TaskError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
             answer = rec.get("answer")
@@ -227,7 +228,8 @@ def _import_reward(spec: str):
         if mod_name.endswith(".py"):
             file = Path(mod_name)
             if not file.is_file():
-                raise TaskError(f"task.reward {spec!r}: no file {mod_name} (relative to the current directory)")
+                raise TaskError(f"task.reward {spec!r}: no file {mod_name}"
+                                + ("" if file.is_absolute() else " (relative to the current directory)"))
             loader_spec = importlib.util.spec_from_file_location(f"dynamo_rl_user_reward_{file.stem}", file)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)

@@ -110,9 +110,9 @@ def serve(
     clean = False
     try:
         table = Table(title=f"dynamo-rl stack — model {served_model_name!r}", show_lines=False)
-        table.add_column("process")
+        table.add_column("process", overflow="fold")
         table.add_column("pid", justify="right")
-        table.add_column("URL")
+        table.add_column("URL", overflow="fold")   # never cut: the URLs are what to copy
         table.add_row("frontend (OpenAI API)", str(stack.frontend.pid), stack.frontend_url)
         for w in stack.workers:
             table.add_row(f"worker-{w.index} ({w.engine}) control", str(w.pid),
@@ -120,7 +120,7 @@ def serve(
         console.print(table)
         console.print(
             f"try: curl -s {stack.frontend_url}/v1/completions -H 'content-type: application/json' -d "
-            f"'{{\"model\": \"{served_model_name}\", \"prompt\": \"12+3=\", \"max_tokens\": 8, "
+            f"'{{\"model\": \"{served_model_name}\", \"prompt\": \"rev 472\", \"max_tokens\": 8, "
             f"\"nvext\": {{\"extra_fields\": [\"engine_data\", \"completion_token_ids\"]}}}}'",
             soft_wrap=True, highlight=False, markup=False)
         console.print(f"run dir: {stack.run_dir} (logs in logs/)   Ctrl-C to stop")

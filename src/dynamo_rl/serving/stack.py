@@ -102,7 +102,7 @@ def find_vllm_python(explicit: str | None = None) -> str:
     tried = []
     for cand in (os.environ.get("DYNAMO_RL_VLLM_PYTHON"), str(Path.cwd() / ".venv-vllm/bin/python"),
                  str(Path(__file__).resolve().parents[3] / ".venv-vllm/bin/python")):
-        if not cand:
+        if not cand or cand in tried:
             continue
         tried.append(cand)
         if os.access(cand, os.X_OK) and Path(cand).is_file():

@@ -740,6 +740,16 @@ class Worker:
                 log.exception("receiver close failed")
 
 
+def _checkpoint_version(model_path: str) -> int:
+    """The weights version a dynamo-rl checkpoint holds (its ``dynamo_rl_checkpoint.json``,
+    written by ``dynamo_rl.rl.checkpoint``), else 0: the worker declares what it serves."""
+    try:
+        v = json.loads((Path(model_path) / "dynamo_rl_checkpoint.json").read_text())["weights_version"]
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def _message_eos_id(model_path: str) -> int | None:
     try:
         from dynamo_rl.models import load_tokenizer
@@ -762,7 +772,8 @@ async def amain(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     served = args.served_model_name or Path(args.model_path).name
     engine = Engine.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
-                                    max_batch_size=args.max_batch_size)
+                                    max_batch_size=args.max_batch_size,
+                                    weights_version=_checkpoint_version(args.model_path))
     await engine.start()
     worker = Worker(engine, served_model_name=served, model_path=args.model_path,
                     message_eos_id=_message_eos_id(args.model_path), device=args.device,
