@@ -105,6 +105,8 @@ class Receiver:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.param_specs = {n: (tuple(s), dt) for n, (s, dt) in param_specs.items()}
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:   # "cuda" is the current device:
+            self.device = torch.device("cuda", torch.cuda.current_device())   # compare with tensors' cuda:N
         self.transport = transport
         self.transport_options = dict(transport_options or {})
         self.double_buffer = double_buffer
