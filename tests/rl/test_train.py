@@ -165,7 +165,7 @@ def test_sigterm_mid_run_stops_everything_and_keeps_a_summary(tmp_path):
     assert p.returncode == 130, out[-2000:]
     assert "interrupted; everything this run started has been stopped" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["completed"] is False and summary["steps"] >= 2
+    assert summary["completed"] is False and summary["steps"] >= 2 and summary["stopped_by"] == "interrupted"
     # what was trained is kept: a checkpoint of the last update, named in the summary
     ckpt = Path(summary["checkpoint"])
     assert ckpt.parent == (run / "checkpoints").resolve() and (ckpt / "model.safetensors").is_file()

@@ -565,6 +565,10 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
             if (saved := ckpt.step_done(step, extra)) is not None:
                 console.print(f"checkpoint: {saved.policy}")
         completed = True
+    except BaseException as exc:   # named in summary.json, then handled by the caller as before
+        extra["stopped_by"] = ("interrupted" if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError))
+                               else f"{type(exc).__name__}: {exc}"[:500])
+        raise
     finally:
         if bar is not None:
             bar.close()
