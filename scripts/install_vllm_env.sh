@@ -11,7 +11,7 @@ PY=${2:-python3}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-warn-conflicts)
 "${PIP[@]}" --upgrade pip
 # torch 2.13.0 as published on PyPI (a CUDA build; it runs on a CPU-only machine). `===`
 # keeps pip off the 2.13.0+cpu file on this disk, beside which PyPI's torchvision cannot
