@@ -12,6 +12,9 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
 
 - handler in-process: our Dynamo handler ``Worker.generate`` over that engine, without
   Dynamo: separates the worker's own Python cost from Dynamo's per-chunk cost.
+- one token per message: a second stack whose worker runs ``--tokens-per-message 1`` (one
+  message per token, as before chunked streaming), measured alternately with the first;
+  both also serve streamed requests for the time to the first token (TTFT).
 
 tokens/s = generated tokens / wall seconds of the level (after one warm-up request per
 side). ``ratio`` = frontend / in-process. Each level is measured ``--repeats`` times,
@@ -64,6 +67,39 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
         return sum(counts), time.perf_counter() - t0
 
 
+async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, max_tokens: int
+                              ) -> tuple[int, float, float]:
+    """Streaming completions: (tokens, seconds, mean time to the first token in seconds)."""
+    import json as _json
+
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one(i, p):
+            async with sem:
+                t0, first, n = time.perf_counter(), None, 0
+                body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
+                        "ignore_eos": True, "stream": True, "nvext": {"extra_fields": ["completion_token_ids"]}}
+                async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                            continue
+                        ids = (_json.loads(line[5:]).get("nvext") or {}).get("completion_token_ids") or []
+                        if ids and first is None:
+                            first = time.perf_counter() - t0
+                        n += len(ids)
+                ttfts.append(first if first is not None else float("nan"))
+                return n
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+        return sum(counts), time.perf_counter() - t0, statistics.mean(ttfts)
+
+
 async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
     from dynamo_rl.serving.engine import SamplingParams
 
@@ -112,20 +148,32 @@ async def main_async(args) -> dict:
     handler = Worker(engine, served_model_name="tiny", model_path=str(model_dir), message_eos_id=None)
     stack = LocalStack(model_dir, workers=args.workers, worker_threads=args.threads, run_dir=tmp / "run",
                        max_batch_size=max(levels), quiet=True)
+    # the same worker sending one message per token (as before chunked streaming), side by side
+    per_token = LocalStack(model_dir, workers=args.workers, worker_threads=args.threads, run_dir=tmp / "run1",
+                           max_batch_size=max(levels), quiet=True, worker_args=["--tokens-per-message", "1"])
     await asyncio.to_thread(stack.start)
+    await asyncio.to_thread(per_token.start)
     rows = []
     try:
         warm = prompts(1)
         await run_frontend(stack.frontend_url, warm, 1, args.max_tokens)
+        await run_frontend(per_token.frontend_url, warm, 1, args.max_tokens)
         await run_engine(engine, warm, 1, args.max_tokens)
         for c in levels:
             n = max(c * args.rounds, args.min_requests)
             ps = prompts(n)
-            fe, ip, hd = [], [], []
+            fe, ip, hd, fe1, ttft, ttft1 = [], [], [], [], [], []
             for _ in range(args.repeats):
                 tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens)
                 assert tok == n * args.max_tokens, (tok, n)
                 fe.append(tok / sec)
+                tok, sec = await run_frontend(per_token.frontend_url, ps, c, args.max_tokens)
+                assert tok == n * args.max_tokens, (tok, n)
+                fe1.append(tok / sec)
+                for url, out in ((stack.frontend_url, ttft), (per_token.frontend_url, ttft1)):
+                    tok, sec, first = await run_frontend_stream(url, ps, c, args.max_tokens)
+                    assert tok == n * args.max_tokens, (tok, n)
+                    out.append(first)
                 tok, sec = await run_engine(engine, ps, c, args.max_tokens)
                 assert tok == n * args.max_tokens, (tok, n)
                 ip.append(tok / sec)
@@ -137,13 +185,21 @@ async def main_async(args) -> dict:
                    "in_process_tokens_per_s": round(statistics.median(ip), 1),
                    "ratio": round(statistics.median(fe) / statistics.median(ip), 3),
                    "handler_in_process_tokens_per_s": round(statistics.median(hd), 1),
+                   "frontend_one_token_per_message_tokens_per_s": round(statistics.median(fe1), 1),
+                   "chunked_over_one_token_per_message": round(statistics.median(fe) / statistics.median(fe1), 3),
+                   "ttft_ms_streaming": round(1e3 * statistics.median(ttft), 2),
+                   "ttft_ms_streaming_one_token_per_message": round(1e3 * statistics.median(ttft1), 2),
                    "frontend_runs": [round(x, 1) for x in fe], "in_process_runs": [round(x, 1) for x in ip]}
             print(f"c={c:>3}: frontend {row['frontend_tokens_per_s']:>8.1f} tok/s   in-process "
                   f"{row['in_process_tokens_per_s']:>8.1f} tok/s   ratio {row['ratio']:.3f}   "
-                  f"(handler in-process {row['handler_in_process_tokens_per_s']:.1f} tok/s)", flush=True)
+                  f"(handler in-process {row['handler_in_process_tokens_per_s']:.1f} tok/s; one token per "
+                  f"message {row['frontend_one_token_per_message_tokens_per_s']:.1f} tok/s; TTFT "
+                  f"{row['ttft_ms_streaming']:.1f} vs {row['ttft_ms_streaming_one_token_per_message']:.1f} ms)",
+                  flush=True)
             rows.append(row)
     finally:
         await asyncio.to_thread(stack.stop)
+        await asyncio.to_thread(per_token.stop)
         await engine.stop()
     try:
         import importlib.metadata as md
@@ -158,8 +214,11 @@ async def main_async(args) -> dict:
         "load_average_1m": os.getloadavg()[0],
         "note": ("ratio = frontend / in-process at the same concurrency; all sides measured alternately in "
                  "this run. handler_in_process isolates our worker's Python cost; the rest of the gap is "
-                 "Dynamo's per-chunk cost (one chunk per token: pyo3 generator bridge, msgpack, TCP "
-                 "response stream, HTTP)"),
+                 "Dynamo's cost per request and per message (pyo3 generator bridge, msgpack, TCP response "
+                 "stream, HTTP). frontend_* is our worker sending every token ready at a delivery in one "
+                 "message (up to decode_steps=4); *_one_token_per_message is the same worker with "
+                 "--tokens-per-message 1 (the behaviour before), a second stack measured alternately; "
+                 "ttft_ms_* = mean time to the first token of streamed requests"),
         "levels": rows,
     }
 

@@ -221,6 +221,8 @@ class LocalStack:
         vllm_python: the vLLM environment's Python (default: :func:`find_vllm_python`).
         max_model_len: vLLM's ``--max-model-len`` (default: the model's
             ``max_position_embeddings``).
+        worker_args: extra command-line arguments for our workers (``python -m
+            dynamo_rl.serving.worker --help``), e.g. ``["--tokens-per-message", "1"]``.
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
@@ -237,7 +239,7 @@ class LocalStack:
                  max_batch_size: int = 64, stop_grace_s: float = 10.0, quiet: bool = False,
                  namespace: str = "dynamo", on_crash: Callable[[str], None] | None = None,
                  engine: str | list[str] = "dynamo-rl", vllm_python: str | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, worker_args: list[str] | None = None):
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
@@ -254,6 +256,7 @@ class LocalStack:
         self.default_engine = engine if isinstance(engine, str) else (kinds[0] if kinds else "dynamo-rl")
         self.vllm_python = find_vllm_python(vllm_python) if "vllm" in kinds + [self.default_engine] else vllm_python
         self.max_model_len = max_model_len
+        self.worker_args = list(worker_args or [])
         self.served_model_name = served_model_name
         self.num_workers = workers
         self._run_dir_arg = run_dir
@@ -496,6 +499,7 @@ class LocalStack:
                     "--threads", str(self.worker_threads), "--discovery-backend", "file"]
             if record is not None:
                 argv += ["--record-file", str(record)]
+            argv += self.worker_args
         w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
                         system_url=f"http://{LOOPBACK}:{port}", record_file=record, engine=engine)
         with self._lock:

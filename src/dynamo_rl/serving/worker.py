@@ -232,6 +232,16 @@ def sampling_params_from_request(request: Mapping[str, Any], *, context_window: 
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
+async def _split(chunks, n: int):
+    """The engine's chunks, cut into pieces of at most ``n`` tokens (``n`` = 0: as they come)."""
+    async for outs in chunks:
+        if n <= 0:
+            yield outs
+        else:
+            for i in range(0, len(outs), n):
+                yield outs[i:i + n]
+
+
 class Worker:
     """The request handler and control routes around one engine (no Dynamo objects inside).
 
@@ -249,13 +259,14 @@ class Worker:
     """
 
     def __init__(self, engine, *, served_model_name: str, model_path: str, message_eos_id: int | None,
-                 device: str = "cpu", record_file: str | None = None):
+                 device: str = "cpu", record_file: str | None = None, tokens_per_message: int = 0):
         self.engine = engine
         self.served_model_name = served_model_name
         self.model_path = model_path
         self.message_eos_id = message_eos_id
         self.device = device
         self.record_file = record_file
+        self.tokens_per_message = int(tokens_per_message)   # 0: every token ready at once
         self.instance_id: int | None = None
         self.ready: bool | None = None  # what watch_health last reported (None: not watching)
         self._weights_lock = asyncio.Lock()
@@ -282,7 +293,7 @@ class Worker:
         finish: str | None = None
         version: int | None = None
         try:
-            async for outs in stream:   # every token ready now: one message for several tokens
+            async for outs in _split(stream, self.tokens_per_message):   # every token ready now, one message
                 out = outs[-1]
                 ids.extend(o.token_id for o in outs)
                 lps.extend(o.logprob for o in outs)
@@ -777,7 +788,7 @@ async def amain(args: argparse.Namespace) -> int:
     await engine.start()
     worker = Worker(engine, served_model_name=served, model_path=args.model_path,
                     message_eos_id=_message_eos_id(args.model_path), device=args.device,
-                    record_file=args.record_file)
+                    record_file=args.record_file, tokens_per_message=args.tokens_per_message)
 
     loop = asyncio.get_running_loop()
     rt = DistributedRuntime(loop, args.discovery_backend, "tcp")
@@ -843,6 +854,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
+    p.add_argument("--tokens-per-message", type=int, default=0,
+                   help="at most this many tokens per streamed message (0: every token ready at a delivery)")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
