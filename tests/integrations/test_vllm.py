@@ -275,6 +275,36 @@ def test_a_failed_pull_keeps_the_old_weights(fleet, tmp_path):
     assert_fleet_serves(fleet, 104, 4, instances=[w.instance_id])
 
 
+def test_an_incomplete_checkpoint_is_refused_whole(fleet, tmp_path):
+    """vLLM's reload applies layer by layer: the extension checks the whole set first, so a
+    checkpoint with a layer missing loads nothing; an older version touches no worker."""
+    w = vllm_workers(fleet)[1]
+    before = served_by_vllm(w, tmp_path / "before")
+    one_layer = save_checkpoint(build_tiny_model(TinyModelSpec(seed=106, num_hidden_layers=1)), tmp_path / "l1")
+    with pytest.raises(RefitCycleError) as ei:
+        asyncio.run(refit_all(fleet.frontend_url, fleet.control_urls, 6, {"path": str(one_layer)}))
+    assert ei.value.report.workers == []
+    why = ei.value.failed[w.instance_id]
+    assert "does not match the served model; nothing was loaded: missing (11): model.layers.1." in why, why
+    after = served_by_vllm(w, tmp_path / "after")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for x in fleet.workers:   # left paused by the failed cycle: resume for the tests below
+        control(x.system_url, "resume_generation")
+    assert control(w.system_url, "get_weight_version")["version"] == 4
+    older = asyncio.run(_older(fleet, tmp_path))
+    assert all("newer than 1" in why and "not paused" in why for why in older.failed.values())
+    assert_fleet_serves(fleet, 104, 4, instances=[w.instance_id])
+
+
+async def _older(fleet, tmp_path):
+    path = save_checkpoint(build_tiny_model(TinyModelSpec(seed=101)), tmp_path / "v1")
+    try:
+        await refit_all(fleet.frontend_url, fleet.control_urls, 1, {"path": str(path)})
+    except RefitCycleError as e:
+        return e
+    raise AssertionError("a refit to an older version succeeded")
+
+
 def test_killed_vllm_worker_is_named_and_the_others_resume(fleet, tmp_path):
     victim = vllm_workers(fleet)[1]
     survivors = [w.instance_id for w in fleet.workers if w is not victim]

@@ -167,6 +167,12 @@ async def test_bad_arguments_and_unreachable_frontend_touch_nothing():
         await refit_all(nobody, resolver, 1, {"path": "/x"}, pause_mode="later")
     with pytest.raises(ValueError, match=r"unknown keys \['verison'\]"):
         await refit_all(nobody, resolver, 1, {"publisher": "http://p", "verison": 2})
+    with pytest.raises(ValueError, match=r"source\['timeout_s'\] must be a positive number of seconds, got 'abc'"):
+        await refit_all(nobody, resolver, 1, {"publisher": "http://p", "timeout_s": "abc"})
+    with pytest.raises(TypeError, match=r"source\['in_place'\] must be true or false, got 'no'"):
+        await refit_all(nobody, resolver, 1, {"publisher": "http://p", "in_place": "no"})
+    with pytest.raises(ValueError, match=r"source\['transport'\] must be"):
+        await refit_all(nobody, resolver, 1, {"publisher": "http://p", "transport": "tcp"})
     with pytest.raises(DiscoveryError, match=rf"frontend health {nobody}/health did not answer"):
         await refit_all(nobody, resolver, 1, {"path": "/x"})
 
@@ -286,7 +292,7 @@ async def _info_all(urls) -> dict:
 
 @pytest.mark.stack
 @pytest.mark.asyncio
-async def test_failed_worker_stays_paused_others_resume_and_serve(stack, checkpoints):
+async def test_a_worker_ahead_is_named_and_left_serving_the_others_move(stack, checkpoints):
     urls = stack.control_urls()
     victim = sorted(urls)[1]
     async with httpx.AsyncClient(timeout=60) as client:
@@ -301,11 +307,13 @@ async def test_failed_worker_stays_paused_others_resume_and_serve(stack, checkpo
         err = ei.value
         assert isinstance(err, RefitError)
         assert list(err.failed) == [victim]
-        assert str(victim) in str(err) and "older than the served version" in err.failed[victim]
-        assert "after 1 attempt" in err.failed[victim]
+        # it declares a newer version: named, and left serving (not paused: pausing a worker
+        # with newer weights would protect nothing)
+        assert str(victim) in str(err) and "declares weight version 10, newer than 4" in err.failed[victim]
+        assert "not paused" in err.failed[victim]
         assert sorted(w.instance_id for w in err.report.workers) == sorted(k for k in urls if k != victim)
         i = await info(client, urls[victim])
-        assert (i["weights_version"], i["paused"]) == (10, True)
+        assert (i["weights_version"], i["paused"]) == (10, False)
         await assert_serves(client, stack, 4, [k for k in urls if k != victim])
         r = await client.post(f"{urls[victim]}/engine/resume_generation", json={})
         assert r.json()["paused"] is False
@@ -446,3 +454,39 @@ async def test_worker_killed_during_refit_is_named_others_serve_new_version(stac
             assert (i["weights_version"], i["paused"]) == (version, False)
         # (the worker stalled by the previous test may have left the frontend's routing)
         await assert_serves(client, stack, version, [k for k in survivors if k in await routed(client, stack)])
+
+
+@pytest.mark.stack
+@pytest.mark.asyncio
+async def test_an_older_version_touches_no_worker(stack, checkpoints):
+    """Workers that declare a newer version are left serving (not paused) and named."""
+    urls = stack.control_urls()
+    before = await _info_all(urls)
+    with pytest.raises(RefitCycleError) as ei:
+        await refit_all(stack.frontend_url, stack.control_urls, 2, {"path": checkpoints(2)})
+    assert set(ei.value.failed) == set(urls)
+    assert all("newer than 2" in why and "not paused" in why for why in ei.value.failed.values())
+    after = await _info_all(urls)
+    assert {k: (i["weights_version"], i["paused"]) for k, i in after.items()} == \
+        {k: (i["weights_version"], False) for k, i in before.items()}
+
+
+@pytest.mark.stack
+@pytest.mark.asyncio
+async def test_cancelled_during_the_update_the_worker_stays_paused(stack):
+    """Interrupted while the workers pull (their weights unknown): no resume is sent."""
+    publisher_mod = pytest.importorskip("dynamo_rl.refit.publisher")
+    urls = stack.control_urls()
+    version = max(i["weights_version"] for i in (await _info_all(urls)).values()) + 1
+    pub = publisher_mod.Publisher(transport="shm")   # never publishes `version`: every pull waits
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(refit_all(stack.frontend_url, stack.control_urls, version,
+                                             {"publisher": pub.url, "transport": "shm", "timeout_s": 4}), 2.0)
+        assert all(i["paused"] for i in (await _info_all(urls)).values())
+    finally:
+        pub.close()
+        await asyncio.sleep(3)   # the workers' own pulls time out
+        async with httpx.AsyncClient(timeout=30) as client:
+            for url in urls.values():
+                await client.post(f"{url}/engine/resume_generation", json={})

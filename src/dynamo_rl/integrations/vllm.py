@@ -169,6 +169,7 @@ class RefitWorkerExtension:
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
             tensors.update(load_file(str(f)))
+        self._dynamo_rl_check(tensors, weight_path)   # all or nothing: vLLM's reload applies layer by layer
         self._dynamo_rl_load(tensors.items())
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return {"bytes": nbytes, "tensors": len(tensors), "seconds": time.perf_counter() - t0}
@@ -223,6 +224,24 @@ class RefitWorkerExtension:
         with torch.no_grad():
             self.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
             _retie_lm_head(self.model_runner.model, self.model_runner.model_config.hf_config)
+
+    def _dynamo_rl_check(self, tensors: dict, source: str) -> None:
+        """Refuse (ValueError, nothing loaded) a set that is not exactly this model's HF
+        tensors: missing, unexpected or mis-shaped names. A tied ``lm_head`` is dropped."""
+        mc = self.model_runner.model_config
+        specs = hf_param_specs(mc.hf_config, mc.dtype)
+        if "lm_head.weight" in tensors and "lm_head.weight" not in specs:
+            tensors.pop("lm_head.weight")
+        missing = sorted(set(specs) - set(tensors))
+        unexpected = sorted(set(tensors) - set(specs))
+        shapes = sorted(n for n in set(specs) & set(tensors) if tuple(tensors[n].shape) != specs[n][0])
+        if missing or unexpected or shapes:
+            def few(names):
+                return ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+
+            raise ValueError(f"{source} does not match the served model; nothing was loaded: "
+                             + "; ".join(f"{what} ({len(n)}): {few(n)}" for what, n in
+                                         (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if n))
 
     def _dynamo_rl_receiver(self):
         receiver = getattr(self, "_dynamo_rl_recv", None)

@@ -14,6 +14,8 @@ Cycle (:func:`refit_all`)::
         discover: GET frontend /health → instances (endpoint "generate")
                   resolver() → system URLs; GET <url>/metrics → the instance id it serves
         for each instance not yet handled (in parallel, at most `concurrency` at once):
+            POST get_weight_version                         (a worker already past N is named,
+                                                             not paused: versions only move forward)
             POST pause_generation {"mode": pause_mode}      (wait: in-flight requests finish)
             POST update_weights_from_distributed {engine_rpc: dynamo_rl_update_weights,
                  weight_version: N, publisher, transport, ...}          (retried once on a
@@ -28,8 +30,12 @@ The guarantees, and for which worker:
 
 * **No silently stale worker** (every kind): every instance the frontend lists must be
   refitted and verified by ``get_weight_version``, or the cycle raises
-  :class:`RefitCycleError` naming it. A worker whose update or verification failed stays
-  PAUSED (requests to it wait): it cannot serve old weights next to version N.
+  :class:`RefitCycleError` naming it. A worker whose update or verification failed, or
+  that was interrupted (cancelled) during its update, stays PAUSED (requests to it wait):
+  it cannot serve old or unknown weights next to version N. A worker that already declares
+  a newer version is named but not touched. Every ``source`` value is checked before any
+  worker is paused. Our worker and the vLLM extension apply a set all or nothing (vLLM's
+  reload runs layer by layer, so the extension checks names and shapes first).
 * **No response mixes two weights versions** (every kind, with ``pause_mode`` ``wait`` or
   ``abort``): a request either finished before the pause (old weights), or was ended by an
   ``abort`` pause, or waits at the paused worker and runs after the resume (new weights).
@@ -245,6 +251,17 @@ def _check_source(source: Mapping[str, Any]) -> dict:
     if unknown:
         raise ValueError(f"source has unknown keys {sorted(unknown)}; allowed: path | publisher, transport, "
                          "in_place, timeout_s")
+    # every value checked here, before any worker is paused
+    if "publisher" in src and not isinstance(src["publisher"], str):
+        raise TypeError(f"source['publisher'] must be the publisher's URL (str), got {src['publisher']!r}")
+    if src.get("transport") not in (None, "shm", "dist", "nixl"):
+        raise ValueError(f"source['transport'] must be 'shm', 'dist', 'nixl' or None, got {src['transport']!r}")
+    if "in_place" in src and not isinstance(src["in_place"], bool):
+        raise TypeError(f"source['in_place'] must be true or false, got {src['in_place']!r}")
+    if "timeout_s" in src:
+        t = src["timeout_s"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < float("inf")):
+            raise ValueError(f"source['timeout_s'] must be a positive number of seconds, got {t!r}")
     if "path" in src:
         if set(src) != {"path"}:
             raise ValueError(f"a 'path' source takes no other keys, got {sorted(src)}")
@@ -430,7 +447,8 @@ async def refit_all(frontend_url: str, resolver: Resolver, version: int, source:
                 f"refit to version {version} failed for {len(failed)} worker(s): {names}. "
                 f"{len(report.workers)} other worker(s) serve version {version}. A worker whose update "
                 "or verification failed is left paused (it must not serve stale weights next to the new "
-                "ones): fix the cause and refit again, or restart it", failed=failed, report=report)
+                "ones; those marked 'not paused' were not touched): fix the cause and refit again, or "
+                "restart it", failed=failed, report=report)
         log.info("refit v%d: %d worker(s), %d bytes reported, %.3f s, %d pass(es)", version,
                  len(report.workers), report.total_bytes, report.seconds, report.passes)
         return report
@@ -442,12 +460,22 @@ async def refit_all(frontend_url: str, resolver: Resolver, version: int, source:
 async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, version: int, src: dict,
                         pause_mode: str, pass_index: int, retries: int, t: RefitTimeouts,
                         emit) -> WorkerRefit:
-    """pause → update (retried) → verify → resume for one worker. Raises _WorkerFailed."""
+    """pause → update (retried) → verify → resume for one worker. Raises _WorkerFailed.
+
+    A worker that already declares a newer version is left alone (not paused): versions
+    only move forward, and pausing it would take a worker with newer weights out of service."""
     stage = "start"
     keep_paused = False
     t_pause = time.monotonic()
     attempts, result, upd_s, paused = 0, {}, 0.0, {}
     try:
+        try:
+            declared = await _weight_version(client, url, t)
+        except ControlCallError as e:
+            raise _WorkerFailed(iid, f"get_weight_version failed before the refit: {e}; not paused") from e
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared > version:
+            raise _WorkerFailed(iid, f"declares weight version {declared}, newer than {version}: versions only "
+                                     "move forward; nothing was done (not paused)")
         try:
             pause_timeout = max(t.pause_s, t.drain_s + 5.0)
             # timeout_s / deadline_unix_s are our worker's additions (a stock worker ignores
@@ -465,6 +493,7 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
         await emit(RefitEvent("paused", pass_index, iid, url, f"mode {pause_mode}"))
         route, body = _update_call(src, version, t)
         t_upd = time.monotonic()
+        stage = "updating"   # from here an interruption leaves unknown weights: the worker stays paused
         while True:
             attempts += 1
             try:
@@ -495,8 +524,8 @@ async def _refit_worker(client: httpx.AsyncClient, iid: InstanceId, url: str, ve
         await emit(RefitEvent("failed", pass_index, iid, url, e.reason))
         raise
     finally:
-        # interrupted (cancelled) between the update and the verification: unknown weights,
-        # so the worker stays paused; after a verified update (or none at all) it resumes
+        # interrupted (cancelled) during the update or before its verification: unknown
+        # weights, so the worker stays paused; after a verified update (or none at all) it resumes
         if stage in ("paused", "verified") and not keep_paused:
             try:
                 await call(client, url, "resume_generation", {}, t.resume_s)
