@@ -228,8 +228,7 @@ class RefitWorkerExtension:
     def _dynamo_rl_check(self, tensors: dict, source: str) -> None:
         """Refuse (ValueError, nothing loaded) a set that is not exactly this model's HF
         tensors: missing, unexpected or mis-shaped names. A tied ``lm_head`` is dropped."""
-        mc = self.model_runner.model_config
-        specs = hf_param_specs(mc.hf_config, mc.dtype)
+        specs = self._dynamo_rl_specs()
         if "lm_head.weight" in tensors and "lm_head.weight" not in specs:
             tensors.pop("lm_head.weight")
         missing = sorted(set(specs) - set(tensors))
@@ -243,13 +242,21 @@ class RefitWorkerExtension:
                              + "; ".join(f"{what} ({len(n)}): {few(n)}" for what, n in
                                          (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if n))
 
+    def _dynamo_rl_specs(self) -> dict:
+        """:func:`hf_param_specs` of the served model, built once per worker (a meta-device
+        model: cheap, but not per refit)."""
+        specs = getattr(self, "_dynamo_rl_spec_cache", None)
+        if specs is None:
+            mc = self.model_runner.model_config
+            specs = self._dynamo_rl_spec_cache = hf_param_specs(mc.hf_config, mc.dtype)
+        return specs
+
     def _dynamo_rl_receiver(self):
         receiver = getattr(self, "_dynamo_rl_recv", None)
         if receiver is None:
             from dynamo_rl.refit import Receiver
 
-            mc = self.model_runner.model_config
-            specs = hf_param_specs(mc.hf_config, mc.dtype)
+            specs = self._dynamo_rl_specs()
             # full tensors: vLLM's loaders take this rank's shard (see the module docstring)
             receiver = Receiver(tp_rank=0, tp_size=1, param_specs=specs, device="cpu")
             self._dynamo_rl_recv = receiver
