@@ -67,7 +67,7 @@ Pause (drain)
     their end on the current weights, or, with ``{"timeout_s": t}``, those still running
     after ``t`` s were ended at the next step (engine finish_reason ``abort``). Requests
     arriving while paused wait at the worker, without tokens, until ``resume_generation``.
-    ``update_weights`` is serialized and the engine drains before it swaps, so a response
+    updates are serialized and the engine drains before it swaps, so a response
     never mixes two weights versions. ``flush_cache`` while requests run answers 409.
 
 Control routes (``rt.register_engine_route``): Dynamo 1.6.1's RL admin contract
@@ -118,7 +118,7 @@ Health
     ``DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS`` and would answer 503 otherwise).
     :meth:`Worker.watch_health` then mirrors the engine into it every ``--health-interval-s``
     (0.5 s): 503 ``notready`` while the weights are partial (a failed in-place refit; a
-    complete ``update_weights`` makes it ready again), so a readiness probe takes the pod
+    complete update makes it ready again), so a readiness probe takes the pod
     out of rotation; and if the engine's scheduling loop dies, the worker shuts the runtime
     down and exits with status 1 (as Dynamo's own vLLM worker does on a dead engine), so
     that Kubernetes or the local stack sees a failed process instead of a live one that
@@ -251,7 +251,7 @@ class Worker:
         model_path: the checkpoint directory (reported by ``/engine/info``).
         message_eos_id: the token that ends a chat message (for prefix splicing); ``None``:
             the request's first ``eos_token_ids``.
-        device: where update_weights puts loaded tensors.
+        device: where updates put loaded tensors.
         record_file: if set, one JSON line per finished request is appended there.
 
     Attributes:
@@ -657,7 +657,7 @@ class Worker:
 
     async def _load_in_place(self, body: dict, version: int) -> dict:
         """Pull straight into the engine's live parameters (drained first). On failure the
-        engine refuses requests until a complete update_weights succeeds."""
+        engine refuses requests until a complete update succeeds."""
         from dynamo_rl.serving.engine import WeightsError
 
         url, transport = str(body["publisher"]), body.get("transport")
