@@ -33,6 +33,9 @@ class TinyModel(_Section):
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = True
     seed: int = 0
+    vocab: Literal["chars", "tools"] = Field(
+        "chars", description="chars: digits, letters, a few signs (53 tokens); tools: also JSON's characters "
+                             "and Qwen3's <tool_call>/<tool_response>/<think> tags (65), for tool-use tasks")
 
 
 class OptimizerConfig(_Section):

@@ -223,6 +223,9 @@ class LocalStack:
             ``max_position_embeddings``).
         worker_args: extra command-line arguments for our workers (``python -m
             dynamo_rl.serving.worker --help``), e.g. ``["--tokens-per-message", "1"]``.
+        tool_call_parser, reasoning_parser: Dynamo's parsers the frontend applies to this
+            model's chat responses (``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``
+            of both worker kinds, e.g. ``"hermes"`` / ``"qwen3"``); None: off.
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
@@ -239,7 +242,8 @@ class LocalStack:
                  max_batch_size: int = 64, stop_grace_s: float = 10.0, quiet: bool = False,
                  namespace: str = "dynamo", on_crash: Callable[[str], None] | None = None,
                  engine: str | list[str] = "dynamo-rl", vllm_python: str | None = None,
-                 max_model_len: int | None = None, worker_args: list[str] | None = None):
+                 max_model_len: int | None = None, worker_args: list[str] | None = None,
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
@@ -257,6 +261,11 @@ class LocalStack:
         self.vllm_python = find_vllm_python(vllm_python) if "vllm" in kinds + [self.default_engine] else vllm_python
         self.max_model_len = max_model_len
         self.worker_args = list(worker_args or [])
+        self.parser_args: list[str] = []
+        if tool_call_parser:
+            self.parser_args += ["--dyn-tool-call-parser", tool_call_parser]
+        if reasoning_parser:
+            self.parser_args += ["--dyn-reasoning-parser", reasoning_parser]
         self.served_model_name = served_model_name
         self.num_workers = workers
         self._run_dir_arg = run_dir
@@ -499,7 +508,7 @@ class LocalStack:
                     "--threads", str(self.worker_threads), "--discovery-backend", "file"]
             if record is not None:
                 argv += ["--record-file", str(record)]
-            argv += self.worker_args
+            argv += self.parser_args + self.worker_args
         w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
                         system_url=f"http://{LOOPBACK}:{port}", record_file=record, engine=engine)
         with self._lock:
@@ -539,7 +548,13 @@ class LocalStack:
             argv += ["--max-model-len", str(max_len)]
         if self.device == "cpu":
             argv += ["--enforce-eager"]
-        return argv
+        if self.parser_args:
+            # Dynamo 1.6.1 turns on structural-tag guided decoding for tool calls by default:
+            # vLLM then samples from a grammar-masked distribution while the logprobs (and the
+            # trainer) see the raw one, and a model trained on another tool-call layout is
+            # forced into the parser's. RL wants what the policy samples: off.
+            argv += ["--dyn-structural-tag", "false"]
+        return argv + self.parser_args
 
     def _wait_ready(self, new: list[WorkerProcess], t0: float) -> None:
         import httpx

@@ -775,7 +775,7 @@ async def amain(args: argparse.Namespace) -> int:
     """Run the worker until shutdown; returns the exit status (1: the engine failed)."""
     import torch
 
-    from dynamo.llm import ModelInput, ModelType, WorkerType, register_model
+    from dynamo.llm import ModelInput, ModelRuntimeConfig, ModelType, WorkerType, register_model
     from dynamo.runtime import DistributedRuntime
 
     from dynamo_rl.serving.engine import Engine
@@ -807,8 +807,11 @@ async def amain(args: argparse.Namespace) -> int:
     worker.instance_id = ep.connection_id()
     for name, fn in worker.routes().items():
         rt.register_engine_route(name, fn)
+    runtime_config = ModelRuntimeConfig()
+    runtime_config.tool_call_parser = args.dyn_tool_call_parser
+    runtime_config.reasoning_parser = args.dyn_reasoning_parser
     await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, ep, args.model_path,
-                         served, worker_type=WorkerType.Aggregated)
+                         served, worker_type=WorkerType.Aggregated, runtime_config=runtime_config)
     log.info("worker pid=%s instance_id=%s serving %r from %s", os.getpid(), worker.instance_id, served,
              args.model_path)
     # System /health: 1.6.1 ignores DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS (deprecated) and
@@ -854,6 +857,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
+    p.add_argument("--dyn-tool-call-parser", default=None,
+                   help="Dynamo tool-call parser the frontend applies to chat responses (e.g. hermes); the "
+                        "same flag as python -m dynamo.vllm")
+    p.add_argument("--dyn-reasoning-parser", default=None,
+                   help="Dynamo reasoning parser (e.g. qwen3: <think> text goes to reasoning_content)")
     p.add_argument("--tokens-per-message", type=int, default=0,
                    help="at most this many tokens per streamed message (0: every token ready at a delivery)")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
