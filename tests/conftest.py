@@ -23,3 +23,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from dynamo_rl.models import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with the ``tools`` vocabulary after 150 supervised steps on the
+    ``tool_lookup`` environment's demonstrations (~15 s): it writes well-formed
+    ``<tool_call>`` blocks (the keys and values it copies are often wrong), so that
+    Dynamo's tool-call parser has real calls to parse."""
+    import random
+
+    import torch
+
+    from dynamo_rl.config import Recipe
+    from dynamo_rl.models import ensure_tiny_model, load_model, load_tokenizer, save_checkpoint
+    from dynamo_rl.rl.trainer import Trainer
+
+    cfg = Recipe.model_validate({"task": {"name": "tool_lookup"}, "policy": {
+        "tiny": {"vocab": "tools"}, "warm_start": {"steps": 150, "batch_size": 32, "lr": 3e-3}}})
+    base = ensure_tiny_model(tmp_path_factory.mktemp("models") / "tools-base", cfg.policy.tiny)
+    model, tok = load_model(base), load_tokenizer(base)
+    torch.manual_seed(0)
+    Trainer(model, cfg).warm_start(tok, random.Random(0))
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("models") / "tools", tokenizer=tok)

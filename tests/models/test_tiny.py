@@ -42,8 +42,9 @@ def test_splice_required_prefix_replaces_rerendered_history():
     rendered = [1, 5, 2, 9, 8, 2, 1, 6, 2, 1]
     prefix = [1, 5, 2, 9, 7, 7, 2]
     assert splice_required_prefix(rendered, prefix, eos) == [1, 5, 2, 9, 7, 7, 2, 1, 6, 2, 1]
-    # a generation cut by max_tokens (no eos): the template's closing eos belongs to the history
-    assert splice_required_prefix([1, 5, 2, 9, 8, 2, 3, 1], [1, 5, 2, 9, 7], eos) == [1, 5, 2, 9, 7, 3, 1]
+    # a generation cut by max_tokens (no eos): its ids stay, then the eos the template closes
+    # the message with (a prompt token), then the new messages
+    assert splice_required_prefix([1, 5, 2, 9, 8, 2, 3, 1], [1, 5, 2, 9, 7], eos) == [1, 5, 2, 9, 7, 2, 3, 1]
     try:
         splice_required_prefix([1, 5, 2], prefix, eos)
     except PrefixSpliceError as e:

@@ -35,7 +35,7 @@ class TinyModel(_Section):
     seed: int = 0
     vocab: Literal["chars", "tools"] = Field(
         "chars", description="chars: digits, letters, a few signs (53 tokens); tools: also JSON's characters "
-                             "and Qwen3's <tool_call>/<tool_response>/<think> tags (65), for tool-use tasks")
+                             "and Qwen3's <tool_call>/<tool_response>/<think> tags and 4 JSON merges (69), for tool-use tasks")
 
 
 class OptimizerConfig(_Section):
@@ -157,24 +157,36 @@ class RefitConfig(_Section):
 
 
 class TaskConfig(_Section):
-    """What the policy is trained on (``dynamo_rl.rl.tasks``): a built-in task, or ``custom``
-    — your JSONL ``data`` (records with ``prompt`` or ``messages``, optional ``answer``) and
-    your ``reward`` function (``"module:function"`` or ``"path/to/file.py:function"``)."""
+    """What the policy is trained on (``dynamo_rl.rl.tasks``, ``dynamo_rl.rl.environments``):
+    a built-in task, a built-in environment (``tool_lookup``: multi-turn, with tools), or
+    ``custom`` — your JSONL ``data`` with either your ``reward`` function (``"module:function"``
+    or ``"path/to/file.py:function"``; records with ``prompt`` or ``messages``, optional
+    ``answer``) or your ``environment`` class (``"module:Class"``; each record is handed to its
+    ``reset``)."""
 
-    name: Literal["reverse_digits", "multiturn_reverse", "custom"] = "reverse_digits"
+    name: Literal["reverse_digits", "multiturn_reverse", "tool_lookup", "custom"] = "reverse_digits"
     num_digits: int = Field(3, ge=1, le=12)
     turns: int = Field(2, ge=1, description="multiturn tasks: user turns per episode")
     data: str | None = Field(None, description="custom: a JSONL file, one record per line")
     reward: str | None = Field(None, description="custom: 'module:function' or 'file.py:function'")
+    environment: str | None = Field(None, description="custom: an Environment class, 'module:Class' or "
+                                                      "'file.py:Class'")
 
     @model_validator(mode="after")
     def _custom_needs_data_and_reward(self):
-        if self.name == "custom" and not (self.data and self.reward):
-            raise ValueError("task.name=custom needs task.data (a JSONL file) and task.reward ('module:function')")
-        if self.name != "custom" and (self.data or self.reward):
-            raise ValueError(f"task.data / task.reward belong to task.name=custom, not {self.name!r}; set "
-                             "task.name=custom or drop them")
+        if self.name == "custom":
+            if not self.data or bool(self.reward) == bool(self.environment):
+                raise ValueError("task.name=custom needs task.data (a JSONL file) and either task.reward "
+                                 "('module:function') or task.environment ('module:Class'), not both")
+        elif self.data or self.reward or self.environment:
+            raise ValueError(f"task.data / task.reward / task.environment belong to task.name=custom, not "
+                             f"{self.name!r}; set task.name=custom or drop them")
         return self
+
+    @property
+    def is_environment(self) -> bool:
+        """True when episodes are run by an environment (multi-turn, tools)."""
+        return self.name == "tool_lookup" or bool(self.environment)
 
 
 class CheckpointConfig(_Section):
@@ -204,6 +216,8 @@ class ClusterConfig(_Section):
     one kind per worker (a mixed fleet; ``workers`` then defaults to its length).
     ``vllm_python``: the vLLM environment's Python (default: ``$DYNAMO_RL_VLLM_PYTHON``, else
     ``.venv-vllm/bin/python``, built by ``make vllm``).
+    ``tool_call_parser`` / ``reasoning_parser``: Dynamo's parsers for chat answers, given to
+    both worker kinds (``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``).
     """
 
     workers: int = Field(2, ge=1)
@@ -212,6 +226,11 @@ class ClusterConfig(_Section):
     worker_threads: int = Field(1, ge=1, description="torch threads per worker process")
     worker_device: str = "cpu"
     startup_timeout_s: float = Field(180.0, gt=0)
+    tool_call_parser: str | None = Field(
+        None, description="Dynamo's tool-call parser for the workers' model (--dyn-tool-call-parser), e.g. hermes; "
+                          "needed by environments that offer tools")
+    reasoning_parser: str | None = Field(
+        None, description="Dynamo's reasoning parser (--dyn-reasoning-parser), e.g. qwen3")
 
     @model_validator(mode="after")
     def _one_kind_per_worker(self):

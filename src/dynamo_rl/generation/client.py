@@ -17,7 +17,11 @@ Wire protocol (Dynamo 1.6.1 frontend, OpenAI routes):
   after a prefix splice) and ``weights_version`` (see ``dynamo_rl.serving.worker``).
 * A chat prompt with history ids (:class:`ChatPrompt`) sends them as
   ``nvext.annotations = ["required_prefix_token_ids:1,5,6"]``; the worker splices them in
-  place of the rendered history.
+  place of the rendered history (our worker only).
+* A chat prompt with ``token_ids`` sends them as ``nvext.token_data``: the frontend runs
+  exactly those ids instead of rendering the messages (both worker kinds; verified on
+  1.6.1 without ``backend_instance_id``), and still applies the model's tool-call and
+  reasoning parsers to the output. ``tools`` go in the body as OpenAI ``tools``.
 * ``n`` samples per prompt are ``n`` separate requests, sample ``k`` with seed
   ``seed + k`` when a seed is given (so a seeded replay reproduces every sample). The
   frontend refuses ``n > 1`` together with ``completion_token_ids`` ("requires exactly one
@@ -92,7 +96,9 @@ class Sample:
     engine aborted it, the ids are a prefix), ``weights_version`` of the weights that produced it,
     ``worker_id`` (Dynamo instance id, as a string), ``text`` the frontend's detokenized
     text (for chat histories only; never re-encoded), ``request_id`` the response's ``id``
-    (``cmpl-<uuid>``; the worker records ``<uuid>``).
+    (``cmpl-<uuid>``; the worker records ``<uuid>``), ``message`` the chat route's OpenAI
+    message as the frontend's parsers left it (``content``, ``tool_calls``,
+    ``reasoning_content``; None on the completion route).
     """
 
     prompt_index: int
@@ -105,16 +111,21 @@ class Sample:
     worker_id: str | None
     text: str = ""
     request_id: str | None = None
+    message: dict | None = None
 
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """Chat messages plus, for turn N+1 of a conversation, the verbatim ids of turn N's
-    prompt + generation that the worker splices in place of the rendered history
-    (``dynamo_rl.models.chat.splice_required_prefix``)."""
+    """Chat messages plus, for turn N+1 of a conversation, either the verbatim ids of turn
+    N's prompt + generation that our worker splices in place of the rendered history
+    (``required_prefix_token_ids``; ``dynamo_rl.models.chat.splice_required_prefix``) or the
+    whole prompt's ids (``token_ids``, sent as ``nvext.token_data``: any worker kind).
+    ``tools``: OpenAI tool definitions (``[{"type": "function", "function": {...}}]``)."""
 
     messages: list[dict]
     required_prefix_token_ids: Sequence[int] | None = None
+    tools: list[dict] | None = None
+    token_ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -315,6 +326,14 @@ class DynamoGeneration:
         if seed is not None:
             body["seed"] = seed + k
         messages, prefix = _as_chat(prompt, i)
+        if isinstance(prompt, ChatPrompt):
+            if prompt.tools:
+                body["tools"] = [dict(t) for t in prompt.tools]
+            if prompt.token_ids is not None:
+                ids = _wire.ids_to_list(prompt.token_ids, f"prompts[{i}].token_ids")
+                if not ids:
+                    raise ValueError(f"prompts[{i}].token_ids is empty")
+                body["nvext"]["token_data"] = ids
         if messages is None:
             ids = _wire.ids_to_list(prompt, f"prompts[{i}]")
             if not ids:
@@ -370,13 +389,20 @@ class DynamoGeneration:
         finish = choice.get("finish_reason")
         if not isinstance(finish, str):
             raise ResponseFormatError(f"{what}: the choice has no finish_reason (got {finish!r})")
-        text = choice.get("text") if not r.chat else (choice.get("message") or {}).get("content")
+        message = choice.get("message") if r.chat and isinstance(choice.get("message"), dict) else None
+        text = choice.get("text") if not r.chat else (message or {}).get("content")
+        token_data = r.body["nvext"].get("token_data")
+        if token_data is not None and prompt.tolist() != token_data:
+            raise ResponseFormatError(
+                f"{what}: the engine ran other prompt ids than nvext.token_data (first difference at "
+                f"{_wire.first_difference(token_data, prompt.tolist())}); the frontend must be Dynamo ≥ 1.6.1")
         return Sample(
             prompt_index=r.key[0], sample_index=r.key[1],
             prompt_token_ids=prompt, generation_token_ids=gen, generation_logprobs=logprobs,
             finish_reason=finish, weights_version=version,
             worker_id=_wire.worker_id_of(nvext), text=text or "",
             request_id=body.get("id") if isinstance(body.get("id"), str) else None,
+            message=message,
         )
 
     def _backoff(self, attempt: int, remaining: float) -> float:
@@ -488,6 +514,6 @@ def _check_messages(messages: Any, i: int) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"prompts[{i}]: chat messages must be a non-empty list of {{'role', 'content'}} dicts")
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise ValueError(f"prompts[{i}][{j}] = {m!r:.80} is not a chat message ({{'role': ..., 'content': ...}})")
     return [dict(m) for m in messages]

@@ -8,7 +8,7 @@ re-tokenizing the history instead can change ids (a BPE merge across ``"he"`` +
 tokens the detokenized text no longer shows), and then the trainer would score tokens
 the engine never sampled.
 
-Two routes give identical ids:
+Three ways give identical ids:
 
 * ``endpoint="completions"``: the client renders the whole conversation with the chat
   template (``tokenizer.apply_chat_template``), finds where the new messages start with
@@ -16,7 +16,16 @@ Two routes give identical ids:
   sends ``history ids + rendered[start:]`` as a token-id prompt.
 * ``endpoint="chat"``: the client sends the messages and
   ``required_prefix_token_ids = history ids``; the frontend renders and tokenizes, and the
-  worker calls :func:`dynamo_rl.models.chat.splice_required_prefix` with the same rule.
+  worker calls :func:`dynamo_rl.models.chat.splice_required_prefix` with the same rule
+  (our worker only).
+* ``endpoint="chat", prefix="token_ids"``: the client computes the prompt as on the
+  completion route and sends it as ``nvext.token_data`` with the messages; any worker kind
+  (Dynamo's vLLM worker included) runs exactly those ids, and the frontend still parses
+  tool calls and reasoning out of the answer. The first turn is rendered by the frontend.
+
+With ``tools`` (chat route only), every request carries them and each assistant turn is
+kept as the frontend's parsers returned it (``content``, ``tool_calls``,
+``reasoning_content``): the next turn's messages are ``tool`` results or user messages.
 
 Either way the result is checked: the prompt the engine saw must start with the history
 ids (:class:`ContiguityError` shows the first differing position and both windows).
@@ -33,7 +42,7 @@ from dynamo_rl.config import SamplingConfig
 from dynamo_rl.generation import _wire
 from dynamo_rl.generation.client import ChatPrompt, DynamoGeneration, Sample
 from dynamo_rl.generation.errors import ContiguityError
-from dynamo_rl.models.chat import new_message_start
+from dynamo_rl.models.chat import splice_required_prefix
 
 _WINDOW = 8
 
@@ -75,32 +84,54 @@ def render_ids(tokenizer: Any, messages: list[dict], **template_kwargs: Any) -> 
     return [int(t) for t in out]
 
 
+def assistant_message(sample: Sample) -> dict:
+    """The assistant message of a turn, for the next turn's history: the chat route's message
+    as the frontend's parsers returned it (``content``, and ``tool_calls`` /
+    ``reasoning_content`` when present), else ``{"role": "assistant", "content": text}``."""
+    m = sample.message or {}
+    out: dict = {"role": "assistant", "content": m.get("content") if m else sample.text}
+    if out["content"] is None:
+        out["content"] = ""
+    for key in ("tool_calls", "reasoning_content"):
+        if m.get(key):
+            out[key] = m[key]
+    return out
+
+
 class Conversation:
     """One multi-turn rollout whose history ids are always the engine's own.
 
     Args:
         generation: the backend.
-        endpoint: ``"completions"`` (token ids; needs ``tokenizer``) or ``"chat"``
-            (messages + ``required_prefix_token_ids``; the worker splices).
+        endpoint: ``"completions"`` (token ids; needs ``tokenizer``) or ``"chat"``.
+        prefix: on the chat route, ``"splice"`` (``required_prefix_token_ids``; our worker
+            splices) or ``"token_ids"`` (the whole prompt as ``nvext.token_data``; needs
+            ``tokenizer``; any worker kind).
+        tools: OpenAI tool definitions sent with every turn (chat route).
         tokenizer: HF tokenizer with the served model's chat template (completion route).
         eos_token_id: the id that ends every chat message (``<|im_end|>``); default
             ``tokenizer.eos_token_id``. Needed on the completion route.
         template_kwargs: extra ``apply_chat_template`` arguments (completion route).
 
     Attributes:
-        messages: the conversation so far (assistant turns hold the frontend's text).
+        messages: the conversation so far (assistant turns as the frontend returned them).
         token_ids: int64 ``[T]``, the last turn's prompt ids + generation ids (empty before
             the first turn).
         samples: one :class:`Sample` per turn.
     """
 
     def __init__(self, generation: DynamoGeneration, *, endpoint: Literal["completions", "chat"] = "completions",
-                 tokenizer: Any = None, eos_token_id: int | None = None, template_kwargs: dict | None = None):
+                 tokenizer: Any = None, eos_token_id: int | None = None, template_kwargs: dict | None = None,
+                 tools: list[dict] | None = None, prefix: Literal["splice", "token_ids"] = "splice"):
         if endpoint not in ("completions", "chat"):
             raise ValueError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")
-        if endpoint == "completions" and tokenizer is None:
-            raise ValueError("Conversation(endpoint='completions') needs the served model's tokenizer to "
-                             "render new messages; pass tokenizer=load_tokenizer(model_dir), or use endpoint='chat'")
+        if prefix not in ("splice", "token_ids"):
+            raise ValueError(f"prefix must be 'splice' or 'token_ids', got {prefix!r}")
+        if tools and endpoint != "chat":
+            raise ValueError("tools need endpoint='chat': the frontend's tool-call parser reads the answer there")
+        if (endpoint == "completions" or prefix == "token_ids") and tokenizer is None:
+            raise ValueError(f"Conversation(endpoint={endpoint!r}, prefix={prefix!r}) needs the served model's "
+                             "tokenizer to render new messages; pass tokenizer=load_tokenizer(model_dir)")
         self.generation = generation
         self.endpoint = endpoint
         self.tokenizer = tokenizer
@@ -108,6 +139,8 @@ class Conversation:
         if endpoint == "completions" and self.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; pass eos_token_id (the id ending each chat message)")
         self.template_kwargs = dict(template_kwargs or {})
+        self.tools = [dict(t) for t in tools] if tools else None
+        self.prefix = prefix
         self.messages: list[dict] = []
         self.token_ids = torch.empty(0, dtype=torch.int64)
         self.samples: list[Sample] = []
@@ -118,12 +151,11 @@ class Conversation:
         Raises:
             PrefixSpliceError: the rendered conversation has fewer message ends than the history.
         """
-        rendered = render_ids(self.tokenizer, self.messages + list(new_messages), **self.template_kwargs)
+        kwargs = dict(self.template_kwargs, **({"tools": self.tools} if self.tools else {}))
+        rendered = render_ids(self.tokenizer, self.messages + list(new_messages), **kwargs)
         if not self.samples:
             return rendered
-        history = self.token_ids.tolist()
-        start = new_message_start(rendered, history, self.eos_token_id)
-        return history + rendered[start:]
+        return splice_required_prefix(rendered, self.token_ids.tolist(), self.eos_token_id)
 
     async def step(self, new_messages: list[dict], *, sampling: SamplingConfig | None = None,
                    seed: int | None = None) -> Sample:
@@ -138,11 +170,15 @@ class Conversation:
         if self.endpoint == "completions":
             prompt: Any = self.next_prompt_ids(new_messages)
             check_contiguity(history, prompt, what="next prompt")
+        elif self.prefix == "token_ids" and self.samples:
+            ids = self.next_prompt_ids(new_messages)
+            check_contiguity(history, ids, what="next prompt")
+            prompt = ChatPrompt(self.messages + new_messages, tools=self.tools, token_ids=ids)
         else:
-            prompt = ChatPrompt(self.messages + new_messages, history if self.samples else None)
+            prompt = ChatPrompt(self.messages + new_messages, history if self.samples else None, tools=self.tools)
         sample = (await self.generation.generate([prompt], n=1, sampling=sampling, seed=seed))[0][0]
         check_contiguity(history, sample.prompt_token_ids.tolist(), what="engine's prompt")
-        self.messages += new_messages + [{"role": "assistant", "content": sample.text}]
+        self.messages += new_messages + [assistant_message(sample)]
         self.token_ids = torch.cat([sample.prompt_token_ids, sample.generation_token_ids])
         self.samples.append(sample)
         return sample

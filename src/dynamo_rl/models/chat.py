@@ -15,6 +15,11 @@ EOS tokens in the required prefix, plus one if the prefix does not end with EOS 
 generation cut by ``max_tokens`` still gets its message closed by the template). The
 rendered ids after the ``k``-th EOS are the tokens of the new messages; the result is the
 required prefix followed by them.
+
+A turn cut by ``max_tokens`` (or a stop string): its ids stay verbatim and the message is
+closed with the EOS the template writes there, so the next prompt is
+``prefix + [eos] + new messages``. That EOS is a prompt token (never trained on as a
+generation), and no assistant message in a prompt is left without its end.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ def splice_required_prefix(
 ) -> list[int]:
     """Return ``prefix_ids + rendered_ids[new_message_start(...):]`` as a list of ints.
 
+    The EOS that closes a cut turn is added after ``prefix_ids`` (module docstring).
+
     Args:
         rendered_ids: the template-rendered, tokenized prompt of the whole conversation.
         prefix_ids: the previous turn's prompt ids followed by its generation ids, verbatim.
@@ -60,4 +67,5 @@ def splice_required_prefix(
         PrefixSpliceError: see :func:`new_message_start`.
     """
     start = new_message_start(rendered_ids, prefix_ids, eos_token_id)
-    return [int(t) for t in prefix_ids] + [int(t) for t in rendered_ids[start:]]
+    close = [int(eos_token_id)] if prefix_ids and prefix_ids[-1] != eos_token_id else []
+    return [int(t) for t in prefix_ids] + close + [int(t) for t in rendered_ids[start:]]

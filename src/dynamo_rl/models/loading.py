@@ -94,13 +94,24 @@ def save_checkpoint(model, path: str | os.PathLike, tokenizer=None) -> Path:
     """``save_pretrained`` the model (safetensors) and, if given, the tokenizer to ``path``.
 
     Files are made readable by other users (transformers writes mode 0600), since the
-    Dynamo frontend and the workers may read them from another process.
+    Dynamo frontend and the workers may read them from another process. The tokenizer's
+    chat template is written into ``tokenizer_config.json`` too: transformers 5 keeps it in
+    ``chat_template.jinja``, and Dynamo 1.6.1's frontend reads it from the config.
     """
+    import json
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+        template = getattr(tokenizer, "chat_template", None)
+        tc_path = path / "tokenizer_config.json"
+        if isinstance(template, str) and tc_path.is_file():
+            tc = json.loads(tc_path.read_text())
+            if tc.get("chat_template") != template:
+                tc["chat_template"] = template
+                tc_path.write_text(json.dumps(tc, indent=2))
     for f in path.iterdir():
         f.chmod(0o644)
     return path

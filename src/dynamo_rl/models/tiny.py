@@ -19,7 +19,8 @@ Two vocabularies (``policy.tiny.vocab``):
   them, the added tokens ``<tool_call>``, ``</tool_call>``, ``<tool_response>``,
   ``</tool_response>``, ``<think>``, ``</think>`` (ids 59-64; not special, so detokenized
   text keeps them and Dynamo's ``hermes`` tool-call parser and ``qwen3`` reasoning parser
-  find them). Template :data:`TOOLS_CHAT_TEMPLATE`: Qwen3's conventions in a compact form.
+  find them), and four JSON merges (ids 65-68, :data:`TOOL_TOKENS`); 69 tokens. Template
+  :data:`TOOLS_CHAT_TEMPLATE`: Qwen3's conventions in a compact form.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ from dynamo_rl.config.schema import TinyModel
 
 #: Extra characters of the ``tools`` vocabulary (JSON), ids 53-58.
 TOOL_CHARACTERS = list('{}"_[]')
-#: Added (not special) tokens of the ``tools`` vocabulary, ids 59-64, as in Qwen3's tokenizer.
-TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+#: Added (not special) tokens of the ``tools`` vocabulary, ids 59-68: Qwen3's tags, then four
+#: merges of a tool call's JSON (as a BPE vocabulary has ``{"``, ``":"``...), so that a call
+#: ``<tool_call>{"name":"get","arguments":{"k":"a"}}</tool_call>`` is 12 tokens, not 38.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+               '{"name":"', '","arguments":{"', '":"', '"}}']
 #: Special tokens, in id order. ``<|im_end|>`` ends every chat message and is the EOS id.
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 #: Ordinary tokens: one per character.
@@ -102,7 +106,7 @@ def build_tokenizer(vocab: str = "chars"):
 
     One token per character (``Split(Regex("."))``), ``<|pad|>``=0, ``<|im_start|>``=1,
     ``<|im_end|>``=2 (eos), ``<|unk|>``=3; left padding. ``vocab="chars"``: 53 tokens,
-    ChatML template; ``"tools"``: 65 tokens (module docstring), :data:`TOOLS_CHAT_TEMPLATE`.
+    ChatML template; ``"tools"``: 69 tokens (module docstring), :data:`TOOLS_CHAT_TEMPLATE`.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -131,7 +135,7 @@ def build_tiny_model(spec: TinyModelSpec | None = None, vocab_size: int | None =
 
     Args:
         spec: shapes and seed; defaults to :class:`TinyModelSpec()`.
-        vocab_size: defaults to the size of ``spec.vocab`` (53 or 65).
+        vocab_size: defaults to the size of ``spec.vocab`` (53 or 69).
     Returns:
         ``transformers.Qwen3ForCausalLM``; the same spec always gives identical weights.
     """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dynamo_rl.config import Recipe
 from dynamo_rl.models import check_device, load_tokenizer
-from dynamo_rl.rl.tasks import TaskError, load_task, sample_problems
+from dynamo_rl.rl.tasks import EnvironmentTask, TaskError, load_task, sample_problems
 
 
 def check_inputs(cfg: Recipe) -> None:
@@ -59,8 +59,20 @@ def check_inputs(cfg: Recipe) -> None:
                                     "(no config.json); point it at a directory written by save_pretrained")
     task = load_task(cfg.task)   # reads a custom task's data, imports and probes its reward (TaskError)
     if cfg.policy.warm_start.steps and not task.has_answers():
+        if isinstance(task, EnvironmentTask):
+            raise TaskError(f"policy.warm_start.steps={cfg.policy.warm_start.steps} needs {task.name}.demonstration"
+                            "(record) (the assistant messages that solve it); implement it, or set "
+                            "policy.warm_start.steps=0")
         raise TaskError(f"policy.warm_start.steps={cfg.policy.warm_start.steps} needs an 'answer' in every record of "
                         f"{cfg.task.data}; add them, or set policy.warm_start.steps=0")
+    if isinstance(task, EnvironmentTask) and task.first_reset.tools:
+        if not dyn.is_remote and not cfg.cluster.tool_call_parser:
+            raise ValueError(f"task {task.name!r} offers tools, but the embedded stack's workers have no tool-call "
+                             "parser, so the policy's tool calls would come back as plain text: set "
+                             "cluster.tool_call_parser=hermes (the <tool_call> format of Qwen models)")
+        if not cfg.policy.model_path and cfg.policy.tiny.vocab != "tools":
+            raise ValueError(f"task {task.name!r} offers tools, but the tiny model's vocabulary has no tool-call "
+                             "characters: set policy.tiny.vocab=tools")
     _check_context(cfg)
 
 
@@ -103,8 +115,26 @@ def _check_context(cfg: Recipe) -> None:
             return
         tokenizer = load_tokenizer(cfg.policy.model_path)
     else:
-        context, tokenizer = cfg.policy.tiny.max_position_embeddings, build_tokenizer()
+        context, tokenizer = cfg.policy.tiny.max_position_embeddings, build_tokenizer(cfg.policy.tiny.vocab)
     max_tokens = cfg.generation.sampling.max_tokens
+    task = load_task(cfg.task)
+    if isinstance(task, EnvironmentTask):
+        first = task.first_reset
+        longest = len(render_ids(tokenizer, first.messages, **({"tools": first.tools} if first.tools else {})))
+        turns = task.make().max_turns
+        if longest + max_tokens > context:
+            raise ValueError(
+                f"generation.sampling.max_tokens={max_tokens} does not fit the model's context of {context} tokens: "
+                f"{task.name}'s first prompt takes {longest} tokens. Lower generation.sampling.max_tokens to at "
+                f"most {max(0, context - longest)}")
+        if longest + turns * max_tokens > context:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[yellow]note:[/] {task.name} episodes of {turns} turns could pass the model's context of {context} "
+                f"tokens (first prompt {longest} + {turns} × max_tokens {max_tokens}); a turn that does not fit is "
+                "refused by the worker and ends its episode with reward 0 (counted as 'rejected')")
+        return
     problems = sample_problems(cfg.task, random.Random(0), 32)
     turns = max(len(p.turns) for p in problems)
     longest = 0

@@ -30,6 +30,10 @@ Your own (``task.name: custom``, ``task.data``, ``task.reward``):
   record (a dict) and a :class:`Completion`; it returns a number (the reward) or a dict of
   numbers holding ``"reward"`` (and e.g. ``"exact_match"``).
 
+An environment (``task.name: tool_lookup``, or ``custom`` with ``task.environment``) runs
+multi-turn episodes with tools instead (:mod:`dynamo_rl.rl.environments`): its task is an
+:class:`EnvironmentTask`, whose problems carry a record and no turns.
+
 Every problem is checked before anything starts (:func:`load_task` raises
 :class:`TaskError` naming the file and line, or the function): a line that is not a JSON
 object or has neither ``prompt`` nor ``messages``, a module that does not import, a name
@@ -54,7 +58,8 @@ from typing import Any
 
 from dynamo_rl.config import TaskConfig
 from dynamo_rl.generation import render_ids
-from dynamo_rl.models.chat import new_message_start
+from dynamo_rl.models.chat import splice_required_prefix
+from dynamo_rl.rl.environments import BUILTIN, Environment, Reset
 
 
 class TaskError(ValueError):
@@ -220,15 +225,15 @@ def _read_jsonl(path: Path) -> list[Problem]:
     return problems
 
 
-def _import_reward(spec: str):
+def _import_reward(spec: str, key: str = "task.reward", what: str = "function"):
     mod_name, sep, fn_name = spec.rpartition(":")
     if not sep or not mod_name or not fn_name:
-        raise TaskError(f"task.reward {spec!r}: write 'module:function' or 'path/to/file.py:function'")
+        raise TaskError(f"{key} {spec!r}: write 'module:{what}' or 'path/to/file.py:{what}'")
     try:
         if mod_name.endswith(".py"):
             file = Path(mod_name)
             if not file.is_file():
-                raise TaskError(f"task.reward {spec!r}: no file {mod_name}"
+                raise TaskError(f"{key} {spec!r}: no file {mod_name}"
                                 + ("" if file.is_absolute() else " (relative to the current directory)"))
             loader_spec = importlib.util.spec_from_file_location(f"dynamo_rl_user_reward_{file.stem}", file)
             module = importlib.util.module_from_spec(loader_spec)
@@ -240,12 +245,126 @@ def _import_reward(spec: str):
     except TaskError:
         raise
     except Exception as e:  # noqa: BLE001 - an import of the user's code
-        raise TaskError(f"task.reward {spec!r}: module {mod_name!r} does not import ({type(e).__name__}: {e})") from None
+        raise TaskError(f"{key} {spec!r}: module {mod_name!r} does not import ({type(e).__name__}: {e})") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise TaskError(f"task.reward {spec!r}: {mod_name} has no function {fn_name!r}"
+        raise TaskError(f"{key} {spec!r}: {mod_name} has no {what} {fn_name!r}"
                         + (f" ({fn_name} is a {type(fn).__name__})" if fn is not None else ""))
     return fn
+
+
+class EnvironmentTask(Task):
+    """Episodes run by an :class:`~dynamo_rl.rl.environments.Environment` (a new instance per
+    episode) on records drawn by the environment (built-in) or read from ``task.data``.
+
+    Raises (from the constructor): :class:`TaskError` naming the class or ``file:line`` when
+    the class does not import, is not an Environment, or its ``reset`` fails or returns
+    something else than a :class:`Reset` whose messages end with a user message on the first
+    record."""
+
+    def __init__(self, env_cls: type, name: str, data: str | None = None):
+        if not (isinstance(env_cls, type) and issubclass(env_cls, Environment)):
+            raise TaskError(f"task.environment {name!r} is not a subclass of dynamo_rl.rl.environments.Environment")
+        self.env_cls, self.name = env_cls, name
+        self.problems = _read_records(Path(data)) if data else None
+        first = self.problems[0] if self.problems else Problem((), record=env_cls.sample_records(random.Random(0), 1)[0])
+        self.first_reset = self.reset(self.make(), first)
+
+    def make(self) -> Environment:
+        return self.env_cls()
+
+    def reset(self, env: Environment, problem: Problem) -> Reset:
+        """``env.reset(record)``, checked. Raises :class:`TaskError` naming the record's line."""
+        where = f"{self.name}.reset" + (f" on {problem.line and f'task.data line {problem.line}'}" if problem.line else "")
+        try:
+            r = env.reset(dict(problem.record or {}))
+        except Exception as e:  # noqa: BLE001 - the user's code: name it, with the record
+            raise TaskError(f"{where} raised {type(e).__name__}: {e}") from e
+        ok = isinstance(r, Reset) and isinstance(r.messages, list) and r.messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in r.messages) and isinstance(r.tools, list)
+        if not ok:
+            raise TaskError(f"{where} returned {r!r:.120}; return Reset(messages=[...], tools=[...]) with a "
+                            "non-empty list of chat messages")
+        if r.messages[-1]["role"] not in ("user", "tool"):
+            raise TaskError(f"{where}: the first messages must end with a user message (the policy answers it), "
+                            f"not {r.messages[-1]['role']!r}")
+        return r
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        if self.problems is not None:
+            return [rng.choice(self.problems) for _ in range(n)]
+        return [Problem((), record=r) for r in self.env_cls.sample_records(rng, n)]
+
+    def score(self, problem: Problem, turn: int, completion: Completion) -> dict[str, float]:
+        raise TypeError("an environment scores whole episodes (Environment.step), not single completions")
+
+    def has_answers(self) -> bool:
+        return self.make().demonstration(self.sample(random.Random(0), 1)[0].record) is not None
+
+    def demonstration_ids(self, tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+        """Teacher-forced ids of a demonstrated episode and the mask of its assistant tokens.
+
+        Each assistant message of ``demonstration(record)`` is rendered by the chat template
+        (what the policy should generate: its content and tool calls, up to and including
+        ``<|im_end|>``); the environment answers it as in a rollout; prompts grow by the rule
+        rollouts use. Raises :class:`TaskError` when the environment has no demonstration.
+        """
+        env = self.make()
+        demo = env.demonstration(dict(problem.record or {}))
+        if not demo:
+            raise TaskError(f"the supervised warm start needs {self.name}.demonstration(record); "
+                            "implement it, or set policy.warm_start.steps=0")
+        first = self.reset(env, problem)
+        kw = {"tools": first.tools} if first.tools else {}
+        messages, ids, mask = list(first.messages), [], []
+        eos = tokenizer.eos_token_id
+        for m in demo:
+            prompt = render_ids(tokenizer, messages, **kw)
+            new = splice_required_prefix(prompt, ids, eos)[len(ids):] if ids else prompt
+            answer = assistant_ids(tokenizer, messages, m, eos, **kw)
+            ids += new + answer
+            mask += [0] * len(new) + [1] * len(answer)
+            step = env.step(dict(m))
+            messages += [m] + list(step.messages)
+            if step.done:
+                break
+        return ids, mask
+
+
+def assistant_ids(tokenizer, messages: list[dict], message: dict, eos: int, **template_kwargs) -> list[int]:
+    """The ids an assistant ``message`` is rendered to after ``messages`` by the chat template,
+    up to and including its ``<|im_end|>`` (what the policy generates for it)."""
+    prompt = render_ids(tokenizer, messages, **template_kwargs)
+    out = tokenizer.apply_chat_template(messages + [message], add_generation_prompt=False, tokenize=True,
+                                        **template_kwargs)
+    full = [int(t) for t in (out["input_ids"] if isinstance(out, Mapping) else out)]
+    if full[:len(prompt)] != prompt or eos not in full[len(prompt):]:
+        raise TaskError("the chat template does not render an assistant message after the generation prompt; "
+                        "the supervised warm start cannot tell its tokens")
+    rest = full[len(prompt):]
+    return rest[:rest.index(eos) + 1]
+
+
+def _read_records(path: Path) -> list[Problem]:
+    """Every line of a JSONL file as a :class:`Problem` holding the record (environments)."""
+    if not path.is_file():
+        raise TaskError(f"task.data {str(path)!r}: no such file"
+                        + ("" if path.is_absolute() else " (relative to the current directory)"))
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
+            if not isinstance(rec, dict):
+                raise TaskError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
+            out.append(Problem((), record=rec, line=n))
+    if not out:
+        raise TaskError(f"task.data {str(path)!r} holds no record")
+    return out
 
 
 _TASKS: dict[tuple, Task] = {}
@@ -254,9 +373,14 @@ _TASKS: dict[tuple, Task] = {}
 def load_task(cfg: TaskConfig) -> Task:
     """The task ``cfg`` describes (built once per distinct config; a custom task's file is read
     and its reward imported and probed then). Raises :class:`TaskError`."""
-    key = (cfg.name, cfg.num_digits, cfg.turns, cfg.data, cfg.reward)
+    key = (cfg.name, cfg.num_digits, cfg.turns, cfg.data, cfg.reward, cfg.environment)
     if key not in _TASKS:
-        if cfg.name == "custom":
+        if cfg.name in BUILTIN:
+            _TASKS[key] = EnvironmentTask(BUILTIN[cfg.name], cfg.name)
+        elif cfg.environment:
+            cls = _import_reward(cfg.environment, "task.environment", "class")
+            _TASKS[key] = EnvironmentTask(cls, cfg.environment, cfg.data)
+        elif cfg.name == "custom":
             if not cfg.data or not cfg.reward:
                 raise TaskError("task.name=custom needs task.data (a JSONL file) and task.reward ('module:function')")
             _TASKS[key] = CustomTask(cfg.data, cfg.reward)
@@ -270,13 +394,16 @@ def sample_problems(cfg: TaskConfig, rng: random.Random, n: int) -> list[Problem
     return load_task(cfg).sample(rng, n)
 
 
-def supervised_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+def supervised_example(tokenizer, problem: Problem, task: Task | None = None) -> tuple[list[int], list[int]]:
     """Teacher-forced ids of a whole episode and the mask of answer tokens (answer + eos).
 
     Built with the rule rollouts use (``generation.Conversation``: history ids + tokens of
-    only the new messages), so warm start and GRPO see identical ids.
+    only the new messages), so warm start and GRPO see identical ids. An environment's
+    problem takes its demonstration (:meth:`EnvironmentTask.demonstration_ids`).
     Returns ``(ids, mask)``, two equal-length int lists.
     """
+    if isinstance(task, EnvironmentTask):
+        return task.demonstration_ids(tokenizer, problem)
     messages: list[dict] = []
     ids: list[int] = []
     mask: list[int] = []
@@ -287,7 +414,7 @@ def supervised_example(tokenizer, problem: Problem) -> tuple[list[int], list[int
                             "add one, or set policy.warm_start.steps=0")
         messages += turn.new_messages()
         rendered = render_ids(tokenizer, messages)
-        new = rendered[new_message_start(rendered, ids, eos):] if ids else rendered
+        new = splice_required_prefix(rendered, ids, eos)[len(ids):] if ids else rendered
         answer = tokenizer(turn.target, add_special_tokens=False).input_ids + [eos]
         ids += new + answer
         mask += [0] * len(new) + [1] * len(answer)

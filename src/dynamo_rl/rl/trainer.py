@@ -11,7 +11,7 @@ import torch
 from dynamo_rl.config import Recipe
 from dynamo_rl.rl.grpo import group_advantages, grpo_loss, logprob_mismatch, token_logprobs
 from dynamo_rl.rl.rollouts import Episode, to_batch
-from dynamo_rl.rl.tasks import sample_problems, supervised_example
+from dynamo_rl.rl.tasks import load_task, sample_problems, supervised_example
 
 
 class Trainer:
@@ -40,7 +40,8 @@ class Trainer:
         self.model.train()
         t0, loss = time.perf_counter(), float("nan")
         for _ in range(ws.steps):
-            exs = [supervised_example(tokenizer, p) for p in sample_problems(self.cfg.task, rng, ws.batch_size)]
+            task = load_task(self.cfg.task)
+            exs = [supervised_example(tokenizer, p, task) for p in sample_problems(self.cfg.task, rng, ws.batch_size)]
             eps = [Episode(0, ids=i, mask=m, engine_logp=[0.0] * len(i)) for i, m in exs]
             ids, attn, mask, _ = self._on_device(to_batch(eps, tokenizer.pad_token_id))
             logp = token_logprobs(self.model, ids, attn)

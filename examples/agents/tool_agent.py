@@ -1,0 +1,123 @@
+"""An external agent: plays the get/rev tool task against dynamo-rl's rollout endpoint.
+
+It knows nothing of dynamo-rl: it speaks OpenAI chat with tools through the ``openai`` SDK
+(one session per episode, ``base_url`` from ``POST /v1/sessions``), runs the tools itself,
+and ends each episode with its reward (``POST /v1/sessions/<id>/end``). What it re-sends
+is what OpenAI agents re-send: the SDK's assistant message turned back into a dict, the tool
+call arguments re-serialized (``json.dumps``: other whitespace than the model wrote).
+
+    python examples/agents/tool_agent.py --url http://127.0.0.1:PORT --episodes 16 --group-size 4
+
+The task: a hidden 3-digit value under a one-letter key; the user asks ``get k`` (the
+value) or ``rev k`` (the value reversed); tools ``get {"k"}`` and ``rev {"k"}`` answer.
+Reward 1 for the right answer, else 0. ``--out FILE`` appends one JSON line per episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import random
+import string
+import sys
+
+import httpx
+import openai
+
+TOOLS = [{"type": "function", "function": {"name": name, "description": desc, "parameters": {
+    "type": "object", "properties": {"k": {"type": "string", "description": "the key"}}, "required": ["k"]}}}
+    for name, desc in (("get", "the value stored under a key"), ("rev", "the value stored under a key, reversed"))]
+
+
+def run_tool(record: dict, name: str, arguments: str) -> str:
+    if name not in ("get", "rev"):
+        return f"error: unknown tool {name}"
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        return "error: arguments are not json"
+    if not isinstance(args, dict) or args.get("k") != record["key"]:
+        return "error: no such key"
+    return record["value"] if name == "get" else record["value"][::-1]
+
+
+def play(url: str, record: dict, group: str, seed: int, stream: bool, max_turns: int = 3) -> dict:
+    with httpx.Client(timeout=60.0) as http:
+        session = http.post(f"{url}/v1/sessions", json={"group": group, "metadata": record}).raise_for_status().json()
+        client = openai.OpenAI(base_url=session["base_url"], api_key="unused", max_retries=0)
+        messages: list[dict] = [{"role": "user", "content": f"{record['verb']} {record['key']}"}]
+        expected = record["value"] if record["verb"] == "get" else record["value"][::-1]
+        reward, answer, calls = 0.0, None, 0
+        for turn in range(max_turns):
+            kw = dict(model="tiny", messages=messages, tools=TOOLS, max_tokens=48, temperature=1.0,
+                      seed=seed * 100 + turn)
+            if stream:
+                content, tool_calls = "", {}
+                for chunk in client.chat.completions.create(stream=True, **kw):
+                    for ch in chunk.choices:
+                        content += ch.delta.content or ""
+                        for tc in ch.delta.tool_calls or []:
+                            tool_calls[tc.index] = tc
+                message = {"content": content, "tool_calls": [tool_calls[i] for i in sorted(tool_calls)]}
+            else:
+                m = client.chat.completions.create(**kw).choices[0].message
+                message = {"content": m.content, "tool_calls": list(m.tool_calls or [])}
+            if message["tool_calls"]:
+                calls += len(message["tool_calls"])
+                sent = []
+                for tc in message["tool_calls"]:
+                    args = tc.function.arguments
+                    try:
+                        args = json.dumps(json.loads(args))   # re-serialized: {"k": "a"}, not {"k":"a"}
+                    except ValueError:
+                        pass
+                    sent.append({"id": tc.id, "type": "function", "function": {"name": tc.function.name,
+                                                                                "arguments": args}})
+                messages.append({"role": "assistant", "content": message["content"] or "", "tool_calls": sent})
+                for tc in message["tool_calls"]:
+                    messages.append({"role": "tool", "tool_call_id": tc.id,
+                                     "content": run_tool(record, tc.function.name, tc.function.arguments)})
+                continue
+            answer = (message["content"] or "").strip()
+            reward = float(answer == expected)
+            break
+        end = http.post(f"{url}/v1/sessions/{session['id']}/end",
+                        json={"reward": reward, "scores": {"success": reward, "tool_calls": calls}})
+        end.raise_for_status()
+    return {"session": session["id"], "group": group, "record": record, "reward": reward, "answer": answer,
+            "tool_calls": calls, "messages": messages, "stream": stream}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True, help="the rollout endpoint, http://127.0.0.1:PORT")
+    p.add_argument("--episodes", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=4, help="episodes per task (a GRPO group)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--stream", choices=["never", "always", "alternate"], default="alternate")
+    p.add_argument("--out", default=None, help="append one JSON line per episode")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    jobs = []
+    for g in range(args.episodes // args.group_size):
+        record = {"verb": rng.choice(["get", "rev"]), "key": rng.choice(string.ascii_lowercase),
+                  "value": "".join(rng.choice(string.digits) for _ in range(3))}
+        for k in range(args.group_size):
+            i = len(jobs)
+            stream = args.stream == "always" or (args.stream == "alternate" and i % 2 == 1)
+            jobs.append((record, f"task-{args.seed}-{g}", args.seed * 1000 + i, stream))
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(lambda j: play(args.url, *j), jobs))
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    ok = sum(r["reward"] for r in results)
+    print(f"{len(results)} episodes, success {ok / len(results):.2f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
