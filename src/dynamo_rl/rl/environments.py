@@ -106,7 +106,7 @@ def function_tool(name: str, description: str, **params: str) -> dict:
 class ToolLookup(Environment):
     """``get a`` / ``rev a``: the answer is a value only a tool knows, so a tool call must be made.
 
-    Each record hides a 3-digit ``value`` under a one-letter ``key``. The user asks
+    Each record hides a 3-digit ``value`` under a one-letter ``key`` (``a``-``h``). The user asks
     ``"<verb> <key>"``; two tools are offered: ``get {"k": key}`` returns the value,
     ``rev {"k": key}`` returns it reversed. The right tool is the one the verb names; the
     answer is the tool's result. A tiny model learns it: copy the verb and the key into the
@@ -121,13 +121,16 @@ class ToolLookup(Environment):
     """
 
     max_turns = 3
+    #: the keys a record's value may hide under, and the value's length
+    KEYS = "abcdefgh"
+    DIGITS = 3
     TOOLS = [function_tool("get", "the value stored under a key", k="the key"),
              function_tool("rev", "the value stored under a key, reversed", k="the key")]
 
     @classmethod
     def sample_records(cls, rng: random.Random, n: int) -> list[dict]:
-        return [{"verb": rng.choice(["get", "rev"]), "key": rng.choice(string.ascii_lowercase),
-                 "value": "".join(rng.choice(string.digits) for _ in range(3))} for _ in range(n)]
+        return [{"verb": rng.choice(["get", "rev"]), "key": rng.choice(cls.KEYS),
+                 "value": "".join(rng.choice(string.digits) for _ in range(cls.DIGITS))} for _ in range(n)]
 
     def reset(self, record: Mapping[str, Any]) -> Reset:
         self.record = dict(record)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynamo_rl.generation import Conversation, GenerationError, RequestRejectedError, Sample, assistant_message
+from dynamo_rl.generation import Conversation, RequestRejectedError, Sample, assistant_message
 from dynamo_rl.rl.tasks import Completion, EnvironmentTask, Problem, Task
 
 
