@@ -8,6 +8,11 @@ call arguments re-serialized (``json.dumps``: other whitespace than the model wr
 
     python examples/agents/tool_agent.py --url http://127.0.0.1:PORT --episodes 16 --group-size 4
 
+As ``task.agent_command`` of a recipe (``examples/grpo_agent.yaml``), it plays until
+stopped (``--episodes 0``); the trainer gives it ``DYNAMO_RL_ROLLOUT_URL``,
+``DYNAMO_RL_GROUP_SIZE`` and ``DYNAMO_RL_MODEL``, the defaults of ``--url``,
+``--group-size`` and ``--model``.
+
 The task: a hidden 3-digit value under a one-letter key; the user asks ``get k`` (the
 value) or ``rev k`` (the value reversed); tools ``get {"k"}`` and ``rev {"k"}`` answer.
 Reward 1 for the right answer, else 0. ``--out FILE`` appends one JSON line per episode.
@@ -17,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
+import os
 import random
+import signal
 import string
 import sys
 
@@ -42,6 +50,23 @@ def run_tool(record: dict, name: str, arguments: str) -> str:
     return record["value"] if name == "get" else record["value"][::-1]
 
 
+MODEL = os.environ.get("DYNAMO_RL_MODEL", "tiny")
+
+
+def ask(client: openai.OpenAI, kw: dict, stream: bool) -> dict:
+    """One assistant turn: ``{"content", "tool_calls"}`` (streamed chunks put together, or not)."""
+    if not stream:
+        m = client.chat.completions.create(**kw).choices[0].message
+        return {"content": m.content, "tool_calls": list(m.tool_calls or [])}
+    content, tool_calls = "", {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for tc in ch.delta.tool_calls or []:
+                tool_calls[tc.index] = tc
+    return {"content": content, "tool_calls": [tool_calls[i] for i in sorted(tool_calls)]}
+
+
 def play(url: str, record: dict, group: str, seed: int, stream: bool, max_turns: int = 3) -> dict:
     with httpx.Client(timeout=60.0) as http:
         session = http.post(f"{url}/v1/sessions", json={"group": group, "metadata": record}).raise_for_status().json()
@@ -50,19 +75,13 @@ def play(url: str, record: dict, group: str, seed: int, stream: bool, max_turns:
         expected = record["value"] if record["verb"] == "get" else record["value"][::-1]
         reward, answer, calls = 0.0, None, 0
         for turn in range(max_turns):
-            kw = dict(model="tiny", messages=messages, tools=TOOLS, max_tokens=48, temperature=1.0,
+            kw = dict(model=MODEL, messages=messages, tools=TOOLS, max_tokens=48, temperature=1.0,
                       seed=seed * 100 + turn)
-            if stream:
-                content, tool_calls = "", {}
-                for chunk in client.chat.completions.create(stream=True, **kw):
-                    for ch in chunk.choices:
-                        content += ch.delta.content or ""
-                        for tc in ch.delta.tool_calls or []:
-                            tool_calls[tc.index] = tc
-                message = {"content": content, "tool_calls": [tool_calls[i] for i in sorted(tool_calls)]}
-            else:
-                m = client.chat.completions.create(**kw).choices[0].message
-                message = {"content": m.content, "tool_calls": list(m.tool_calls or [])}
+            try:
+                message = ask(client, kw, stream)
+            except openai.BadRequestError as e:   # e.g. past the model's context: the episode ends
+                print(f"turn refused: {e}", file=sys.stderr)
+                break
             if message["tool_calls"]:
                 calls += len(message["tool_calls"])
                 sent = []
@@ -91,25 +110,39 @@ def play(url: str, record: dict, group: str, seed: int, stream: bool, max_turns:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="the rollout endpoint, http://127.0.0.1:PORT")
-    p.add_argument("--episodes", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=4, help="episodes per task (a GRPO group)")
+    p.add_argument("--url", default=os.environ.get("DYNAMO_RL_ROLLOUT_URL"),
+                   help="the rollout endpoint, http://127.0.0.1:PORT (default: $DYNAMO_RL_ROLLOUT_URL)")
+    p.add_argument("--episodes", type=int, default=16, help="episodes to play; 0: until stopped")
+    p.add_argument("--group-size", type=int, default=int(os.environ.get("DYNAMO_RL_GROUP_SIZE", "4")),
+                   help="episodes per task, one GRPO group (default: $DYNAMO_RL_GROUP_SIZE or 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--stream", choices=["never", "always", "alternate"], default="alternate")
     p.add_argument("--out", default=None, help="append one JSON line per episode")
     args = p.parse_args(argv)
+    if not args.url:
+        p.error("give --url (or set DYNAMO_RL_ROLLOUT_URL)")
     rng = random.Random(args.seed)
-    jobs = []
-    for g in range(args.episodes // args.group_size):
-        record = {"verb": rng.choice(["get", "rev"]), "key": rng.choice(string.ascii_lowercase),
-                  "value": "".join(rng.choice(string.digits) for _ in range(3))}
-        for k in range(args.group_size):
-            i = len(jobs)
-            stream = args.stream == "always" or (args.stream == "alternate" and i % 2 == 1)
-            jobs.append((record, f"task-{args.seed}-{g}", args.seed * 1000 + i, stream))
+
+    def jobs():
+        for g in itertools.count() if args.episodes == 0 else range(args.episodes // args.group_size):
+            record = {"verb": rng.choice(["get", "rev"]), "key": rng.choice("abcdefgh"),
+                      "value": "".join(rng.choice(string.digits) for _ in range(3))}
+            for k in range(args.group_size):
+                i = g * args.group_size + k
+                stream = args.stream == "always" or (args.stream == "alternate" and i % 2 == 1)
+                yield record, f"task-{args.seed}-{g}", args.seed * 100_000 + i, stream
+
+    if args.episodes == 0:   # until stopped: SIGTERM ends the process, its sessions time out
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    results, running = [], set()
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        results = list(pool.map(lambda j: play(args.url, *j), jobs))
+        for job in jobs():
+            while len(running) >= args.concurrency:
+                done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                results += [f.result() for f in done]
+            running.add(pool.submit(play, args.url, *job))
+        results += [f.result() for f in running]
     if args.out:
         with open(args.out, "a") as f:
             for r in results:

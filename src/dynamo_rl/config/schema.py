@@ -47,12 +47,58 @@ class OptimizerConfig(_Section):
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null disables")
 
 
+class TaskConfig(_Section):
+    """What the policy is trained on (``dynamo_rl.rl.tasks``, ``dynamo_rl.rl.environments``):
+    a built-in task, a built-in environment (``tool_lookup``: multi-turn, with tools), or
+    ``custom`` — your JSONL ``data`` with either your ``reward`` function (``"module:function"``
+    or ``"path/to/file.py:function"``; records with ``prompt`` or ``messages``, optional
+    ``answer``) or your ``environment`` class (``"module:Class"``; each record is handed to its
+    ``reset``) — or ``agent``: your agent program (``agent_command``) plays episodes against
+    the rollout endpoint and ends each with its reward (``dynamo_rl.rl.agents``)."""
+
+    name: Literal["reverse_digits", "multiturn_reverse", "tool_lookup", "custom", "agent"] = "reverse_digits"
+    num_digits: int = Field(3, ge=1, le=12)
+    turns: int = Field(2, ge=1, description="multiturn tasks: user turns per episode")
+    data: str | None = Field(None, description="custom: a JSONL file, one record per line")
+    reward: str | None = Field(None, description="custom: 'module:function' or 'file.py:function'")
+    environment: str | None = Field(None, description="custom: an Environment class, 'module:Class' or "
+                                                      "'file.py:Class'")
+    agent_command: str | None = Field(None, description="agent: the command that runs your agent program; it plays "
+                                                        "episodes against $DYNAMO_RL_ROLLOUT_URL (dynamo_rl.rl.agents)")
+    agent_timeout_s: float = Field(600.0, gt=0, description="agent: the longest wait for one step's episodes")
+    session_timeout_s: float = Field(120.0, gt=0, description="agent: an idle session ends with reward 0 after this")
+
+    @model_validator(mode="after")
+    def _custom_needs_data_and_reward(self):
+        if self.name == "custom":
+            if not self.data or bool(self.reward) == bool(self.environment):
+                raise ValueError("task.name=custom needs task.data (a JSONL file) and either task.reward "
+                                 "('module:function') or task.environment ('module:Class'), not both")
+        elif self.data or self.reward or self.environment:
+            raise ValueError(f"task.data / task.reward / task.environment belong to task.name=custom, not "
+                             f"{self.name!r}; set task.name=custom or drop them")
+        if self.name == "agent" and not (self.agent_command or "").strip():
+            raise ValueError("task.name=agent needs task.agent_command: the command that runs your agent, e.g. "
+                             "'python examples/agents/tool_agent.py'")
+        if self.name != "agent" and self.agent_command:
+            raise ValueError(f"task.agent_command belongs to task.name=agent, not {self.name!r}")
+        return self
+
+    @property
+    def is_environment(self) -> bool:
+        """True when episodes are run by an environment (multi-turn, tools)."""
+        return self.name == "tool_lookup" or bool(self.environment)
+
+
 class WarmStartConfig(_Section):
-    """Supervised warm start on the task's reference answers, fixed by step count."""
+    """Supervised warm start on the task's reference answers, fixed by step count.
+    ``task``: another task to take them from (default: the recipe's own), e.g. the built-in
+    ``tool_lookup`` environment's demonstrations before GRPO on an external agent's episodes."""
 
     steps: int = Field(0, ge=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(3e-3, gt=0)
+    task: TaskConfig | None = None
 
 
 class PolicyConfig(_Section):
@@ -154,39 +200,6 @@ class RefitConfig(_Section):
         False, description="workers pull new weights straight into their live parameters (one pass over "
                            "the bytes, CUDA graphs kept; fastest on GPUs). A pull failing part-way leaves a "
                            "worker refusing requests until the next complete refit")
-
-
-class TaskConfig(_Section):
-    """What the policy is trained on (``dynamo_rl.rl.tasks``, ``dynamo_rl.rl.environments``):
-    a built-in task, a built-in environment (``tool_lookup``: multi-turn, with tools), or
-    ``custom`` — your JSONL ``data`` with either your ``reward`` function (``"module:function"``
-    or ``"path/to/file.py:function"``; records with ``prompt`` or ``messages``, optional
-    ``answer``) or your ``environment`` class (``"module:Class"``; each record is handed to its
-    ``reset``)."""
-
-    name: Literal["reverse_digits", "multiturn_reverse", "tool_lookup", "custom"] = "reverse_digits"
-    num_digits: int = Field(3, ge=1, le=12)
-    turns: int = Field(2, ge=1, description="multiturn tasks: user turns per episode")
-    data: str | None = Field(None, description="custom: a JSONL file, one record per line")
-    reward: str | None = Field(None, description="custom: 'module:function' or 'file.py:function'")
-    environment: str | None = Field(None, description="custom: an Environment class, 'module:Class' or "
-                                                      "'file.py:Class'")
-
-    @model_validator(mode="after")
-    def _custom_needs_data_and_reward(self):
-        if self.name == "custom":
-            if not self.data or bool(self.reward) == bool(self.environment):
-                raise ValueError("task.name=custom needs task.data (a JSONL file) and either task.reward "
-                                 "('module:function') or task.environment ('module:Class'), not both")
-        elif self.data or self.reward or self.environment:
-            raise ValueError(f"task.data / task.reward / task.environment belong to task.name=custom, not "
-                             f"{self.name!r}; set task.name=custom or drop them")
-        return self
-
-    @property
-    def is_environment(self) -> bool:
-        """True when episodes are run by an environment (multi-turn, tools)."""
-        return self.name == "tool_lookup" or bool(self.environment)
 
 
 class CheckpointConfig(_Section):

@@ -115,6 +115,7 @@ def _run(cfg: Recipe, out: Path, resume=None) -> int:
     from dynamo_rl.generation import GenerationError
     from dynamo_rl.generation.errors import EndpointConfigError
     from dynamo_rl.refit.errors import RefitError
+    from dynamo_rl.rl.agents import AgentError
     from dynamo_rl.serving.stack import StackError
 
     try:
@@ -125,7 +126,7 @@ def _run(cfg: Recipe, out: Path, resume=None) -> int:
     except (BadInput, EndpointConfigError, TaskError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return ExitCode.BAD_INPUT
-    except (GenerationError, RefitError, StackError) as e:
+    except (GenerationError, RefitError, StackError, AgentError) as e:
         # a runtime failure of the stack, the frontend or a refit (RefitError and some
         # GenerationErrors are ValueErrors too: checked before bad input)
         console.print(f"[red]{type(e).__name__}:[/] {escape(str(e))}")
@@ -244,7 +245,14 @@ async def _train(cfg: Recipe, out: Path, resume=None) -> int:
                 return {"workers": len(rep.workers), "seconds": rep.seconds, "bytes": nbytes}
 
             try:
-                return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume)
+                if cfg.task.name != "agent":
+                    return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume)
+                from dynamo_rl.rl.rollout_server import RolloutServer
+
+                async with RolloutServer(gen, tokenizer, sampling=cfg.generation.sampling,
+                                         session_timeout_s=cfg.task.session_timeout_s) as server:
+                    console.print(f"rollout endpoint for the agent: {server.url} (agent log: {out / 'agent.log'})")
+                    return await _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume, server=server)
             except Exception:
                 if not dyn.is_remote:
                     local.check()   # a crashed child explains the error better: StackError with its log tail
@@ -331,7 +339,7 @@ async def _evaluate(gen, tokenizer, cfg: Recipe, problems: list[Problem]) -> flo
     return sum(e.reward for e in eps) / len(eps)
 
 
-async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=None) -> int:
+async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=None, server=None) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from dynamo_rl.rl.checkpoint import Checkpointer
@@ -351,7 +359,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
     ckpt = Checkpointer(out, cfg.checkpoint.every, trainer, tokenizer, rng,
                         start_step=first - 1, start_version=resume.state["weights_version"] if resume else 0,
                         trained=resume is not None, recipe=cfg.model_dump(mode="json"))
-    eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts)
+    eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts) if g.eval_every else []
+    agent = None
     try:
         if resume is None:
             if cfg.policy.warm_start.steps:
@@ -374,8 +383,20 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
         refits = [0]   # refit cycles finished so far (a rollout batch that saw none knows its version)
 
         async def rollouts(step: int):
+            nonlocal agent
             t0 = time.perf_counter()
             v0, r0 = version, refits[0]
+            if server is not None:   # task.name: agent — the episodes an external agent ended
+                from dynamo_rl.rl.agents import ExternalAgent, agent_rollouts
+
+                if agent is None:
+                    agent = ExternalAgent(cfg.task.agent_command, url=server.url, group_size=g.samples_per_prompt,
+                                          model=await gen.model(), log_path=out / "agent.log")
+                    agent.start()
+                    console.print(f"agent started (pid {agent.proc.pid}): {cfg.task.agent_command}")
+                eps = await agent_rollouts(server, agent, g.prompts_per_step, g.samples_per_prompt,
+                                           cfg.task.agent_timeout_s)
+                return eps, time.perf_counter() - t0
             problems = sample_problems(cfg.task, rng, g.prompts_per_step)
             eps = await collect_rollouts(gen, tokenizer, problems, g.samples_per_prompt,
                                          cfg.generation.sampling, seed=g.seed * 1_000_003 + step * 1009,
@@ -395,7 +416,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
             rec["stale_samples"] = sum(1 for s in stale if s > 0)
             rec["unversioned_samples"] = sum(1 for e in episodes if e.version_from_barrier)
             rec["max_staleness_seen"] = max(stale)
-            rec["version_mismatches"] = sum(1 for s in stale if s != 0) if g.loop == "sync" else 0
+            # (an external agent plays through refits: its samples may be stale, as in the async loop)
+            rec["version_mismatches"] = sum(1 for s in stale if s != 0) if g.loop == "sync" and server is None else 0
             keep_groups = []
             G = g.samples_per_prompt
             for i in range(0, len(episodes), G):
@@ -446,6 +468,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
         # an update still running (Ctrl-C during a step) finishes first: the policy saved
         # below is never half-updated
         updates.shutdown(wait=True)
+        if agent is not None:
+            agent.stop()
         try:
             saved = ckpt.final(extra)
         except Exception as e:  # noqa: BLE001 - never hide the run's own error behind this one

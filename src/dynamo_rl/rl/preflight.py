@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dynamo_rl.config import Recipe
 from dynamo_rl.models import check_device, load_tokenizer
-from dynamo_rl.rl.tasks import EnvironmentTask, TaskError, load_task, sample_problems
+from dynamo_rl.rl.tasks import AgentTask, EnvironmentTask, TaskError, load_task, sample_problems
 
 
 def check_inputs(cfg: Recipe) -> None:
@@ -23,6 +23,10 @@ def check_inputs(cfg: Recipe) -> None:
     check_device(cfg.policy.device, "policy.device")
     if not dyn.is_remote:
         check_device(cfg.cluster.worker_device, "cluster.worker_device")
+        from dynamo_rl.serving.stack import check_parsers
+
+        check_parsers(cfg.cluster.tool_call_parser, cfg.cluster.reasoning_parser,
+                      ("cluster.tool_call_parser", "cluster.reasoning_parser"))
         if cfg.refit.control_urls:
             raise ValueError(
                 "refit.control_urls is set but the recipe starts the embedded stack, whose workers it finds "
@@ -58,6 +62,9 @@ def check_inputs(cfg: Recipe) -> None:
             raise FileNotFoundError(f"policy.model_path {str(p)!r} is not a Hugging Face checkpoint directory "
                                     "(no config.json); point it at a directory written by save_pretrained")
     task = load_task(cfg.task)   # reads a custom task's data, imports and probes its reward (TaskError)
+    if isinstance(task, AgentTask):
+        _check_agent(cfg)
+        return
     if cfg.policy.warm_start.steps and not task.has_answers():
         if isinstance(task, EnvironmentTask):
             raise TaskError(f"policy.warm_start.steps={cfg.policy.warm_start.steps} needs {task.name}.demonstration"
@@ -65,15 +72,51 @@ def check_inputs(cfg: Recipe) -> None:
                             "policy.warm_start.steps=0")
         raise TaskError(f"policy.warm_start.steps={cfg.policy.warm_start.steps} needs an 'answer' in every record of "
                         f"{cfg.task.data}; add them, or set policy.warm_start.steps=0")
+    _check_tools(cfg, task)
+    _check_context(cfg)
+
+
+def _check_tools(cfg: Recipe, task) -> None:
+    """An environment that offers tools needs the workers' tool-call parser and, for the tiny
+    model, its ``tools`` vocabulary."""
     if isinstance(task, EnvironmentTask) and task.first_reset.tools:
-        if not dyn.is_remote and not cfg.cluster.tool_call_parser:
+        if not cfg.generation.dynamo.is_remote and not cfg.cluster.tool_call_parser:
             raise ValueError(f"task {task.name!r} offers tools, but the embedded stack's workers have no tool-call "
                              "parser, so the policy's tool calls would come back as plain text: set "
                              "cluster.tool_call_parser=hermes (the <tool_call> format of Qwen models)")
         if not cfg.policy.model_path and cfg.policy.tiny.vocab != "tools":
             raise ValueError(f"task {task.name!r} offers tools, but the tiny model's vocabulary has no tool-call "
                              "characters: set policy.tiny.vocab=tools")
-    _check_context(cfg)
+
+
+def _check_agent(cfg: Recipe) -> None:
+    """``task.name: agent``: its program exists; no warm start or eval (the agent owns the tasks)."""
+    import shutil
+
+    from dynamo_rl.rl.agents import agent_argv
+
+    try:
+        argv = agent_argv(cfg.task.agent_command or "")
+    except ValueError as e:
+        raise TaskError(f"task.agent_command {cfg.task.agent_command!r} does not parse as a command line ({e})") from None
+    prog = argv[0] if argv else ""
+    if not prog or (shutil.which(prog) is None and not Path(prog).is_file()):
+        raise TaskError(f"task.agent_command {cfg.task.agent_command!r}: no program {prog!r} (not on PATH, not a "
+                        "file); give the command that runs your agent, e.g. 'python examples/agents/tool_agent.py'")
+    ws = cfg.policy.warm_start
+    if ws.steps and ws.task is None:
+        raise TaskError(f"policy.warm_start.steps={ws.steps}: an external agent gives no answers to warm start on; "
+                        "name a task that has them (policy.warm_start.task, e.g. {name: tool_lookup}), set "
+                        "policy.warm_start.steps=0, or start from a trained checkpoint (policy.model_path)")
+    if ws.steps:
+        wtask = load_task(ws.task)
+        if isinstance(wtask, AgentTask) or not wtask.has_answers():
+            raise TaskError(f"policy.warm_start.task {ws.task.name!r} has no answers or demonstrations to warm "
+                            "start on; name one that has")
+        _check_tools(cfg, wtask)
+    if cfg.grpo.eval_every:
+        raise TaskError(f"grpo.eval_every={cfg.grpo.eval_every}: an external agent's tasks are its own, there are no "
+                        "eval prompts; set grpo.eval_every=0 (the agent's rewards are logged every step)")
 
 
 def _check_control_urls(urls: list[str]) -> None:

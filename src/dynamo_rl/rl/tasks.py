@@ -253,6 +253,24 @@ def _import_reward(spec: str, key: str = "task.reward", what: str = "function"):
     return fn
 
 
+class AgentTask(Task):
+    """``task.name: agent``: the episodes come from an external agent program
+    (:mod:`dynamo_rl.rl.agents`); the trainer draws no problems and scores nothing."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def sample(self, rng: random.Random, n: int) -> list[Problem]:
+        raise TaskError("task.name=agent: the agent program chooses the tasks; the trainer draws none "
+                        "(grpo.eval_every must be 0)")
+
+    def score(self, problem: Problem, turn: int, completion: Completion) -> dict[str, float]:
+        raise TypeError("an external agent ends its sessions with their reward")
+
+    def has_answers(self) -> bool:
+        return False
+
+
 class EnvironmentTask(Task):
     """Episodes run by an :class:`~dynamo_rl.rl.environments.Environment` (a new instance per
     episode) on records drawn by the environment (built-in) or read from ``task.data``.
@@ -375,7 +393,9 @@ def load_task(cfg: TaskConfig) -> Task:
     and its reward imported and probed then). Raises :class:`TaskError`."""
     key = (cfg.name, cfg.num_digits, cfg.turns, cfg.data, cfg.reward, cfg.environment)
     if key not in _TASKS:
-        if cfg.name in BUILTIN:
+        if cfg.name == "agent":
+            _TASKS[key] = AgentTask(cfg.agent_command or "")
+        elif cfg.name in BUILTIN:
             _TASKS[key] = EnvironmentTask(BUILTIN[cfg.name], cfg.name)
         elif cfg.environment:
             cls = _import_reward(cfg.environment, "task.environment", "class")

@@ -40,8 +40,9 @@ class Trainer:
         self.model.train()
         t0, loss = time.perf_counter(), float("nan")
         for _ in range(ws.steps):
-            task = load_task(self.cfg.task)
-            exs = [supervised_example(tokenizer, p, task) for p in sample_problems(self.cfg.task, rng, ws.batch_size)]
+            tcfg = ws.task or self.cfg.task
+            task = load_task(tcfg)
+            exs = [supervised_example(tokenizer, p, task) for p in sample_problems(tcfg, rng, ws.batch_size)]
             eps = [Episode(0, ids=i, mask=m, engine_logp=[0.0] * len(i)) for i, m in exs]
             ids, attn, mask, _ = self._on_device(to_batch(eps, tokenizer.pad_token_id))
             logp = token_logprobs(self.model, ids, attn)

@@ -33,6 +33,12 @@ def serve(
                          "repeated: one kind per worker, e.g. --engine vllm --engine dynamo-rl")] = None,
     vllm_python: Annotated[Optional[str], typer.Option(
         help="Python of the vLLM environment (default: $DYNAMO_RL_VLLM_PYTHON, else .venv-vllm/bin/python)")] = None,
+    tool_call_parser: Annotated[Optional[str], typer.Option(
+        help="Dynamo's tool-call parser for chat answers (the workers' --dyn-tool-call-parser), e.g. hermes: "
+             "<tool_call>{...}</tool_call> becomes OpenAI tool_calls")] = None,
+    reasoning_parser: Annotated[Optional[str], typer.Option(
+        help="Dynamo's reasoning parser (--dyn-reasoning-parser), e.g. qwen3: <think> text becomes "
+             "reasoning_content")] = None,
 ) -> None:
     """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
 
@@ -57,6 +63,13 @@ def serve(
         parse_dtype(dtype)
     except ValueError as e:
         console.print(f"[red]error:[/red] --dtype: {escape(str(e))}")
+        raise typer.Exit(2) from None
+    from dynamo_rl.serving.stack import check_parsers
+
+    try:
+        check_parsers(tool_call_parser, reasoning_parser, ("--tool-call-parser", "--reasoning-parser"))
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     if model_path is not None and not (Path(model_path) / "config.json").is_file():
         what = "does not exist" if not Path(model_path).exists() else "is not a Hugging Face checkpoint directory (no config.json)"
@@ -88,7 +101,8 @@ def serve(
         stack = LocalStack(model_path, served_model_name=served_model_name, workers=workers, run_dir=run_dir,
                            worker_threads=threads, device=device, dtype=dtype, record=record,
                            startup_timeout_s=startup_timeout, frontend_port=port, engine=kinds,
-                           vllm_python=vllm_python)
+                           vllm_python=vllm_python, tool_call_parser=tool_call_parser,
+                           reasoning_parser=reasoning_parser)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
         raise typer.Exit(2) from None

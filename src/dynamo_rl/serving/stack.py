@@ -197,6 +197,18 @@ class WorkerProcess(ChildProcess):
     engine: str = "dynamo-rl"
 
 
+def check_parsers(tool_call_parser: str | None, reasoning_parser: str | None,
+                  keys: tuple[str, str] = ("tool_call_parser", "reasoning_parser")) -> None:
+    """Both names must be parsers Dynamo knows (``dynamo._core.get_tool_parser_names`` /
+    ``get_reasoning_parser_names``). Raises ValueError naming ``keys`` and the known names."""
+    from dynamo import _core
+
+    for key, name, known in ((keys[0], tool_call_parser, _core.get_tool_parser_names),
+                             (keys[1], reasoning_parser, _core.get_reasoning_parser_names)):
+        if name is not None and name not in known():
+            raise ValueError(f"{key} {name!r} is not a Dynamo parser; Dynamo 1.6.1 knows: {', '.join(sorted(known()))}")
+
+
 class LocalStack:
     """ZMQ broker + Dynamo frontend + N workers on 127.0.0.1 (a context manager).
 
