@@ -191,37 +191,23 @@ def _as_rewards(out: Any, where: str) -> dict[str, float]:
 
 
 def _read_jsonl(path: Path) -> list[Problem]:
-    if not path.is_file():
-        raise TaskError(f"task.data {str(path)!r}: no such file"
-                        + ("" if path.is_absolute() else " (relative to the current directory)"))
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
-            if not isinstance(rec, dict):
-                raise TaskError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
-            answer = rec.get("answer")
-            if answer is not None and not isinstance(answer, str):
-                raise TaskError(f"{path}:{n}: 'answer' must be a string, got {type(answer).__name__}")
-            if isinstance(rec.get("prompt"), str):
-                turn = Turn(user=rec["prompt"], target=answer)
-            elif isinstance(rec.get("messages"), list) and rec["messages"] and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in rec["messages"]):
-                if rec["messages"][-1]["role"] != "user":
-                    raise TaskError(f"{path}:{n}: 'messages' must end with a user message (the model answers it)")
-                turn = Turn(target=answer, messages=tuple(rec["messages"]))
-            else:
-                raise TaskError(f"{path}:{n}: the record needs 'prompt' (a string) or 'messages' (a list of "
-                                f"{{'role', 'content'}} strings); it has {sorted(rec)}")
-            problems.append(Problem((turn,), record=rec, line=n))
-    if not problems:
-        raise TaskError(f"task.data {str(path)!r} holds no record")
+    for n, rec in _json_lines(path):
+        answer = rec.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise TaskError(f"{path}:{n}: 'answer' must be a string, got {type(answer).__name__}")
+        if isinstance(rec.get("prompt"), str):
+            turn = Turn(user=rec["prompt"], target=answer)
+        elif isinstance(rec.get("messages"), list) and rec["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in rec["messages"]):
+            if rec["messages"][-1]["role"] != "user":
+                raise TaskError(f"{path}:{n}: 'messages' must end with a user message (the model answers it)")
+            turn = Turn(target=answer, messages=tuple(rec["messages"]))
+        else:
+            raise TaskError(f"{path}:{n}: the record needs 'prompt' (a string) or 'messages' (a list of "
+                            f"{{'role', 'content'}} strings); it has {sorted(rec)}")
+        problems.append(Problem((turn,), record=rec, line=n))
     return problems
 
 
@@ -284,7 +270,7 @@ class EnvironmentTask(Task):
         if not (isinstance(env_cls, type) and issubclass(env_cls, Environment)):
             raise TaskError(f"task.environment {name!r} is not a subclass of dynamo_rl.rl.environments.Environment")
         self.env_cls, self.name = env_cls, name
-        self.problems = _read_records(Path(data)) if data else None
+        self.problems = [Problem((), record=r, line=n) for n, r in _json_lines(Path(data))] if data else None
         first = self.problems[0] if self.problems else Problem((), record=env_cls.sample_records(random.Random(0), 1)[0])
         self.first_reset = self.reset(self.make(), first)
 
@@ -363,8 +349,9 @@ def assistant_ids(tokenizer, messages: list[dict], message: dict, eos: int, **te
     return rest[:rest.index(eos) + 1]
 
 
-def _read_records(path: Path) -> list[Problem]:
-    """Every line of a JSONL file as a :class:`Problem` holding the record (environments)."""
+def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of every non-empty line of a JSONL file of objects.
+    Raises :class:`TaskError` naming ``file:line`` (or the file when it is missing or empty)."""
     if not path.is_file():
         raise TaskError(f"task.data {str(path)!r}: no such file"
                         + ("" if path.is_absolute() else " (relative to the current directory)"))
@@ -379,7 +366,7 @@ def _read_records(path: Path) -> list[Problem]:
                 raise TaskError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
             if not isinstance(rec, dict):
                 raise TaskError(f"{path}:{n}: a record must be a JSON object, got {type(rec).__name__}")
-            out.append(Problem((), record=rec, line=n))
+            out.append((n, rec))
     if not out:
         raise TaskError(f"task.data {str(path)!r} holds no record")
     return out

@@ -232,9 +232,13 @@ class StateBlock:
 class ShmReader(Reader):
     name = "shm"
 
-    def __init__(self, device="cpu", big_run_bytes: int | None = None, grid_runs: bool = False):
+    def __init__(self, device="cpu", big_run_bytes: int | None = None, grid_runs: bool = False,
+                 copy_kernel: str = "foreach"):
+        if copy_kernel not in ("foreach", "triton", "triton_all"):
+            raise ValueError(f"copy_kernel {copy_kernel!r}: use 'foreach', 'triton' or 'triton_all'")
         self.device = torch.device(device)
         self.grid_runs = grid_runs
+        self.copy_kernel = copy_kernel if self.device.type == "cuda" else "foreach"
         if big_run_bytes is None:  # CPU: every run its own (multi-threaded) copy_
             big_run_bytes = self.BIG_RUN if self.device.type == "cuda" else 0
         self.big_run = int(big_run_bytes)
@@ -287,6 +291,8 @@ class ShmReader(Reader):
     #: into one strided copy each: measured slower on an H200 (benchmarks/refit_gpu.py), kept
     #: for comparison. Column ranges of 2-D tensors (row-parallel halves when S != T) are
     #: always one strided copy each, moved in the widest aligned element type.
+    #: ``copy_kernel="triton"``: the short runs in ONE Triton launch (``_segcopy``) instead
+    #: of ``_foreach_copy_``; ``"triton_all"``: every run, big ones too, in that one launch.
     BIG_RUN = 16 << 20
 
     def _program(self, plan, descs, sources, dst, flat, dst_key):
@@ -348,10 +354,17 @@ class ShmReader(Reader):
         if flat is not None and flat.numel() > pos:
             sizes.append(flat.numel() - pos)
         big, small, small_bytes = [], {}, 0
+        kernel_runs, kernel_bytes = [], 0   # (src uint8 view, destination segment) for _segcopy
         for i, (rank, bucket, s_off, d_off, n, payload, _) in enumerate(merged):
             if i in in_grid:
                 continue
             src = self._cache[rank][2][bucket][s_off : s_off + n]
+            aligned = src.data_ptr() % 8 == 0 and d_off % 8 == 0 and n % 8 == 0 and base is not None \
+                and base % 8 == 0
+            if aligned and (self.copy_kernel == "triton_all" or (self.copy_kernel == "triton" and n < self.big_run)):
+                kernel_runs.append((src, seg_of[i]))
+                kernel_bytes += payload
+                continue
             if n >= self.big_run:
                 big.append((src, seg_of[i], payload))
             else:
@@ -362,7 +375,8 @@ class ShmReader(Reader):
                 g[1].append(seg_of[i])
                 small_bytes += payload
         prog = {"sizes": sizes, "big": big, "small": (small, small_bytes), "grids": grids,
-                "strided": strided, "ops": len(big) + len(small) + len(grids) + len(strided),
+                "strided": strided, "kernel": (kernel_runs, kernel_bytes),
+                "ops": len(big) + len(small) + len(grids) + len(strided) + bool(kernel_runs),
                 "runs": len(merged), "bound": None}
         self._programs = {key: (plan, prog)}
         return prog
@@ -385,6 +399,11 @@ class ShmReader(Reader):
             grids.append((_grid(flat, d_off, d_stride, n, count, dt),
                           _grid(sbuf, s_off, s_stride, n, count, dt), payload))
         strided = [(dst[name][idx], src, nbytes) for src, name, idx, nbytes in prog["strided"]]
+        runs, _ = prog["kernel"]
+        if runs:
+            from dynamo_rl.refit.transport._segcopy import SegmentCopy
+
+            small = small + [SegmentCopy([segs[i] for _, i in runs], [src for src, _ in runs], self.device)]
         bound = (big, small, grids + strided)
         prog["bound"] = (ptr, dst, bound)
         return bound
@@ -412,11 +431,14 @@ class ShmReader(Reader):
         main = torch.cuda.current_stream(self.device) if side is not None else None
         if side is not None:
             side.wait_stream(main)
-        with _on(side):
-            for dsts, srcs in small:
-                torch._foreach_copy_(dsts, srcs, non_blocking=True)
+        with _on(side if self.copy_kernel != "triton_all" else None):
+            for op in small:
+                if callable(op):   # the one-launch gather of _segcopy
+                    op()
+                else:
+                    torch._foreach_copy_(op[0], op[1], non_blocking=True)
         if small:
-            done += prog["small"][1]
+            done += prog["small"][1] + prog["kernel"][1]
             if progress is not None:
                 progress(done, total)
         for d, src, nbytes in big + strided:
