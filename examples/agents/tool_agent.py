@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs():
             while len(running) >= args.concurrency:
                 done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                results += [f.result() for f in done]
+                for f in done:
+                    r = f.result()
+                    results.append(r)
+                    print(f"episode {len(results)} ({r['group']}): reward {r['reward']:.0f}, {r['tool_calls']} tool "
+                          f"call(s), answer {r['answer']!r}", flush=True)
             running.add(pool.submit(play, args.url, *job))
         results += [f.result() for f in running]
     if args.out:

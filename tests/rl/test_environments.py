@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from dynamo_rl.exitcodes import ExitCode
 from dynamo_rl.models.tiny import build_tokenizer
 from dynamo_rl.rl.environments import Step, ToolLookup
 from dynamo_rl.rl.loop import run_training
-from dynamo_rl.rl.tasks import EnvironmentTask, load_task, supervised_example
+from dynamo_rl.rl.tasks import EnvironmentTask, TaskError, load_task, supervised_example
 
 REC = {"verb": "rev", "key": "c", "value": "472"}
 
@@ -127,7 +129,7 @@ def recipe(tmp_path: Path, **task) -> Recipe:
 @pytest.mark.parametrize("spec, data, expect", [
     ("echo_env.py:NotAnEnv", "words.jsonl", "is not a subclass of dynamo_rl.rl.environments.Environment"),
     ("echo_env.py:Missing", "words.jsonl", "has no class 'Missing'"),
-    ("echo_env.py:BadReset", "words.jsonl", "return Reset(messages=[...], tools=[...])"),
+    ("echo_env.py:BadReset", "words.jsonl", "returned a list, not a Reset"),
     ("echo_env.py:Echo", "nowhere.jsonl", "no such file"),
 ])
 def test_a_bad_environment_exits_2_before_anything_starts(env_dir, monkeypatch, spec, data, expect, capsys):
@@ -181,3 +183,33 @@ def test_train_on_tool_lookup_through_the_stack_with_dynamos_parser(tmp_path):
     # after 120 supervised steps the format is learned: the parser reads calls (a 2nd turn)
     assert all(r["turns"] > 1.0 and r["version_mismatches"] == 0 and r["logprob_mae"] < 1e-5 for r in rows)
 
+
+
+@pytest.mark.parametrize("step, said", [
+    ("Step(reward=float('nan'), done=True)", "Step.reward=nan"),
+    ("Step(reward=True, done=True)", "Step.reward=True"),
+    ("Step(reward='1', done=True)", "Step.reward='1'"),
+    ("Step(reward=1.0, done=True, scores={'x': 'abc'})", "Step.scores="),
+    ("Step(reward=1.0, done=True, scores={'reward': 2.0})", "may not set 'reward'"),
+    ("Step(messages=['hello'])", "Step.messages="),
+    ("Step()", "not done and has no messages"),
+    ("(1.0, True)", "returned a tuple"),
+])
+def test_what_an_environment_step_returns_is_checked(tmp_path, step, said):
+    (tmp_path / "bad_env.py").write_text(textwrap.dedent(f"""
+        from dynamo_rl.rl.environments import Environment, Reset, Step
+
+        class Bad(Environment):
+            def reset(self, record):
+                return Reset(messages=[{{"role": "user", "content": "hi"}}])
+
+            def step(self, message):
+                return {step}
+        """))
+    (tmp_path / "d.jsonl").write_text('{"x": 1}\n')
+    task = load_task(TaskConfig(name="custom", environment=f"{tmp_path / 'bad_env.py'}:Bad",
+                                data=str(tmp_path / "d.jsonl")))
+    env = task.make()
+    task.reset(env, task.sample(random.Random(0), 1)[0])
+    with pytest.raises(TaskError, match=re.escape(said)):
+        task.step(env, {"role": "assistant", "content": "x"})

@@ -137,6 +137,7 @@ async def test_bad_requests_and_an_agent_that_never_ends_its_session(tool_stack,
             assert r.status_code == 404
             s = (await http.post("/v1/sessions", json={"group": "g"})).json()
             base = f"/sessions/{s['id']}/v1"
+            server.session_timeout_s = 3600.0   # no reaping while the bad requests run (set back below)
             r = await http.post(f"{base}/chat/completions", json={"messages": []})
             assert r.status_code == 400 and "'messages'" in r.json()["error"]["message"]
             r = await http.post(f"/v1/sessions/{s['id']}/end", json={"reward": "high"})
@@ -144,7 +145,8 @@ async def test_bad_requests_and_an_agent_that_never_ends_its_session(tool_stack,
             first = [{"role": "user", "content": "get a"}]
             r = await http.post(f"{base}/chat/completions", json={"messages": first, "max_tokens": 48})
             assert r.status_code == 200, r.text
-            answer = r.json()["choices"][0]["message"]
+            r1 = r.json()
+            answer = r1["choices"][0]["message"]
             # a history that does not extend the session's
             r = await http.post(f"{base}/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * 3})
             assert r.status_code == 409 and "do not extend" in r.json()["error"]["message"]
@@ -153,7 +155,45 @@ async def test_bad_requests_and_an_agent_that_never_ends_its_session(tool_stack,
                             {"role": "user", "content": "z" * 300}]
             r = await http.post(f"{base}/chat/completions", json={"messages": long})
             assert r.status_code == 400 and "refused" in r.json()["error"]["message"]
-            # the agent goes away without ending it: ended after 2 s idle with reward 0, counted
+            # the same request again (a client that lost the answer retries): the same answer, no new turn
+            again = await http.post(f"{base}/chat/completions", json={"messages": first, "max_tokens": 48})
+            assert again.status_code == 200 and again.json() == r1 and server.counts["replayed_turns"] == 1
+            hist = first + [dict(answer, content=answer.get("content") or "")]
+            for body, status, said in [
+                # fields that would change what the policy samples are refused, by name
+                ({"messages": hist + [{"role": "user", "content": "x"}], "stop": ["<"]}, 400, "['stop']"),
+                ({"messages": hist + [{"role": "user", "content": "x"}], "tool_choice": "none"}, 400, "tool_choice"),
+                ({"messages": hist + [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "positive integer"),
+                ({"messages": hist + [{"role": "system", "content": "x"}]}, 400, "user or tool messages"),
+                ({"messages": hist + [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "not a text part"),
+                ({"messages": hist + [{"role": "user", "content": "x"}], "tools": [1]}, 400, "'tools'"),
+                # tools that change mid-session would change the ids already generated
+                ({"messages": hist + [{"role": "user", "content": "x"}],
+                  "tools": [{"type": "function", "function": {"name": "get"}}]}, 409, "tools differ"),
+                # a message whose text holds the end-of-message token would move the cut
+                ({"messages": [dict(first[0], content="get a<|im_end|>")] + hist[1:]
+                  + [{"role": "user", "content": "x"}]}, 409, "message ends"),
+            ]:
+                r = await http.post(f"{base}/chat/completions", json=body)
+                assert r.status_code == status and said in r.json()["error"]["message"], (body, r.text)
+            # rewards and scores are checked before the session ends: it stays open
+            for end, said in [({"reward": 10 ** 400}, "finite number"), ({"reward": 1, "scores": [1]}, "'scores'"),
+                              ({"reward": 1, "scores": {"reward": 2}}, "reserved"),
+                              ({"reward": 1, "scores": {"x": float("nan")}}, "finite number")]:
+                r = await http.post(f"/v1/sessions/{s['id']}/end", content=json.dumps(end))
+                assert r.status_code == 400 and said in r.json()["error"]["message"], (end, r.text)
+            assert (await http.get(f"/v1/sessions/{s['id']}")).json()["ended"] is False
+            server.session_timeout_s = 2.0
+            # the agent goes away without ending it: ended after 2 s idle with reward 0, counted;
+            # until collected its GET says how it ended and a late reward gets 409
+            for _ in range(40):
+                st = (await http.get(f"/v1/sessions/{s['id']}")).json()
+                if st["ended"]:
+                    break
+                await asyncio.sleep(0.25)
+            assert st["outcome"] == "timeout"
+            r = await http.post(f"/v1/sessions/{s['id']}/end", json={"reward": 1.0})
+            assert r.status_code == 409 and "has ended (timeout)" in r.json()["error"]["message"]
             episodes = await server.collect_groups(1, 1, timeout_s=20)
             assert len(episodes) == 1 and episodes[0].reward == 0.0 and episodes[0].scores[0]["timeout"] == 1.0
             assert len(episodes[0].turns) == 1 and server.counts["timeouts"] == 1
@@ -161,3 +201,5 @@ async def test_bad_requests_and_an_agent_that_never_ends_its_session(tool_stack,
             assert r.status_code == 404   # collected: gone
         with pytest.raises(TimeoutError, match="1 groups of 1|0 of 1 groups"):
             await server.collect_groups(1, 1, timeout_s=0.5)
+        with pytest.raises(ValueError, match="group_size >= 1"):
+            await server.collect_groups(1, 0)

@@ -9,7 +9,13 @@ reached over HTTP).
 
 from dynamo_rl.generation._endpoint import in_kubernetes_pod, resolve_frontend_url
 from dynamo_rl.generation.client import ChatPrompt, DynamoGeneration, Sample
-from dynamo_rl.generation.conversation import Conversation, assistant_message, check_contiguity, render_ids
+from dynamo_rl.generation.conversation import (
+    Conversation,
+    assistant_message,
+    check_contiguity,
+    render_ids,
+    text_messages,
+)
 from dynamo_rl.generation.errors import (
     ContiguityError,
     EndpointConfigError,
@@ -23,6 +29,6 @@ from dynamo_rl.generation.errors import (
 __all__ = [
     "ChatPrompt", "ContiguityError", "Conversation", "DynamoGeneration", "EndpointConfigError",
     "FrontendUnavailableError", "GenerationError", "ModelNotServedError", "RequestRejectedError",
-    "ResponseFormatError", "Sample", "assistant_message", "check_contiguity", "in_kubernetes_pod", "render_ids",
+    "ResponseFormatError", "Sample", "assistant_message", "check_contiguity", "text_messages", "in_kubernetes_pod", "render_ids",
     "resolve_frontend_url",
 ]

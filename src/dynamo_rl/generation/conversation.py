@@ -42,7 +42,7 @@ from dynamo_rl.config import SamplingConfig
 from dynamo_rl.generation import _wire
 from dynamo_rl.generation.client import ChatPrompt, DynamoGeneration, Sample
 from dynamo_rl.generation.errors import ContiguityError
-from dynamo_rl.models.chat import splice_required_prefix
+from dynamo_rl.models.chat import PrefixSpliceError, splice_required_prefix
 
 _WINDOW = 8
 
@@ -82,6 +82,31 @@ def render_ids(tokenizer: Any, messages: list[dict], **template_kwargs: Any) -> 
     if out and isinstance(out[0], list):
         out = out[0]
     return [int(t) for t in out]
+
+
+def text_messages(messages: list[dict]) -> list[dict]:
+    """``messages`` with OpenAI content parts (``[{"type": "text", "text": ...}, ...]``) joined
+    into plain text, as the frontend renders them; chat templates of text models take a string.
+
+    Raises:
+        ValueError: a part that is not text (images, audio: not for a text model's trajectory),
+            or content that is neither a string, a list of parts nor null.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        c = m.get("content")
+        if isinstance(c, list):
+            texts = []
+            for j, part in enumerate(c):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError(f"messages[{i}].content[{j}] is not a text part ({{'type': 'text', 'text': str}})")
+                texts.append(part["text"])
+            m = dict(m, content="".join(texts))
+        elif c is not None and not isinstance(c, str):
+            raise ValueError(f"messages[{i}].content must be a string, a list of text parts or null, "
+                             f"not {type(c).__name__}")
+        out.append(m)
+    return out
 
 
 def assistant_message(sample: Sample) -> dict:
@@ -146,16 +171,33 @@ class Conversation:
         self.samples: list[Sample] = []
 
     def next_prompt_ids(self, new_messages: list[dict]) -> list[int]:
-        """Completion route: the next prompt = history ids + tokens of only ``new_messages``.
+        """The next prompt = history ids + tokens of only ``new_messages`` (completion route,
+        and the chat route with ``prefix="token_ids"``).
 
+        The cut is checked: the history messages alone must render to as many message ends
+        (EOS) as the verbatim history holds, else the new messages would start elsewhere
+        (a message whose text holds ``<|im_end|>``, tools that appear or vanish between turns
+        and so change the system preamble).
         Raises:
-            PrefixSpliceError: the rendered conversation has fewer message ends than the history.
+            PrefixSpliceError: the rendered history does not match the verbatim one in message
+                ends (the message says which counts differ and why that happens).
         """
         kwargs = dict(self.template_kwargs, **({"tools": self.tools} if self.tools else {}))
         rendered = render_ids(self.tokenizer, self.messages + list(new_messages), **kwargs)
         if not self.samples:
             return rendered
-        return splice_required_prefix(rendered, self.token_ids.tolist(), self.eos_token_id)
+        history = self.token_ids.tolist()
+        eos = self.eos_token_id
+        out = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=False, tokenize=True, **kwargs)
+        past = [int(t) for t in (out["input_ids"] if isinstance(out, Mapping) else out)]
+        held = history.count(eos) + (1 if history and history[-1] != eos else 0)
+        if past.count(eos) != held:
+            raise PrefixSpliceError(
+                f"the conversation's {len(self.messages)} earlier messages render to {past.count(eos)} message ends "
+                f"(<|im_end|>, id {eos}) but the verbatim history holds {held}: the new messages cannot be told "
+                "apart. Keep the tools of a conversation the same on every turn, and no message text may contain "
+                "the end-of-message token")
+        return splice_required_prefix(rendered, history, eos)
 
     async def step(self, new_messages: list[dict], *, sampling: SamplingConfig | None = None,
                    seed: int | None = None) -> Sample:
@@ -165,7 +207,7 @@ class Conversation:
             ContiguityError: the engine's prompt does not start with the history ids.
             GenerationError: see :meth:`DynamoGeneration.generate`.
         """
-        new_messages = [dict(m) for m in new_messages]
+        new_messages = text_messages([dict(m) for m in new_messages])
         history = self.token_ids.tolist()
         if self.endpoint == "completions":
             prompt: Any = self.next_prompt_ids(new_messages)

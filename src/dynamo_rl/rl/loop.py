@@ -199,7 +199,8 @@ async def _train(cfg: Recipe, out: Path, resume=None) -> int:
             served = dyn.model or (Path(cfg.policy.model_path).name if cfg.policy.model_path else "tiny")
             kinds = cfg.cluster.engines()
             what = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
-            console.print(f"[bold]starting the embedded Dynamo stack[/] ({what} workers) in {out / 'stack'}")
+            console.print(f"[bold]starting the embedded Dynamo stack[/] ({what} worker"
+                          f"{'s' if cfg.cluster.workers > 1 else ''}) in {out / 'stack'}")
             local = stack.enter_context(LocalStack(
                 model_dir, served_model_name=served, workers=cfg.cluster.workers, run_dir=out / "stack",
                 worker_threads=cfg.cluster.worker_threads, device=cfg.cluster.worker_device,
@@ -361,6 +362,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
                         trained=resume is not None, recipe=cfg.model_dump(mode="json"))
     eval_problems = sample_problems(cfg.task, random.Random(10_000 + g.seed), g.eval_prompts) if g.eval_every else []
     agent = None
+    figure_names: set[str] = set()   # what the task reports beside the reward (first/last in summary.json)
+    agent_clock, backlog = [0.0], [0]   # task.name agent: last collection's time; sessions dropped as backlog
     try:
         if resume is None:
             if cfg.policy.warm_start.steps:
@@ -375,7 +378,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
             version = int(resume.state["weights_version"])
         ckpt.model_version = version
         rep = await refit(version)
-        console.print(f"refit → weights version {version} on {rep['workers']} workers ({rep['seconds']:.2f}s)")
+        console.print(f"refit → weights version {version} on {rep['workers']} worker{'s' if rep['workers'] != 1 else ''} "
+                      f"({rep['seconds']:.2f}s)")
         if g.eval_every and resume is None:
             extra["eval_reward_initial"] = await _evaluate(gen, tokenizer, cfg, eval_problems)
             console.print(f"greedy eval reward before GRPO: {extra['eval_reward_initial']:.3f}")
@@ -393,10 +397,16 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
                     agent = ExternalAgent(cfg.task.agent_command, url=server.url, group_size=g.samples_per_prompt,
                                           model=await gen.model(), log_path=out / "agent.log")
                     agent.start()
+                    agent_clock[0] = time.perf_counter()
                     console.print(f"agent started (pid {agent.proc.pid}): {cfg.task.agent_command}")
+                dropped = server.counts["dropped_backlog"]
                 eps = await agent_rollouts(server, agent, g.prompts_per_step, g.samples_per_prompt,
                                            cfg.task.agent_timeout_s)
-                return eps, time.perf_counter() - t0
+                backlog[0] = server.counts["dropped_backlog"] - dropped
+                # the agent plays all along: its throughput is over the time since the last collection
+                now = time.perf_counter()
+                gen_s, agent_clock[0] = now - agent_clock[0], now
+                return eps, gen_s
             problems = sample_problems(cfg.task, rng, g.prompts_per_step)
             eps = await collect_rollouts(gen, tokenizer, problems, g.samples_per_prompt,
                                          cfg.generation.sampling, seed=g.seed * 1_000_003 + step * 1009,
@@ -424,10 +434,13 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
                 grp = episodes[i:i + G]
                 if all(s <= g.max_staleness for s in stale[i:i + G]):
                     keep_groups += grp
-            rec["dropped_samples"] = len(episodes) - len(keep_groups)
+            rec["dropped_samples"] = len(episodes) - len(keep_groups) + backlog[0]
+            backlog[0] = 0
             rewards = torch.tensor([e.reward for e in episodes])
             rec["reward_mean"], rec["reward_std"] = float(rewards.mean()), float(rewards.std())
-            rec.update(_task_figures(episodes))
+            figures = _task_figures(episodes)
+            figure_names.update(figures)
+            rec.update(figures)
             ntok = sum(e.gen_tokens for e in episodes)
             rec["gen_tokens"] = ntok
             rec["gen_seconds"] = gen_s
@@ -479,7 +492,8 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
             extra["checkpoint"] = str(saved.policy)
         log.close()
         # also on Ctrl-C / SIGTERM / a failure: what was measured so far is summarized
-        summary = summarize(log.records, wall_seconds=time.perf_counter() - t_start, loop=g.loop,
+        summary = summarize(log.records, figures=sorted(figure_names), wall_seconds=time.perf_counter() - t_start,
+                            loop=g.loop,
                             generation_gpus=0, completed=completed, **extra)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if log.records:
@@ -521,8 +535,9 @@ def _print_step(r: dict, n: int) -> None:
     mae = f"{r['logprob_mae']:.1e}" if "logprob_mae" in r else "n/a"
     console.print(
         f"step {r['step']:>4}/{n}  reward {r['reward_mean']:.3f}±{r['reward_std']:.2f}{ev}  "
-        f"exact {100 * r.get('exact_match', 0.0):.1f}%  "
-        f"loss {loss}  |Δlogp| {mae}  "
+        + (f"success {100 * r['success']:.1f}%  " if "success" in r else
+           f"exact {100 * r.get('exact_match', 0.0):.1f}%  ")
+        + f"loss {loss}  |Δlogp| {mae}  "
         f"gen {r['gen_tokens_per_s'] or 0:,.0f} tok/s  train {r.get('train_seconds', 0):.2f}s  "
         f"refit {r['refit_seconds']:.2f}s  v{r['weights_version']}"
         + (f"  stale {r['stale_samples']}" if r["stale_samples"] else ""))

@@ -107,8 +107,11 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "",
     return path
 
 
-def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """The ``summary.json`` dict from the step records (see module docstring)."""
+def summarize(records: list[dict[str, Any]], figures: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """The ``summary.json`` dict from the step records (see module docstring); for each name
+    in ``figures`` (what the task reports beside the reward, e.g. an environment's
+    ``success``), its mean over the first and the last 3 steps as ``<name>_first`` /
+    ``<name>_last``."""
     def mean(xs):
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
@@ -130,6 +133,10 @@ def summarize(records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         "logprob_max_abs": max((r.get("logprob_max_abs", 0.0) for r in records), default=None),
         "mismatch_kl": mean([r.get("mismatch_kl") for r in records]),
     }
+    for k in figures or ():
+        if k != "exact_match":
+            out[f"{k}_first"] = mean([r.get(k) for r in records[:3]])
+            out[f"{k}_last"] = mean([r.get(k) for r in records[-3:]])
     evals = [r["eval_reward"] for r in records if "eval_reward" in r]
     if evals:
         out["eval_reward_last"] = evals[-1]

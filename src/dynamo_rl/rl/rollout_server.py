@@ -27,18 +27,24 @@ tool-call parser, ``finish_reason``); with ``stream: true``, its chunks as serve
     Ends the episode with its reward; the trainer collects it.
 ``GET /v1/sessions/<id>`` → ``{"id", "group", "turns", "ended", "outcome"}``.
 
-Defined outcomes: an unknown or ended session → 404 / 409, naming it; a history that does
-not extend the session's → 409; a second request while one runs → 409; a turn the frontend
-refuses (e.g. past the model's context) → 400 with its message, the session unchanged; a
-session idle for ``session_timeout_s`` → ended with reward 0 and ``outcome: "timeout"``,
-collected and counted like any other (``timeout`` in its scores). Nothing waits forever:
-:meth:`RolloutServer.collect_groups` takes a deadline.
+Defined outcomes: an unknown or collected session → 404; an ended one → 409 (its ``GET``
+says how it ended: ``reward`` or ``timeout``); a history that does not extend the session's,
+or tools that change mid-session → 409; a second request while one runs → 409; the same
+request again (a client retrying an answer it lost) → the same answer, no new turn; a turn
+the frontend refuses (e.g. past the model's context) → 400 with its message, the session
+unchanged; request fields that would make the trajectory differ from what the policy
+samples (``stop``, ``response_format``, ``logit_bias``, penalties, a ``tool_choice`` other
+than ``auto``) → 400 naming them; a session idle for ``session_timeout_s`` → ended with
+reward 0 and ``outcome: "timeout"``, collected and counted like any other (``timeout`` in
+its scores). Nothing waits forever: :meth:`RolloutServer.collect_groups` takes a deadline.
+Only text is accepted (content parts are joined into their text).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import socket
 import time
 import uuid
@@ -55,7 +61,9 @@ from dynamo_rl.generation import (
     Conversation,
     GenerationError,
     RequestRejectedError,
+    text_messages,
 )
+from dynamo_rl.models.chat import PrefixSpliceError
 from dynamo_rl.rl.rollouts import Episode
 
 LOOPBACK = "127.0.0.1"
@@ -75,6 +83,7 @@ class Session:
     ended: bool = False
     outcome: str | None = None          # "reward" | "timeout"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last: tuple[str, dict] | None = None   # (request key, answer) of the last turn: a retry gets it again
 
     def summary(self) -> dict:
         return {"id": self.id, "group": self.group, "turns": len(self.episode.turns), "ended": self.ended,
@@ -110,13 +119,15 @@ class RolloutServer:
         self.tokenizer = tokenizer
         self.sampling = sampling or SamplingConfig()
         self.session_timeout_s = session_timeout_s
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}         # open
+        self.ended: dict[str, Session] = {}            # ended, not yet collected (GET says how they ended)
         self._ended: dict[str, list[Session]] = {}     # group → ended sessions not yet collected
         self._changed: asyncio.Event | None = None
         self._port = port
         self._server = None
         self._tasks: list[asyncio.Task] = []
-        self.counts = {"sessions": 0, "turns": 0, "timeouts": 0, "rejected_turns": 0, "collected": 0}
+        self.counts = {"sessions_opened": 0, "turns": 0, "replayed_turns": 0, "timeouts": 0, "rejected_turns": 0,
+                       "collected": 0, "dropped_backlog": 0}
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -152,10 +163,9 @@ class RolloutServer:
     async def stop(self) -> None:
         """Stop serving (idempotent); sessions not ended are dropped."""
         if self._server is not None:
-            self._server.should_exit = True
-        for t in self._tasks:
-            if t.get_name() != "" and not t.done() and t is self._tasks[-1]:
-                t.cancel()
+            self._server.should_exit = True   # uvicorn's own shutdown
+        if self._tasks:
+            self._tasks[-1].cancel()          # the reaper
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._server = None
@@ -166,21 +176,33 @@ class RolloutServer:
         """Wait for ``num_groups`` groups of ``group_size`` ended sessions each; return their
         episodes, group-major (GRPO's layout), and forget them.
 
-        A group's sessions beyond ``group_size`` wait for the next call.
+        The most recently completed groups are taken: complete groups older than those (a
+        backlog the agent made while the trainer was busy, played by older weights) are
+        dropped and counted (``counts["dropped_backlog"]``, sessions). A group's sessions
+        beyond ``group_size`` wait for the next call.
         Raises:
+            ValueError: ``num_groups`` or ``group_size`` < 1.
             TimeoutError: fewer complete groups than asked after ``timeout_s`` (the message
                 says how many sessions ran, ended and timed out).
         """
+        if num_groups < 1 or group_size < 1:
+            raise ValueError(f"collect_groups needs num_groups >= 1 and group_size >= 1, got {num_groups}, {group_size}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             full = [g for g, ss in self._ended.items() if len(ss) >= group_size]
             if len(full) >= num_groups:
                 out: list[Episode] = []
-                for pi, g in enumerate(full[:num_groups]):
+                for g in full[:len(full) - num_groups]:   # the backlog: older than what is taken
+                    old = self._ended.pop(g)
+                    self.counts["dropped_backlog"] += len(old)
+                    for s in old:
+                        self.ended.pop(s.id, None)
+                for pi, g in enumerate(full[len(full) - num_groups:]):
                     take, self._ended[g] = self._ended[g][:group_size], self._ended[g][group_size:]
                     if not self._ended[g]:
                         del self._ended[g]
                     for s in take:
+                        self.ended.pop(s.id, None)
                         s.episode.problem_index = pi
                         out.append(s.episode)
                 self.counts["collected"] += len(out)
@@ -206,35 +228,52 @@ class RolloutServer:
         s = Session(id=sid, group=str(group) if group is not None else sid, conversation=conv,
                     metadata=dict(metadata or {}))
         self.sessions[sid] = s
-        self.counts["sessions"] += 1
+        self.counts["sessions_opened"] += 1
         return s
 
     def _session(self, sid: str, *, open_only: bool = True) -> Session:
-        s = self.sessions.get(sid)
+        s = self.sessions.get(sid) or self.ended.get(sid)
         if s is None:
-            raise RolloutServerError(404, f"no session {sid!r} (never started, or already collected): start one "
-                                          "with POST /v1/sessions", "not_found_error")
+            raise RolloutServerError(404, f"no session {sid!r} (never started, or already collected by the trainer): "
+                                          "start one with POST /v1/sessions", "not_found_error")
         if open_only and s.ended:
             raise RolloutServerError(409, f"session {sid!r} has ended ({s.outcome}); start a new session for a new "
                                           "episode", "conflict_error")
         return s
 
+    #: score names the endpoint sets itself
+    RESERVED_SCORES = ("reward", "turns", "timeout")
+
     def end_session(self, sid: str, reward: Any, scores: Any = None, *, outcome: str = "reward") -> Session:
+        """End session ``sid`` with its reward (everything is checked before anything changes).
+
+        Raises:
+            RolloutServerError: 404/409 (see :meth:`_session`), 400 for a reward that is not a
+                finite number or ``scores`` that are not ``{name: finite number}`` (or use a
+                reserved name: ``reward``, ``turns``, ``timeout``).
+        """
         s = self._session(sid)
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or reward != reward \
-                or reward in (float("inf"), float("-inf")):
-            raise RolloutServerError(400, f"'reward' must be a finite number, got {reward!r}")
-        scores = dict(scores or {})
-        bad = [k for k, v in scores.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-        if bad:
-            raise RolloutServerError(400, f"'scores' must map names to numbers; not numbers: {bad}")
+        r = _finite(reward)
+        if r is None:
+            raise RolloutServerError(400, f"'reward' must be a finite number, got {str(reward)[:40]!r}")
+        if scores is not None and not isinstance(scores, dict):
+            raise RolloutServerError(400, f"'scores' must be an object {{name: number}}, got {type(scores).__name__}")
+        checked = {}
+        for k, v in (scores or {}).items():
+            f = _finite(v)
+            if f is None:
+                raise RolloutServerError(400, f"'scores'[{k!r}] must be a finite number, got {str(v)[:40]!r}")
+            if k in self.RESERVED_SCORES:
+                raise RolloutServerError(400, f"'scores' may not set {k!r}: the endpoint records it "
+                                              f"({', '.join(self.RESERVED_SCORES)} are reserved)")
+            checked[str(k)] = f
         s.ended, s.outcome = True, outcome
         ep = s.episode
-        ep.rewards = [float(reward)]
-        ep.scores = [{"reward": float(reward), "turns": float(len(ep.turns)), "timeout": float(outcome == "timeout"),
-                      **{k: float(v) for k, v in scores.items()}}]
+        ep.rewards = [r]
+        ep.scores = [{"reward": r, "turns": float(len(ep.turns)), "timeout": float(outcome == "timeout"), **checked}]
         self._ended.setdefault(s.group, []).append(s)
-        del self.sessions[sid]
+        self.sessions.pop(sid, None)
+        self.ended[sid] = s
         self._changed.set()
         return s
 
@@ -258,17 +297,31 @@ class RolloutServer:
         async with s.lock:
             s.last_active = time.monotonic()
             messages, tools, sampling, seed = self._parse(body)
+            key = json.dumps([messages, tools, sampling.model_dump(), seed], sort_keys=True, default=str)
+            if s.last is not None and s.last[0] == key:   # a retry of the last turn: its answer again
+                self.counts["replayed_turns"] += 1
+                return s.last[1], s
             conv = s.conversation
             n = len(conv.messages)
+            if conv.samples and json.dumps(tools, sort_keys=True) != json.dumps(conv.tools, sort_keys=True):
+                raise RolloutServerError(
+                    409, f"session {sid!r}: the tools differ from the ones of its first turn; the prompt ids already "
+                         "generated hold those tools, so a session keeps them: start a new session", "conflict_error")
             if len(messages) <= n or [m.get("role") for m in messages[:n]] != [m["role"] for m in conv.messages]:
                 raise RolloutServerError(
                     409, f"session {sid!r}: the request's messages do not extend the session's history "
                          f"({n} messages: roles {[m['role'] for m in conv.messages]}); send the whole "
                          "conversation so far plus the new messages, or start a new session", "conflict_error")
-            conv.messages = [dict(m) for m in messages[:n]]   # the agent's rendition; its ids are never used
+            bad = sorted({m["role"] for m in messages[n:]} - {"user", "tool"})
+            if bad:
+                raise RolloutServerError(400, f"the new messages of a turn are user or tool messages; got {bad} (a "
+                                              "system message belongs first, in the first turn)")
+            conv.messages = [dict(m) for m in messages[:n]]   # the agent's rendition (only its message ends count)
             conv.tools = tools
             try:
                 sample = await conv.step(messages[n:], sampling=sampling, seed=seed)
+            except PrefixSpliceError as e:
+                raise RolloutServerError(409, f"session {sid!r}: {e}", "conflict_error") from None
             except RequestRejectedError as e:
                 self.counts["rejected_turns"] += 1
                 raise RolloutServerError(400, f"the Dynamo frontend refused the turn: {e.server_message}") from None
@@ -276,38 +329,71 @@ class RolloutServer:
                 raise RolloutServerError(500, f"token contiguity broke: {e}", "server_error") from None
             except GenerationError as e:
                 raise RolloutServerError(503, f"generation failed: {e}", "server_error") from None
-            except ValueError as e:   # a message the template cannot render
-                raise RolloutServerError(400, f"the messages cannot be rendered: {e}") from None
+            except Exception as e:  # noqa: BLE001 - the chat template failed on the agent's messages
+                raise RolloutServerError(400, f"the messages cannot be rendered by the model's chat template: "
+                                              f"{type(e).__name__}: {e}") from None
             s.episode.add_turn(sample)
             s.last_active = time.monotonic()
             self.counts["turns"] += 1
-        return self._completion(s, sample, await self.generation.model(), want_logprobs=bool(body.get("logprobs"))), s
+            out = self._completion(s, sample, await self.generation.model(), want_logprobs=bool(body.get("logprobs")))
+            s.last = (key, out)
+        return out, s
+
+    #: OpenAI chat fields the endpoint takes; others that change what is sampled are refused
+    ACCEPTED = {"model", "messages", "tools", "tool_choice", "stream", "stream_options", "temperature", "top_p",
+                "max_tokens", "max_completion_tokens", "seed", "logprobs", "top_logprobs", "n", "user", "metadata",
+                "parallel_tool_calls", "store"}
 
     def _parse(self, body: Any):
+        """Check an OpenAI chat request; returns ``(messages, tools, sampling, seed)``.
+        Raises :class:`RolloutServerError` (400) naming the field."""
         if not isinstance(body, dict):
             raise RolloutServerError(400, "the body must be a JSON object (an OpenAI chat completion request)")
+        refused = sorted(k for k, v in body.items() if k not in self.ACCEPTED and v is not None)
+        if refused:
+            raise RolloutServerError(400, f"not supported by the rollout endpoint: {refused} (a trajectory must be what "
+                                          "the policy samples: no stop strings, grammars, biases or penalties)")
+        if body.get("tool_choice") not in (None, "auto"):
+            raise RolloutServerError(400, f"tool_choice {body['tool_choice']!r} is not supported: only 'auto' (the "
+                                          "policy decides; forcing a choice would change what it samples)")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise RolloutServerError(400, "'messages' must be a non-empty list of {'role', 'content'} objects")
+        try:
+            messages = text_messages([dict(m) for m in messages])
+        except ValueError as e:
+            raise RolloutServerError(400, str(e)) from None
+        for i, m in enumerate(messages):
+            calls = m.get("tool_calls")
+            if calls is not None and not (isinstance(calls, list) and all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in calls)):
+                raise RolloutServerError(400, f"messages[{i}].tool_calls must be a list of "
+                                              "{'id', 'type': 'function', 'function': {'name', 'arguments'}}")
         tools = body.get("tools") or None
-        if tools is not None and not isinstance(tools, list):
-            raise RolloutServerError(400, "'tools' must be a list of OpenAI tool definitions")
-        if body.get("n", 1) != 1:
+        if tools is not None and not (isinstance(tools, list) and all(
+                isinstance(t, dict) and isinstance(t.get("function", t), dict)
+                and isinstance(t.get("function", t).get("name"), str) for t in tools)):
+            raise RolloutServerError(400, "'tools' must be a list of OpenAI tool definitions "
+                                          "({'type': 'function', 'function': {'name', 'parameters'}})")
+        if body.get("n", 1) not in (1, None):
             raise RolloutServerError(400, "'n' must be 1: one session is one trajectory (start a session per sample)")
         d = self.sampling
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise RolloutServerError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}")
         try:
-            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or d.max_tokens
-            sampling = SamplingConfig(temperature=body.get("temperature", d.temperature) if body.get(
-                "temperature") is not None else d.temperature,
-                top_p=body.get("top_p") if body.get("top_p") is not None else d.top_p,
-                top_k=d.top_k, max_tokens=max_tokens)
+            sampling = SamplingConfig(
+                temperature=body["temperature"] if body.get("temperature") is not None else d.temperature,
+                top_p=body["top_p"] if body.get("top_p") is not None else d.top_p,
+                top_k=d.top_k, max_tokens=max_tokens or d.max_tokens)
         except ValueError as e:
             raise RolloutServerError(400, f"bad sampling parameters: {e}") from None
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RolloutServerError(400, f"'seed' must be an integer, got {seed!r}")
-        return [dict(m) for m in messages], [dict(t) for t in tools] if tools else None, sampling, seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise RolloutServerError(400, f"'seed' must be an integer in [0, 2**63), got {str(seed)[:30]}")
+        return messages, [dict(t) for t in tools] if tools else None, sampling, seed
 
     def _completion(self, s: Session, sample, model: str, *, want_logprobs: bool) -> dict:
         msg = {"role": "assistant", "content": (sample.message or {}).get("content")}
@@ -342,7 +428,8 @@ class RolloutServer:
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "sessions": len(self.sessions), **self.counts}
+            return {"status": "ok", "open_sessions": len(self.sessions), "ended_not_collected": len(self.ended),
+                    **self.counts}
 
         @app.post("/v1/sessions", status_code=201)
         async def open_(req: Request):
@@ -386,6 +473,17 @@ class RolloutServer:
             return out
 
         return app
+
+
+def _finite(v: Any) -> float | None:
+    """``v`` as a finite float, or None (bools, strings, nan, inf and ints too large for a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 def _sse(completion: dict):

@@ -109,10 +109,10 @@ async def run_environment_episode(gen, tokenizer, task: EnvironmentTask, problem
     done after ``max_turns`` turns (``turn_limit``); a turn the frontend refuses, e.g. a
     prompt past the model's context (``rejected``). Other generation failures raise.
     Raises:
-        TaskError: the environment's ``step`` raised or returned something else than a Step.
+        TaskError: the environment's ``step`` raised or returned a bad Step
+            (:meth:`EnvironmentTask.step`).
     """
     from dynamo_rl.rl.environments import Step
-    from dynamo_rl.rl.tasks import TaskError
 
     env = task.make()
     first = task.reset(env, problem)
@@ -133,12 +133,7 @@ async def run_environment_episode(gen, tokenizer, task: EnvironmentTask, problem
             # tool_calls): the environment gets what the model wrote instead, to judge it
             eos = tokenizer.eos_token_id
             message["content"] = tokenizer.decode([t for t in s.generation_token_ids.tolist() if t != eos])
-        try:
-            outcome = env.step(message)
-        except Exception as e:  # noqa: BLE001 - the user's code: name it
-            raise TaskError(f"{task.name}.step raised {type(e).__name__}: {e}") from e
-        if not isinstance(outcome, Step):
-            raise TaskError(f"{task.name}.step returned {outcome!r:.120}; return a dynamo_rl.rl.environments.Step")
+        outcome = task.step(env, message)   # checked: TaskError naming the environment and the field
         if outcome.done:
             break
         new = list(outcome.messages)

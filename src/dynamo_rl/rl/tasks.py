@@ -59,7 +59,7 @@ from typing import Any
 from dynamo_rl.config import TaskConfig
 from dynamo_rl.generation import render_ids
 from dynamo_rl.models.chat import splice_required_prefix
-from dynamo_rl.rl.environments import BUILTIN, Environment, Reset
+from dynamo_rl.rl.environments import BUILTIN, Environment, Reset, Step
 
 
 class TaskError(ValueError):
@@ -284,15 +284,49 @@ class EnvironmentTask(Task):
             r = env.reset(dict(problem.record or {}))
         except Exception as e:  # noqa: BLE001 - the user's code: name it, with the record
             raise TaskError(f"{where} raised {type(e).__name__}: {e}") from e
-        ok = isinstance(r, Reset) and isinstance(r.messages, list) and r.messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) for m in r.messages) and isinstance(r.tools, list)
-        if not ok:
-            raise TaskError(f"{where} returned {r!r:.120}; return Reset(messages=[...], tools=[...]) with a "
-                            "non-empty list of chat messages")
+        if not isinstance(r, Reset):
+            raise TaskError(f"{where} returned a {type(r).__name__}, not a Reset: return "
+                            "Reset(messages=[{'role': 'user', 'content': ...}], tools=[...]) "
+                            "(from dynamo_rl.rl.environments import Reset)")
+        if not (isinstance(r.messages, list) and r.messages and _messages_ok(r.messages)):
+            raise TaskError(f"{where}: Reset.messages must be a non-empty list of {{'role': str, 'content': str}} "
+                            f"chat messages, got {r.messages!r:.120}")
+        if not (isinstance(r.tools, list) and all(isinstance(t, dict) and isinstance(t.get("function", t), dict)
+                                                  and isinstance(t.get("function", t).get("name"), str)
+                                                  for t in r.tools)):
+            raise TaskError(f"{where}: Reset.tools must be a list of OpenAI tool definitions "
+                            f"({{'type': 'function', 'function': {{'name', 'parameters'}}}}), got {r.tools!r:.120}")
         if r.messages[-1]["role"] not in ("user", "tool"):
             raise TaskError(f"{where}: the first messages must end with a user message (the policy answers it), "
                             f"not {r.messages[-1]['role']!r}")
         return r
+
+    def step(self, env: Environment, message: dict) -> Step:
+        """``env.step(message)``, checked: a :class:`Step` whose reward is a finite number (bools
+        and strings are not), whose scores are ``{name: finite number}`` without ``reward`` /
+        ``turns``, and whose messages are chat messages. Raises :class:`TaskError` naming the
+        environment and the field."""
+        where = f"{self.name}.step"
+        try:
+            out = env.step(message)
+        except Exception as e:  # noqa: BLE001 - the user's code: name it
+            raise TaskError(f"{where} raised {type(e).__name__}: {e}") from e
+        if not isinstance(out, Step):
+            raise TaskError(f"{where} returned a {type(out).__name__}; return a Step "
+                            "(from dynamo_rl.rl.environments import Step)")
+        if _finite(out.reward) is None:
+            raise TaskError(f"{where} returned Step.reward={out.reward!r:.40}; it must be a finite number")
+        if not isinstance(out.scores, dict) or any(_finite(v) is None for v in out.scores.values()):
+            raise TaskError(f"{where} returned Step.scores={out.scores!r:.120}; it must be {{name: finite number}}")
+        if {"reward", "turns"} & set(out.scores):
+            raise TaskError(f"{where}: Step.scores may not set 'reward' or 'turns' (the episode's own figures)")
+        if not isinstance(out.messages, list) or (out.messages and not _messages_ok(out.messages)):
+            raise TaskError(f"{where} returned Step.messages={out.messages!r:.120}; it must be a list of chat "
+                            "messages ({'role': 'tool', 'tool_call_id': ..., 'content': str}, or user messages)")
+        if not out.done and not out.messages:
+            raise TaskError(f"{where} returned a Step that is not done and has no messages: the policy would have "
+                            "nothing new to answer")
+        return out
 
     def sample(self, rng: random.Random, n: int) -> list[Problem]:
         if self.problems is not None:
@@ -328,11 +362,36 @@ class EnvironmentTask(Task):
             answer = assistant_ids(tokenizer, messages, m, eos, **kw)
             ids += new + answer
             mask += [0] * len(new) + [1] * len(answer)
-            step = env.step(dict(m))
+            step = self.step(env, dict(m))
             messages += [m] + list(step.messages)
             if step.done:
                 break
         return ids, mask
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _messages_ok(messages: list) -> bool:
+    """Chat messages: dicts with a string role and string (or null, with tool calls) content."""
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            return False
+        c = m.get("content")
+        if not (isinstance(c, str) or (c is None and m.get("tool_calls"))):
+            return False
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(
+                isinstance(x, dict) and isinstance(x.get("function"), dict) for x in calls)):
+            return False
+    return True
 
 
 def assistant_ids(tokenizer, messages: list[dict], message: dict, eos: int, **template_kwargs) -> list[int]:
