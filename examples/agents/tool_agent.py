@@ -15,7 +15,9 @@ stopped (``--episodes 0``); the trainer gives it ``DYNAMO_RL_ROLLOUT_URL``,
 
 The task: a hidden 3-digit value under a one-letter key; the user asks ``get k`` (the
 value) or ``rev k`` (the value reversed); tools ``get {"k"}`` and ``rev {"k"}`` answer.
-Reward 1 for the right answer, else 0. ``--out FILE`` appends one JSON line per episode.
+Reward 1 for the right answer after the right tool's result; else half the share of the
+answer's characters right at their place when a tool gave the value; else 0 (the reward of
+dynamo-rl's built-in ``tool_lookup``). ``--out FILE`` appends one JSON line per episode.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def play(url: str, record: dict, group: str, seed: int, stream: bool, max_turns:
         client = openai.OpenAI(base_url=session["base_url"], api_key="unused", max_retries=0)
         messages: list[dict] = [{"role": "user", "content": f"{record['verb']} {record['key']}"}]
         expected = record["value"] if record["verb"] == "get" else record["value"][::-1]
-        reward, answer, calls = 0.0, None, 0
+        reward, answer, calls, got = 0.0, None, 0, set()
         for turn in range(max_turns):
             kw = dict(model=MODEL, messages=messages, tools=TOOLS, max_tokens=48, temperature=1.0,
                       seed=seed * 100 + turn)
@@ -95,16 +97,23 @@ def play(url: str, record: dict, group: str, seed: int, stream: bool, max_turns:
                                                                                 "arguments": args}})
                 messages.append({"role": "assistant", "content": message["content"] or "", "tool_calls": sent})
                 for tc in message["tool_calls"]:
-                    messages.append({"role": "tool", "tool_call_id": tc.id,
-                                     "content": run_tool(record, tc.function.name, tc.function.arguments)})
+                    result = run_tool(record, tc.function.name, tc.function.arguments)
+                    if not result.startswith("error"):
+                        got.add(tc.function.name)
+                    messages.append({"role": "tool", "tool_call_id": tc.id, "content": result})
                 continue
             answer = (message["content"] or "").strip()
-            reward = float(answer == expected)
+            if record["verb"] in got and answer == expected:
+                reward = 1.0
+            elif got and answer and "<tool_call>" not in answer:
+                reward = 0.5 * sum(a == b for a, b in zip(answer, expected)) / max(len(answer), len(expected))
             break
+        success = float(record["verb"] in got and answer == expected)
         end = http.post(f"{url}/v1/sessions/{session['id']}/end",
-                        json={"reward": reward, "scores": {"success": reward, "tool_calls": calls}})
+                        json={"reward": reward, "scores": {"success": success, "tool_calls": calls}})
         end.raise_for_status()
-    return {"session": session["id"], "group": group, "record": record, "reward": reward, "answer": answer,
+    return {"session": session["id"], "group": group, "record": record, "reward": reward, "success": success,
+            "answer": answer,
             "tool_calls": calls, "messages": messages, "stream": stream}
 
 
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f in done:
                     r = f.result()
                     results.append(r)
-                    print(f"episode {len(results)} ({r['group']}): reward {r['reward']:.0f}, {r['tool_calls']} tool "
+                    print(f"episode {len(results)} ({r['group']}): reward {r['reward']:.2f}, {r['tool_calls']} tool "
                           f"call(s), answer {r['answer']!r}", flush=True)
             running.add(pool.submit(play, args.url, *job))
         results += [f.result() for f in running]
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
-    ok = sum(r["reward"] for r in results)
+    ok = sum(r["success"] for r in results)
     print(f"{len(results)} episodes, success {ok / len(results):.2f}", file=sys.stderr)
     return 0
 
