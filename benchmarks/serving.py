@@ -12,9 +12,13 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
 
 - handler in-process: our Dynamo handler ``Worker.generate`` over that engine, without
   Dynamo: separates the worker's own Python cost from Dynamo's per-chunk cost.
-- one token per message: a second stack whose worker runs ``--tokens-per-message 1`` (one
-  message per token, as before chunked streaming), measured alternately with the first;
-  both also serve streamed requests for the time to the first token (TTFT).
+- variants (``--variants``): more stacks of the same worker with other arguments, measured
+  alternately with the first: ``one_token_per_message`` (``--tokens-per-message 1``, as
+  before chunked streaming) and ``stream_interval_8`` (``--stream-interval 8``: after the
+  first token, messages of at least 8 tokens, as vLLM's option). Every stack also serves
+  streamed requests for the time to the first token (TTFT).
+- ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
+  (both sides' engine on it), with a larger model of the tiny family.
 
 tokens/s = generated tokens / wall seconds of the level (after one warm-up request per
 side). ``ratio`` = frontend / in-process. Each level is measured ``--repeats`` times,
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -46,6 +51,18 @@ from _common import write_result  # noqa: E402
 def prompts(n: int) -> list[list[int]]:
     """``n`` distinct 12-token prompts of the tiny character vocabulary (ids 4..49)."""
     return [[1] + [4 + (i * 7 + j * 3) % 46 for j in range(11)] for i in range(n)]
+
+
+DEFAULT_VARIANTS = "one_token_per_message=--tokens-per-message 1;stream_interval_8=--stream-interval 8"
+
+
+def parse_variants(text: str) -> dict[str, list[str]]:
+    """``"a=--x 1;b=--y 2"`` → ``{"a": ["--x", "1"], "b": ["--y", "2"]}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, argv = part.partition("=")
+        out[name.strip()] = argv.split()
+    return out
 
 
 async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
@@ -141,65 +158,70 @@ async def main_async(args) -> dict:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    model_dir = Path(args.model_path) if args.model_path else ensure_tiny_model(tmp / "tiny")
+    if args.model_path:
+        model_dir = Path(args.model_path)
+    else:
+        from dynamo_rl.models.tiny import TinyModelSpec
+
+        model_dir = ensure_tiny_model(tmp / "tiny", TinyModelSpec(**json.loads(args.tiny)) if args.tiny else None)
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine.from_pretrained(model_dir, max_batch_size=max(levels))
+    engine = Engine.from_pretrained(model_dir, max_batch_size=max(levels), device=args.device, dtype=args.dtype)
     await engine.start()
     handler = Worker(engine, served_model_name="tiny", model_path=str(model_dir), message_eos_id=None)
-    stack = LocalStack(model_dir, workers=args.workers, worker_threads=args.threads, run_dir=tmp / "run",
-                       max_batch_size=max(levels), quiet=True)
-    # the same worker sending one message per token (as before chunked streaming), side by side
-    per_token = LocalStack(model_dir, workers=args.workers, worker_threads=args.threads, run_dir=tmp / "run1",
-                           max_batch_size=max(levels), quiet=True, worker_args=["--tokens-per-message", "1"])
-    await asyncio.to_thread(stack.start)
-    await asyncio.to_thread(per_token.start)
+    variants = parse_variants(args.variants)
+    stacks = {name: LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
+                               run_dir=tmp / f"run-{name}", max_batch_size=max(levels), quiet=True,
+                               device=args.device, dtype=args.dtype, worker_args=argv)
+              for name, argv in {"default": [], **variants}.items()}
+    for stack in stacks.values():
+        await asyncio.to_thread(stack.start)
     rows = []
     try:
         warm = prompts(1)
-        await run_frontend(stack.frontend_url, warm, 1, args.max_tokens)
-        await run_frontend(per_token.frontend_url, warm, 1, args.max_tokens)
+        for stack in stacks.values():
+            await run_frontend(stack.frontend_url, warm, 1, args.max_tokens)
         await run_engine(engine, warm, 1, args.max_tokens)
         for c in levels:
             n = max(c * args.rounds, args.min_requests)
             ps = prompts(n)
-            fe, ip, hd, fe1, ttft, ttft1 = [], [], [], [], [], []
+            fe = {name: [] for name in stacks}
+            ttft = {name: [] for name in stacks}
+            ip, hd = [], []
             for _ in range(args.repeats):
-                tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens)
-                assert tok == n * args.max_tokens, (tok, n)
-                fe.append(tok / sec)
-                tok, sec = await run_frontend(per_token.frontend_url, ps, c, args.max_tokens)
-                assert tok == n * args.max_tokens, (tok, n)
-                fe1.append(tok / sec)
-                for url, out in ((stack.frontend_url, ttft), (per_token.frontend_url, ttft1)):
-                    tok, sec, first = await run_frontend_stream(url, ps, c, args.max_tokens)
+                for name, stack in stacks.items():
+                    tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens)
                     assert tok == n * args.max_tokens, (tok, n)
-                    out.append(first)
+                    fe[name].append(tok / sec)
+                    tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, args.max_tokens)
+                    assert tok == n * args.max_tokens, (tok, n)
+                    ttft[name].append(first)
                 tok, sec = await run_engine(engine, ps, c, args.max_tokens)
                 assert tok == n * args.max_tokens, (tok, n)
                 ip.append(tok / sec)
                 tok, sec = await run_handler(handler, ps, c, args.max_tokens)
                 assert tok == n * args.max_tokens, (tok, n)
                 hd.append(tok / sec)
+            med = {name: statistics.median(v) for name, v in fe.items()}
+            in_process = statistics.median(ip)
             row = {"concurrency": c, "requests": n, "tokens_per_request": args.max_tokens,
-                   "frontend_tokens_per_s": round(statistics.median(fe), 1),
-                   "in_process_tokens_per_s": round(statistics.median(ip), 1),
-                   "ratio": round(statistics.median(fe) / statistics.median(ip), 3),
+                   "frontend_tokens_per_s": round(med["default"], 1),
+                   "in_process_tokens_per_s": round(in_process, 1),
+                   "ratio": round(med["default"] / in_process, 3),
                    "handler_in_process_tokens_per_s": round(statistics.median(hd), 1),
-                   "frontend_one_token_per_message_tokens_per_s": round(statistics.median(fe1), 1),
-                   "chunked_over_one_token_per_message": round(statistics.median(fe) / statistics.median(fe1), 3),
-                   "ttft_ms_streaming": round(1e3 * statistics.median(ttft), 2),
-                   "ttft_ms_streaming_one_token_per_message": round(1e3 * statistics.median(ttft1), 2),
-                   "frontend_runs": [round(x, 1) for x in fe], "in_process_runs": [round(x, 1) for x in ip]}
-            print(f"c={c:>3}: frontend {row['frontend_tokens_per_s']:>8.1f} tok/s   in-process "
-                  f"{row['in_process_tokens_per_s']:>8.1f} tok/s   ratio {row['ratio']:.3f}   "
-                  f"(handler in-process {row['handler_in_process_tokens_per_s']:.1f} tok/s; one token per "
-                  f"message {row['frontend_one_token_per_message_tokens_per_s']:.1f} tok/s; TTFT "
-                  f"{row['ttft_ms_streaming']:.1f} vs {row['ttft_ms_streaming_one_token_per_message']:.1f} ms)",
-                  flush=True)
+                   "ttft_ms_streaming": round(1e3 * statistics.median(ttft["default"]), 2)}
+            for name in variants:
+                row[f"frontend_{name}_tokens_per_s"] = round(med[name], 1)
+                row[f"ratio_{name}"] = round(med[name] / in_process, 3)
+                row[f"ttft_ms_streaming_{name}"] = round(1e3 * statistics.median(ttft[name]), 2)
+            row["frontend_runs"] = {name: [round(x, 1) for x in v] for name, v in fe.items()}
+            row["in_process_runs"] = [round(x, 1) for x in ip]
+            print(f"c={c:>3}: in-process {in_process:>8.1f} tok/s; through the frontend: " + "; ".join(
+                f"{name} {med[name]:.1f} tok/s ({med[name] / in_process:.3f}, TTFT "
+                f"{1e3 * statistics.median(ttft[name]):.1f} ms)" for name in stacks), flush=True)
             rows.append(row)
     finally:
-        await asyncio.to_thread(stack.stop)
-        await asyncio.to_thread(per_token.stop)
+        for stack in stacks.values():
+            await asyncio.to_thread(stack.stop)
         await engine.stop()
     try:
         import importlib.metadata as md
@@ -209,16 +231,19 @@ async def main_async(args) -> dict:
         dynamo_version = None
     return {
         "unit": "generated tokens per second (wall clock)",
-        "model": "tiny Qwen3 (dynamo_rl.models.ensure_tiny_model)" if not args.model_path else str(args.model_path),
+        "model": str(args.model_path) if args.model_path else
+                 f"tiny Qwen3 (dynamo_rl.models.ensure_tiny_model, spec {args.tiny or 'default'})",
         "dynamo": dynamo_version, "workers": args.workers, "torch_threads": args.threads,
         "load_average_1m": os.getloadavg()[0],
+        "device": args.device, "dtype": args.dtype, "variants": variants,
         "note": ("ratio = frontend / in-process at the same concurrency; all sides measured alternately in "
                  "this run. handler_in_process isolates our worker's Python cost; the rest of the gap is "
                  "Dynamo's cost per request and per message (pyo3 generator bridge, msgpack, TCP response "
-                 "stream, HTTP). frontend_* is our worker sending every token ready at a delivery in one "
-                 "message (up to decode_steps=4); *_one_token_per_message is the same worker with "
-                 "--tokens-per-message 1 (the behaviour before), a second stack measured alternately; "
-                 "ttft_ms_* = mean time to the first token of streamed requests"),
+                 "stream, HTTP) and, on a machine of few cores, the CPU that the frontend, the worker and "
+                 "this client share. frontend_* is our worker with its defaults (every token ready at a "
+                 "delivery in one message, up to decode_steps=4); frontend_<variant>_* the same worker "
+                 "with the variant's arguments, a stack of its own measured alternately; ttft_ms_* = mean "
+                 "time to the first token of streamed requests"),
         "levels": rows,
     }
 
@@ -233,6 +258,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-path", default=None)
+    p.add_argument("--tiny", default=None, help="JSON of TinyModelSpec fields for a larger tiny-family model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help="NAME=worker args, separated by ';' (empty: the default stack alone)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # as the workers get it (before torch loads)

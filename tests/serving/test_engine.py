@@ -259,6 +259,34 @@ async def test_churn_slot_reuse_stays_exact(model_a):
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("mix", [True, False])
+async def test_an_arrival_rides_the_running_decode(model_a, mix):
+    """B arrives while A decodes: with ``mix_prefill_decode`` A's next token is decoded in
+    B's prefill forward (one forward fewer, ``mixed_batches`` 1); results equal HF either way."""
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=4, decode_steps=1,
+                 mix_prefill_decode=mix)
+    a_prompt, b_prompt = PROMPTS[0], PROMPTS[2]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    try:
+        stream = eng.generate(a_prompt, params)
+        a = [await anext(stream) for _ in range(3)]  # A is running (prefilled, 2 decodes)
+        b_task = asyncio.create_task(eng.complete(b_prompt, params))
+        a += [out async for out in stream]
+        b = await b_task
+        stats = eng.stats
+    finally:
+        await eng.stop()
+    for prompt, outs in ((a_prompt, a), (b_prompt, b)):
+        assert ids_of(outs) == hf_greedy(model_a, prompt, 8, eos=None)
+        assert (lps_of(outs) - hf_logprobs(model_a, prompt, ids_of(outs))).abs().max().item() < 1e-5
+    assert stats["mixed_batches"] == (1 if mix else 0)
+    assert stats["prefill_batches"] == 2
+    # 14 decoded tokens (7 each after its prefill): one of A's came from the mixed forward
+    assert stats["forward_passes"] == stats["prefill_batches"] + stats["decode_batches"]
+    assert stats["tokens_generated"] == 16
+
+
+@pytest.mark.asyncio
 async def test_more_requests_than_slots_all_complete(model_a):
     eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=4)
     try:

@@ -83,6 +83,28 @@ def test_stop_leaves_no_process(tiny_model_dir, tmp_path):
     assert stack.failure is None
 
 
+def test_stream_interval_reaches_the_worker(tiny_model_dir, tmp_path):
+    """``stream_interval=5``: a streamed completion of 12 tokens arrives through the real
+    frontend as messages of 1, 8 and 3 tokens: the first at once, then engine deliveries (4
+    tokens per decode hand-off) held until at least 5, the last what is left."""
+    import json
+
+    with LocalStack(tiny_model_dir, workers=1, run_dir=tmp_path / "run", quiet=True, stream_interval=5) as stack:
+        body = {"model": "tiny", "prompt": [1, 30, 18, 35], "max_tokens": 12, "ignore_eos": True, "stream": True,
+                "temperature": 0, "nvext": {"extra_fields": ["completion_token_ids"]}}
+        sizes = []
+        with httpx.stream("POST", f"{stack.frontend_url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and line.strip() != "data: [DONE]":
+                    chunk = json.loads(line[5:])
+                    ids = (chunk.get("nvext") or {}).get("completion_token_ids")
+                    if ids:
+                        sizes.append(len(ids))
+    assert sizes == [1, 8, 3]
+    with pytest.raises(ValueError, match="stream_interval=0"):
+        LocalStack(tiny_model_dir, workers=1, stream_interval=0)
+
+
 def test_bad_model_dir_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         LocalStack(tmp_path, workers=1)

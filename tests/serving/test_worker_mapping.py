@@ -63,3 +63,41 @@ def test_required_prefix_channels():
     assert parse_required_prefix({**REQUEST, "extra_args": {"required_prefix_token_ids": [7, 8]}}) == [7, 8]
     with pytest.raises(ValueError, match="comma-separated token ids"):
         parse_required_prefix({**REQUEST, "annotations": ["required_prefix_token_ids:1,x"]})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("interval, sizes", [(1, [1] * 11), (4, [1, 4, 4, 2]), (32, [1, 10])])
+async def test_stream_interval_coalesces_messages_and_keeps_ids(interval, sizes):
+    """The handler over a real engine (one token per decode hand-off): after the first token,
+    messages hold ``stream_interval`` tokens (the last what is left); ids, logprobs and the
+    weights version are those of one token per message."""
+    import torch
+
+    from dynamo_rl.models import build_tiny_model
+    from dynamo_rl.serving.engine import Engine
+    from dynamo_rl.serving.worker import Worker
+
+    torch.manual_seed(0)
+    engine = Engine(build_tiny_model(), eos_token_ids=[2], decode_steps=1)
+    request = with_("stop_conditions", max_tokens=11, ignore_eos=True)
+    try:
+        got = {}
+        for n in (1, interval):
+            engine.flush_cache()  # no prefix reuse: the same forwards both times
+            handler = Worker(engine, served_model_name="tiny", model_path="-", message_eos_id=None,
+                             tokens_per_message=1 if n == 1 else 0, stream_interval=n)
+            got[n] = [chunk async for chunk in handler.generate(dict(request))]
+    finally:
+        await engine.stop()
+    assert [len(c["token_ids"]) for c in got[interval]] == sizes
+    for key in ("token_ids", "log_probs"):
+        assert [x for c in got[interval] for x in c[key]] == [x for c in got[1] for x in c[key]]
+    assert got[interval][-1]["finish_reason"] == "length"
+    assert {c["engine_data"]["weights_version"] for c in got[interval]} == {0}
+
+
+def test_stream_interval_below_one_is_refused():
+    from dynamo_rl.serving.worker import Worker
+
+    with pytest.raises(ValueError, match="stream_interval=0"):
+        Worker(object(), served_model_name="tiny", model_path="-", message_eos_id=None, stream_interval=0)

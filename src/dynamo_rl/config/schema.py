@@ -231,6 +231,7 @@ class ClusterConfig(_Section):
     ``.venv-vllm/bin/python``, built by ``make vllm``).
     ``tool_call_parser`` / ``reasoning_parser``: Dynamo's parsers for chat answers, given to
     both worker kinds (``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``).
+    ``stream_interval``: tokens per streamed message after the first (``--stream-interval``).
     """
 
     workers: int = Field(2, ge=1)
@@ -244,6 +245,10 @@ class ClusterConfig(_Section):
                           "needed by environments that offer tools")
     reasoning_parser: str | None = Field(
         None, description="Dynamo's reasoning parser (--dyn-reasoning-parser), e.g. qwen3")
+    stream_interval: int | None = Field(
+        None, ge=1, description="tokens per streamed message after the first, for both worker kinds "
+                                "(--stream-interval, vLLM's option); larger: fewer messages through the "
+                                "frontend, burstier streams. None: the workers' default (1)")
 
     @model_validator(mode="after")
     def _one_kind_per_worker(self):

@@ -13,7 +13,9 @@ How a request flows
     (``max_batch_size`` slots) and all admitted together are prefilled in ONE forward
     (right-padded, at most ``max_prefill_tokens`` padded tokens). Then every running
     request is decoded in ONE batched forward per step (``stats["max_decode_batch"]``
-    shows the largest); requests that arrive meanwhile join at the next step boundary.
+    shows the largest); requests that arrive meanwhile join at the next step boundary, and
+    the running ones decode their next token in that same prefill forward where the padded
+    batch fits the prefill budget (``mix_prefill_decode``).
     Forwards run on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
     uvloop in the worker) stays responsive; one hand-off runs up to ``decode_steps``
     decode steps, ending early when a request finishes or a waiting one can be admitted.
@@ -209,6 +211,10 @@ class Engine:
             when a request finishes or a waiting one can be admitted, so admission still
             happens at the next step boundary.
         cuda_graphs: replay decode steps from captured CUDA graphs (default: on for CUDA).
+        mix_prefill_decode: running requests decode one token in the forward that prefills
+            newly admitted ones, where the padded batch fits ``max_prefill_tokens``
+            (``stats["mixed_batches"]``): with staggered arrivals (requests through a
+            frontend) an admission then costs no forward of its own.
     Raises:
         UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
     """
@@ -216,7 +222,8 @@ class Engine:
     def __init__(self, model, *, eos_token_ids: Sequence[int], device="cpu", max_batch_size=64,
                  weights_version: int = 0, max_seq_len: int | None = None,
                  max_prefill_tokens: int = 8192, prefix_caching: bool = True,
-                 prefill_chunk: int = 2048, decode_steps: int = 4, cuda_graphs: bool | None = None):
+                 prefill_chunk: int = 2048, decode_steps: int = 4, cuda_graphs: bool | None = None,
+                 mix_prefill_decode: bool = True):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.shape = _qwen3.describe_decoder(model)
@@ -227,6 +234,7 @@ class Engine:
         self.prefix_caching = prefix_caching
         self.prefill_chunk = int(prefill_chunk)
         self.decode_steps = max(1, int(decode_steps))
+        self.mix_prefill_decode = bool(mix_prefill_decode)
         self.weights_version = int(weights_version)
         self.paused = False
         self.layout = {"tp_rank": 0, "tp_size": 1}
@@ -256,7 +264,7 @@ class Engine:
         self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0,
-                              loop_deaths=0)
+                              loop_deaths=0, mixed_batches=0)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -494,6 +502,7 @@ class Engine:
     @property
     def stats(self) -> dict:
         """Counters (ints): forward_passes, prefill_batches, decode_batches, max_decode_batch,
+        mixed_batches (prefill forwards that also decoded running requests),
         tokens_generated, prompt_tokens, loop_deaths (times the scheduling loop died, see
         :attr:`loop_died`), prefix_cache_hit_tokens (prompt tokens whose keys/values
         a free slot already held), prefill_shared_tokens (prompt tokens not computed because an
@@ -752,9 +761,16 @@ class Engine:
 
     async def _schedule_steps(self) -> None:
         while not self._stopping:
+            running = [s.owner for s in self._slots if s.owner is not None]
             admitted = self._admit()
             if admitted:
-                await self._step(admitted, prefill=True)
+                # running requests ride along in the prefill forward (one token each) where
+                # the padded batch stays within the prefill budget: an arrival then costs no
+                # forward of its own (as vLLM's mixed prefill/decode batches)
+                ride = running if running and self._can_mix(admitted, running) else []
+                await self._step(admitted + ride, prefill=True, decoding=len(ride))
+                if ride:
+                    continue
             running = [s.owner for s in self._slots if s.owner is not None]
             if running:
                 await self._step(running, prefill=False)
@@ -767,6 +783,15 @@ class Engine:
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and not self.paused and not self._hold and self._partial is None
+
+    def _can_mix(self, admitted: list[_Request], running: list[_Request]) -> bool:
+        """Whether ``running`` (one new token each) fit into the prefill forward of
+        ``admitted``: the padded batch (rows x widest row) stays within ``max_prefill_tokens``
+        and no prompt is long enough to be prefilled in chunks."""
+        if not self.mix_prefill_decode:
+            return False
+        width = max(len(r.prompt) - len(self._slots[r.slot].tokens) for r in admitted)
+        return width <= self.prefill_chunk and (len(admitted) + len(running)) * width <= self.max_prefill_tokens
 
     def _admit(self) -> list[_Request]:
         """Give waiting requests (FIFO) free slots, within the prefill token budget."""
@@ -805,17 +830,23 @@ class Engine:
             best = min(free, key=lambda i: (len(self._slots[i].tokens) > 0, self._slots[i].last_used))
         return best, best_len
 
-    async def _step(self, reqs: list[_Request], prefill: bool) -> None:
+    async def _step(self, reqs: list[_Request], prefill: bool, decoding: int = 0) -> None:
         """Prefill ``reqs`` (one forward) or decode them (up to ``decode_steps`` forwards in one
-        call to the engine thread), then deliver the tokens in order."""
+        call to the engine thread), then deliver the tokens in order. With ``prefill``, the
+        last ``decoding`` of ``reqs`` are running requests decoded in the same forward."""
+        n_new = len(reqs) - decoding
         if prefill:
-            rows = [r.prompt[len(self._slots[r.slot].tokens):] for r in reqs]
+            rows = [r.prompt[len(self._slots[r.slot].tokens):] for r in reqs[:n_new]]
+            rows += [[r.output[-1]] for r in reqs[n_new:]]
         else:
             rows = [[r.output[-1]] for r in reqs]
         starts = [len(self._slots[r.slot].tokens) for r in reqs]
         # identical prompts admitted together (n samples of one prompt) are prefilled once
         leader_of: dict[tuple[int, ...], int] = {}
-        leaders = [leader_of.setdefault(tuple(r.prompt), i) for i, r in enumerate(reqs)] if prefill else None
+        leaders = None
+        if prefill:
+            leaders = [leader_of.setdefault(tuple(r.prompt), i) for i, r in enumerate(reqs[:n_new])]
+            leaders += list(range(n_new, len(reqs)))
         self._busy = True
         try:
             if prefill:
@@ -840,6 +871,9 @@ class Engine:
         if prefill:
             c["prefill_batches"] += 1
             c["prefill_shared_tokens"] += sum(len(rows[i]) for i, lead in enumerate(leaders) if lead != i)
+            if decoding:
+                c["mixed_batches"] += 1
+                c["max_decode_batch"] = max(c["max_decode_batch"], decoding)
         else:
             c["decode_batches"] += steps
             c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))

@@ -238,6 +238,8 @@ class LocalStack:
         tool_call_parser, reasoning_parser: Dynamo's parsers the frontend applies to this
             model's chat responses (``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``
             of both worker kinds, e.g. ``"hermes"`` / ``"qwen3"``); None: off.
+        stream_interval: tokens per streamed message after the first (``--stream-interval``
+            of both worker kinds, vLLM's option); None: the workers' default (1).
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
@@ -255,7 +257,8 @@ class LocalStack:
                  namespace: str = "dynamo", on_crash: Callable[[str], None] | None = None,
                  engine: str | list[str] = "dynamo-rl", vllm_python: str | None = None,
                  max_model_len: int | None = None, worker_args: list[str] | None = None,
-                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 stream_interval: int | None = None):
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
@@ -278,6 +281,10 @@ class LocalStack:
             self.parser_args += ["--dyn-tool-call-parser", tool_call_parser]
         if reasoning_parser:
             self.parser_args += ["--dyn-reasoning-parser", reasoning_parser]
+        if stream_interval is not None and int(stream_interval) < 1:
+            raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1 (or None)")
+        # the same flag on both kinds (ours mirrors vLLM's)
+        self.engine_args = [] if stream_interval is None else ["--stream-interval", str(int(stream_interval))]
         self.served_model_name = served_model_name
         self.num_workers = workers
         self._run_dir_arg = run_dir
@@ -520,7 +527,7 @@ class LocalStack:
                     "--threads", str(self.worker_threads), "--discovery-backend", "file"]
             if record is not None:
                 argv += ["--record-file", str(record)]
-            argv += self.parser_args + self.worker_args
+            argv += self.parser_args + self.engine_args + self.worker_args
         w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
                         system_url=f"http://{LOOPBACK}:{port}", record_file=record, engine=engine)
         with self._lock:
@@ -566,7 +573,7 @@ class LocalStack:
             # trainer) see the raw one, and a model trained on another tool-call layout is
             # forced into the parser's. RL wants what the policy samples: off.
             argv += ["--dyn-structural-tag", "false"]
-        return argv + self.parser_args
+        return argv + self.parser_args + self.engine_args
 
     def _wait_ready(self, new: list[WorkerProcess], t0: float) -> None:
         import httpx

@@ -186,14 +186,25 @@ def sampling_params_from_request(request: Mapping[str, Any], *, context_window: 
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-async def _split(chunks, n: int):
-    """The engine's chunks, cut into pieces of at most ``n`` tokens (``n`` = 0: as they come)."""
+STREAM_INTERVAL = 1  # tokens per message after the first; see Worker(stream_interval=)
+
+
+async def _messages(chunks, at_most: int = 0, interval: int = 1):
+    """The engine's chunks as messages: the first token at once, then at least ``interval``
+    tokens per message (vLLM's ``--stream-interval``), the last when the request ends;
+    each cut into pieces of at most ``at_most`` tokens (0: no cut)."""
+    held: list = []
+    first = True
     async for outs in chunks:
-        if n <= 0:
-            yield outs
-        else:
-            for i in range(0, len(outs), n):
-                yield outs[i:i + n]
+        held.extend(outs)
+        if first or len(held) >= interval or held[-1].finish_reason is not None:
+            first = False
+            out, held = held, []
+            step = at_most if at_most > 0 else len(out)
+            for i in range(0, len(out), step):
+                yield out[i:i + step]
+    if held:  # the stream ended early (engine abort): nothing produced is dropped
+        yield held
 
 
 class Worker(AdminRoutes):
@@ -207,13 +218,19 @@ class Worker(AdminRoutes):
             the request's first ``eos_token_ids``.
         device: where updates put loaded tensors.
         record_file: if set, one JSON line per finished request is appended there.
+        tokens_per_message: at most this many tokens per message (0: no limit).
+        stream_interval: after the first token (sent at once, for the time to first token),
+            a message waits until it holds this many tokens or the request ends: fewer
+            messages through Dynamo's request plane at the cost of burstier streams
+            (vLLM's ``--stream-interval``, which Dynamo's vLLM worker passes through).
 
     Attributes:
         instance_id: this worker's Dynamo instance id (set by :func:`amain` once the endpoint exists).
     """
 
     def __init__(self, engine, *, served_model_name: str, model_path: str, message_eos_id: int | None,
-                 device: str = "cpu", record_file: str | None = None, tokens_per_message: int = 0):
+                 device: str = "cpu", record_file: str | None = None, tokens_per_message: int = 0,
+                 stream_interval: int = 1):
         self.engine = engine
         self.served_model_name = served_model_name
         self.model_path = model_path
@@ -221,6 +238,9 @@ class Worker(AdminRoutes):
         self.device = device
         self.record_file = record_file
         self.tokens_per_message = int(tokens_per_message)   # 0: every token ready at once
+        if int(stream_interval) < 1:
+            raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
+        self.stream_interval = int(stream_interval)
         self.instance_id: int | None = None
         self.ready: bool | None = None  # what watch_health last reported (None: not watching)
         self._weights_lock = asyncio.Lock()
@@ -247,7 +267,7 @@ class Worker(AdminRoutes):
         finish: str | None = None
         version: int | None = None
         try:
-            async for outs in _split(stream, self.tokens_per_message):   # every token ready now, one message
+            async for outs in _messages(stream, self.tokens_per_message, self.stream_interval):
                 out = outs[-1]
                 ids.extend(o.token_id for o in outs)
                 lps.extend(o.logprob for o in outs)
@@ -366,7 +386,8 @@ async def amain(args: argparse.Namespace) -> int:
     await engine.start()
     worker = Worker(engine, served_model_name=served, model_path=args.model_path,
                     message_eos_id=_message_eos_id(args.model_path), device=args.device,
-                    record_file=args.record_file, tokens_per_message=args.tokens_per_message)
+                    record_file=args.record_file, tokens_per_message=args.tokens_per_message,
+                    stream_interval=args.stream_interval)
 
     loop = asyncio.get_running_loop()
     rt = DistributedRuntime(loop, args.discovery_backend, "tcp")
@@ -413,6 +434,16 @@ async def amain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -442,6 +473,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Dynamo reasoning parser (e.g. qwen3: <think> text goes to reasoning_content)")
     p.add_argument("--tokens-per-message", type=int, default=0,
                    help="at most this many tokens per streamed message (0: every token ready at a delivery)")
+    p.add_argument("--stream-interval", type=_positive_int, default=STREAM_INTERVAL,
+                   help="tokens per streamed message after the first (sent at once); as vLLM's --stream-interval. "
+                        "Larger: fewer messages through Dynamo, burstier streams")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
