@@ -29,7 +29,7 @@ def test_main_job_on_vllm_workers(tmp_path, vllm_python):
                        timeout=840)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
-    assert "(1 vllm workers)" in out
+    assert "(1 vllm worker)" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == steps and summary["completed"] is True and summary["refits"] == steps
     assert summary["version_mismatches"] == 0 and summary["stale_samples"] == 0

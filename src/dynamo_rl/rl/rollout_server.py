@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
 import time
 import uuid
@@ -65,6 +64,7 @@ from dynamo_rl.generation import (
 )
 from dynamo_rl.models.chat import PrefixSpliceError
 from dynamo_rl.rl.rollouts import Episode
+from dynamo_rl.rl.tasks import finite_float
 
 LOOPBACK = "127.0.0.1"
 
@@ -253,14 +253,14 @@ class RolloutServer:
                 reserved name: ``reward``, ``turns``, ``timeout``).
         """
         s = self._session(sid)
-        r = _finite(reward)
+        r = finite_float(reward)
         if r is None:
             raise RolloutServerError(400, f"'reward' must be a finite number, got {str(reward)[:40]!r}")
         if scores is not None and not isinstance(scores, dict):
             raise RolloutServerError(400, f"'scores' must be an object {{name: number}}, got {type(scores).__name__}")
         checked = {}
         for k, v in (scores or {}).items():
-            f = _finite(v)
+            f = finite_float(v)
             if f is None:
                 raise RolloutServerError(400, f"'scores'[{k!r}] must be a finite number, got {str(v)[:40]!r}")
             if k in self.RESERVED_SCORES:
@@ -473,17 +473,6 @@ class RolloutServer:
             return out
 
         return app
-
-
-def _finite(v: Any) -> float | None:
-    """``v`` as a finite float, or None (bools, strings, nan, inf and ints too large for a float)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _sse(completion: dict):

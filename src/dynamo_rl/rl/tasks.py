@@ -314,9 +314,9 @@ class EnvironmentTask(Task):
         if not isinstance(out, Step):
             raise TaskError(f"{where} returned a {type(out).__name__}; return a Step "
                             "(from dynamo_rl.rl.environments import Step)")
-        if _finite(out.reward) is None:
+        if finite_float(out.reward) is None:
             raise TaskError(f"{where} returned Step.reward={out.reward!r:.40}; it must be a finite number")
-        if not isinstance(out.scores, dict) or any(_finite(v) is None for v in out.scores.values()):
+        if not isinstance(out.scores, dict) or any(finite_float(v) is None for v in out.scores.values()):
             raise TaskError(f"{where} returned Step.scores={out.scores!r:.120}; it must be {{name: finite number}}")
         if {"reward", "turns"} & set(out.scores):
             raise TaskError(f"{where}: Step.scores may not set 'reward' or 'turns' (the episode's own figures)")
@@ -369,7 +369,8 @@ class EnvironmentTask(Task):
         return ids, mask
 
 
-def _finite(v: Any) -> float | None:
+def finite_float(v: Any) -> float | None:
+    """``v`` as a finite float, or None (bools, strings, nan, inf and ints too large for a float)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     try:
