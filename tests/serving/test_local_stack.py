@@ -203,6 +203,7 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
     (["--device", "cuda:64"], "--device: 'cuda:64' but"),
     (["--threads", "0"], "Invalid value for '--threads'"),
     (["--port", "70000"], "Invalid value for '--port'"),
+    (["--stream-interval", "0"], "Invalid value for '--stream-interval'"),
 ])
 def test_serve_refuses_bad_options_before_starting_anything(tmp_path, args, message):
     import subprocess

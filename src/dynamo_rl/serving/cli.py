@@ -39,6 +39,9 @@ def serve(
     reasoning_parser: Annotated[Optional[str], typer.Option(
         help="Dynamo's reasoning parser (--dyn-reasoning-parser), e.g. qwen3: <think> text becomes "
              "reasoning_content")] = None,
+    stream_interval: Annotated[Optional[int], typer.Option(
+        min=1, help="tokens per streamed message after the first (sent at once), for both worker kinds (vLLM's "
+                    "--stream-interval); larger: fewer messages through the frontend, burstier streams")] = None,
 ) -> None:
     """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
 
@@ -102,7 +105,7 @@ def serve(
                            worker_threads=threads, device=device, dtype=dtype, record=record,
                            startup_timeout_s=startup_timeout, frontend_port=port, engine=kinds,
                            vllm_python=vllm_python, tool_call_parser=tool_call_parser,
-                           reasoning_parser=reasoning_parser)
+                           reasoning_parser=reasoning_parser, stream_interval=stream_interval)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
         raise typer.Exit(2) from None
