@@ -53,6 +53,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from dynamo_rl.config import SamplingConfig
 from dynamo_rl.generation import (
@@ -420,11 +421,15 @@ class RolloutServer:
         async def _error(_req, e: RolloutServerError):
             return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}}, status_code=e.status)
 
-        async def _json(req: Request) -> Any:
+        async def _json(req: Request, empty: Any = ...) -> Any:
             try:
+                if empty is not ... and not await req.body():
+                    return empty
                 return await req.json()
             except ValueError:
                 raise RolloutServerError(400, "the body is not JSON") from None
+            except ClientDisconnect:  # the agent went away mid-request (stopped at the end of a run)
+                raise RolloutServerError(400, "the client disconnected before its request was read") from None
 
         @app.get("/health")
         async def health():
@@ -433,7 +438,7 @@ class RolloutServer:
 
         @app.post("/v1/sessions", status_code=201)
         async def open_(req: Request):
-            body = await _json(req) if (await req.body()) else {}
+            body = await _json(req, empty={})
             if not isinstance(body, dict):
                 raise RolloutServerError(400, "the body must be a JSON object: {'group': str, 'metadata': {}}")
             meta = body.get("metadata")
