@@ -14,9 +14,11 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
   Dynamo: separates the worker's own Python cost from Dynamo's per-chunk cost.
 - variants (``--variants``): more stacks of the same worker with other arguments, measured
   alternately with the first: ``one_token_per_message`` (``--tokens-per-message 1``, as
-  before chunked streaming) and ``stream_interval_8`` (``--stream-interval 8``: after the
-  first token, messages of at least 8 tokens, as vLLM's option). Every stack also serves
-  streamed requests for the time to the first token (TTFT).
+  before chunked streaming) and ``stream_interval_16`` (``--stream-interval 16``: after the
+  first token, messages of at least 16 tokens, as vLLM's option; what ``dynamo-rl train``
+  gives its workers, ``cluster.stream_interval``) and ``mix_prefill_decode``
+  (``--mix-prefill-decode``: running requests decode in the prefill forward of arrivals).
+  Every stack also serves streamed requests for the time to the first token (TTFT).
 - ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
   (both sides' engine on it), with a larger model of the tiny family.
 
@@ -27,7 +29,7 @@ processes (frontend, worker) while the in-process side is one process; on a smal
 machine the figures are noisy (``load_average_1m`` is recorded), so read the ratios, not
 single runs.
 
-Run: ``python benchmarks/serving.py`` (about a minute on 2 CPU cores) → JSON in
+Run: ``python benchmarks/serving.py`` (about 3 minutes on 2 CPU cores) → JSON in
 ``benchmarks/results/serving.json``.
 """
 
@@ -53,7 +55,8 @@ def prompts(n: int) -> list[list[int]]:
     return [[1] + [4 + (i * 7 + j * 3) % 46 for j in range(11)] for i in range(n)]
 
 
-DEFAULT_VARIANTS = "one_token_per_message=--tokens-per-message 1;stream_interval_8=--stream-interval 8"
+DEFAULT_VARIANTS = ("one_token_per_message=--tokens-per-message 1;stream_interval_16=--stream-interval 16;"
+                    "mix_prefill_decode=--mix-prefill-decode")
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:
@@ -252,7 +255,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="requests per level = concurrency x rounds (at least --min-requests)")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="requests per level = concurrency x rounds (at least --min-requests); 8: the steady state "
+                        "dominates (requests reach the worker staggered, so the ramp up and down of a short "
+                        "level weighs on the frontend side only)")
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)

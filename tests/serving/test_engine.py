@@ -232,10 +232,12 @@ async def test_32_concurrent_requests_are_decoded_together(engine):
 
 
 @pytest.mark.asyncio
-async def test_churn_slot_reuse_stays_exact(model_a):
+@pytest.mark.parametrize("mix", [False, True], ids=["separate", "mixed"])
+async def test_churn_slot_reuse_stays_exact(model_a, mix):
     """Requests of different lengths arrive while others run and finish; 5 slots are reused
-    (prefix hits or evictions, as timing has it). Every result equals a plain HF forward."""
-    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=5)
+    (prefix hits or evictions, as timing has it), arrivals prefilled alone or with the running
+    rows (``mix_prefill_decode``). Every result equals a plain HF forward."""
+    eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=5, mix_prefill_decode=mix)
     prompts = [[1] + [4 + (i * 5 + j * 3) % 45 for j in range(2 + i % 6)] for i in range(12)]
     prompts += [p + [7, 8] for p in prompts[:4]]  # extend earlier prompts: prefix hits
     jobs = []

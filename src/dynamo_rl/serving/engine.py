@@ -13,9 +13,8 @@ How a request flows
     (``max_batch_size`` slots) and all admitted together are prefilled in ONE forward
     (right-padded, at most ``max_prefill_tokens`` padded tokens). Then every running
     request is decoded in ONE batched forward per step (``stats["max_decode_batch"]``
-    shows the largest); requests that arrive meanwhile join at the next step boundary, and
-    the running ones decode their next token in that same prefill forward where the padded
-    batch fits the prefill budget (``mix_prefill_decode``).
+    shows the largest); requests that arrive meanwhile join at the next step boundary (with
+    ``mix_prefill_decode``, the running ones decode their next token in that prefill forward).
     Forwards run on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
     uvloop in the worker) stays responsive; one hand-off runs up to ``decode_steps``
     decode steps, ending early when a request finishes or a waiting one can be admitted.
@@ -214,7 +213,10 @@ class Engine:
         mix_prefill_decode: running requests decode one token in the forward that prefills
             newly admitted ones, where the padded batch fits ``max_prefill_tokens``
             (``stats["mixed_batches"]``): with staggered arrivals (requests through a
-            frontend) an admission then costs no forward of its own.
+            frontend) an admission then costs no forward of its own, but the running rows are
+            padded to the prompt's width. Off by default: on CPU (tiny model, 2 cores,
+            2026-12-06) it saved 22% of the forwards and cost 10% of the tokens/s in steady
+            state (``benchmarks/serving.py --variants``); not yet measured on a GPU.
     Raises:
         UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
     """
@@ -223,7 +225,7 @@ class Engine:
                  weights_version: int = 0, max_seq_len: int | None = None,
                  max_prefill_tokens: int = 8192, prefix_caching: bool = True,
                  prefill_chunk: int = 2048, decode_steps: int = 4, cuda_graphs: bool | None = None,
-                 mix_prefill_decode: bool = True):
+                 mix_prefill_decode: bool = False):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.shape = _qwen3.describe_decoder(model)

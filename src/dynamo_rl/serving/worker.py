@@ -382,7 +382,8 @@ async def amain(args: argparse.Namespace) -> int:
     served = args.served_model_name or Path(args.model_path).name
     engine = Engine.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
                                     max_batch_size=args.max_batch_size,
-                                    weights_version=_checkpoint_version(args.model_path))
+                                    weights_version=_checkpoint_version(args.model_path),
+                                    mix_prefill_decode=args.mix_prefill_decode)
     await engine.start()
     worker = Worker(engine, served_model_name=served, model_path=args.model_path,
                     message_eos_id=_message_eos_id(args.model_path), device=args.device,
@@ -473,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Dynamo reasoning parser (e.g. qwen3: <think> text goes to reasoning_content)")
     p.add_argument("--tokens-per-message", type=int, default=0,
                    help="at most this many tokens per streamed message (0: every token ready at a delivery)")
+    p.add_argument("--mix-prefill-decode", action="store_true",
+                   help="running requests decode one token in each prefill forward of new arrivals (padded to "
+                        "the prompt's width; see Engine(mix_prefill_decode=))")
     p.add_argument("--stream-interval", type=_positive_int, default=STREAM_INTERVAL,
                    help="tokens per streamed message after the first (sent at once); as vLLM's --stream-interval. "
                         "Larger: fewer messages through Dynamo, burstier streams")
