@@ -83,7 +83,7 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "",
     steps = [r["step"] for r in records]
     mean = [r["reward_mean"] for r in records]
     std = [r.get("reward_std", 0.0) for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7, 4.4), dpi=110)
     ax.plot(steps, mean, label="rollout reward (mean)", color="tab:blue")
     ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                     color="tab:blue", alpha=0.15, label="± std")
@@ -99,7 +99,8 @@ def plot_rewards(records: list[dict[str, Any]], path: Path, title: str = "",
     ax.set_ylabel("reward / exact match")
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    # below the axes: a learning curve may pass through any corner of them
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8, frameon=False)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)

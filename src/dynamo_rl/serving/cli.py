@@ -18,7 +18,8 @@ def serve(
     workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="number of workers")] = 1,
     model_path: Annotated[Optional[str], typer.Option(
         help="HF checkpoint directory; default: the tiny model, built once in <run-dir>/model-tiny "
-             "(with --run-dir) or ~/.cache/dynamo-rl/model-tiny")] = None,
+             "(with --run-dir) or ~/.cache/dynamo-rl/model-tiny (model-tiny-tools, with JSON characters and "
+             "Qwen3's tool tags, when a parser is given)")] = None,
     port: Annotated[int, typer.Option(min=0, max=65535, help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
     served_model_name: Annotated[str, typer.Option(help="model name in /v1/models")] = "tiny",
     threads: Annotated[int, typer.Option(min=1, help="torch threads per worker")] = 1,
@@ -89,11 +90,15 @@ def serve(
                               "choose another port, or --port 0 for a free one")
                 raise typer.Exit(2) from None
     if model_path is None:
-        from dynamo_rl.models import ensure_tiny_model
+        from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
 
         base = Path(run_dir) if run_dir else Path.home() / ".cache" / "dynamo-rl"
-        model_path = str(ensure_tiny_model(base / "model-tiny"))
-        console.print(f"model: the tiny Qwen3 at {model_path}")
+        if tool_call_parser or reasoning_parser:  # the vocabulary that can spell <tool_call>{...}
+            model_path = str(ensure_tiny_model(base / "model-tiny-tools", TinyModelSpec(vocab="tools")))
+            console.print(f"model: the tiny Qwen3 with the tools vocabulary at {model_path}")
+        else:
+            model_path = str(ensure_tiny_model(base / "model-tiny"))
+            console.print(f"model: the tiny Qwen3 at {model_path}")
     kinds: str | list[str] = "dynamo-rl"
     if engine and len(engine) == 1:
         kinds = engine[0]
