@@ -21,9 +21,9 @@ Data plane
 
     It yields one chunk per engine delivery — every token of the request ready at that
     moment, up to the engine's ``decode_steps`` (4) — ``{"token_ids": [ids], "index": 0,
-    "log_probs": [lps], "engine_data": {"weights_version": v}}``, as Dynamo's own vLLM
-    worker coalesces with its stream interval: fewer messages through the frontend, no token
-    held back. The last chunk adds ``finish_reason``
+    "log_probs": [lps], "engine_data": {"weights_version": v}}``; with ``--stream-interval
+    N`` (vLLM's option, which Dynamo's vLLM worker passes through) the first token goes at
+    once and later chunks hold at least N tokens: fewer messages through the frontend. The last chunk adds ``finish_reason``
     (``stop``/``length``/``cancelled``) and ``completion_usage``, and its ``engine_data``
     adds ``prompt_token_ids`` (the prompt actually run, after any prefix splice) and the
     engine's own ``finish_reason`` (``stop``/``length``/``abort``) — read that one: the
