@@ -64,7 +64,7 @@ def test_an_agent_that_exits_is_named_and_the_run_fails_with_1(tmp_path, capsys)
     cfg = recipe(tmp_path, "{python} -c \"import sys; print('agent: no tasks today'); sys.exit(3)\"",
                  policy={"warm_start": {"steps": 0}})
     assert run_training(cfg) == ExitCode.FAILURE
-    out = capsys.readouterr().out.replace("\n", " ")
+    out = capsys.readouterr().err.replace("\n", " ")
     assert "exited with status 3" in out and "no tasks today" in out
 
 
@@ -77,5 +77,5 @@ def test_an_agent_that_exits_is_named_and_the_run_fails_with_1(tmp_path, capsys)
 def test_bad_agent_recipes_exit_2_before_anything_starts(tmp_path, capsys, over, expect):
     cfg = recipe(tmp_path, "{python} examples/agents/tool_agent.py", **over)
     assert run_training(cfg) == ExitCode.BAD_INPUT
-    assert expect in capsys.readouterr().out.replace("\n", "")
+    assert expect in capsys.readouterr().err.replace("\n", "")
     assert not (tmp_path / "run").exists()

@@ -136,7 +136,7 @@ def test_a_bad_environment_exits_2_before_anything_starts(env_dir, monkeypatch, 
     monkeypatch.chdir(env_dir)
     cfg = recipe(env_dir, environment=spec, data=data)
     assert run_training(cfg) == ExitCode.BAD_INPUT
-    assert expect in capsys.readouterr().out.replace("\n", "")
+    assert expect in capsys.readouterr().err.replace("\n", "")
     assert not (env_dir / "run").exists()
 
 
@@ -151,11 +151,11 @@ def test_tools_need_a_tool_call_parser_and_the_tools_vocabulary(tmp_path, capsys
     cfg = Recipe.model_validate({"task": {"name": "tool_lookup"}, "policy": {"tiny": {"vocab": "tools"}},
                                  "logging": {"run_dir": str(tmp_path / "r")}})
     assert run_training(cfg) == ExitCode.BAD_INPUT
-    assert "cluster.tool_call_parser=hermes" in capsys.readouterr().out.replace("\n", "")
+    assert "cluster.tool_call_parser=hermes" in capsys.readouterr().err.replace("\n", "")
     cfg = Recipe.model_validate({"task": {"name": "tool_lookup"}, "cluster": {"tool_call_parser": "hermes"},
                                  "logging": {"run_dir": str(tmp_path / "r")}})
     assert run_training(cfg) == ExitCode.BAD_INPUT
-    assert "policy.tiny.vocab=tools" in capsys.readouterr().out.replace("\n", "")
+    assert "policy.tiny.vocab=tools" in capsys.readouterr().err.replace("\n", "")
 
 
 @pytest.mark.stack

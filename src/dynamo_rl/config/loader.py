@@ -31,7 +31,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"recipe {str(path)!r} is a directory; give a YAML file, e.g. examples/grpo_tiny.yaml")
     if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} not found")
+        raise ConfigError(f"recipe {str(path)!r} not found; give a recipe file, e.g. examples/grpo_tiny.yaml "
+                          "(the examples/ folder of the repository holds the others)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -41,6 +41,7 @@ from dynamo_rl.rl.trainer import Trainer
 
 # soft_wrap: a step line stays one line in a log file (no wrapping at 80 columns)
 console = Console(highlight=False, soft_wrap=True)
+err_console = Console(highlight=False, soft_wrap=True, stderr=True)  # errors: scripts read stderr
 
 
 
@@ -70,7 +71,7 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         if resume is not None:
             found = find_resume(cfg, resume, run_dir)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}")
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
         return ExitCode.BAD_INPUT
     out = found.run_dir if found is not None else _run_dir(cfg, run_dir)
     created = out  # the topmost directory this run creates, if any
@@ -82,7 +83,7 @@ def run_training(cfg: Recipe, recipe_path: str | None = None, run_dir: str | Non
         (out / "recipe.json").write_text(cfg.model_dump_json(indent=2))
     except OSError as e:
         key = "--run-dir" if run_dir else "logging.run_dir" if cfg.logging.run_dir else "the run directory"
-        console.print(f"[red]error:[/] {key} {str(out)!r}: cannot write there ({e.strerror or e}); "
+        err_console.print(f"[red]error:[/] {key} {str(out)!r}: cannot write there ({e.strerror or e}); "
                       "give a directory path that can be created")
         return ExitCode.BAD_INPUT
     code = _run(cfg, out, found)
@@ -124,16 +125,16 @@ def _run(cfg: Recipe, out: Path, resume=None) -> int:
         console.print("[yellow]interrupted; everything this run started has been stopped[/]")
         return ExitCode.INTERRUPTED
     except (BadInput, EndpointConfigError, TaskError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}")
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
         return ExitCode.BAD_INPUT
     except (GenerationError, RefitError, StackError, AgentError) as e:
         # a runtime failure of the stack, the frontend or a refit (RefitError and some
         # GenerationErrors are ValueErrors too: checked before bad input)
-        console.print(f"[red]{type(e).__name__}:[/] {escape(str(e))}")
-        console.print(f"partial outputs (if any) are in {out}")
+        err_console.print(f"[red]{type(e).__name__}:[/] {escape(str(e))}")
+        err_console.print(f"partial outputs (if any) are in {out}")
         return ExitCode.FAILURE
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}")
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
         return ExitCode.BAD_INPUT
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -487,7 +488,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
         try:
             saved = ckpt.final(extra)
         except Exception as e:  # noqa: BLE001 - never hide the run's own error behind this one
-            console.print(f"[red]could not save the policy:[/] {type(e).__name__}: {escape(str(e))}")
+            err_console.print(f"[red]could not save the policy:[/] {type(e).__name__}: {escape(str(e))}")
             saved = None
         if saved is not None:
             extra["checkpoint"] = str(saved.policy)

@@ -62,10 +62,11 @@ from dynamo_rl.serving.broker import broker_url
 log = logging.getLogger("dynamo_rl.serving.stack")
 
 LOOPBACK = "127.0.0.1"
-#: ``DYN_LOG`` of the stack's children: info, except three of the four lines Dynamo 1.6.1
-#: writes per request (its "route request completed" line ignores the filter).
+#: ``DYN_LOG`` of the stack's children: info, except the lines Dynamo 1.6.1 writes per request
+#: (its "route request completed" line, one per request, ignores the filter).
 QUIET_DYN_LOG = ",".join([
     "info",
+    "dynamo_llm::preprocessor=warn",                                  # "[SIDECAR-SKIP-TOKENIZE] Found nvext.token_data"
     "dynamo_llm::http::service::metrics=warn",                        # "request received"
     "dynamo_runtime::pipeline::network::egress=warn",                 # "Selected worker", "route request completed"
     "dynamo_runtime::pipeline::network::ingress::push_handler=warn",  # worker: "request received"
