@@ -552,7 +552,8 @@ def _print_summary(s: dict, out: Path) -> None:
     for k, v in s.items():
         t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     console.print(t)
-    extra = ", stack/logs/" if (out / "stack" / "logs").is_dir() else ""
+    extra = "".join(f", {name}" for name, there in (("model/", (out / "model").is_dir()),
+                                                    ("stack/logs/", (out / "stack" / "logs").is_dir())) if there)
     console.print(f"outputs in [bold]{out}[/]: metrics.jsonl, summary.json, reward.png, tensorboard/, "
                   f"recipe.json, checkpoints/, trainer_state/{extra}")
     if s.get("checkpoint"):
