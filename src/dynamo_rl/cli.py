@@ -23,6 +23,27 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata as md
+
+        def of(dist: str) -> str:
+            try:
+                return md.version(dist)
+            except md.PackageNotFoundError:
+                return "not installed"
+
+        typer.echo(f"dynamo-rl {of('dynamo-rl')} (ai-dynamo {of('ai-dynamo')}, torch {of('torch')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the versions of dynamo-rl, Dynamo and torch, and exit")]
+          = False) -> None:
+    """GRPO post-training with rollouts served by an NVIDIA Dynamo inference graph."""
+
+
 @app.command(context_settings={"ignore_unknown_options": True}, epilog=EXIT_CODES)
 def train(
     recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml", show_default=False)],

@@ -51,3 +51,14 @@ def test_a_binary_recipe_is_a_clear_error(tmp_path):
     p.write_bytes(b"name: t\n\xff\xfe\x00")
     with pytest.raises(ConfigError, match=r"r.yaml' is not UTF-8 text \(byte 8: invalid start byte\); is it really a YAML"):
         load_recipe(p)
+
+
+def test_version_names_dynamo_rl_dynamo_and_torch():
+    import importlib.metadata as md
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "dynamo_rl.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == (f"dynamo-rl {md.version('dynamo-rl')} (ai-dynamo {md.version('ai-dynamo')}, "
+                                f"torch {md.version('torch')})")
