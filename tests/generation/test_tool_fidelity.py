@@ -54,11 +54,21 @@ def ids_of(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
 
+def tool_conversation(gen, tok) -> Conversation:
+    """A chat-route conversation with the two tools, each prompt sent as ``nvext.token_data``."""
+    return Conversation(gen, endpoint="chat", tokenizer=tok, tools=TOOLS, prefix="token_ids")
+
+
+def history_of(turn) -> list[int]:
+    """The ids a turn leaves in the history: its prompt, then its generation."""
+    return turn.prompt_token_ids.tolist() + turn.generation_token_ids.tolist()
+
+
 @pytest.mark.asyncio
 async def test_think_and_tool_call_turns_keep_the_engines_ids_and_the_boundary_newline(parser_stack, think_model_dir):
     tok = load_tokenizer(think_model_dir)
     async with generation(parser_stack) as gen:
-        conv = Conversation(gen, endpoint="chat", tokenizer=tok, tools=TOOLS, prefix="token_ids")
+        conv = tool_conversation(gen, tok)
         t1 = await conv.step(USER, sampling=GREEDY)
         # the parsers split the answer: reasoning, then the call; the ids are all the engine's
         assert t1.generation_token_ids.tolist() == answer_ids(tok, TURN1)
@@ -70,7 +80,7 @@ async def test_think_and_tool_call_turns_keep_the_engines_ids_and_the_boundary_n
     assert t2.generation_token_ids.tolist() == answer_ids(tok, TURN2) and t2.text == TURN2
     for t in (t1, t2):   # as many logprobs as generated ids, parsers on
         assert len(t.generation_logprobs) == len(t.generation_token_ids) > 0
-    history = t1.prompt_token_ids.tolist() + t1.generation_token_ids.tolist()
+    history = history_of(t1)
     prompt2 = t2.prompt_token_ids.tolist()
     assert prompt2[:len(history)] == history
     # after the generated <|im_end|>: the template's "\n", then only the tool message
@@ -87,13 +97,13 @@ async def test_think_and_tool_call_turns_keep_the_engines_ids_and_the_boundary_n
 async def test_a_turn_cut_by_max_tokens_is_closed_by_the_templates_im_end(parser_stack, think_model_dir):
     tok = load_tokenizer(think_model_dir)
     async with generation(parser_stack) as gen:
-        conv = Conversation(gen, endpoint="chat", tokenizer=tok, tools=TOOLS, prefix="token_ids")
+        conv = tool_conversation(gen, tok)
         t1 = await conv.step(USER, sampling=SamplingConfig(temperature=0.0, max_tokens=5))
         assert t1.finish_reason == "length"
         assert t1.generation_token_ids.tolist() == answer_ids(tok, TURN1)[:5]
         t2 = await conv.step([{"role": "user", "content": "again"}], sampling=SamplingConfig(temperature=0.0,
                                                                                                 max_tokens=2))
-    history = t1.prompt_token_ids.tolist() + t1.generation_token_ids.tolist()
+    history = history_of(t1)
     assert history[-1] != tok.eos_token_id
     prompt2 = t2.prompt_token_ids.tolist()
     assert prompt2[:len(history)] == history
@@ -105,7 +115,7 @@ async def test_a_turn_cut_by_max_tokens_is_closed_by_the_templates_im_end(parser
 async def test_tool_calls_resent_reformatted_do_not_change_the_generated_ids(parser_stack, think_model_dir):
     tok = load_tokenizer(think_model_dir)
     async with generation(parser_stack) as gen:
-        conv = Conversation(gen, endpoint="chat", tokenizer=tok, tools=TOOLS, prefix="token_ids")
+        conv = tool_conversation(gen, tok)
         t1 = await conv.step(USER, sampling=GREEDY)
         # the agent turns the SDK's message back into a dict: other key order, other whitespace
         (call,) = conv.messages[-1]["tool_calls"]
@@ -113,7 +123,7 @@ async def test_tool_calls_resent_reformatted_do_not_change_the_generated_ids(par
             call["function"]["arguments"]), indent=1), "name": "get"}, "type": "function", "id": call["id"]}],
             "content": None, "role": "assistant"}
         t2 = await conv.step([tool_message(call["id"])], sampling=GREEDY)
-    history = t1.prompt_token_ids.tolist() + t1.generation_token_ids.tolist()
+    history = history_of(t1)
     assert t2.prompt_token_ids.tolist()[:len(history)] == history
     assert t2.generation_token_ids.tolist() == answer_ids(tok, TURN2)
     # re-rendering the agent's rendition would have changed the call's ids
