@@ -4,20 +4,22 @@ Claim measured: the cost of serving through Dynamo 1.6.1 (HTTP + preprocessing +
 plane + our worker) relative to the bare :class:`~dynamo_rl.serving.engine.Engine`, at
 concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
 
-- frontend: a :class:`~dynamo_rl.serving.stack.LocalStack` (``--workers``, default 1),
-  non-streaming ``/v1/completions`` with token-id prompts, ``ignore_eos`` so every request
-  yields exactly ``--max-tokens`` tokens; ``c`` requests in flight at all times.
+- frontend: a :class:`~dynamo_rl.serving.stack.LocalStack` (``--workers``, default 1) whose
+  workers get ``--worker-args`` (default ``--stream-interval 16``: what ``dynamo-rl train``
+  gives its workers, ``cluster.stream_interval``; the engine runs in a process of its own,
+  :mod:`dynamo_rl.serving.engine_process`), non-streaming ``/v1/completions`` with
+  token-id prompts, ``ignore_eos`` so every request yields exactly ``--max-tokens`` tokens;
+  ``c`` requests in flight at all times, sent by aiohttp (``--client``).
 - in-process: ``Engine.from_pretrained`` of the same checkpoint in this process, same torch
   threads and event loop (uvloop) as the worker, ``c`` concurrent ``Engine.complete`` calls.
 
 - handler in-process: our Dynamo handler ``Worker.generate`` over that engine, without
   Dynamo: separates the worker's own Python cost from Dynamo's per-chunk cost.
 - variants (``--variants``): more stacks of the same worker with other arguments, measured
-  alternately with the first: ``one_token_per_message`` (``--tokens-per-message 1``, as
-  before chunked streaming) and ``stream_interval_16`` (``--stream-interval 16``: after the
-  first token, messages of at least 16 tokens, as vLLM's option; what ``dynamo-rl train``
-  gives its workers, ``cluster.stream_interval``) and ``mix_prefill_decode``
-  (``--mix-prefill-decode``: running requests decode in the prefill forward of arrivals).
+  alternately with the first: ``worker_defaults`` (no arguments: a message per engine
+  delivery) and ``engine_in_worker_process`` (``--no-engine-process --stream-interval
+  16``: the engine's forwards share the worker's process, and its GIL, with Dynamo).
+  E.g. ``--variants "one_token_per_message=--tokens-per-message 1;mix=--mix-prefill-decode"``.
   Every stack also serves streamed requests for the time to the first token (TTFT).
 - ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
   (both sides' engine on it), with a larger model of the tiny family.
@@ -55,8 +57,8 @@ def prompts(n: int) -> list[list[int]]:
     return [[1] + [4 + (i * 7 + j * 3) % 46 for j in range(11)] for i in range(n)]
 
 
-DEFAULT_VARIANTS = ("one_token_per_message=--tokens-per-message 1;stream_interval_16=--stream-interval 16;"
-                    "mix_prefill_decode=--mix-prefill-decode")
+TRAIN_WORKER_ARGS = "--stream-interval 16"  # what `dynamo-rl train` gives its workers (cluster.stream_interval)
+DEFAULT_VARIANTS = ("worker_defaults=;engine_in_worker_process=--no-engine-process --stream-interval 16")
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:
@@ -68,19 +70,40 @@ def parse_variants(text: str) -> dict[str, list[str]]:
     return out
 
 
-async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
-    import httpx
+def _completion(i: int, p: list[int], max_tokens: int, stream: bool) -> dict:
+    body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
+            "ignore_eos": True}
+    if stream:
+        body.update(stream=True, nvext={"extra_fields": ["completion_token_ids"]})
+    return body
 
+
+async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int, client: str = "aiohttp"
+                       ) -> tuple[int, float]:
+    """Non-streaming completions, ``concurrency`` in flight: (generated tokens, wall seconds)."""
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    if client == "httpx":
+        import httpx
+
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as session:
+            async def one(i, p):
+                async with sem:
+                    r = await session.post(f"{url}/v1/completions", json=_completion(i, p, max_tokens, False))
+                    r.raise_for_status()
+                    return r.json()["usage"]["completion_tokens"]
+
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+            return sum(counts), time.perf_counter() - t0
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i, p):
-            async with sem:
-                r = await client.post(f"{url}/v1/completions", json={
-                    "model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
-                    "ignore_eos": True})
+            async with sem, session.post(f"{url}/v1/completions", json=_completion(i, p, max_tokens, False)) as r:
                 r.raise_for_status()
-                return r.json()["usage"]["completion_tokens"]
+                return (await r.json())["usage"]["completion_tokens"]
 
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
@@ -89,24 +112,23 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
 
 async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, max_tokens: int
                               ) -> tuple[int, float, float]:
-    """Streaming completions: (tokens, seconds, mean time to the first token in seconds)."""
+    """Streaming completions (aiohttp): (tokens, seconds, mean time to the first token in seconds)."""
     import json as _json
 
-    import httpx
+    import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i, p):
             async with sem:
                 t0, first, n = time.perf_counter(), None, 0
-                body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
-                        "ignore_eos": True, "stream": True, "nvext": {"extra_fields": ["completion_token_ids"]}}
-                async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async with session.post(f"{url}/v1/completions", json=_completion(i, p, max_tokens, True)) as r:
                     r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    async for raw in r.content:
+                        line = raw.decode().strip()
+                        if not line.startswith("data:") or line == "data: [DONE]":
                             continue
                         ids = (_json.loads(line[5:]).get("nvext") or {}).get("completion_token_ids") or []
                         if ids and first is None:
@@ -175,14 +197,14 @@ async def main_async(args) -> dict:
     stacks = {name: LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
                                run_dir=tmp / f"run-{name}", max_batch_size=max(levels), quiet=True,
                                device=args.device, dtype=args.dtype, worker_args=argv)
-              for name, argv in {"default": [], **variants}.items()}
+              for name, argv in {"default": args.worker_args.split(), **variants}.items()}
     for stack in stacks.values():
         await asyncio.to_thread(stack.start)
     rows = []
     try:
         warm = prompts(1)
         for stack in stacks.values():
-            await run_frontend(stack.frontend_url, warm, 1, args.max_tokens)
+            await run_frontend(stack.frontend_url, warm, 1, args.max_tokens, args.client)
         await run_engine(engine, warm, 1, args.max_tokens)
         for c in levels:
             n = max(c * args.rounds, args.min_requests)
@@ -192,7 +214,7 @@ async def main_async(args) -> dict:
             ip, hd = [], []
             for _ in range(args.repeats):
                 for name, stack in stacks.items():
-                    tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens)
+                    tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens, args.client)
                     assert tok == n * args.max_tokens, (tok, n)
                     fe[name].append(tok / sec)
                     tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, args.max_tokens)
@@ -238,15 +260,18 @@ async def main_async(args) -> dict:
                  f"tiny Qwen3 (dynamo_rl.models.ensure_tiny_model, spec {args.tiny or 'default'})",
         "dynamo": dynamo_version, "workers": args.workers, "torch_threads": args.threads,
         "load_average_1m": os.getloadavg()[0],
-        "device": args.device, "dtype": args.dtype, "variants": variants,
+        "device": args.device, "dtype": args.dtype, "client": args.client,
+        "worker_args": args.worker_args.split(), "variants": variants,
         "note": ("ratio = frontend / in-process at the same concurrency; all sides measured alternately in "
                  "this run. handler_in_process isolates our worker's Python cost; the rest of the gap is "
                  "Dynamo's cost per request and per message (pyo3 generator bridge, msgpack, TCP response "
                  "stream, HTTP) and, on a machine of few cores, the CPU that the frontend, the worker and "
-                 "this client share. frontend_* is our worker with its defaults (every token ready at a "
-                 "delivery in one message, up to decode_steps=4); frontend_<variant>_* the same worker "
-                 "with the variant's arguments, a stack of its own measured alternately; ttft_ms_* = mean "
-                 "time to the first token of streamed requests"),
+                 "this client share. frontend_* is our worker with worker_args (those dynamo-rl train "
+                 "gives its workers; the engine in a process of its own), frontend_<variant>_* the same "
+                 "worker with the variant's arguments, a stack of its own measured alternately; "
+                 "ttft_ms_* = mean time to the first token of streamed requests. The load generator is "
+                 "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
+                 "which put the client on the critical path (--client httpx measures it)"),
         "levels": rows,
     }
 
@@ -267,6 +292,10 @@ def main() -> None:
     p.add_argument("--tiny", default=None, help="JSON of TinyModelSpec fields for a larger tiny-family model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--worker-args", default=TRAIN_WORKER_ARGS,
+                   help="arguments of the measured worker (default: those dynamo-rl train gives its workers)")
+    p.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
+                   help="HTTP client of the non-streaming load (streaming: aiohttp)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help="NAME=worker args, separated by ';' (empty: the default stack alone)")
     p.add_argument("--out", default=None)

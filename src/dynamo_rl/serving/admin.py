@@ -2,9 +2,9 @@
 
 :class:`AdminRoutes` is the half of :class:`dynamo_rl.serving.worker.Worker` that the
 system server's ``/engine/<route>`` calls reach (``rt.register_engine_route``); the other
-half is the data plane (``Worker.generate``). It expects the attributes ``Worker`` sets:
-``engine``, ``served_model_name``, ``model_path``, ``device``, ``instance_id``, ``ready``,
-``_weights_lock``, ``_receiver``.
+half is the data plane (``Worker.generate``). With the engine in a process of its own
+(:mod:`dynamo_rl.serving.engine_process`), these routes run there, beside the engine and
+the refit receiver, and the worker forwards every call.
 
 Pause (drain)
     After ``pause_generation`` returns, no request is mid-stream: in-flight requests ran to
@@ -74,7 +74,32 @@ class RouteError(Exception):
 
 
 class AdminRoutes:
-    """Dynamo's RL admin routes (module docstring) of one engine, and the health watch."""
+    """Dynamo's RL admin routes (module docstring) of one engine, and the health watch.
+
+    Args:
+        engine: a started :class:`~dynamo_rl.serving.engine.Engine`.
+        served_model_name: the model name the frontend lists (reported by ``info``).
+        model_path: the checkpoint directory (reported by ``info``).
+        device: where updates put loaded tensors.
+    """
+
+    def __init__(self, engine, *, served_model_name: str, model_path: str, device: str = "cpu"):
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.model_path = model_path
+        self.device = device
+        self.instance_id: int | None = None
+        self.ready: bool | None = None  # what watch_health last reported (None: not watching)
+        self._weights_lock = asyncio.Lock()
+        self._receiver = None
+
+    def close(self) -> None:
+        """Close the refit receiver (its transports), if one was made."""
+        if self._receiver is not None:
+            try:
+                self._receiver.close()
+            except Exception:  # noqa: BLE001
+                log.exception("receiver close failed")
 
     def routes(self) -> dict[str, Any]:
         """``{route_name: async fn(body) -> dict}`` for ``rt.register_engine_route``: Dynamo

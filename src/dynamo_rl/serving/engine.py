@@ -76,8 +76,8 @@ import torch
 from dynamo_rl.serving import _graphs, _qwen3, _sampling
 from dynamo_rl.serving._qwen3 import UnsupportedModelError
 
-__all__ = ["Engine", "EngineStoppedError", "SamplingParams", "TokenOutput", "UnsupportedModelError",
-           "WeightsError"]
+__all__ = ["Engine", "EngineStoppedError", "PartialWeightsError", "SamplingParams", "TokenOutput",
+           "UnsupportedModelError", "WeightsError", "validate_prompt"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,25 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # ids whose keys/values the slot holds
     owner: _Request | None = None
     last_used: int = 0
+
+
+def validate_prompt(prompt_ids: Sequence[int], *, max_seq_len: int, vocab_size: int) -> list[int]:
+    """``prompt_ids`` as a list of ints, checked as :meth:`Engine.generate` checks them.
+
+    Raises:
+        ValueError: the prompt is empty, holds ``max_seq_len`` or more ids, or an id is
+            outside ``[0, vocab_size)``.
+    """
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("prompt_ids is empty; give at least one token id")
+    if len(prompt) >= max_seq_len:
+        raise ValueError(f"prompt has {len(prompt)} tokens; this engine holds at most "
+                         f"max_seq_len={max_seq_len} per sequence (prompt + generation)")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+    return prompt
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -364,15 +383,7 @@ class Engine:
 
     def _new_request(self, prompt_ids, params, request_id) -> _Request:
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("prompt_ids is empty; give at least one token id")
-        if len(prompt) >= self.max_seq_len:
-            raise ValueError(f"prompt has {len(prompt)} tokens; this engine holds at most "
-                             f"max_seq_len={self.max_seq_len} per sequence (prompt + generation)")
-        bad = [t for t in prompt if not 0 <= t < self.shape.vocab_size]
-        if bad:
-            raise ValueError(f"prompt ids {bad[:8]} are outside the vocabulary [0, {self.shape.vocab_size})")
+        prompt = validate_prompt(prompt_ids, max_seq_len=self.max_seq_len, vocab_size=self.shape.vocab_size)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")

@@ -231,22 +231,40 @@ class Worker(AdminRoutes):
     def __init__(self, engine, *, served_model_name: str, model_path: str, message_eos_id: int | None,
                  device: str = "cpu", record_file: str | None = None, tokens_per_message: int = 0,
                  stream_interval: int = 1):
-        self.engine = engine
-        self.served_model_name = served_model_name
-        self.model_path = model_path
+        super().__init__(engine, served_model_name=served_model_name, model_path=model_path, device=device)
         self.message_eos_id = message_eos_id
-        self.device = device
         self.record_file = record_file
         self.tokens_per_message = int(tokens_per_message)   # 0: every token ready at once
         if int(stream_interval) < 1:
             raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
         self.stream_interval = int(stream_interval)
-        self.instance_id: int | None = None
-        self.ready: bool | None = None  # what watch_health last reported (None: not watching)
-        self._weights_lock = asyncio.Lock()
-        self._receiver = None
         cfg = getattr(engine, "model_config", {}) or {}
         self.context_window = getattr(engine, "max_seq_len", None) or cfg.get("max_position_embeddings")
+
+    def routes(self) -> dict[str, Any]:
+        """The control routes (:meth:`AdminRoutes.routes`); with the engine in a process of
+        its own (:class:`~dynamo_rl.serving.engine_process.EngineProcess`) each call runs
+        there, and ``info`` adds this process's ``instance_id``, ``ready``, ``pid`` and the
+        ``engine_pid``."""
+        names = super().routes()
+        call = getattr(self.engine, "call_route", None)
+        if call is None:
+            return names
+
+        def forward(name: str):
+            async def route(body: dict | None) -> dict:
+                if body is not None and not isinstance(body, dict):
+                    return {"status": "error", "message": "request body must be a JSON object", "code": 400}
+                out = await call(name, body or {})
+                if name == "info" and out.get("status") == "ok":
+                    out = {**out, "instance_id": self.instance_id, "ready": self.ready, "pid": os.getpid(),
+                           "engine_pid": self.engine.pid}
+                return out
+
+            route.__name__ = name
+            return route
+
+        return {name: forward(name) for name in names}
 
     # ---------------------------------------------------------------- data plane
     async def generate(self, request: dict, context=None) -> AsyncIterator[dict]:
@@ -341,13 +359,6 @@ class Worker(AdminRoutes):
         with open(self.record_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def close(self) -> None:
-        if self._receiver is not None:
-            try:
-                self._receiver.close()
-            except Exception:  # noqa: BLE001
-                log.exception("receiver close failed")
-
 
 def _checkpoint_version(model_path: str) -> int:
     """The weights version a dynamo-rl checkpoint holds (its ``dynamo_rl_checkpoint.json``,
@@ -371,20 +382,29 @@ def _message_eos_id(model_path: str) -> int | None:
 
 async def amain(args: argparse.Namespace) -> int:
     """Run the worker until shutdown; returns the exit status (1: the engine failed)."""
-    import torch
-
     from dynamo.llm import ModelInput, ModelRuntimeConfig, ModelType, WorkerType, register_model
     from dynamo.runtime import DistributedRuntime
 
-    from dynamo_rl.serving.engine import Engine
-
-    torch.set_num_threads(args.threads)
     served = args.served_model_name or Path(args.model_path).name
-    engine = Engine.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
-                                    max_batch_size=args.max_batch_size,
-                                    weights_version=_checkpoint_version(args.model_path),
-                                    mix_prefill_decode=args.mix_prefill_decode)
-    await engine.start()
+    config = {"model_path": args.model_path, "served_model_name": served, "device": args.device,
+              "dtype": args.dtype, "max_batch_size": args.max_batch_size,
+              "weights_version": _checkpoint_version(args.model_path),
+              "mix_prefill_decode": args.mix_prefill_decode, "threads": args.threads}
+    if args.engine_process:
+        from dynamo_rl.serving.engine_process import EngineProcess
+
+        engine = await EngineProcess.launch(config)
+    else:
+        import torch
+
+        from dynamo_rl.serving.engine import Engine
+
+        torch.set_num_threads(args.threads)
+        engine = Engine.from_pretrained(args.model_path, device=args.device, dtype=args.dtype,
+                                        max_batch_size=args.max_batch_size,
+                                        weights_version=config["weights_version"],
+                                        mix_prefill_decode=args.mix_prefill_decode)
+        await engine.start()
     worker = Worker(engine, served_model_name=served, model_path=args.model_path,
                     message_eos_id=_message_eos_id(args.model_path), device=args.device,
                     record_file=args.record_file, tokens_per_message=args.tokens_per_message,
@@ -480,6 +500,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-interval", type=_positive_int, default=STREAM_INTERVAL,
                    help="tokens per streamed message after the first (sent at once); as vLLM's --stream-interval. "
                         "Larger: fewer messages through Dynamo, burstier streams")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine (forwards, scheduling, control routes, refit receiver) in a process of its "
+                        "own, so that Dynamo's request handling here does not slow its forwards (default: on; "
+                        "see dynamo_rl.serving.engine_process)")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
