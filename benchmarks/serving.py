@@ -16,10 +16,11 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
 - handler in-process: our Dynamo handler ``Worker.generate`` over that engine, without
   Dynamo: separates the worker's own Python cost from Dynamo's per-chunk cost.
 - variants (``--variants``): more stacks of the same worker with other arguments, measured
-  alternately with the first: ``worker_defaults`` (no arguments: a message per engine
-  delivery) and ``engine_in_worker_process`` (``--no-engine-process --stream-interval
-  16``: the engine's forwards share the worker's process, and its GIL, with Dynamo).
-  E.g. ``--variants "one_token_per_message=--tokens-per-message 1;mix=--mix-prefill-decode"``.
+  alternately with the first: ``engine_in_worker_process`` (``--no-engine-process
+  --stream-interval 16``: the engine's forwards share the worker's process, and its GIL,
+  with Dynamo) and ``mix_prefill_decode`` (``--mix-prefill-decode``: running requests
+  decode in the prefill forward of arrivals). E.g. ``--variants
+  "worker_defaults=;one_token_per_message=--tokens-per-message 1"``.
   Every stack also serves streamed requests for the time to the first token (TTFT).
 - ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
   (both sides' engine on it), with a larger model of the tiny family.
@@ -58,7 +59,8 @@ def prompts(n: int) -> list[list[int]]:
 
 
 TRAIN_WORKER_ARGS = "--stream-interval 16"  # what `dynamo-rl train` gives its workers (cluster.stream_interval)
-DEFAULT_VARIANTS = ("worker_defaults=;engine_in_worker_process=--no-engine-process --stream-interval 16")
+DEFAULT_VARIANTS = ("engine_in_worker_process=--no-engine-process --stream-interval 16;"
+                    "mix_prefill_decode=--stream-interval 16 --mix-prefill-decode")
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:
@@ -112,14 +114,18 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
 
 async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, max_tokens: int
                               ) -> tuple[int, float, float]:
-    """Streaming completions (aiohttp): (tokens, seconds, mean time to the first token in seconds)."""
+    """Streaming completions (aiohttp): (tokens, seconds, mean time to the first token in seconds).
+
+    A connection per request: on a reused (keep-alive) connection the first chunk waits a
+    fixed ~40 ms (the signature of Nagle's algorithm meeting a delayed ACK on the frontend's
+    HTTP socket; httpx and aiohttp alike), which would measure TCP, not serving."""
     import json as _json
 
     import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
     ttfts: list[float] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4, force_close=True),
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i, p):
             async with sem:
@@ -269,7 +275,8 @@ async def main_async(args) -> dict:
                  "this client share. frontend_* is our worker with worker_args (those dynamo-rl train "
                  "gives its workers; the engine in a process of its own), frontend_<variant>_* the same "
                  "worker with the variant's arguments, a stack of its own measured alternately; "
-                 "ttft_ms_* = mean time to the first token of streamed requests. The load generator is "
+                 "ttft_ms_* = mean time to the first token of streamed requests (a connection per "
+                 "request: see run_frontend_stream). The load generator is "
                  "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
                  "which put the client on the critical path (--client httpx measures it)"),
         "levels": rows,

@@ -4,6 +4,8 @@
 - :mod:`dynamo_rl.serving.worker` — ``python -m dynamo_rl.serving.worker``: a Dynamo 1.6.1
   worker (``register_model`` + ``serve_endpoint``) with ``/engine/*`` control routes; its
   docstring documents the request/response channels through the frontend.
+- :mod:`dynamo_rl.serving.engine_process` — the engine, its control routes and the refit
+  receiver in a process of their own beside the worker (the worker's default).
 - :mod:`dynamo_rl.serving.stack` — :class:`LocalStack`: ZMQ broker + ``dynamo.frontend`` +
   N workers on 127.0.0.1, readiness, logs, teardown.
 - :mod:`dynamo_rl.serving.cli` — ``dynamo-rl serve``.

@@ -216,30 +216,37 @@ def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], devic
 # --------------------------------------------------------------------------- forward
 
 
-def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
-              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Self-attention of one layer; writes the rows' keys/values into their slots.
-
-    Args:
-        x: ``[B, T, hidden]`` normalized hidden states.
-        cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
-        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j.
-    Returns:
-        ``[B, T, hidden]`` after ``o_proj``.
-    """
+def project_qkv(layer, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``x`` ``[..., hidden]`` as ``[..., heads, head_dim]`` (Qwen3's per-head
+    ``q_norm``/``k_norm`` applied, before RoPE)."""
     attn = layer.self_attn
-    B, T, _ = x.shape
-    head_dim = cos.shape[-1]
-    q = linear(x, attn.q_proj).view(B, T, -1, head_dim)
-    k = linear(x, attn.k_proj).view(B, T, -1, head_dim)
-    v = linear(x, attn.v_proj).view(B, T, -1, head_dim)
+    lead = x.shape[:-1]
+    q = linear(x, attn.q_proj).view(*lead, -1, head_dim)
+    k = linear(x, attn.k_proj).view(*lead, -1, head_dim)
+    v = linear(x, attn.v_proj).view(*lead, -1, head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim, before RoPE
         q = rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon)
         k = rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon)
+    return q, k, v
+
+
+def attend(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, index: int, batch: Batch,
+           cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RoPE, the cache write of the rows' keys/values, and attention over their slots.
+
+    Args:
+        q, k, v: ``[B, T, heads, head_dim]`` from :func:`project_qkv`.
+        cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
+        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j.
+    Returns:
+        ``[B, T, heads * head_dim]``, before ``o_proj``.
+    """
+    attn = layer.self_attn
+    B, T = q.shape[:2]
+    head_dim = cos.shape[-1]
     q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
     k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
     v = v.transpose(1, 2)
-
     # write the valid tokens' keys/values into their slots: [N, Hkv, D] each
     k_cache, v_cache = cache.k[index], cache.v[index]
     n_kv = k.shape[1]
@@ -247,7 +254,6 @@ def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
     v_new = v.transpose(1, 2).reshape(B * T, n_kv, head_dim).index_select(0, batch.write_rows)
     k_cache[batch.write_slots, :, batch.write_pos] = k_new
     v_cache[batch.write_slots, :, batch.write_pos] = v_new
-
     width = batch.width
     if batch.slot_range is not None:  # the rows' slots are consecutive: read a view
         lo, hi = batch.slot_range
@@ -259,13 +265,44 @@ def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
         q, keys, values, attn_mask=mask, scale=getattr(attn, "scaling", head_dim ** -0.5),
         enable_gqa=q.shape[1] != keys.shape[1],
     )  # [B, H, T, D]
-    return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
+              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Self-attention of one layer; writes the rows' keys/values into their slots.
+
+    Args:
+        x: ``[B, T, hidden]`` normalized hidden states.
+        cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
+        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j.
+
+    Returns:
+        ``[B, T, hidden]`` after ``o_proj``.
+    """
+    q, k, v = project_qkv(layer, x, cos.shape[-1])
+    return linear(attend(layer, q, k, v, cache, index, batch, cos, sin, mask), layer.self_attn.o_proj)
 
 
 def mlp(layer, x: torch.Tensor) -> torch.Tensor:
     """Gated MLP ``down(act(gate(x)) * up(x))``, ``[B, T, hidden]`` → ``[B, T, hidden]``."""
     m = layer.mlp
     return linear(m.act_fn(linear(x, m.gate_proj)) * linear(x, m.up_proj), m.down_proj)
+
+
+def _rope_and_mask(batch: Batch, cos_table: torch.Tensor, sin_table: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos, sin ``[B, T, head_dim]`` at the rows' positions and the causal mask
+    ``[B, 1, T, width]`` of ``batch``."""
+    B, T = batch.tokens.shape
+    device = batch.tokens.device
+    t = torch.arange(T, device=device)
+    positions = batch.starts[:, None] + t[None]  # [B, T]
+    lookup = positions.clamp(max=cos_table.shape[0] - 1)
+    j = torch.arange(batch.width, device=device)
+    ends = (batch.starts + batch.n_new)[:, None, None]  # [B, 1, 1]
+    mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < ends)
+    return cos_table[lookup], sin_table[lookup], mask[:, None]
 
 
 def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
@@ -279,23 +316,14 @@ def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
     Args:
         model: the HF ``<Family>ForCausalLM`` (checked by :func:`describe_decoder`).
         cos_table, sin_table: ``[max_seq_len, head_dim]`` from :func:`rope_tables`.
+
     Returns:
         logits ``[B, vocab]`` in the model dtype.
     """
     base = model.model
     tokens = batch.tokens
-    B, T = tokens.shape
-    device = tokens.device
-    t = torch.arange(T, device=device)
-    positions = batch.starts[:, None] + t[None]  # [B, T]
-    lookup = positions.clamp(max=cos_table.shape[0] - 1)
-    cos, sin = cos_table[lookup], sin_table[lookup]  # [B, T, D]
-    width = batch.width
-    j = torch.arange(width, device=device)
-    ends = (batch.starts + batch.n_new)[:, None, None]  # [B, 1, 1]
-    mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < ends)
-    mask = mask[:, None]  # [B, 1, T, width]
-
+    B = tokens.shape[0]
+    cos, sin, mask = _rope_and_mask(batch, cos_table, sin_table)
     h = F.embedding(tokens, base.embed_tokens.weight)
     for i, layer in enumerate(base.layers):
         ln1 = layer.input_layernorm
@@ -303,6 +331,43 @@ def forward(model, cache: KVCache, batch: Batch, cos_table: torch.Tensor,
                           cos, sin, mask)
         ln2 = layer.post_attention_layernorm
         h = h + mlp(layer, rms_norm(h, ln2.weight, ln2.variance_epsilon))
-    last = h[torch.arange(B, device=device), batch.n_new - 1]  # [B, hidden]
+    last = h[torch.arange(B, device=tokens.device), batch.n_new - 1]  # [B, hidden]
     last = rms_norm(last, base.norm.weight, base.norm.variance_epsilon)
+    return linear(last, model.lm_head)
+
+
+def forward_groups(model, cache: KVCache, batches: list[Batch], cos_table: torch.Tensor,
+                   sin_table: torch.Tensor) -> torch.Tensor:
+    """:func:`forward` of several batches in one pass: the norms, projections and MLPs run
+    once over all their tokens (packed, no padding between batches), attention per batch.
+
+    A prefill of a few prompts (``[Bp, T]``) and a decode step of the running requests
+    (``[Bd, 1]``) then cost one forward without padding the decode rows to ``T``
+    (``Engine(mix_prefill_decode=True)``). Same numerics as :func:`forward` of each batch
+    up to float round-off (the matmuls see other shapes).
+
+    Returns:
+        logits ``[sum of B, vocab]`` in the model dtype, in the order of ``batches``.
+    """
+    base = model.model
+    device = batches[0].tokens.device
+    rope = [_rope_and_mask(b, cos_table, sin_table) for b in batches]
+    shapes = [tuple(b.tokens.shape) for b in batches]
+    sizes = [rows * width for rows, width in shapes]
+    head_dim = cos_table.shape[-1]
+    h = F.embedding(torch.cat([b.tokens.reshape(-1) for b in batches]), base.embed_tokens.weight)  # [N, hidden]
+    for i, layer in enumerate(base.layers):
+        ln1 = layer.input_layernorm
+        q, k, v = project_qkv(layer, rms_norm(h, ln1.weight, ln1.variance_epsilon), head_dim)  # [N, heads, D]
+        outs = [attend(layer, qg.view(*shape, *qg.shape[1:]), kg.view(*shape, *kg.shape[1:]),
+                       vg.view(*shape, *vg.shape[1:]), cache, i, b, cos, sin, mask).reshape(shape[0] * shape[1], -1)
+                for b, shape, (cos, sin, mask), qg, kg, vg
+                in zip(batches, shapes, rope, q.split(sizes), k.split(sizes), v.split(sizes))]
+        h = h + linear(torch.cat(outs), layer.self_attn.o_proj)
+        ln2 = layer.post_attention_layernorm
+        h = h + mlp(layer, rms_norm(h, ln2.weight, ln2.variance_epsilon))
+    offsets = [sum(sizes[:g]) for g in range(len(sizes))]
+    last_rows = torch.cat([off + torch.arange(rows, device=device) * width + b.n_new - 1
+                           for b, (rows, width), off in zip(batches, shapes, offsets)])
+    last = rms_norm(h[last_rows], base.norm.weight, base.norm.variance_epsilon)
     return linear(last, model.lm_head)

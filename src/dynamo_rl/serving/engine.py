@@ -230,12 +230,12 @@ class Engine:
             happens at the next step boundary.
         cuda_graphs: replay decode steps from captured CUDA graphs (default: on for CUDA).
         mix_prefill_decode: running requests decode one token in the forward that prefills
-            newly admitted ones, where the padded batch fits ``max_prefill_tokens``
-            (``stats["mixed_batches"]``): with staggered arrivals (requests through a
-            frontend) an admission then costs no forward of its own, but the running rows are
-            padded to the prompt's width. Off by default: on CPU (tiny model, 2 cores,
-            2026-12-06) it saved 22% of the forwards and cost 10% of the tokens/s in steady
-            state (``benchmarks/serving.py --variants``); not yet measured on a GPU.
+            newly admitted ones, where ``admitted x prompt width + running`` tokens fit
+            ``max_prefill_tokens`` (``stats["mixed_batches"]``): with staggered arrivals
+            (requests through a frontend) an admission then costs no forward of its own. The
+            one-token rows are packed beside the prompts, not padded to their width
+            (:func:`dynamo_rl.serving._qwen3.forward_groups`); the mixed forward runs
+            eagerly (no CUDA graph).
     Raises:
         UnsupportedModelError (a ``ValueError``): the model's layout is not supported.
     """
@@ -804,7 +804,7 @@ class Engine:
         if not self.mix_prefill_decode:
             return False
         width = max(len(r.prompt) - len(self._slots[r.slot].tokens) for r in admitted)
-        return width <= self.prefill_chunk and (len(admitted) + len(running)) * width <= self.max_prefill_tokens
+        return width <= self.prefill_chunk and len(admitted) * width + len(running) <= self.max_prefill_tokens
 
     def _admit(self) -> list[_Request]:
         """Give waiting requests (FIFO) free slots, within the prefill token budget."""
@@ -966,8 +966,19 @@ class Engine:
         memory for long prompts); returns each row's last logits ``[B, vocab]``."""
         chunk = self.prefill_chunk
         if max(len(r) for r in rows) <= chunk:
-            batch = _qwen3.make_batch(rows, slots, starts, self.device)
-            return _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+            single = [i for i, r in enumerate(rows) if len(r) == 1]
+            if not single or len(single) == len(rows):
+                batch = _qwen3.make_batch(rows, slots, starts, self.device)
+                return _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
+            # prompts and one-token rows (decoding requests riding along): one forward, the
+            # one-token rows not padded to the prompts' width
+            wide = [i for i, r in enumerate(rows) if len(r) > 1]
+            batches = [_qwen3.make_batch([rows[i] for i in part], [slots[i] for i in part],
+                                         [starts[i] for i in part], self.device) for part in (wide, single)]
+            logits = _qwen3.forward_groups(self.model, self._cache, batches, self._cos, self._sin)
+            order = torch.empty(len(rows), dtype=torch.long)
+            order[torch.tensor(wide + single)] = torch.arange(len(rows))
+            return logits[order.to(logits.device)]
         last: list[torch.Tensor | None] = [None] * len(rows)
         for offset in range(0, max(len(r) for r in rows), chunk):
             part = [i for i, r in enumerate(rows) if len(r) > offset]

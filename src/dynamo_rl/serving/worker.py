@@ -67,6 +67,15 @@ Control plane
     :class:`dynamo_rl.serving.admin.AdminRoutes` (its docstring); :class:`Worker` serves
     them beside the data plane.
 
+Engine process
+    By default (``--engine-process``) the engine runs in a child process
+    (:mod:`dynamo_rl.serving.engine_process`): its forwards then do not share this
+    process's GIL with Dynamo's request handling. This process keeps Dynamo, the data-plane
+    handler and the record file; the control routes run beside the engine (each call is
+    forwarded; ``/engine/info`` adds ``engine_pid``). If the engine process dies, the worker
+    exits with status 1, as on a dead scheduling loop. ``--no-engine-process`` runs the
+    engine on a thread of this process.
+
 Shutdown
     SIGTERM/SIGINT → ``rt.shutdown()`` (deregister, stop taking requests, let in-flight
     ones finish); after ``--shutdown-grace-s`` (5 s) the engine is stopped, which ends the
