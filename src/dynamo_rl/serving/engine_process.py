@@ -81,6 +81,25 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
+def _sockets(push_address: str, pull_address: str, *, bind: bool):
+    """A blocking ZMQ PUSH socket (no high-water mark: a send never blocks) to
+    ``push_address`` and a ``zmq.asyncio`` PULL socket from ``pull_address``; the worker binds
+    (and drops unsent messages at close), the engine process connects (and flushes for up
+    to 1 s at close, so that its last tokens and answers leave)."""
+    import zmq
+    import zmq.asyncio
+
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.setsockopt(zmq.LINGER, 0 if bind else 1000)
+    pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    pull.setsockopt(zmq.LINGER, 0)
+    for sock, address in ((push, push_address), (pull, pull_address)):
+        (sock.bind if bind else sock.connect)(address)
+    return push, pull
+
+
 class EngineProcess:
     """The worker's handle on an engine running in a process of its own.
 
@@ -131,22 +150,12 @@ class EngineProcess:
             RuntimeError: the engine process exited before it was ready (its exit code;
                 its own error is in the worker's log, which it shares).
         """
-        import zmq
-        import zmq.asyncio
-
         missing, unknown = set(_ENGINE_KEYS) - set(config), set(config) - set(_ENGINE_KEYS)
         if missing or unknown:
             raise ValueError(f"engine process config: missing {sorted(missing)}, unknown {sorted(unknown)}")
         ipc_dir = tempfile.mkdtemp(prefix="dynamo-rl-engine-")
         to_engine, from_engine = f"ipc://{ipc_dir}/in", f"ipc://{ipc_dir}/out"
-        push = zmq.Context.instance().socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.setsockopt(zmq.LINGER, 0)
-        push.bind(to_engine)
-        pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, 0)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.bind(from_engine)
+        push, pull = _sockets(to_engine, from_engine, bind=True)
         argv = [sys.executable, "-m", "dynamo_rl.serving.engine_process", "--to-engine", to_engine,
                 "--from-engine", from_engine, "--parent-pid", str(os.getpid()), "--config", json.dumps(config)]
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig)  # noqa: PLW1509
@@ -348,8 +357,6 @@ async def serve(config: dict, to_engine: str, from_engine: str, parent_pid: int)
     """The engine process: build and start the engine, then serve the worker's messages
     (module docstring) until ``stop``, SIGTERM, or the parent's exit."""
     import torch
-    import zmq
-    import zmq.asyncio
 
     from dynamo_rl.serving.admin import AdminRoutes
     from dynamo_rl.serving.engine import Engine
@@ -364,13 +371,7 @@ async def serve(config: dict, to_engine: str, from_engine: str, parent_pid: int)
                           device=config["device"])
     routes = control.routes()
     loop = asyncio.get_running_loop()
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 0)
-    push.setsockopt(zmq.LINGER, 1000)
-    push.connect(from_engine)
-    pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, 0)
-    pull.connect(to_engine)
+    push, pull = _sockets(from_engine, to_engine, bind=False)
 
     def send(msg: tuple) -> None:
         push.send(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
