@@ -7,6 +7,7 @@ A thin shell over :class:`dynamo_rl.serving.stack.LocalStack`; the lead mounts
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -54,7 +55,8 @@ def serve(
 
     from dynamo_rl.serving.stack import LocalStack, StackError
 
-    console = Console(stderr=True)
+    # not a terminal (a log, a pipe): wide enough that the URLs are never folded
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     from dynamo_rl.models import check_device, parse_dtype
 
     # checked here, not seconds later in each worker

@@ -201,6 +201,7 @@ class EngineProcess:
                 log.warning("engine process pid=%s did not stop in %.0f s; SIGKILL", self.pid, grace_s)
                 self._popen.kill()
             await asyncio.to_thread(self._popen.wait)
+        log.info("engine process pid=%s stopped (exit code %s)", self.pid, self._popen.returncode)
         await asyncio.sleep(0)  # let the reader hand out what arrived
         self._end_all(EngineStoppedError("the engine was stopped before this request finished"))
         for t in self._tasks:

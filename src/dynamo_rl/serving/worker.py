@@ -489,11 +489,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description="dynamo-rl Dynamo worker (engine + control routes)")
     p.add_argument("--model-path", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--served-model-name", default=None, help="name listed by the frontend (default: dir name)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"))
-    p.add_argument("--component", default="backend")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="where the engine runs: cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", help="the engine's weights dtype: float32, bfloat16, float16")
+    p.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"),
+                   help="Dynamo namespace of the endpoint (env DYN_NAMESPACE)")
+    p.add_argument("--component", default="backend", help="Dynamo component of the endpoint")
+    p.add_argument("--max-batch-size", type=int, default=64, help="KV slots: the most requests decoded at once")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--record-file", default=None, help="append one JSON line per finished request")
     p.add_argument("--dyn-tool-call-parser", default=None,
@@ -510,9 +511,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens per streamed message after the first (sent at once); as vLLM's --stream-interval. "
                         "Larger: fewer messages through Dynamo, burstier streams")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the engine (forwards, scheduling, control routes, refit receiver) in a process of its "
-                        "own, so that Dynamo's request handling here does not slow its forwards (default: on; "
-                        "see dynamo_rl.serving.engine_process)")
+                   help="run the engine (forwards, scheduling, the refit receiver and what the /engine/* routes "
+                        "do; this process serves the routes and forwards each call) in a process of its own, so "
+                        "that Dynamo's request handling here does not slow its forwards (default: on; see "
+                        "dynamo_rl.serving.engine_process)")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
