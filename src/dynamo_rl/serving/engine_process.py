@@ -314,24 +314,30 @@ class EngineProcess:
 
     async def _read(self) -> None:
         while True:
-            msg = pickle.loads(await self._pull.recv())
-            kind = msg[0]
-            if kind == "tokens":
-                for request_id, item in msg[1]:
-                    queue = self._streams.get(request_id)
-                    if queue is None:
-                        continue  # closed here meanwhile
-                    if isinstance(item, tuple):
-                        kind_name, text = item
-                        item = _ERRORS.get(kind_name, EngineStoppedError)(
-                            text if kind_name in _ERRORS else f"{kind_name}: {text}")
-                    queue.put_nowait(item)
-            elif kind == "answer":
-                fut = self._calls.get(msg[1])
-                if fut is not None and not fut.done():
-                    fut.set_result(msg[2])
-            elif kind == "health":
-                self._health = msg[1]
+            raw = await self._pull.recv()
+            try:
+                self._dispatch(pickle.loads(raw))
+            except Exception:  # noqa: BLE001 - one bad message must not stop every stream
+                log.exception("a message from the engine process could not be handled")
+
+    def _dispatch(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "tokens":
+            for request_id, item in msg[1]:
+                queue = self._streams.get(request_id)
+                if queue is None:
+                    continue  # closed here meanwhile
+                if isinstance(item, tuple):
+                    kind_name, text = item
+                    item = _ERRORS.get(kind_name, EngineStoppedError)(
+                        text if kind_name in _ERRORS else f"{kind_name}: {text}")
+                queue.put_nowait(item)
+        elif kind == "answer":
+            fut = self._calls.get(msg[1])
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
+        elif kind == "health":
+            self._health = msg[1]
 
     async def _monitor(self) -> None:
         while self._popen.poll() is None:
