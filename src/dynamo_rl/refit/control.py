@@ -223,7 +223,13 @@ def distributed_update_body(*, version: int, publisher: str, transport: str | No
             "deadline_unix_s": time.time() + timeout_s if deadline_unix_s is None else deadline_unix_s}
 
 
-def disk_update_body(*, version: int, path: str) -> dict:
+def disk_update_body(*, version: int, path: str, deadline_unix_s: float | None = None) -> dict:
     """``update_weights_from_disk`` body: the safetensors checkpoint directory ``path``
-    (readable by the worker) becomes weights ``version``, loaded by :data:`DISK_RPC`."""
-    return {"model_path": str(path), "weight_version": version, "engine_rpc": DISK_RPC}
+    (readable by the worker) becomes weights ``version``, loaded by :data:`DISK_RPC`.
+    With ``deadline_unix_s`` (wall clock, seconds; our worker's addition, which a stock
+    worker ignores) a request that reaches our worker later does nothing and answers 408:
+    a worker that hung and wakes up never applies an update its caller gave up on."""
+    body = {"model_path": str(path), "weight_version": version, "engine_rpc": DISK_RPC}
+    if deadline_unix_s is not None:
+        body["deadline_unix_s"] = deadline_unix_s
+    return body

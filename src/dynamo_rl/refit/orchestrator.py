@@ -274,7 +274,8 @@ def _update_call(src: dict, version: int, t: RefitTimeouts) -> tuple[str, dict]:
     shorter than our HTTP timeout, so a stuck pull comes back as the worker's error (naming
     the publisher) rather than as our timeout."""
     if "path" in src:
-        return "update_weights_from_disk", disk_update_body(version=version, path=src["path"])
+        return "update_weights_from_disk", disk_update_body(version=version, path=src["path"],
+                                                            deadline_unix_s=time.time() + t.update_s)
     return "update_weights_from_distributed", distributed_update_body(
         version=version, publisher=str(src["publisher"]), transport=src.get("transport"),
         timeout_s=float(src.get("timeout_s", 0.9 * t.update_s)), in_place=bool(src.get("in_place", False)),
