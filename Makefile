@@ -45,6 +45,7 @@ test: install vllm
 
 bench: install vllm
 	$(BIN)/python benchmarks/serving.py
+	$(VLLM_VENV)/bin/python benchmarks/serving.py --engine vllm
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/refit.py
 	$(BIN)/python benchmarks/refit_vllm.py

@@ -24,6 +24,13 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
   Every stack also serves streamed requests for the time to the first token (TTFT).
 - ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
   (both sides' engine on it), with a larger model of the tiny family.
+- ``--engine vllm`` (run it with the vLLM environment's Python, ``.venv-vllm/bin/python``,
+  built by ``make vllm``): the same ratio for Dynamo's stock worker, ``python -m dynamo.vllm``
+  (what users deploy in DGDs), against vLLM's own ``AsyncLLM`` in this process with the
+  worker's engine arguments (``--max-num-seqs``, ``--dtype``, ``--enforce-eager`` on CPU,
+  ``--max-model-len``, the same ``VLLM_CPU_*`` environment). No handler-in-process figure
+  and no variants there. Its default stream interval is 16 too (``cluster.stream_interval``
+  reaches both worker kinds).
 
 tokens/s = generated tokens / wall seconds of the level (after one warm-up request per
 side). ``ratio`` = frontend / in-process. Each level is measured ``--repeats`` times,
@@ -32,8 +39,9 @@ processes (frontend, worker) while the in-process side is one process; on a smal
 machine the figures are noisy (``load_average_1m`` is recorded), so read the ratios, not
 single runs.
 
-Run: ``python benchmarks/serving.py`` (about 3 minutes on 2 CPU cores) → JSON in
-``benchmarks/results/serving.json``.
+Run: ``python benchmarks/serving.py`` (about 7 minutes on 2 CPU cores) → JSON in
+``benchmarks/results/serving.json``; ``.venv-vllm/bin/python benchmarks/serving.py --engine
+vllm`` (about 4 minutes) → ``benchmarks/results/serving_vllm.json``.
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ def prompts(n: int) -> list[list[int]]:
 
 
 TRAIN_WORKER_ARGS = "--stream-interval 16"  # what `dynamo-rl train` gives its workers (cluster.stream_interval)
+#: the environment LocalStack gives its dynamo.vllm workers (serving/stack.py)
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_LOGGING_COLOR": "0", "DO_NOT_TRACK": "1"}
 DEFAULT_VARIANTS = ("engine_in_worker_process=--no-engine-process --stream-interval 16;"
                     "mix_prefill_decode=--stream-interval 16 --mix-prefill-decode")
 
@@ -76,7 +87,8 @@ def _completion(i: int, p: list[int], max_tokens: int, stream: bool) -> dict:
     body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
             "ignore_eos": True}
     if stream:
-        body.update(stream=True, nvext={"extra_fields": ["completion_token_ids"]})
+        body.update(stream=True, nvext={"extra_fields": ["completion_token_ids"]},
+                    stream_options={"include_usage": True})
     return body
 
 
@@ -116,6 +128,9 @@ async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, m
                               ) -> tuple[int, float, float]:
     """Streaming completions (aiohttp): (tokens, seconds, mean time to the first token in seconds).
 
+    The first token is the first chunk that carries text or token ids; the tokens are
+    counted from the final usage chunk (``stream_options.include_usage``).
+
     A connection per request: on a reused (keep-alive) connection the first chunk waits a
     fixed ~40 ms (the signature of Nagle's algorithm meeting a delayed ACK on the frontend's
     HTTP socket; httpx and aiohttp alike), which would measure TCP, not serving."""
@@ -136,10 +151,12 @@ async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, m
                         line = raw.decode().strip()
                         if not line.startswith("data:") or line == "data: [DONE]":
                             continue
-                        ids = (_json.loads(line[5:]).get("nvext") or {}).get("completion_token_ids") or []
-                        if ids and first is None:
+                        doc = _json.loads(line[5:])
+                        ids = (doc.get("nvext") or {}).get("completion_token_ids") or []
+                        if first is None and (ids or any(c.get("text") for c in doc.get("choices") or [])):
                             first = time.perf_counter() - t0
-                        n += len(ids)
+                        if doc.get("usage"):
+                            n = doc["usage"]["completion_tokens"]
                 ttfts.append(first if first is not None else float("nan"))
                 return n
 
@@ -162,6 +179,44 @@ async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: 
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
     return sum(counts), time.perf_counter() - t0
+
+
+async def run_vllm(engine, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
+    """vLLM's ``AsyncLLM`` in this process, ``concurrency`` requests in flight (final
+    outputs only, no detokenization: the engine's own cost)."""
+    import uuid
+
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    sem = asyncio.Semaphore(concurrency)
+    tag = uuid.uuid4().hex[:8]
+
+    async def one(i, p):
+        params = VllmSamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=True,
+                                    detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+        async with sem:
+            final = None
+            async for out in engine.generate(TokensPrompt(prompt_token_ids=p), params, request_id=f"{tag}-{i}"):
+                final = out
+            return len(final.outputs[0].token_ids)
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+    return sum(counts), time.perf_counter() - t0
+
+
+def start_vllm(model_dir: Path, max_batch_size: int, dtype: str, device: str):
+    """vLLM's ``AsyncLLM`` with the engine arguments LocalStack gives ``dynamo.vllm``."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from dynamo_rl.serving.stack import _max_position_embeddings
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(model_dir), dtype=dtype, max_num_seqs=max_batch_size, enforce_eager=device == "cpu",
+        max_model_len=_max_position_embeddings(model_dir), disable_log_stats=True))
 
 
 async def run_handler(worker, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
@@ -196,54 +251,100 @@ async def main_async(args) -> dict:
 
         model_dir = ensure_tiny_model(tmp / "tiny", TinyModelSpec(**json.loads(args.tiny)) if args.tiny else None)
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine.from_pretrained(model_dir, max_batch_size=max(levels), device=args.device, dtype=args.dtype)
-    await engine.start()
-    handler = Worker(engine, served_model_name="tiny", model_path=str(model_dir), message_eos_id=None)
-    variants = parse_variants(args.variants)
-    stacks = {name: LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
-                               run_dir=tmp / f"run-{name}", max_batch_size=max(levels), quiet=True,
-                               device=args.device, dtype=args.dtype, worker_args=argv)
-              for name, argv in {"default": args.worker_args.split(), **variants}.items()}
+    vllm = args.engine == "vllm"
+    if vllm:
+        for key, value in VLLM_ENV.items():  # as LocalStack gives its dynamo.vllm workers
+            os.environ.setdefault(key, value)
+        engine = start_vllm(model_dir, max(levels), args.dtype, args.device)
+        run_in_process, handler = run_vllm, None
+        variants = {}
+        stacks = {"default": LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
+                                        run_dir=tmp / "run-default", max_batch_size=max(levels), quiet=True,
+                                        device=args.device, dtype=args.dtype, engine="vllm",
+                                        vllm_python=sys.executable, stream_interval=args.vllm_stream_interval)}
+    else:
+        engine = Engine.from_pretrained(model_dir, max_batch_size=max(levels), device=args.device, dtype=args.dtype)
+        await engine.start()
+        run_in_process = run_engine
+        handler = Worker(engine, served_model_name="tiny", model_path=str(model_dir), message_eos_id=None)
+        variants = parse_variants(args.variants)
+        stacks = {name: LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
+                                   run_dir=tmp / f"run-{name}", max_batch_size=max(levels), quiet=True,
+                                   device=args.device, dtype=args.dtype, worker_args=argv)
+                  for name, argv in {"default": args.worker_args.split(), **variants}.items()}
     for stack in stacks.values():
         await asyncio.to_thread(stack.start)
+
+    async def counters(side) -> dict | None:
+        """Our engine's counters (``stats`` of ``/engine/info``, or of the in-process engine)."""
+        if vllm:
+            return None
+        if side is engine:
+            return dict(engine.stats)
+        import httpx
+
+        async with httpx.AsyncClient(timeout=30) as http:
+            return (await http.get(f"{side.workers[0].system_url}/engine/info")).json()["stats"]
+
+    def work(before: dict | None, after: dict | None) -> dict | None:
+        if before is None:
+            return None
+        d = {k: after[k] - before[k] for k in ("forward_passes", "prefill_batches", "tokens_generated")}
+        return {"forwards": d["forward_passes"], "prefill_forwards": d["prefill_batches"],
+                "tokens_per_forward": round(d["tokens_generated"] / max(d["forward_passes"], 1), 2)}
+
     rows = []
     try:
-        warm = prompts(1)
+        # warm-up, untimed: a full batch on every side (the first passes of a fresh engine run slower)
+        warm = prompts(max(levels))
         for stack in stacks.values():
-            await run_frontend(stack.frontend_url, warm, 1, args.max_tokens, args.client)
-        await run_engine(engine, warm, 1, args.max_tokens)
+            await run_frontend(stack.frontend_url, warm, max(levels), args.max_tokens, args.client)
+        await run_in_process(engine, warm, max(levels), args.max_tokens)
         for c in levels:
             n = max(c * args.rounds, args.min_requests)
             ps = prompts(n)
             fe = {name: [] for name in stacks}
             ttft = {name: [] for name in stacks}
+            forwards = {}
             ip, hd = [], []
             for _ in range(args.repeats):
                 for name, stack in stacks.items():
+                    before = await counters(stack)
                     tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens, args.client)
                     assert tok == n * args.max_tokens, (tok, n)
+                    forwards[name] = work(before, await counters(stack))
                     fe[name].append(tok / sec)
                     tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, args.max_tokens)
                     assert tok == n * args.max_tokens, (tok, n)
                     ttft[name].append(first)
-                tok, sec = await run_engine(engine, ps, c, args.max_tokens)
+                before = await counters(engine)
+                tok, sec = await run_in_process(engine, ps, c, args.max_tokens)
                 assert tok == n * args.max_tokens, (tok, n)
+                forwards["in_process"] = work(before, await counters(engine))
                 ip.append(tok / sec)
-                tok, sec = await run_handler(handler, ps, c, args.max_tokens)
-                assert tok == n * args.max_tokens, (tok, n)
-                hd.append(tok / sec)
+                if handler is not None:
+                    tok, sec = await run_handler(handler, ps, c, args.max_tokens)
+                    assert tok == n * args.max_tokens, (tok, n)
+                    hd.append(tok / sec)
             med = {name: statistics.median(v) for name, v in fe.items()}
             in_process = statistics.median(ip)
             row = {"concurrency": c, "requests": n, "tokens_per_request": args.max_tokens,
                    "frontend_tokens_per_s": round(med["default"], 1),
                    "in_process_tokens_per_s": round(in_process, 1),
                    "ratio": round(med["default"] / in_process, 3),
-                   "handler_in_process_tokens_per_s": round(statistics.median(hd), 1),
                    "ttft_ms_streaming": round(1e3 * statistics.median(ttft["default"]), 2)}
+            if hd:
+                row["handler_in_process_tokens_per_s"] = round(statistics.median(hd), 1)
             for name in variants:
                 row[f"frontend_{name}_tokens_per_s"] = round(med[name], 1)
                 row[f"ratio_{name}"] = round(med[name] / in_process, 3)
                 row[f"ttft_ms_streaming_{name}"] = round(1e3 * statistics.median(ttft[name]), 2)
+            # c requests always in flight: mean request time = c x wall / requests (Little's law)
+            row["request_ms"] = {"in_process": round(1e3 * c * args.max_tokens / in_process, 1),
+                                 **{name: round(1e3 * c * args.max_tokens / v, 1) for name, v in med.items()}}
+            if not vllm:
+                row["engine_work_last_repeat"] = forwards
+            row["ratio_runs"] = [round(f / i, 3) for f, i in zip(fe["default"], ip)]
             row["frontend_runs"] = {name: [round(x, 1) for x in v] for name, v in fe.items()}
             row["in_process_runs"] = [round(x, 1) for x in ip]
             print(f"c={c:>3}: in-process {in_process:>8.1f} tok/s; through the frontend: " + "; ".join(
@@ -253,32 +354,58 @@ async def main_async(args) -> dict:
     finally:
         for stack in stacks.values():
             await asyncio.to_thread(stack.stop)
-        await engine.stop()
+        if vllm:
+            engine.shutdown()
+            engine = None  # AsyncLLM.__del__ now, not at interpreter exit (where it fails)
+        else:
+            await engine.stop()
     try:
         import importlib.metadata as md
 
         dynamo_version = md.version("ai-dynamo")
     except Exception:  # noqa: BLE001
         dynamo_version = None
+    note = ("ratio = frontend / in-process at the same concurrency; all sides measured alternately in "
+            "this run. handler_in_process isolates our worker's Python cost; the rest of the gap is "
+            "Dynamo's cost per request and per message (pyo3 generator bridge, msgpack, TCP response "
+            "stream, HTTP) and, on a machine of few cores, the CPU that the frontend, the worker and "
+            "this client share. frontend_* is our worker with worker_args (those dynamo-rl train "
+            "gives its workers; the engine in a process of its own), frontend_<variant>_* the same "
+            "worker with the variant's arguments, a stack of its own measured alternately; "
+            "ttft_ms_* = mean time to the first token of streamed requests (a connection per "
+            "request: see run_frontend_stream). request_ms = concurrency x wall / requests (Little's law: "
+            "the mean time of a request; through the frontend, the difference to in_process is the time a "
+            "request's KV slot waits for its replacement). engine_work_last_repeat = our engine's "
+            "forwards, prefill forwards and generated tokens per forward in the last repeat (Engine.stats, "
+            "through /engine/info): in-process, all c requests start and end together. ratio_runs = "
+            "each repeat's frontend / in-process. The load generator is "
+            "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
+            "which put the client on the critical path (--client httpx measures it)")
+    extra = {}
+    if vllm:
+        note = ("ratio = frontend / in-process at the same concurrency, measured alternately in this run: "
+                "Dynamo's stock vLLM worker (python -m dynamo.vllm --enable-rl, --stream-interval "
+                "vllm_stream_interval) through the Dynamo frontend vs vLLM's AsyncLLM (its engine core in "
+                "a child process, as in the worker) called from this process with the same engine "
+                "arguments; ttft_ms_streaming = mean time to the first streamed token (a connection per "
+                "request). The load generator is aiohttp")
+        import vllm as vllm_module
+
+        extra = {"engine": "vllm", "vllm": vllm_module.__version__,
+                 "vllm_env": {k: os.environ[k] for k in VLLM_ENV},
+                 "vllm_stream_interval": args.vllm_stream_interval,
+                 "in_process": "vllm.v1.engine.async_llm.AsyncLLM (FINAL_ONLY outputs, detokenize=False)",
+                 "frontend_side": "python -m dynamo.vllm --enable-rl (LocalStack engine='vllm')"}
     return {
+        **extra,
         "unit": "generated tokens per second (wall clock)",
         "model": str(args.model_path) if args.model_path else
                  f"tiny Qwen3 (dynamo_rl.models.ensure_tiny_model, spec {args.tiny or 'default'})",
         "dynamo": dynamo_version, "workers": args.workers, "torch_threads": args.threads,
         "load_average_1m": os.getloadavg()[0],
         "device": args.device, "dtype": args.dtype, "client": args.client,
-        "worker_args": args.worker_args.split(), "variants": variants,
-        "note": ("ratio = frontend / in-process at the same concurrency; all sides measured alternately in "
-                 "this run. handler_in_process isolates our worker's Python cost; the rest of the gap is "
-                 "Dynamo's cost per request and per message (pyo3 generator bridge, msgpack, TCP response "
-                 "stream, HTTP) and, on a machine of few cores, the CPU that the frontend, the worker and "
-                 "this client share. frontend_* is our worker with worker_args (those dynamo-rl train "
-                 "gives its workers; the engine in a process of its own), frontend_<variant>_* the same "
-                 "worker with the variant's arguments, a stack of its own measured alternately; "
-                 "ttft_ms_* = mean time to the first token of streamed requests (a connection per "
-                 "request: see run_frontend_stream). The load generator is "
-                 "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
-                 "which put the client on the critical path (--client httpx measures it)"),
+        "worker_args": [] if vllm else args.worker_args.split(), "variants": variants,
+        "note": note,
         "levels": rows,
     }
 
@@ -292,7 +419,9 @@ def main() -> None:
                         "dominates (requests reach the worker staggered, so the ramp up and down of a short "
                         "level weighs on the frontend side only)")
     p.add_argument("--min-requests", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="measurements per side and level, alternating the sides; the median is reported (this "
+                        "machine kind is noisy: see ratio_runs)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-path", default=None)
@@ -305,6 +434,11 @@ def main() -> None:
                    help="HTTP client of the non-streaming load (streaming: aiohttp)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help="NAME=worker args, separated by ';' (empty: the default stack alone)")
+    p.add_argument("--engine", choices=["dynamo-rl", "vllm"], default="dynamo-rl",
+                   help="whose engine both sides run: ours, or vLLM's (dynamo.vllm through the frontend; run "
+                        "with .venv-vllm/bin/python)")
+    p.add_argument("--vllm-stream-interval", type=int, default=16,
+                   help="--stream-interval of the dynamo.vllm worker (what dynamo-rl train gives it)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # as the workers get it (before torch loads)
@@ -316,7 +450,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         payload = asyncio.run(main_async(args))
         payload["event_loop"] = "asyncio"
-    write_result("serving", payload, args.out)
+    write_result("serving_vllm" if args.engine == "vllm" else "serving", payload, args.out)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,25 @@ async def test_closing_a_stream_aborts_it_and_bad_prompts_are_refused_at_call_ti
 
 
 @pytest.mark.asyncio
+async def test_stream_interval_is_held_in_the_engine_process(remote):
+    """One request alone: the engine hands over its tokens 1 (prefill), then 4 per decode
+    burst (``decode_steps=4``): [1, 4, 4, 2] for 11 tokens. ``stream_interval=6``: the first
+    token crosses at once, then the engine process holds lists until they have 6 tokens, the
+    last one what is left: [1, 8, 2], three messages. Same ids and logprobs."""
+    params = SamplingParams(max_tokens=11, temperature=1.0, seed=5, ignore_eos=True)
+    got = {}
+    for n in (1, 6):
+        assert (await remote.call_route("flush_cache", {}))["status"] == "ok"  # the same forwards both times
+        got[n] = [chunk async for chunk in remote.generate_chunks([1, 9, 8], params, stream_interval=n)]
+    assert [len(c) for c in got[1]] == [1, 4, 4, 2]
+    assert [len(c) for c in got[6]] == [1, 8, 2]
+    assert [(o.token_id, o.logprob) for c in got[6] for o in c] == [(o.token_id, o.logprob) for c in got[1] for o in c]
+    assert got[6][-1][-1].finish_reason == "length"
+    with pytest.raises(ValueError, match="stream_interval=0"):
+        remote.generate_chunks([1, 9], params, stream_interval=0)
+
+
+@pytest.mark.asyncio
 async def test_control_routes_run_beside_the_engine(remote):
     assert (await remote.call_route("get_weight_version", {}))["version"] == 3
     refused = await remote.call_route("update_weights_from_disk", {"model_path": "/nonexistent", "weight_version": 4})

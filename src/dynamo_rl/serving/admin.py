@@ -375,7 +375,7 @@ class AdminRoutes:
             return res
 
     async def _load(self, tensors, version: int, adopt: bool | None = None) -> dict:
-        from dynamo_rl.serving.engine import WeightsError
+        from dynamo_rl.serving.engine_types import WeightsError
 
         # CPU: adopt the received storage (no copy). CUDA: copy into the existing parameters,
         # whose addresses the engine's captured decode graphs hold (adopting would force a
@@ -391,7 +391,7 @@ class AdminRoutes:
     async def _load_in_place(self, body: dict, version: int) -> dict:
         """Pull straight into the engine's live parameters (drained first). On failure the
         engine refuses requests until a complete update succeeds."""
-        from dynamo_rl.serving.engine import WeightsError
+        from dynamo_rl.serving.engine_types import WeightsError
 
         url, transport = str(body["publisher"]), body.get("transport")
         timeout_s = float(body.get("timeout_s", 120.0))

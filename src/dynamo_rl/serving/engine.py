@@ -75,81 +75,17 @@ import torch
 
 from dynamo_rl.serving import _graphs, _qwen3, _sampling
 from dynamo_rl.serving._qwen3 import UnsupportedModelError
+from dynamo_rl.serving.engine_types import (
+    EngineStoppedError,
+    PartialWeightsError,
+    SamplingParams,
+    TokenOutput,
+    WeightsError,
+    validate_prompt,
+)
 
 __all__ = ["Engine", "EngineStoppedError", "PartialWeightsError", "SamplingParams", "TokenOutput",
            "UnsupportedModelError", "WeightsError", "validate_prompt"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling and stop settings.
-
-    ``temperature`` 0 → greedy; ``top_k`` 0 (or -1, vLLM's spelling) → off; ``top_p`` 1 →
-    off; ``seed`` None → a random seed; ``stop_token_ids`` end the stream with
-    ``finish_reason="stop"`` (the stop token is returned), as do the engine's EOS ids
-    unless ``ignore_eos``; ``max_tokens`` generated tokens end it with ``"length"``.
-
-    Raises:
-        ValueError: naming the field, for values out of range.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be >= 0 (0 or -1 is off), got {self.top_k}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-
-
-@dataclass(frozen=True)
-class TokenOutput:
-    """One generated token, in order.
-
-    ``logprob``: ``log_softmax`` of the raw logits (temperature 1, before top-k/top-p), fp32.
-    ``finish_reason``: ``"stop" | "length" | "abort"`` on the last token, else ``None``.
-    ``weights_version``: the version of the weights that produced the token.
-    """
-
-    token_id: int
-    logprob: float
-    finish_reason: str | None
-    weights_version: int
-
-
-class WeightsError(ValueError):
-    """A weight set was refused; nothing was changed.
-
-    Attributes ``missing``, ``unexpected``, ``mismatched`` (lists of names) say which
-    tensors are wrong; the message lists every one of them with the expected value.
-    """
-
-    def __init__(self, message: str, *, missing=(), unexpected=(), mismatched=()):
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mismatched = list(mismatched)
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine was stopped (or its forward failed) before the request finished."""
-
-
-class PartialWeightsError(EngineStoppedError):
-    """The parameters hold a partial weight set: an in-place load
-    (:meth:`Engine.load_weights_in_place`) failed part-way. Requests are refused until a
-    later load (in place or not) completes."""
 
 
 @dataclass(eq=False)
@@ -171,25 +107,6 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # ids whose keys/values the slot holds
     owner: _Request | None = None
     last_used: int = 0
-
-
-def validate_prompt(prompt_ids: Sequence[int], *, max_seq_len: int, vocab_size: int) -> list[int]:
-    """``prompt_ids`` as a list of ints, checked as :meth:`Engine.generate` checks them.
-
-    Raises:
-        ValueError: the prompt is empty, holds ``max_seq_len`` or more ids, or an id is
-            outside ``[0, vocab_size)``.
-    """
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("prompt_ids is empty; give at least one token id")
-    if len(prompt) >= max_seq_len:
-        raise ValueError(f"prompt has {len(prompt)} tokens; this engine holds at most "
-                         f"max_seq_len={max_seq_len} per sequence (prompt + generation)")
-    bad = [t for t in prompt if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
-    return prompt
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -373,13 +290,25 @@ class Engine:
         return self._stream(self._new_request(prompt_ids, params, request_id))
 
     def generate_chunks(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                        request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
+                        request_id: str | None = None, stream_interval: int = 1
+                        ) -> AsyncIterator[list[TokenOutput]]:
         """Like :meth:`generate`, but each item is every token of the request ready at that
         moment, in order (one decode hand-off delivers up to ``decode_steps`` tokens per
-        request): a server sends one message per list instead of one per token, delaying no
-        token. Same arguments and errors as :meth:`generate`; the last list ends with the
-        token whose ``finish_reason`` is set."""
-        return self._stream(self._new_request(prompt_ids, params, request_id), chunked=True)
+        request): a server sends one message per list instead of one per token.
+
+        With ``stream_interval`` n > 1, after the first list (the first token, at once) a
+        list is held until it has at least n tokens or the request ends (vLLM's
+        ``--stream-interval``): fewer, larger messages, burstier streams. Same other
+        arguments and errors as :meth:`generate`; the last list ends with the token whose
+        ``finish_reason`` is set.
+
+        Raises:
+            ValueError: as :meth:`generate`, or ``stream_interval`` < 1.
+        """
+        if int(stream_interval) < 1:
+            raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
+        return self._stream(self._new_request(prompt_ids, params, request_id), chunked=True,
+                            interval=int(stream_interval))
 
     def _new_request(self, prompt_ids, params, request_id) -> _Request:
         params = params or SamplingParams()
@@ -392,7 +321,7 @@ class Engine:
             stop_ids.update(self.eos_token_ids)
         return _Request(request_id, prompt, params, frozenset(stop_ids))
 
-    async def _stream(self, req: _Request, chunked: bool = False) -> AsyncIterator:
+    async def _stream(self, req: _Request, chunked: bool = False, interval: int = 1) -> AsyncIterator:
         if req.id in self._requests:  # registered when iteration starts, so an unused iterator leaks nothing
             raise ValueError(f"request_id {req.id!r} is already in flight; use a unique id")
         if self._partial is not None:
@@ -407,6 +336,8 @@ class Engine:
                 req.generator.manual_seed(seed)
             self._waiting.append(req)
             self._wake.set()
+            held: list[TokenOutput] = []  # chunked: tokens not yet due (stream_interval)
+            started = False  # chunked: the first list (the first token) went out
             while True:
                 item = await req.queue.get()
                 if isinstance(item, BaseException):
@@ -418,13 +349,15 @@ class Engine:
                     if item.finish_reason is not None:
                         return
                     continue
-                chunk = [item]
+                held.append(item)
                 while item.finish_reason is None and not req.queue.empty():
                     item = req.queue.get_nowait()
                     if isinstance(item, BaseException):
                         raise item
-                    chunk.append(item)
-                yield chunk
+                    held.append(item)
+                if not started or len(held) >= interval or item.finish_reason is not None:
+                    chunk, held, started = held, [], True
+                    yield chunk
                 if item.finish_reason is not None:
                     return
         finally:

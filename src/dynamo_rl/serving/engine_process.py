@@ -56,7 +56,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from dynamo_rl.serving.engine import (
+from dynamo_rl.serving._process import die_with_parent, entry_point
+from dynamo_rl.serving.engine_types import (
     EngineStoppedError,
     PartialWeightsError,
     SamplingParams,
@@ -70,15 +71,6 @@ HEALTH_INTERVAL_S = 0.25
 _ERRORS = {"ValueError": ValueError, "PartialWeightsError": PartialWeightsError}
 _ENGINE_KEYS = ("model_path", "served_model_name", "device", "dtype", "max_batch_size", "weights_version",
                 "mix_prefill_decode", "threads")
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the engine process watches its parent instead
-        pass
 
 
 def _sockets(push_address: str, pull_address: str, *, bind: bool):
@@ -158,7 +150,7 @@ class EngineProcess:
         push, pull = _sockets(to_engine, from_engine, bind=True)
         argv = [sys.executable, "-m", "dynamo_rl.serving.engine_process", "--to-engine", to_engine,
                 "--from-engine", from_engine, "--parent-pid", str(os.getpid()), "--config", json.dumps(config)]
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_pdeathsig)  # noqa: PLW1509
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # noqa: PLW1509
         log.info("engine process pid=%s starting (%s on %s)", popen.pid, config["model_path"], config["device"])
         try:
             recv = asyncio.ensure_future(pull.recv())
@@ -214,14 +206,16 @@ class EngineProcess:
     # ------------------------------------------------------------------ data plane
 
     def generate_chunks(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                        request_id: str | None = None) -> AsyncIterator[list[TokenOutput]]:
+                        request_id: str | None = None, stream_interval: int = 1
+                        ) -> AsyncIterator[list[TokenOutput]]:
         """As :meth:`Engine.generate_chunks <dynamo_rl.serving.engine.Engine.generate_chunks>`:
         lists of :class:`TokenOutput`, the last ending with the token whose ``finish_reason``
-        is set; closing the iterator early aborts the request.
+        is set; closing the iterator early aborts the request. ``stream_interval`` is applied
+        in the engine process: a list crosses to this one only when it is due.
 
         Raises:
             ValueError: (at call time) empty or too long prompt, id out of vocabulary,
-                ``request_id`` already in flight.
+                ``request_id`` already in flight, ``stream_interval`` < 1.
             EngineStoppedError: (while iterating) the engine stopped, its forward failed, or
                 its process died (:class:`PartialWeightsError` while the weights are partial).
         """
@@ -229,9 +223,11 @@ class EngineProcess:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
-        return self._stream(request_id, prompt, params or SamplingParams())
+        if int(stream_interval) < 1:
+            raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
+        return self._stream(request_id, prompt, params or SamplingParams(), int(stream_interval))
 
-    async def _stream(self, request_id: str, prompt: list[int], params: SamplingParams
+    async def _stream(self, request_id: str, prompt: list[int], params: SamplingParams, interval: int
                       ) -> AsyncIterator[list[TokenOutput]]:
         # registered when iteration starts, so an unused iterator leaks nothing (as the engine's)
         if request_id in self._streams:
@@ -240,24 +236,20 @@ class EngineProcess:
             raise EngineStoppedError(self._died or "the engine is stopping")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        self._send(("generate", request_id, prompt, params))
+        self._send(("generate", request_id, prompt, params, interval))
         finished = False
         try:
             while True:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                chunk: list[TokenOutput] = []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is None:  # ended before its first token
-                        finished = True
-                        break
-                    chunk.extend(TokenOutput(*t) for t in item)
-                if chunk:
-                    yield chunk
-                    finished = finished or chunk[-1].finish_reason is not None
+                # one list per message: the engine process sent it when it was due
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:  # ended before its first token
+                    finished = True
+                    return
+                chunk = [TokenOutput(*t) for t in item]
+                finished = chunk[-1].finish_reason is not None
+                yield chunk
                 if finished:
                     return
         finally:
@@ -401,10 +393,11 @@ async def serve(config: dict, to_engine: str, from_engine: str, parent_pid: int)
 
     tasks: dict[str, asyncio.Task] = {}
 
-    async def run(request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    async def run(request_id: str, prompt: list[int], params: SamplingParams, interval: int) -> None:
         ended = False
         try:
-            async for chunk in engine.generate_chunks(prompt, params, request_id=request_id):
+            async for chunk in engine.generate_chunks(prompt, params, request_id=request_id,
+                                                      stream_interval=interval):
                 emit(request_id, [(o.token_id, o.logprob, o.finish_reason, o.weights_version) for o in chunk])
                 ended = chunk[-1].finish_reason is not None
             if not ended:
@@ -449,8 +442,8 @@ async def serve(config: dict, to_engine: str, from_engine: str, parent_pid: int)
             msg = pickle.loads(recv.result())
             kind = msg[0]
             if kind == "generate":
-                _, request_id, prompt, params = msg
-                tasks[request_id] = loop.create_task(run(request_id, prompt, params))
+                _, request_id, prompt, params, interval = msg
+                tasks[request_id] = loop.create_task(run(request_id, prompt, params, interval))
             elif kind == "abort":
                 task = tasks.get(msg[1])
                 if task is not None:
@@ -485,14 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parent-pid", type=int, required=True)
     p.add_argument("--config", required=True, help="JSON: see EngineProcess.launch")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("DYNAMO_RL_LOG", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[engine pid %(process)d]: %(message)s")
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:  # pragma: no cover
-        run = asyncio.run
+    run = entry_point("%(asctime)s %(levelname)s %(name)s[engine pid %(process)d]: %(message)s")
     code = 0
     try:
         run(serve(json.loads(args.config), args.to_engine, args.from_engine, args.parent_pid))

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Callable
 
 from dynamo_rl.refit.control import worker_id_from_metrics
+from dynamo_rl.serving._process import die_with_parent
 from dynamo_rl.serving.broker import broker_url
 
 log = logging.getLogger("dynamo_rl.serving.stack")
@@ -160,15 +161,6 @@ def _max_position_embeddings(model_dir: Path) -> int | None:
         return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: rely on explicit teardown
-        pass
 
 
 @dataclass
@@ -470,7 +462,7 @@ class LocalStack:
                 self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dynamo-rl-stack-spawn")
             p = self._spawner.submit(
                 subprocess.Popen, argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                cwd=str(self.run_dir), start_new_session=True, preexec_fn=_pdeathsig).result()
+                cwd=str(self.run_dir), start_new_session=True, preexec_fn=die_with_parent).result()
         finally:
             f.close()
         child = cls(name=name, popen=p, log_path=log_path, **kw)

@@ -111,6 +111,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dynamo_rl.serving._process import entry_point
 from dynamo_rl.serving.admin import AdminRoutes, RouteError  # noqa: F401  (RouteError: re-exported)
 
 log = logging.getLogger("dynamo_rl.serving.worker")
@@ -157,7 +158,7 @@ def sampling_params_from_request(request: Mapping[str, Any], *, context_window: 
     Raises:
         ValueError: ``n``/``best_of`` > 1, beam search, or values ``SamplingParams`` rejects.
     """
-    from dynamo_rl.serving.engine import SamplingParams
+    from dynamo_rl.serving.engine_types import SamplingParams
 
     so = request.get("sampling_options") or {}
     sc = request.get("stop_conditions") or {}
@@ -198,22 +199,14 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 STREAM_INTERVAL = 1  # tokens per message after the first; see Worker(stream_interval=)
 
 
-async def _messages(chunks, at_most: int = 0, interval: int = 1):
-    """The engine's chunks as messages: the first token at once, then at least ``interval``
-    tokens per message (vLLM's ``--stream-interval``), the last when the request ends;
-    each cut into pieces of at most ``at_most`` tokens (0: no cut)."""
-    held: list = []
-    first = True
-    async for outs in chunks:
-        held.extend(outs)
-        if first or len(held) >= interval or held[-1].finish_reason is not None:
-            first = False
-            out, held = held, []
-            step = at_most if at_most > 0 else len(out)
-            for i in range(0, len(out), step):
-                yield out[i:i + step]
-    if held:  # the stream ended early (engine abort): nothing produced is dropped
-        yield held
+async def _messages(chunks, at_most: int = 0):
+    """The engine's chunks (already held to the stream interval: ``generate_chunks(...,
+    stream_interval=)``) as messages, each cut into pieces of at most ``at_most`` tokens
+    (0: no cut)."""
+    async for out in chunks:
+        step = at_most if at_most > 0 else len(out)
+        for i in range(0, len(out), step):
+            yield out[i:i + step]
 
 
 class Worker(AdminRoutes):
@@ -283,7 +276,8 @@ class Worker(AdminRoutes):
             params = sampling_params_from_request({**request, "token_ids": prompt},
                                                   context_window=self.context_window)
             request_id = self._request_id(context)
-            stream = self.engine.generate_chunks(prompt, params, request_id=request_id)
+            stream = self.engine.generate_chunks(prompt, params, request_id=request_id,
+                                                 stream_interval=self.stream_interval)
         except ValueError as e:  # bad prefix / ids / params: end the request with the reason
             log.warning("request refused: %s", e)
             from dynamo.llm.exceptions import InvalidArgument
@@ -294,7 +288,7 @@ class Worker(AdminRoutes):
         finish: str | None = None
         version: int | None = None
         try:
-            async for outs in _messages(stream, self.tokens_per_message, self.stream_interval):
+            async for outs in _messages(stream, self.tokens_per_message):
                 out = outs[-1]
                 ids.extend(o.token_id for o in outs)
                 lps.extend(o.logprob for o in outs)
@@ -526,14 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=os.environ.get("DYNAMO_RL_LOG", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:  # pragma: no cover
-        run = asyncio.run
+    run = entry_point("%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(run(amain(args)))
 
 
