@@ -1,6 +1,9 @@
 """Process plumbing shared by the stack and its entry points (no torch import here).
 
 - :func:`die_with_parent`: the ``preexec_fn`` of every child the stack or a worker starts.
+- :class:`ChildProcess` and :func:`terminate`: a started child, and how it is stopped
+  (SIGTERM, SIGKILL after a grace period, then the processes it started itself).
+- :func:`tail`: the end of a child's log.
 - :func:`entry_point`: the logging and event loop set-up of ``python -m`` entry points.
 """
 
@@ -9,9 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("dynamo_rl.serving.stack")
 
 
 def die_with_parent() -> None:
@@ -39,3 +49,87 @@ def entry_point(log_format: str) -> Callable:
         return uvloop.run
     except ImportError:  # pragma: no cover
         return asyncio.run
+
+
+@dataclass
+class ChildProcess:
+    """One process of the stack."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    expected_exit: bool = False
+    descendants: dict = field(default_factory=dict)   # pid -> psutil.Process (children of the child)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+def record_descendants(c: ChildProcess) -> None:
+    """Remember the processes ``c`` started (an engine process, vLLM's engine core), so that
+    they can be ended after ``c`` even once it is gone."""
+    try:
+        import psutil
+
+        for p in psutil.Process(c.pid).children(recursive=True):
+            c.descendants.setdefault(p.pid, p)
+    except Exception:  # noqa: BLE001 - gone already, or psutil missing
+        pass
+
+
+def kill_descendants(c: ChildProcess) -> None:
+    """SIGKILL the remembered descendants of ``c`` that still run."""
+    for p in c.descendants.values():
+        try:
+            if p.is_running():  # same process (psutil compares the start time): no PID reuse
+                p.kill()
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            pass
+
+
+def send_signal(pid: int, sig: int) -> None:
+    """``os.kill`` that ignores a process already gone."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def terminate(children: list[ChildProcess], grace_s: float) -> None:
+    """SIGTERM every child in order, SIGKILL those still running ``grace_s`` seconds later,
+    then SIGKILL their remembered descendants. Marks each exit as expected."""
+    for c in children:
+        record_descendants(c)
+        c.expected_exit = True
+    for c in children:
+        if c.popen.poll() is None:
+            send_signal(c.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for c in children:
+        try:
+            c.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %s) ignored SIGTERM for %.0f s; SIGKILL", c.name, c.pid, grace_s)
+            send_signal(c.pid, signal.SIGKILL)
+            try:
+                c.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                log.error("%s (pid %s) survived SIGKILL", c.name, c.pid)
+    for c in children:
+        kill_descendants(c)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def tail(path: str | os.PathLike, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file, terminal colour codes removed ('' if absent)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = _ANSI.sub("", f.read().decode("utf-8", "replace"))
+            return "\n".join(text.splitlines()[-lines:])
+    except OSError:
+        return ""

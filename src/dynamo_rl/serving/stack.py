@@ -44,7 +44,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -52,12 +51,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from dynamo_rl.refit.control import worker_id_from_metrics
-from dynamo_rl.serving._process import die_with_parent
+from dynamo_rl.serving._process import (
+    ChildProcess,
+    die_with_parent,
+    kill_descendants,
+    record_descendants,
+    send_signal,
+    tail,
+    terminate,
+)
 from dynamo_rl.serving.broker import broker_url
 
 log = logging.getLogger("dynamo_rl.serving.stack")
@@ -139,21 +146,6 @@ def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
     raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def tail(path: str | os.PathLike, lines: int = 40) -> str:
-    """The last ``lines`` lines of a text file, terminal colour codes removed ('' if absent)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = _ANSI.sub("", f.read().decode("utf-8", "replace"))
-            return "\n".join(text.splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _max_position_embeddings(model_dir: Path) -> int | None:
     import json
 
@@ -161,21 +153,6 @@ def _max_position_embeddings(model_dir: Path) -> int | None:
         return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-@dataclass
-class ChildProcess:
-    """One process of the stack."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    expected_exit: bool = False
-    descendants: dict = field(default_factory=dict)   # pid -> psutil.Process (children of the child)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
 
 @dataclass
@@ -362,13 +339,13 @@ class LocalStack:
         with self._lock:
             w = self.workers.pop(index)
             w.expected_exit = True
-        self._record_descendants(w)
-        self._signal(w.pid, signal.SIGKILL)
+        record_descendants(w)
+        send_signal(w.pid, signal.SIGKILL)
         try:
             w.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             log.warning("worker %s (pid %s) did not die after SIGKILL", w.index, w.pid)
-        self._kill_descendants(w)
+        kill_descendants(w)
 
     def control_urls(self) -> dict[int | str, str]:
         """``{instance_id: system_url}`` of the live workers."""
@@ -380,7 +357,7 @@ class LocalStack:
         for c in self._history:
             out.append(c.pid)
             if c.popen.poll() is None:
-                self._record_descendants(c)
+                record_descendants(c)
             out.extend(sorted(c.descendants))
         return out
 
@@ -644,7 +621,7 @@ class LocalStack:
             with self._lock:
                 children = list(self._children)
             for c in children:
-                self._record_descendants(c)
+                record_descendants(c)
                 if not c.expected_exit and c.popen.poll() is not None and not self._stopping:
                     self.failure = self._crash_report(c)
                     # one line here; the log tail is in `failure` (StackError), printed once by its reader
@@ -662,51 +639,7 @@ class LocalStack:
                     self.stop()
                     return
 
-    @staticmethod
-    def _record_descendants(c: ChildProcess) -> None:
-        try:
-            import psutil
-
-            for p in psutil.Process(c.pid).children(recursive=True):
-                c.descendants.setdefault(p.pid, p)
-        except Exception:  # noqa: BLE001 - gone already, or psutil missing
-            pass
-
-    @staticmethod
-    def _kill_descendants(c: ChildProcess) -> None:
-        for p in c.descendants.values():
-            try:
-                if p.is_running():  # same process (psutil compares the start time): no PID reuse
-                    p.kill()
-            except Exception:  # noqa: BLE001 - gone meanwhile
-                pass
-
-    @staticmethod
-    def _signal(pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def _terminate(self, children: list[ChildProcess]) -> None:
-        for c in children:
-            self._record_descendants(c)
-            c.expected_exit = True
-        for c in children:
-            if c.popen.poll() is None:
-                self._signal(c.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace_s
-        for c in children:
-            try:
-                c.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %s) ignored SIGTERM for %.0f s; SIGKILL", c.name, c.pid, self.stop_grace_s)
-                self._signal(c.pid, signal.SIGKILL)
-                try:
-                    c.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:  # pragma: no cover
-                    log.error("%s (pid %s) survived SIGKILL", c.name, c.pid)
-        for c in children:
-            self._kill_descendants(c)
+        terminate(children, self.stop_grace_s)
         if children and not self.quiet and any(c.name == "frontend" for c in children):
             self._say("stack stopped")
