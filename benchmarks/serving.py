@@ -286,12 +286,16 @@ async def main_async(args) -> dict:
         async with httpx.AsyncClient(timeout=30) as http:
             return (await http.get(f"{side.workers[0].system_url}/engine/info")).json()["stats"]
 
-    def work(before: dict | None, after: dict | None) -> dict | None:
+    def work(before: dict | None, after: dict | None, seconds: float) -> dict | None:
         if before is None:
             return None
-        d = {k: after[k] - before[k] for k in ("forward_passes", "prefill_batches", "tokens_generated")}
+        d = {k: after[k] - before[k] for k in ("forward_passes", "prefill_batches", "tokens_generated",
+                                               "forward_seconds")}
+        forwards = max(d["forward_passes"], 1)
         return {"forwards": d["forward_passes"], "prefill_forwards": d["prefill_batches"],
-                "tokens_per_forward": round(d["tokens_generated"] / max(d["forward_passes"], 1), 2)}
+                "tokens_per_forward": round(d["tokens_generated"] / forwards, 2),
+                "forward_ms": round(1e3 * d["forward_seconds"] / forwards, 3),
+                "engine_thread_busy": round(d["forward_seconds"] / seconds, 3)}
 
     rows = []
     try:
@@ -312,7 +316,7 @@ async def main_async(args) -> dict:
                     before = await counters(stack)
                     tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens, args.client)
                     assert tok == n * args.max_tokens, (tok, n)
-                    forwards[name] = work(before, await counters(stack))
+                    forwards[name] = work(before, await counters(stack), sec)
                     fe[name].append(tok / sec)
                     tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, args.max_tokens)
                     assert tok == n * args.max_tokens, (tok, n)
@@ -320,7 +324,7 @@ async def main_async(args) -> dict:
                 before = await counters(engine)
                 tok, sec = await run_in_process(engine, ps, c, args.max_tokens)
                 assert tok == n * args.max_tokens, (tok, n)
-                forwards["in_process"] = work(before, await counters(engine))
+                forwards["in_process"] = work(before, await counters(engine), sec)
                 ip.append(tok / sec)
                 if handler is not None:
                     tok, sec = await run_handler(handler, ps, c, args.max_tokens)
@@ -376,8 +380,10 @@ async def main_async(args) -> dict:
             "request: see run_frontend_stream). request_ms = concurrency x wall / requests (Little's law: "
             "the mean time of a request; through the frontend, the difference to in_process is the time a "
             "request's KV slot waits for its replacement). engine_work_last_repeat = our engine's "
-            "forwards, prefill forwards and generated tokens per forward in the last repeat (Engine.stats, "
-            "through /engine/info): in-process, all c requests start and end together. ratio_runs = "
+            "forwards, prefill forwards, generated tokens per forward, wall ms of a forward call on the engine "
+            "thread (forward_ms) and the share of the level's wall time the engine thread was in forward calls "
+            "(engine_thread_busy), in the last repeat (Engine.stats, through /engine/info): in-process, all c "
+            "requests start and end together. ratio_runs = "
             "each repeat's frontend / in-process. The load generator is "
             "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
             "which put the client on the critical path (--client httpx measures it)")

@@ -286,6 +286,7 @@ async def test_an_arrival_rides_the_running_decode(model_a, mix):
     # 14 decoded tokens (7 each after its prefill): one of A's came from the mixed forward
     assert stats["forward_passes"] == stats["prefill_batches"] + stats["decode_batches"]
     assert stats["tokens_generated"] == 16
+    assert 0 < stats["forward_seconds"] < 60   # wall time of the forward calls, in seconds
 
 
 @pytest.mark.asyncio

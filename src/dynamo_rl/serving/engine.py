@@ -203,6 +203,7 @@ class Engine:
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0,
                               loop_deaths=0, mixed_batches=0)
+        self._forward_seconds = 0.0  # wall time of the engine thread's forward calls (stats)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -455,9 +456,13 @@ class Engine:
         identical prompt was prefilled in the same batch), requests_finished,
         requests_running, requests_waiting, kv_cache_tokens (tokens whose keys/values the
         cache holds now), kv_cache_capacity_tokens, kv_cache_bytes (allocated, bytes),
-        cuda_graphs (decode graphs captured now)."""
+        cuda_graphs (decode graphs captured now); and forward_seconds (float, seconds): the
+        wall time of the engine thread's forward calls (forwards and sampling, with their
+        synchronization), so that ``forward_seconds / forward_passes`` is the time of a forward
+        and the rest of a period's wall time is the scheduling loop between them."""
         return {
             **self._counters,
+            "forward_seconds": round(self._forward_seconds, 6),
             "requests_running": sum(1 for s in self._slots if s.owner is not None),
             "requests_waiting": len(self._waiting),
             "kv_cache_tokens": sum(len(s.tokens) for s in self._slots),
@@ -794,6 +799,7 @@ class Engine:
             leaders = [leader_of.setdefault(tuple(r.prompt), i) for i, r in enumerate(reqs[:n_new])]
             leaders += list(range(n_new, len(reqs)))
         self._busy = True
+        t0 = time.perf_counter()
         try:
             if prefill:
                 ids, logprobs = await self._loop.run_in_executor(
@@ -811,6 +817,7 @@ class Engine:
             await self._notify()
             return
         self._busy = False
+        self._forward_seconds += time.perf_counter() - t0
         steps = len(per_row[0])
         c = self._counters
         c["forward_passes"] += steps
