@@ -363,6 +363,9 @@ async def main_async(args) -> dict:
             engine = None  # AsyncLLM.__del__ now, not at interpreter exit (where it fails)
         else:
             await engine.stop()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # the tiny model and the stacks' run dirs
     try:
         import importlib.metadata as md
 

@@ -43,7 +43,8 @@ def serve(
              "reasoning_content")] = None,
     stream_interval: Annotated[Optional[int], typer.Option(
         min=1, help="tokens per streamed message after the first (sent at once), for both worker kinds (vLLM's "
-                    "--stream-interval); larger: fewer messages through the frontend, burstier streams")] = None,
+                    "--stream-interval); larger: fewer messages through the frontend, burstier streams. Default: the "
+                    "workers' own (1); `dynamo-rl train` gives 16 (cluster.stream_interval)")] = None,
 ) -> None:
     """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
 

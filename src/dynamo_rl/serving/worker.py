@@ -480,9 +480,14 @@ def _positive_seconds(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dynamo_rl.serving.worker",
-                                description="dynamo-rl Dynamo worker (engine + control routes)")
+                                description="dynamo-rl Dynamo worker (engine + control routes). Started by "
+                                            "`dynamo-rl serve` / `train` (LocalStack) or a DGD; the Dynamo "
+                                            "runtime reads its system (control) port from DYN_SYSTEM_PORT "
+                                            "(with DYN_SYSTEM_ENABLED=true) and its request plane and "
+                                            "discovery from the DYN_* environment, as every Dynamo worker.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", required=True, help="HF checkpoint directory (config.json, safetensors, tokenizer)")
-    p.add_argument("--served-model-name", default=None, help="name listed by the frontend (default: dir name)")
+    p.add_argument("--served-model-name", default=None, help="name listed by the frontend; None: the checkpoint directory's name")
     p.add_argument("--device", default="cpu", help="where the engine runs: cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", help="the engine's weights dtype: float32, bfloat16, float16")
     p.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"),
@@ -497,24 +502,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dyn-reasoning-parser", default=None,
                    help="Dynamo reasoning parser (e.g. qwen3: <think> text goes to reasoning_content)")
     p.add_argument("--tokens-per-message", type=int, default=0,
-                   help="at most this many tokens per streamed message (0: every token ready at a delivery)")
+                   help="at most this many tokens per streamed message (0: no limit); cuts the messages "
+                        "--stream-interval makes")
     p.add_argument("--mix-prefill-decode", action="store_true",
-                   help="running requests decode one token in each prefill forward of new arrivals (padded to "
-                        "the prompt's width; see Engine(mix_prefill_decode=))")
+                   help="running requests decode one token in each prefill forward of new arrivals (packed "
+                        "beside the prompts; see Engine(mix_prefill_decode=))")
     p.add_argument("--stream-interval", type=_positive_int, default=STREAM_INTERVAL,
                    help="tokens per streamed message after the first (sent at once); as vLLM's --stream-interval. "
                         "Larger: fewer messages through Dynamo, burstier streams")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                    help="run the engine (forwards, scheduling, the refit receiver and what the /engine/* routes "
                         "do; this process serves the routes and forwards each call) in a process of its own, so "
-                        "that Dynamo's request handling here does not slow its forwards (default: on; see "
+                        "that Dynamo's request handling here does not slow its forwards (see "
                         "dynamo_rl.serving.engine_process)")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
                    help="seconds between checks of the engine's health (system /health, exit on a dead engine)")
     p.add_argument("--discovery-backend", default=os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
-                   choices=["file", "etcd", "kubernetes", "mem"])
+                   choices=["file", "etcd", "kubernetes", "mem"],
+                   help="how the frontend finds this worker (Dynamo's discovery backend; env DYN_DISCOVERY_BACKEND)")
     return p.parse_args(argv)
 
 
