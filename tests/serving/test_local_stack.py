@@ -158,13 +158,17 @@ time.sleep(600)
 
 
 def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
-    """``dynamo-rl serve``: prints the frontend URL, serves, and Ctrl-C (SIGINT) stops everything."""
+    """``dynamo-rl serve``: prints the frontend URL, serves, and Ctrl-C (SIGINT) stops everything.
+    ``--max-batch-size`` and ``--worker-args`` reach the worker (its KV capacity; the engine on
+    a thread of the worker: no ``engine_pid``)."""
+    import json
     import re
     import subprocess
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "dynamo_rl.cli", "serve", "--workers", "1", "--model-path",
-                             str(tiny_model_dir), "--run-dir", str(tmp_path / "run")],
+                             str(tiny_model_dir), "--run-dir", str(tmp_path / "run"), "--max-batch-size", "4",
+                             "--worker-args", "--no-engine-process"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     lines = []
@@ -176,7 +180,11 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
         out = "".join(lines)
         assert "Ctrl-C to stop" in out, out[-3000:]
         url = re.search(r"http://127\.0\.0\.1:\d+(?=\s)", out.split("frontend (OpenAI API)")[1]).group(0)
-        assert re.search(r"http://127\.0\.0\.1:\d+/engine/get_weight_version", out)
+        control = re.search(r"(http://127\.0\.0\.1:\d+)/engine/get_weight_version", out).group(1)
+        info = httpx.get(f"{control}/engine/info", timeout=30).json()
+        max_seq_len = min(json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"], 4096)
+        assert info["stats"]["kv_cache_capacity_tokens"] == 4 * max_seq_len
+        assert "engine_pid" not in info and info["pid"] > 0
         r = httpx.post(f"{url}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 2})
         assert r.status_code == 200, r.text
@@ -205,6 +213,11 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
     (["--threads", "0"], "Invalid value for '--threads'"),
     (["--port", "70000"], "Invalid value for '--port'"),
     (["--stream-interval", "0"], "Invalid value for '--stream-interval'"),
+    (["--max-batch-size", "0"], "Invalid value for '--max-batch-size'"),
+    (["--worker-args", "--no-such-flag"], "--worker-args '--no-such-flag': python -m dynamo_rl.serving.worker: "
+                                          "error: unrecognized arguments: --no-such-flag"),
+    (["--worker-args", "--threads 2"], "--worker-args: --threads is set by serve itself"),
+    (["--engine", "vllm", "--worker-args", "--mix-prefill-decode"], "--worker-args: only our workers"),
 ])
 def test_serve_refuses_bad_options_before_starting_anything(tmp_path, args, message):
     import subprocess

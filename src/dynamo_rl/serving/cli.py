@@ -6,6 +6,7 @@ A thin shell over :class:`dynamo_rl.serving.stack.LocalStack`; the lead mounts
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import time
@@ -41,6 +42,11 @@ def serve(
     reasoning_parser: Annotated[Optional[str], typer.Option(
         help="Dynamo's reasoning parser (--dyn-reasoning-parser), e.g. qwen3: <think> text becomes "
              "reasoning_content")] = None,
+    max_batch_size: Annotated[int, typer.Option(
+        min=1, help="KV slots per worker: the most requests each decodes at once (vLLM workers: --max-num-seqs)")] = 64,
+    worker_args: Annotated[Optional[str], typer.Option(
+        help="more arguments for our workers, one string, e.g. '--no-engine-process' or '--mix-prefill-decode' "
+             "(see python -m dynamo_rl.serving.worker --help); checked before anything starts")] = None,
     stream_interval: Annotated[Optional[int], typer.Option(
         min=1, help="tokens per streamed message after the first (sent at once), for both worker kinds (vLLM's "
                     "--stream-interval); larger: fewer messages through the frontend, burstier streams. Default: the "
@@ -78,6 +84,31 @@ def serve(
     except ValueError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
+    extra_worker_args = shlex.split(worker_args or "")
+    if extra_worker_args:
+        if engine and all(e == "vllm" for e in engine):
+            console.print("[red]error:[/red] --worker-args: only our workers (--engine dynamo-rl) take them; "
+                          "every worker here is a vLLM worker")
+            raise typer.Exit(2)
+        from dynamo_rl.serving.worker import parse_args as worker_parse_args
+
+        managed = {"--model-path", "--served-model-name", "--device", "--dtype", "--namespace", "--component",
+                   "--max-batch-size", "--threads", "--discovery-backend", "--record-file"}
+        clash = sorted({a.split("=", 1)[0] for a in extra_worker_args} & managed)
+        if clash:
+            console.print(f"[red]error:[/red] --worker-args: {', '.join(clash)} is set by serve itself; use serve's "
+                          "own option")
+            raise typer.Exit(2)
+        try:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                worker_parse_args(["--model-path", "-", *extra_worker_args])
+        except SystemExit:
+            why = err.getvalue().strip().splitlines()[-1:] or ["not accepted"]
+            console.print(f"[red]error:[/red] --worker-args {worker_args!r}: {escape(why[0])}")
+            raise typer.Exit(2) from None
     if model_path is not None and not (Path(model_path) / "config.json").is_file():
         what = "does not exist" if not Path(model_path).exists() else "is not a Hugging Face checkpoint directory (no config.json)"
         console.print(f"[red]error:[/red] --model-path {model_path!r} {what}; omit it to serve the tiny model")
@@ -113,7 +144,8 @@ def serve(
                            worker_threads=threads, device=device, dtype=dtype, record=record,
                            startup_timeout_s=startup_timeout, frontend_port=port, engine=kinds,
                            vllm_python=vllm_python, tool_call_parser=tool_call_parser,
-                           reasoning_parser=reasoning_parser, stream_interval=stream_interval)
+                           reasoning_parser=reasoning_parser, stream_interval=stream_interval,
+                           max_batch_size=max_batch_size, worker_args=extra_worker_args)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
         raise typer.Exit(2) from None
