@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -363,8 +364,6 @@ async def main_async(args) -> dict:
             engine = None  # AsyncLLM.__del__ now, not at interpreter exit (where it fails)
         else:
             await engine.stop()
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)  # the tiny model and the stacks' run dirs
     try:
         import importlib.metadata as md

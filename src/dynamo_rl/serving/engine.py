@@ -81,6 +81,7 @@ from dynamo_rl.serving.engine_types import (
     SamplingParams,
     TokenOutput,
     WeightsError,
+    check_stream_interval,
     validate_prompt,
 )
 
@@ -306,10 +307,8 @@ class Engine:
         Raises:
             ValueError: as :meth:`generate`, or ``stream_interval`` < 1.
         """
-        if int(stream_interval) < 1:
-            raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
-        return self._stream(self._new_request(prompt_ids, params, request_id), chunked=True,
-                            interval=int(stream_interval))
+        interval = check_stream_interval(stream_interval)
+        return self._stream(self._new_request(prompt_ids, params, request_id), chunked=True, interval=interval)
 
     def _new_request(self, prompt_ids, params, request_id) -> _Request:
         params = params or SamplingParams()

@@ -62,6 +62,7 @@ from dynamo_rl.serving.engine_types import (
     PartialWeightsError,
     SamplingParams,
     TokenOutput,
+    check_stream_interval,
     validate_prompt,
 )
 
@@ -223,9 +224,7 @@ class EngineProcess:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in flight; use a unique id")
-        if int(stream_interval) < 1:
-            raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
-        return self._stream(request_id, prompt, params or SamplingParams(), int(stream_interval))
+        return self._stream(request_id, prompt, params or SamplingParams(), check_stream_interval(stream_interval))
 
     async def _stream(self, request_id: str, prompt: list[int], params: SamplingParams, interval: int
                       ) -> AsyncIterator[list[TokenOutput]]:

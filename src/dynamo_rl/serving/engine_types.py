@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["EngineStoppedError", "PartialWeightsError", "SamplingParams", "TokenOutput", "WeightsError",
-           "validate_prompt"]
+           "check_stream_interval", "validate_prompt"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,14 @@ def validate_prompt(prompt_ids: Sequence[int], *, max_seq_len: int, vocab_size: 
     if bad:
         raise ValueError(f"prompt ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
     return prompt
+
+
+def check_stream_interval(stream_interval) -> int:
+    """``stream_interval`` as an int (tokens per streamed message after the first).
+
+    Raises:
+        ValueError: it is below 1.
+    """
+    if int(stream_interval) < 1:
+        raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
+    return int(stream_interval)
