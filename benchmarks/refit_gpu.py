@@ -425,8 +425,8 @@ async def _decode(engine, fresh: bool) -> dict:
     graphs on CUDA); ``fresh`` drops the captured graphs first, so they are captured anew."""
     from dynamo_rl.serving.engine import SamplingParams
 
-    if fresh and engine._graphs is not None:
-        engine._graphs.clear()
+    if fresh and engine._runner.graphs is not None:
+        engine._runner.graphs.clear()
     graphs_before = engine.stats["cuda_graphs"]
     outs = await engine.complete([1, 5, 9, 13], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     return {"ids": [o.token_id for o in outs], "logprobs": [o.logprob for o in outs],

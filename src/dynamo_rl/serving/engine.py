@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynamo_rl.serving import _graphs, _qwen3, _sampling
+from dynamo_rl.serving import _sampling
 from dynamo_rl.serving._qwen3 import UnsupportedModelError
 from dynamo_rl.serving.engine_types import (
     EngineStoppedError,
@@ -84,6 +84,7 @@ from dynamo_rl.serving.engine_types import (
     check_stream_interval,
     validate_prompt,
 )
+from dynamo_rl.serving.model_runner import ModelRunner
 
 __all__ = ["Engine", "EngineStoppedError", "PartialWeightsError", "SamplingParams", "TokenOutput",
            "UnsupportedModelError", "WeightsError", "validate_prompt"]
@@ -164,11 +165,8 @@ class Engine:
                  prefill_chunk: int = 2048, decode_steps: int = 4, cuda_graphs: bool | None = None,
                  mix_prefill_decode: bool = False):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.shape = _qwen3.describe_decoder(model)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch_size = int(max_batch_size)
-        self.max_seq_len = int(max_seq_len or min(self.shape.max_position_embeddings, 4096))
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.prefix_caching = prefix_caching
         self.prefill_chunk = int(prefill_chunk)
@@ -177,21 +175,15 @@ class Engine:
         self.weights_version = int(weights_version)
         self.paused = False
         self.layout = {"tp_rank": 0, "tp_size": 1}
+        # the model, its KV cache, graphs and weights: run on the engine thread
+        self._runner = ModelRunner(model, device=self.device, slots=self.max_batch_size, max_seq_len=max_seq_len,
+                                   prefill_chunk=self.prefill_chunk,
+                                   cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+        self.shape = self._runner.shape
+        self.max_seq_len = self._runner.max_seq_len
+        self.model = self._runner.model
+        self.dtype = self._runner.dtype
         self.model_config = model.config.to_dict()
-        self.dtype = model.model.embed_tokens.weight.dtype
-
-        self._params = dict(model.named_parameters())  # deduplicated: a tied lm_head is omitted
-        self._param_bytes = sum(p.numel() * p.element_size() for p in self._params.values())
-        self._cos, self._sin = _qwen3.rope_tables(model, self.max_seq_len)
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(self.device)!r}")
-        # one slot more than requests when graphs pad their batches (the scratch slot)
-        self._cache = _qwen3.KVCache(self.shape, self.max_batch_size + int(cuda_graphs), self.max_seq_len,
-                                     self.dtype, self.device)
-        self._graphs = (_graphs.DecodeGraphs(model, self._cache, self._cos, self._sin, self.max_batch_size,
-                                            scratch_slot=self.max_batch_size) if cuda_graphs else None)
         self._slots = [_Slot() for _ in range(self.max_batch_size)]
         self._waiting: collections.deque[_Request] = collections.deque()
         self._requests: dict[str, _Request] = {}
@@ -199,7 +191,6 @@ class Engine:
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
         self._partial: str | None = None  # why the weights are partial (failed in-place load)
         self._died: str | None = None  # why the scheduling loop died (until it is started again)
-        self._views = None  # FrozenTensors of detached parameter views, for in-place loads
         self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0,
@@ -466,51 +457,15 @@ class Engine:
             "requests_waiting": len(self._waiting),
             "kv_cache_tokens": sum(len(s.tokens) for s in self._slots),
             "kv_cache_capacity_tokens": self.max_batch_size * self.max_seq_len,
-            "kv_cache_bytes": self._cache.nbytes,
-            "cuda_graphs": 0 if self._graphs is None else len(self._graphs),
+            "kv_cache_bytes": self._runner.cache.nbytes,
+            "cuda_graphs": self._runner.graph_count,
         }
 
     # ------------------------------------------------------------------ weights
 
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """HF parameter names → ``(shape, dtype)`` of this engine's weights (tied ``lm_head`` omitted)."""
-        return {name: (tuple(p.shape), p.dtype) for name, p in self._params.items()}
-
-    def _validate(self, tensors: Mapping[str, torch.Tensor], version: int, adopt: bool) -> None:
-        specs = self.param_specs()
-        missing = sorted(set(specs) - set(tensors))
-        unexpected = sorted(set(tensors) - set(specs))
-        mismatched, problems = [], []
-        for name in sorted(set(specs) & set(tensors)):
-            t = tensors[name]
-            shape, dtype = specs[name]
-            if not isinstance(t, torch.Tensor):
-                problems.append(f"{name}: not a torch.Tensor ({type(t).__name__})")
-            elif tuple(t.shape) != shape:
-                problems.append(f"{name}: shape {tuple(t.shape)}, expected {shape}")
-            elif t.dtype != dtype:
-                problems.append(f"{name}: dtype {t.dtype}, expected {dtype}")
-            elif adopt and t.device != self._params[name].device:
-                problems.append(f"{name}: on {t.device}, expected {self._params[name].device} "
-                                "(adopt=True takes the tensor as is; move it or use adopt=False)")
-            else:
-                continue
-            mismatched.append(name)
-        if not (missing or unexpected or mismatched):
-            return
-        lines = [f"weights for version {version} refused, served weights unchanged (version "
-                 f"{self.weights_version}):"]
-        if missing:
-            lines.append(f"missing ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            hint = (" (lm_head.weight is tied to model.embed_tokens.weight here: omit it)"
-                    if "lm_head.weight" in unexpected else "")
-            lines.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected) + hint)
-        if problems:
-            lines.append(f"mismatched ({len(problems)}): " + "; ".join(problems))
-        lines.append("send exactly the names, shapes and dtypes of Engine.param_specs()")
-        raise WeightsError("\n  ".join(lines), missing=missing, unexpected=unexpected,
-                           mismatched=mismatched)
+        return self._runner.param_specs()
 
     async def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int, *,
                            adopt: bool = False) -> dict:
@@ -530,8 +485,9 @@ class Engine:
             WeightsError: ``version`` is older than the current one, or the set does not
                 match (every missing/unexpected/mismatched name listed). Nothing changes.
         """
-        nbytes, rep = await self._replace_weights(version, lambda: self._swap(tensors, adopt),
-                                                  prepare=lambda: self._validate(tensors, version, adopt))
+        nbytes, rep = await self._replace_weights(
+            version, lambda: self._runner.swap(tensors, adopt),
+            prepare=lambda: self._runner.validate(tensors, version, self.weights_version, adopt))
         return rep if rep.get("noop") else {**rep, "bytes": nbytes}
 
     async def _replace_weights(self, version: int, work: Callable[[], object], *,
@@ -568,7 +524,7 @@ class Engine:
             finally:
                 self._hold -= 1
                 self._wake.set()
-        return out, {"version": version, "tensors": len(self._params), "seconds": time.perf_counter() - t0,
+        return out, {"version": version, "tensors": len(self._runner.params), "seconds": time.perf_counter() - t0,
                      "freed_tokens": freed}
 
     def _is_current(self, version) -> bool:
@@ -581,24 +537,6 @@ class Engine:
             raise WeightsError(f"weights version {version} is older than the served version "
                                f"{self.weights_version}; refusing to go back (send a newer version)")
         return version == self.weights_version and self._partial is None
-
-    def _swap(self, tensors: Mapping[str, torch.Tensor], adopt: bool) -> int:
-        nbytes = 0
-        with torch.inference_mode():  # also copies into adopted inference-mode tensors
-            for name, param in self._params.items():
-                t = tensors[name]
-                if adopt:
-                    param.data = t.detach()  # new storage: captured CUDA graphs are stale
-                else:
-                    param.data.copy_(t)
-                nbytes += t.numel() * t.element_size()
-        if adopt:
-            self._views = None  # new storage: views for load_weights_in_place are rebuilt
-            if self._graphs is not None:
-                self._graphs.clear()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return nbytes
 
     async def load_weights_in_place(self, fill: Callable[[dict[str, torch.Tensor]], object],
                                     version: int, *, inline: bool = False) -> dict:
@@ -644,19 +582,8 @@ class Engine:
                 f"refuses requests until a complete weights load (last complete version "
                 f"{self.weights_version})")
 
-        out, rep = await self._replace_weights(version, lambda: self._fill(fill), on_error=failed, inline=inline)
-        return rep if rep.get("noop") else {**rep, "bytes": self._param_bytes, "fill": out}
-
-    def _fill(self, fill):
-        if self._views is None:  # read-only, plain tensors: a receiver checks it in O(1)
-            from dynamo_rl.refit.receiver import FrozenTensors
-
-            self._views = FrozenTensors({n: p.detach() for n, p in self._params.items()})
-        with torch.inference_mode():
-            out = fill(self._views)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return out
+        out, rep = await self._replace_weights(version, lambda: self._runner.fill(fill), on_error=failed, inline=inline)
+        return rep if rep.get("noop") else {**rep, "bytes": self._runner.param_bytes, "fill": out}
 
     def _mark_partial(self, reason: str) -> None:
         self._partial = reason
@@ -872,62 +799,12 @@ class Engine:
         return self._admissible() and any(s.owner is None for s in self._slots)
 
     def _forward_and_sample(self, reqs, rows, starts, leaders=None) -> tuple[list[int], list[float]]:
-        """Runs on the engine thread: one forward, then sampling.
-
-        ``leaders[i]``: index of the request whose prefill request ``i`` shares (itself when
-        it leads); followers get the leader's keys/values copied into their slot and its logits.
-        """
-        slots = [r.slot for r in reqs]
-        temps = [r.params.temperature for r in reqs]
-        top_ks = [r.params.top_k for r in reqs]
-        top_ps = [r.params.top_p for r in reqs]
+        """Runs on the engine thread: one forward of ``reqs``' rows, then sampling
+        (:meth:`ModelRunner.forward_and_sample`; ``leaders`` as there)."""
         keys = _sampling.draw_keys([r.generator for r in reqs])  # one draw per request and step
-        with torch.no_grad():
-            if self._graphs is not None and leaders is None and all(len(row) == 1 for row in rows):
-                logits, packed = self._graphs.run([row[0] for row in rows], slots, starts, temps, keys)
-                if not _sampling.needs_filter(self.shape.vocab_size, temps, top_ks, top_ps):
-                    return _sampling.unpack(packed)  # sampled inside the graph
-            elif leaders is not None and any(lead != i for i, lead in enumerate(leaders)):
-                own = sorted(set(leaders))
-                lead_logits = self._prefill([rows[i] for i in own], [slots[i] for i in own],
-                                            [starts[i] for i in own])
-                for i, lead in enumerate(leaders):
-                    if lead != i:
-                        self._cache.copy_slot(slots[lead], slots[i], len(reqs[i].prompt))
-                row_of = {lead: j for j, lead in enumerate(own)}
-                logits = lead_logits[torch.tensor([row_of[lead] for lead in leaders], device=lead_logits.device)]
-            else:
-                logits = self._prefill(rows, slots, starts)
-            return _sampling.sample(logits, temps, top_ks, top_ps, keys)
-
-    def _prefill(self, rows: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
-        """Eager forward of the rows in chunks of ``prefill_chunk`` tokens (bounded activation
-        memory for long prompts); returns each row's last logits ``[B, vocab]``."""
-        chunk = self.prefill_chunk
-        if max(len(r) for r in rows) <= chunk:
-            single = [i for i, r in enumerate(rows) if len(r) == 1]
-            if not single or len(single) == len(rows):
-                batch = _qwen3.make_batch(rows, slots, starts, self.device)
-                return _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
-            # prompts and one-token rows (decoding requests riding along): one forward, the
-            # one-token rows not padded to the prompts' width
-            wide = [i for i, r in enumerate(rows) if len(r) > 1]
-            batches = [_qwen3.make_batch([rows[i] for i in part], [slots[i] for i in part],
-                                         [starts[i] for i in part], self.device) for part in (wide, single)]
-            logits = _qwen3.forward_groups(self.model, self._cache, batches, self._cos, self._sin)
-            order = torch.empty(len(rows), dtype=torch.long)
-            order[torch.tensor(wide + single)] = torch.arange(len(rows))
-            return logits[order.to(logits.device)]
-        last: list[torch.Tensor | None] = [None] * len(rows)
-        for offset in range(0, max(len(r) for r in rows), chunk):
-            part = [i for i, r in enumerate(rows) if len(r) > offset]
-            batch = _qwen3.make_batch([rows[i][offset:offset + chunk] for i in part], [slots[i] for i in part],
-                                      [starts[i] + offset for i in part], self.device)
-            logits = _qwen3.forward(self.model, self._cache, batch, self._cos, self._sin)
-            for j, i in enumerate(part):
-                if offset + chunk >= len(rows[i]):
-                    last[i] = logits[j]
-        return torch.stack(last)
+        return self._runner.forward_and_sample(
+            rows, [r.slot for r in reqs], starts, [r.params.temperature for r in reqs],
+            [r.params.top_k for r in reqs], [r.params.top_p for r in reqs], keys, leaders)
 
     def _finish_reason(self, req: _Request, token: int, generated: int | None = None) -> str | None:
         """Why ``req`` ends with ``token`` (its ``generated``-th token), or None."""
