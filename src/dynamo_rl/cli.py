@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
@@ -46,8 +47,8 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @app.command(context_settings={"ignore_unknown_options": True}, epilog=EXIT_CODES)
 def train(
-    recipe: Annotated[str, typer.Argument(help="recipe YAML, e.g. examples/grpo_tiny.yaml", show_default=False)],
-    overrides: Annotated[Optional[list[str]], typer.Argument(
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="recipe YAML, e.g. examples/grpo_tiny.yaml", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="OVERRIDES",
         help="dotted overrides, section.key=value (e.g. grpo.num_steps=20)", show_default=False)] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="output directory (default runs/<name>-<time>)")] = None,
     resume: Annotated[Optional[str], typer.Option(

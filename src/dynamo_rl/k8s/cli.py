@@ -30,11 +30,11 @@ from .errors import (
 from .manifests import dgd_api, dgd_components
 from .schema import Infra, check_namespace, load_infra
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Kubernetes launcher: DynamoGraphDeployment (inference) + KubeRay RayCluster/RayJob (training).")
 console = Console(stderr=True)
 
-InfraArg = Annotated[Path, typer.Argument(help="infra YAML (see examples/k8s/infra.yaml)")]
+InfraArg = Annotated[Path, typer.Argument(metavar="INFRA", help="infra YAML (see examples/k8s/infra.yaml)")]
 NamespaceOpt = Annotated[Optional[str], typer.Option("--namespace", "-n", help="override the infra file's namespace")]
 KubeconfigOpt = Annotated[Optional[str], typer.Option(help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
 ContextOpt = Annotated[Optional[str], typer.Option(help="kubeconfig context")]
@@ -243,8 +243,8 @@ def down(
 @app.command(context_settings={"ignore_unknown_options": True})
 def run(
     infra_file: InfraArg,
-    recipe: Annotated[Path, typer.Argument(help="training recipe YAML", show_default=False)],
-    overrides: Annotated[Optional[list[str]], typer.Argument(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="training recipe YAML", show_default=False)],
+    overrides: Annotated[Optional[list[str]], typer.Argument(metavar="OVERRIDES",
         help="the recipe's dotted overrides, section.key=value (e.g. grpo.num_steps=20)", show_default=False)] = None,
     raycluster: Annotated[bool, typer.Option("--raycluster", help="RayCluster first, DGDs owned by it, driver via the dashboard")] = False,
     rayjob: Annotated[bool, typer.Option("--rayjob", help="DGDs first, then a RayJob; its cluster then owns the DGDs")] = False,
