@@ -39,7 +39,7 @@ def test_sync_run_writes_outputs_with_exact_versions_and_logprobs(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["completed"] is True
-    assert summary["refits"] == 4
+    assert summary["refits"] == 4 and summary["weights_version"] == 5  # v1 is served before step 1
     assert summary["version_mismatches"] == 0
     assert summary["stale_samples"] == 0
     assert summary["logprob_mae"] < 1e-4

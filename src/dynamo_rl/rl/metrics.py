@@ -3,7 +3,9 @@
 
 Summary fields: ``steps``, ``reward_first`` / ``reward_last`` (mean rollout reward over the
 first and last 3 steps), ``exact_match_first`` / ``exact_match_last`` (the same for the
-task's exact match), ``refits``, ``stale_samples``, ``version_mismatches``,
+task's exact match), ``refits`` (one after each step; the refit before step 1, which serves
+weights version 1, is not counted), ``weights_version`` (the version the last step's refit
+served), ``stale_samples``, ``version_mismatches``,
 ``logprob_mae`` (mean over steps of the trainer-vs-engine mean |Δlogprob| on on-policy
 samples), ``wall_seconds``, ``completed`` (false when the run was interrupted or failed),
 ``eval_reward_initial`` (greedy, after the warm start, before GRPO) and ``eval_reward_last``,
@@ -126,6 +128,7 @@ def summarize(records: list[dict[str, Any]], figures: list[str] | None = None, *
         "exact_match_first": mean([r.get("exact_match") for r in records[:3]]),
         "exact_match_last": mean([r.get("exact_match") for r in records[-3:]]),
         "refits": sum(1 for r in records if r.get("refit_seconds") is not None),
+        "weights_version": records[-1].get("weights_version") if records else None,
         "stale_samples": sum(r.get("stale_samples", 0) for r in records),
         "dropped_samples": sum(r.get("dropped_samples", 0) for r in records),
         "version_mismatches": sum(r.get("version_mismatches", 0) for r in records),
