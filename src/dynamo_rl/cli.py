@@ -68,6 +68,11 @@ def train(
     from dynamo_rl.config import ConfigError, load_recipe
     from dynamo_rl.rl.loop import run_training
 
+    flags = [o for o in overrides or [] if o.startswith("-")]
+    if flags:  # unknown options reach here (ignore_unknown_options keeps negative numbers as values)
+        typer.secho(f"error: no such option {flags[0]!r} for train (its options: --run-dir, --resume; see "
+                    "dynamo-rl train --help); overrides look like section.key=value", fg="red", err=True)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     try:
         cfg = load_recipe(recipe, list(overrides or []))
     except ConfigError as e:
@@ -83,13 +88,15 @@ def _mount_subcommands() -> None:
     except ImportError:  # pragma: no cover - module not built yet
         pass
     else:
-        app.command(epilog=EXIT_CODES)(serve)
+        app.command(epilog=EXIT_CODES, short_help="Serve a model: the Dynamo frontend and N workers on 127.0.0.1.")(serve)
     try:
         from dynamo_rl.k8s.cli import app as k8s_app
     except ImportError:  # pragma: no cover
         pass
     else:
-        app.add_typer(k8s_app, name="k8s", help="Kubernetes: DGD + KubeRay RayCluster/RayJob launcher.",
+        app.add_typer(k8s_app, name="k8s", short_help="Kubernetes: DGD + KubeRay RayCluster/RayJob launcher.",
+                      help="Kubernetes: DGD + KubeRay RayCluster/RayJob launcher. -v goes before the subcommand "
+                           "(dynamo-rl k8s -v up INFRA) and logs every API call.",
                       epilog=EXIT_CODES + " `k8s run --wait` exits with the driver's code.")
 
 

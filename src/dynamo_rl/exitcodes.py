@@ -25,4 +25,4 @@ class ExitCode(IntEnum):
 
 
 #: one line for ``--help`` epilogs
-HELP = "Exit codes: 0 ok, 1 runtime failure, 2 bad input, 130 interrupted."
+HELP = "Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted."

@@ -218,6 +218,10 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
                                           "error: unrecognized arguments: --no-such-flag"),
     (["--worker-args", "--threads 2"], "--worker-args: --threads is set by serve itself"),
     (["--engine", "vllm", "--worker-args", "--mix-prefill-decode"], "--worker-args: only our workers"),
+    # the worker kinds are checked before the tiny model is built (it would land in the run dir)
+    (["--engine", "bogus"], "--engine: engine ['bogus'] unknown; worker kinds are ['dynamo-rl', 'vllm']"),
+    (["--engine", "vllm", "--vllm-python", "/nonexistent/python"],
+     "--engine: vllm_python '/nonexistent/python' is not an executable file"),
 ])
 def test_serve_refuses_bad_options_before_starting_anything(tmp_path, args, message):
     import subprocess

@@ -112,9 +112,12 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
 
     ``overridden`` maps dotted keys set on the command line to their override text; a
     problem at (or under) such a key names the override instead of ``source``."""
-    lines = []
+    lines: list[str] = []
+    union: dict[tuple[str, str], int] = {}  # (where, key) → index in lines of a union's first member's error
     for e in err.errors():
-        loc = tuple(e["loc"])
+        # a union's members tag the loc (``literal['a','b']``, ``list[...]``): one problem, one line
+        tagged = any(isinstance(p, str) and "[" in p for p in e["loc"])
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
         key = ".".join(str(p) for p in loc) or "(top level)"
         # an override at this key, above it, or below it (grpoo.num_steps=3 → unknown `grpoo`)
         hits = [text for k, text in (overridden or {}).items()
@@ -132,6 +135,12 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
             msg = e["msg"].removeprefix("Value error, ")
             if msg.startswith(key + ": "):  # our validators name the key themselves
                 msg = msg[len(key) + 2:]
+            if tagged and (where, key) in union:  # another member of the same union: "or ..."
+                i = union[(where, key)]
+                lines[i] = lines[i].removesuffix(got_s) + f"; or {msg[0].lower()}{msg[1:]}{got_s}"
+                continue
+            if tagged:
+                union[(where, key)] = len(lines)
             lines.append(f"{where}: {key}: {msg}{got_s}")
     return "\n".join(lines)
 

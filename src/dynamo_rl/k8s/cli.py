@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dynamo_rl.exitcodes import HELP as EXIT_CODES
+
 from . import orchestrate
 from .errors import (
     CRDMissingError,
@@ -98,7 +100,7 @@ def _kube(kubeconfig: str | None, context: str | None):
     return Kube.connect(kubeconfig, context)
 
 
-@app.command()
+@app.command(short_help='Validate every manifest against the CRDs and probe the cluster.', epilog=EXIT_CODES)
 def check(
     infra_file: InfraArg,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML, to render the RayJob entrypoint with it")] = None,
@@ -158,7 +160,7 @@ def check(
     console.print("[green]ok[/green]: every custom resource validates against its CRD schema" + ("" if offline else "; CRDs installed"))
 
 
-@app.command()
+@app.command(short_help='Print every manifest as YAML.', epilog=EXIT_CODES)
 def render(
     infra_file: InfraArg,
     recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML (run mode: stamped into the entrypoint)")] = None,
@@ -195,7 +197,7 @@ def infra_role_name(plan: orchestrate.Plan) -> str | None:
     return r.name if r else None
 
 
-@app.command()
+@app.command(short_help='Create the RayClusters, then the DGDs; wait until ready.', epilog=EXIT_CODES)
 def up(
     infra_file: InfraArg, target: TargetOpt = None, recreate: RecreateOpt = False, dry_run: DryRunOpt = False,
     wait: WaitOpt = True, poll_s: PollOpt = 5.0,
@@ -217,7 +219,7 @@ def up(
     console.print("[green]up[/green]")
 
 
-@app.command()
+@app.command(short_help='Delete the DGDs, then the RayJobs/RayClusters.', epilog=EXIT_CODES)
 def down(
     infra_file: InfraArg, target: TargetOpt = None, dry_run: DryRunOpt = False, wait: DownWaitOpt = True,
     poll_s: PollOpt = 5.0, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
@@ -240,7 +242,8 @@ def down(
     console.print(f"[green]down[/green]: {len(deleted)} object(s) deleted")
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
+@app.command(context_settings={"ignore_unknown_options": True}, epilog=EXIT_CODES + " With --wait: the driver's code.",
+             short_help="Bring up inference, wait until it serves, start the trainer.")
 def run(
     infra_file: InfraArg,
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="training recipe YAML", show_default=False)],
@@ -292,7 +295,7 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
-@app.command()
+@app.command(short_help='Show the DGDs, RayClusters and RayJobs.', epilog=EXIT_CODES)
 def status(
     infra_file: InfraArg, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
 ) -> None:

@@ -299,7 +299,8 @@ def load_infra(path: str | Path) -> Infra:
     try:
         text = p.read_text()
     except OSError as e:
-        raise InfraConfigError(f"{p}: cannot read the infra file ({e.strerror})") from None
+        raise InfraConfigError(f"{p}: cannot read the infra file ({e.strerror}); give an infra YAML, e.g. "
+                               "examples/k8s/infra.yaml") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

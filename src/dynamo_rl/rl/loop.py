@@ -558,4 +558,5 @@ def _print_summary(s: dict, out: Path) -> None:
                   f"recipe.json, checkpoints/, trainer_state/{extra}")
     if s.get("checkpoint"):
         console.print(f"the trained policy: [bold]{s['checkpoint']}[/] (serve it: dynamo-rl serve --model-path "
-                      f"{s['checkpoint']}; go on: dynamo-rl train RECIPE --resume {out})")
+                      f"{s['checkpoint']}; go on to N steps: dynamo-rl train {out / 'recipe.json'} --resume {out} "
+                      "grpo.num_steps=N)")

@@ -54,7 +54,7 @@ def serve(
 ) -> None:
     """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
 
-    Workers are ours (dynamo-rl) or Dynamo's stock vLLM worker (--engine vllm); both serve Dynamo's RL admin routes on their system server (pause_generation, update_weights_from_distributed, get_weight_version, ...), which the table lists.
+    Workers are ours (dynamo-rl) or Dynamo's stock vLLM worker (--engine vllm); both serve Dynamo's RL admin routes on their system server (pause_generation, update_weights_from_distributed, get_weight_version, ...). Once ready, a table gives the frontend's URL and each worker's control URL.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -123,6 +123,19 @@ def serve(
                 console.print(f"[red]error:[/red] --port {port}: 127.0.0.1:{port} is not free ({e.strerror}); "
                               "choose another port, or --port 0 for a free one")
                 raise typer.Exit(2) from None
+    kinds: str | list[str] = "dynamo-rl"
+    if engine and len(engine) == 1:
+        kinds = engine[0]
+    elif engine:
+        kinds = list(engine)
+        workers = len(kinds)
+    from dynamo_rl.serving.stack import check_engines
+
+    try:  # before the tiny model is built
+        check_engines(kinds, workers, vllm_python)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
+        raise typer.Exit(2) from None
     if model_path is None:
         from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
 
@@ -133,12 +146,6 @@ def serve(
         else:
             model_path = str(ensure_tiny_model(base / "model-tiny"))
             console.print(f"model: the tiny Qwen3 at {model_path}")
-    kinds: str | list[str] = "dynamo-rl"
-    if engine and len(engine) == 1:
-        kinds = engine[0]
-    elif engine:
-        kinds = list(engine)
-        workers = len(kinds)
     try:
         stack = LocalStack(model_path, served_model_name=served_model_name, workers=workers, run_dir=run_dir,
                            worker_threads=threads, device=device, dtype=dtype, record=record,

@@ -118,8 +118,39 @@ def find_vllm_python(explicit: str | None = None) -> str:
             return cand
     raise FileNotFoundError(
         f"vLLM workers need the Python of a vLLM environment; none found (tried {tried}). Build it with "
-        "`make vllm` (creates .venv-vllm, about 2 minutes and 6.5 GB), or set cluster.vllm_python / "
-        "DYNAMO_RL_VLLM_PYTHON to a python where `import vllm, dynamo.vllm, dynamo_rl` works")
+        "`make vllm` (creates .venv-vllm, about 2 minutes and 6.5 GB), or point serve's --vllm-python, a "
+        "recipe's cluster.vllm_python or $DYNAMO_RL_VLLM_PYTHON at a python where `import vllm, dynamo.vllm, "
+        "dynamo_rl` works")
+
+
+def check_engines(engine: str | list[str], workers: int, vllm_python: str | None = None
+                  ) -> tuple[list[str], str, str | None]:
+    """Check the worker kinds of a stack before anything is built.
+
+    Args:
+        engine: one kind for every worker, or a list of one kind per worker (:data:`ENGINES`).
+        workers: how many workers (>= 0).
+        vllm_python: the vLLM environment's Python, when given.
+    Returns:
+        ``(kinds, default kind, vllm_python)``: one kind per worker; the kind of workers
+        added later; the Python of the vLLM environment (:func:`find_vllm_python`) where a
+        kind is ``vllm``, else ``vllm_python`` as given.
+    Raises:
+        ValueError: an unknown kind, or a list whose length is not ``workers``.
+        FileNotFoundError: a ``vllm`` kind and no vLLM environment (the message says how to build one).
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    kinds = [engine] * workers if isinstance(engine, str) else list(engine)
+    if len(kinds) != workers:
+        raise ValueError(f"engine lists {len(kinds)} worker kinds for {workers} workers; give one kind per worker")
+    bad = sorted({k for k in kinds if k not in ENGINES})
+    if bad or (isinstance(engine, str) and engine not in ENGINES):
+        raise ValueError(f"engine {bad or engine!r} unknown; worker kinds are {list(ENGINES)}")
+    default = engine if isinstance(engine, str) else (kinds[0] if kinds else "dynamo-rl")
+    if "vllm" in kinds + [default]:
+        vllm_python = find_vllm_python(vllm_python)
+    return kinds, default, vllm_python
 
 
 def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
@@ -233,17 +264,7 @@ class LocalStack:
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
                                     "checkpoint directory (e.g. dynamo_rl.models.ensure_tiny_model(dir))")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
-        kinds = [engine] * workers if isinstance(engine, str) else list(engine)
-        if len(kinds) != workers:
-            raise ValueError(f"engine lists {len(kinds)} worker kinds for {workers} workers; give one kind per worker")
-        bad = sorted({k for k in kinds if k not in ENGINES})
-        if bad or (isinstance(engine, str) and engine not in ENGINES):
-            raise ValueError(f"engine {bad or engine!r} unknown; worker kinds are {list(ENGINES)}")
-        self.engines = kinds
-        self.default_engine = engine if isinstance(engine, str) else (kinds[0] if kinds else "dynamo-rl")
-        self.vllm_python = find_vllm_python(vllm_python) if "vllm" in kinds + [self.default_engine] else vllm_python
+        self.engines, self.default_engine, self.vllm_python = check_engines(engine, workers, vllm_python)
         self.max_model_len = max_model_len
         self.worker_args = list(worker_args or [])
         self.parser_args: list[str] = []
