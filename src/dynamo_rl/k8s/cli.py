@@ -40,7 +40,7 @@ InfraArg = Annotated[Path, typer.Argument(metavar="INFRA", help="infra YAML (see
 NamespaceOpt = Annotated[Optional[str], typer.Option("--namespace", "-n", help="override the infra file's namespace")]
 KubeconfigOpt = Annotated[Optional[str], typer.Option(help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
 ContextOpt = Annotated[Optional[str], typer.Option(help="kubeconfig context")]
-TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", help="dynamo.<key>, kuberay.<role> or deployments.<key> (repeatable; default all)")]
+TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", metavar="TARGET", help="dynamo.<key>, kuberay.<role> or deployments.<key> (repeatable; default all)")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print every manifest as YAML and send nothing")]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every object is provisioned/ready")]
 DownWaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every deleted object is gone")]

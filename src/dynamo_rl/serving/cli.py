@@ -31,7 +31,7 @@ def serve(
     record: Annotated[bool, typer.Option(help="workers append every finished request to records/*.jsonl")] = False,
     startup_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 180.0,
     engine: Annotated[Optional[list[str]], typer.Option(
-        "--engine", help="worker kind: dynamo-rl (ours) or vllm (Dynamo's stock `python -m dynamo.vllm "
+        "--engine", metavar="KIND", help="worker kind: dynamo-rl (ours) or vllm (Dynamo's stock `python -m dynamo.vllm "
                          "--enable-rl` with the refit extension; needs `make vllm`). Once: every worker; "
                          "repeated: one kind per worker, e.g. --engine vllm --engine dynamo-rl")] = None,
     vllm_python: Annotated[Optional[str], typer.Option(
