@@ -18,8 +18,11 @@ How a request flows
     Forwards run on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
     uvloop in the worker) stays responsive; one hand-off runs up to ``decode_steps``
     decode steps, ending early when a request finishes or a waiting one can be admitted.
-    Tokens reach each request through its own ``asyncio.Queue``. The forward itself is :mod:`dynamo_rl.serving._qwen3` (a
-    functional Qwen3/Qwen2/Llama decoder over the HF module's own parameters). On CUDA,
+    Tokens reach each request through its own ``asyncio.Queue``. What runs on the engine
+    thread (the model, KV cache, forwards, sampling, the weights' bytes) is
+    :class:`~dynamo_rl.serving.model_runner.ModelRunner`; the forward itself is
+    :mod:`dynamo_rl.serving._qwen3` (a functional Qwen3/Qwen2/Llama decoder over the HF
+    module's own parameters). On CUDA,
     decode steps replay captured CUDA graphs (``cuda_graphs``), one per (batch, width)
     bucket; prefill runs eagerly.
 
