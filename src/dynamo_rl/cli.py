@@ -68,11 +68,6 @@ def train(
     from dynamo_rl.config import ConfigError, load_recipe
     from dynamo_rl.rl.loop import run_training
 
-    flags = [o for o in overrides or [] if o.startswith("-")]
-    if flags:  # unknown options reach here (ignore_unknown_options keeps negative numbers as values)
-        typer.secho(f"error: no such option {flags[0]!r} for train (its options: --run-dir, --resume; see "
-                    "dynamo-rl train --help); overrides look like section.key=value", fg="red", err=True)
-        raise typer.Exit(ExitCode.BAD_INPUT)
     try:
         cfg = load_recipe(recipe, list(overrides or []))
     except ConfigError as e:

@@ -34,6 +34,8 @@ def test_overrides_and_plus_overrides(tmp_path):
         ("name: t\n", ["grpo.num_steps=${nope}"],
          "override 'grpo.num_steps=${nope}': grpo.num_steps: Interpolation key 'nope' not found"),
         ("# only a comment\n", ["grpo.num_steps=3"], "is empty; start from examples/grpo_tiny.yaml"),
+        # an unknown --flag passed on as an override (train and k8s run keep unknown options as arguments)
+        ("name: t\n", ["--bogus"], "no such option '--bogus' (see the command's --help)"),
         # a union field: one line, its members' tags (literal[...], list[...]) left out
         ("name: t\n", ["cluster.engine=bogus"],
          "override 'cluster.engine=bogus': cluster.engine: Input should be 'dynamo-rl' or 'vllm'; or input should "

@@ -63,6 +63,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "r
     except OmegaConfBaseException as e:  # e.g. a YAML date, which OmegaConf cannot hold
         raise ConfigError(f"{source}: {_omegaconf_message(e)}; quote the value to make it a string") from None
     for item in overrides:
+        if item.startswith("-"):  # an unknown --flag that the command line passed on as an argument
+            raise ConfigError(f"no such option {item!r} (see the command's --help); overrides look like "
+                              "section.key=value (e.g. grpo.num_steps=20)")
         key, sep, raw = item.partition("=")
         key = key.strip().lstrip("+")
         if not sep or not key or any(not part for part in key.split(".")):

@@ -90,11 +90,10 @@ def serve(
             console.print("[red]error:[/red] --worker-args: only our workers (--engine dynamo-rl) take them; "
                           "every worker here is a vLLM worker")
             raise typer.Exit(2)
+        from dynamo_rl.serving.stack import MANAGED_WORKER_FLAGS
         from dynamo_rl.serving.worker import parse_args as worker_parse_args
 
-        managed = {"--model-path", "--served-model-name", "--device", "--dtype", "--namespace", "--component",
-                   "--max-batch-size", "--threads", "--discovery-backend", "--record-file"}
-        clash = sorted({a.split("=", 1)[0] for a in extra_worker_args} & managed)
+        clash = sorted({a.split("=", 1)[0] for a in extra_worker_args} & MANAGED_WORKER_FLAGS)
         if clash:
             console.print(f"[red]error:[/red] --worker-args: {', '.join(clash)} is set by serve itself; use serve's "
                           "own option")
@@ -132,7 +131,7 @@ def serve(
     from dynamo_rl.serving.stack import check_engines
 
     try:  # before the tiny model is built
-        check_engines(kinds, workers, vllm_python)
+        _, _, vllm_python = check_engines(kinds, workers, vllm_python)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
         raise typer.Exit(2) from None
@@ -153,9 +152,10 @@ def serve(
                            vllm_python=vllm_python, tool_call_parser=tool_call_parser,
                            reasoning_parser=reasoning_parser, stream_interval=stream_interval,
                            max_batch_size=max_batch_size, worker_args=extra_worker_args)
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
+    except (FileNotFoundError, ValueError) as e:  # what LocalStack checks itself
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
+
     def _sigterm(*_):  # `kill <pid>` tears the stack down like Ctrl-C
         raise KeyboardInterrupt
 

@@ -111,6 +111,7 @@ def check_stream_interval(stream_interval) -> int:
     Raises:
         ValueError: it is below 1.
     """
-    if int(stream_interval) < 1:
+    n = int(stream_interval)
+    if n < 1:
         raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1")
-    return int(stream_interval)
+    return n
