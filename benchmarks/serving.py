@@ -291,10 +291,11 @@ async def main_async(args) -> dict:
         if before is None:
             return None
         d = {k: after[k] - before[k] for k in ("forward_passes", "prefill_batches", "tokens_generated",
-                                               "forward_seconds")}
+                                               "forward_seconds", "decode_batches", "decode_handoffs")}
         forwards = max(d["forward_passes"], 1)
         return {"forwards": d["forward_passes"], "prefill_forwards": d["prefill_batches"],
                 "tokens_per_forward": round(d["tokens_generated"] / forwards, 2),
+                "decode_steps_per_handoff": round(d["decode_batches"] / max(d["decode_handoffs"], 1), 2),
                 "forward_ms": round(1e3 * d["forward_seconds"] / forwards, 3),
                 "engine_thread_busy": round(d["forward_seconds"] / seconds, 3)}
 

@@ -218,13 +218,14 @@ async def test_32_concurrent_requests_are_decoded_together(engine):
     prompts = [[1] + [4 + (i * 7 + j) % 40 for j in range(1 + i % 9)] for i in range(32)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     alone = [await engine.complete(p, params) for p in prompts[:3]]
-    before = engine.stats["decode_batches"]
+    before = engine.stats
     results = await asyncio.gather(*[engine.complete(p, params) for p in prompts])
     stats = engine.stats
     assert [len(r) for r in results] == [10] * 32
     assert all(r[-1].finish_reason == "length" for r in results)
     assert stats["max_decode_batch"] == 32
-    assert stats["decode_batches"] - before == 9  # 1 prefill + 9 batched decode steps for 10 tokens
+    assert stats["decode_batches"] - before["decode_batches"] == 9  # 1 prefill + 9 batched decode steps
+    assert stats["decode_handoffs"] - before["decode_handoffs"] == 3  # 4 + 4 + 1 steps (decode_steps=4)
     assert stats["requests_running"] == 0 and stats["requests_waiting"] == 0
     for one, batched in zip(alone, results):  # batching does not change a request's result
         assert ids_of(one) == ids_of(batched)

@@ -194,7 +194,7 @@ class Engine:
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
         self._partial: str | None = None  # why the weights are partial (failed in-place load)
         self._died: str | None = None  # why the scheduling loop died (until it is started again)
-        self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0,
+        self._counters = dict(forward_passes=0, prefill_batches=0, decode_batches=0, decode_handoffs=0,
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0,
                               loop_deaths=0, mixed_batches=0)
@@ -441,7 +441,9 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        """Counters (ints): forward_passes, prefill_batches, decode_batches, max_decode_batch,
+        """Counters (ints): forward_passes, prefill_batches, decode_batches, decode_handoffs
+        (calls to the engine thread that ran decode steps: ``decode_batches / decode_handoffs``
+        steps per hand-off, at most ``decode_steps``), max_decode_batch,
         mixed_batches (prefill forwards that also decoded running requests),
         tokens_generated, prompt_tokens, loop_deaths (times the scheduling loop died, see
         :attr:`loop_died`), prefix_cache_hit_tokens (prompt tokens whose keys/values
@@ -758,6 +760,7 @@ class Engine:
                 c["max_decode_batch"] = max(c["max_decode_batch"], decoding)
         else:
             c["decode_batches"] += steps
+            c["decode_handoffs"] += 1
             c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))
         self._clock += 1
         for r, row, outs in zip(reqs, rows, per_row):
