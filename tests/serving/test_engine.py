@@ -163,6 +163,35 @@ async def test_seed_fixes_ids_whatever_the_batch(engine):
 
 
 @pytest.mark.asyncio
+async def test_a_finished_request_leaves_the_burst_and_the_others_go_on(engine):
+    """A (2 tokens) and B (9) decode together: A finishes at the first decode step; its last
+    token reaches its stream at once, before B's tokens of that burst, and B decodes on in
+    the same hand-off. Hand-offs 4 + 4 steps (one per burst of B), not 1 + 4 + 3."""
+    params = {"A": SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+              "B": SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)}
+    arrivals: list[tuple[str, int]] = []
+
+    async def consume(name):
+        chunks = []
+        async for chunk in engine.generate_chunks([1, 9, 8] if name == "A" else [1, 7, 6, 5], params[name]):
+            arrivals.append((name, len(chunk)))
+            chunks.append(chunk)
+        return chunks
+
+    engine.flush_cache()
+    before = engine.stats
+    a, b = await asyncio.gather(consume("A"), consume("B"))
+    stats = engine.stats
+    assert [len(c) for c in a] == [1, 1] and [len(c) for c in b] == [1, 4, 4]
+    assert arrivals.index(("A", 1), 1) < arrivals.index(("B", 4))  # A's last token came first
+    assert stats["decode_handoffs"] - before["decode_handoffs"] == 2
+    assert stats["decode_batches"] - before["decode_batches"] == 8
+    assert a[-1][-1].finish_reason == b[-1][-1].finish_reason == "length"
+    alone = await engine.complete([1, 7, 6, 5], params["B"])
+    assert [o.token_id for c in b for o in c] == [o.token_id for o in alone]
+
+
+@pytest.mark.asyncio
 async def test_chunks_hold_the_same_tokens_as_the_token_stream(engine):
     """generate_chunks: every token ready at a delivery in one list; the concatenation is
     exactly generate's ids and logprobs, the last list ends with the finish reason."""

@@ -714,15 +714,14 @@ class Engine:
 
     async def _step(self, reqs: list[_Request], prefill: bool, decoding: int = 0) -> None:
         """Prefill ``reqs`` (one forward) or decode them (up to ``decode_steps`` forwards in one
-        call to the engine thread), then deliver the tokens in order. With ``prefill``, the
-        last ``decoding`` of ``reqs`` are running requests decoded in the same forward."""
+        call to the engine thread, :meth:`_decode`), then deliver the tokens in order. With
+        ``prefill``, the last ``decoding`` of ``reqs`` are running requests decoded in the same
+        forward."""
         n_new = len(reqs) - decoding
-        if prefill:
-            rows = [r.prompt[len(self._slots[r.slot].tokens):] for r in reqs[:n_new]]
-            rows += [[r.output[-1]] for r in reqs[n_new:]]
-        else:
-            rows = [[r.output[-1]] for r in reqs]
         starts = [len(self._slots[r.slot].tokens) for r in reqs]
+        if prefill:
+            rows = [r.prompt[start:] for r, start in zip(reqs[:n_new], starts)]
+            rows += [[r.output[-1]] for r in reqs[n_new:]]
         # identical prompts admitted together (n samples of one prompt) are prefilled once
         leader_of: dict[tuple[int, ...], int] = {}
         leaders = None
@@ -735,9 +734,8 @@ class Engine:
             if prefill:
                 ids, logprobs = await self._loop.run_in_executor(
                     self._executor, self._forward_and_sample, reqs, rows, starts, leaders)
-                per_row = [[(t, lp)] for t, lp in zip(ids, logprobs)]
             else:
-                per_row = await self._loop.run_in_executor(self._executor, self._decode, reqs, starts)
+                unfinished = await self._loop.run_in_executor(self._executor, self._decode, reqs, starts)
         except Exception as exc:  # a failed forward ends these requests, the engine goes on
             error = EngineStoppedError(f"forward failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
@@ -749,24 +747,32 @@ class Engine:
             return
         self._busy = False
         self._forward_seconds += time.perf_counter() - t0
-        steps = len(per_row[0])
         c = self._counters
-        c["forward_passes"] += steps
         if prefill:
+            c["forward_passes"] += 1
             c["prefill_batches"] += 1
             c["prefill_shared_tokens"] += sum(len(rows[i]) for i, lead in enumerate(leaders) if lead != i)
             if decoding:
                 c["mixed_batches"] += 1
                 c["max_decode_batch"] = max(c["max_decode_batch"], decoding)
+            self._deliver(reqs, [[(t, lp)] for t, lp in zip(ids, logprobs)], rows)
         else:
-            c["decode_batches"] += steps
-            c["decode_handoffs"] += 1
-            c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))
+            self._deliver([r for r, _ in unfinished], [outs for _, outs in unfinished])
+        await self._notify()
+
+    def _deliver(self, reqs: list[_Request], per_row: list[list[tuple[int, float]]],
+                 fed_rows: list[list[int]] | None = None) -> None:
+        """On the event loop: hand each request its new (token, logprob)s in order, record
+        the tokens whose keys/values its slot now holds (``fed_rows[i]`` for the first
+        token, a prefill row; else the request's last token), and release the finished."""
+        c = self._counters
         self._clock += 1
-        for r, row, outs in zip(reqs, rows, per_row):
+        for i, (r, outs) in enumerate(zip(reqs, per_row)):
+            if r.done:  # failed meanwhile (the engine stopped): its tokens are dropped
+                continue
             slot = self._slots[r.slot]
             slot.last_used = self._clock
-            fed = row  # the tokens whose keys/values the forward just wrote
+            fed = fed_rows[i] if fed_rows is not None else [r.output[-1]]
             for tok, lp in outs:
                 slot.tokens.extend(fed)
                 r.output.append(tok)
@@ -778,28 +784,51 @@ class Engine:
                     c["requests_finished"] += 1
                     break  # (an abort seen here first drops the rest of this row's tokens)
                 fed = [tok]
-        await self._notify()
 
-    def _decode(self, reqs: list[_Request], starts: list[int]) -> list[list[tuple[int, float]]]:
-        """Runs on the engine thread: decode steps over all ``reqs`` until one of them
-        finishes, a waiting request could be admitted, or ``decode_steps`` steps are done
-        (fewer hand-offs between threads per token). Returns each row's (token, logprob)s."""
+    def _decode(self, reqs: list[_Request], starts: list[int]) -> list[tuple[_Request, list[tuple[int, float]]]]:
+        """Runs on the engine thread: decode steps until every row finished, a waiting
+        request could be admitted, or ``decode_steps`` steps are done (fewer hand-offs
+        between threads per token).
+
+        A row that finishes while others go on leaves the burst: its tokens go to the event
+        loop at once (``call_soon_threadsafe`` → :meth:`_deliver`, so its last token and its
+        free slot are not held back by the others). Returns the rows not delivered so far
+        with their (token, logprob)s (the unfinished ones, or the last to finish), which the
+        caller delivers once the engine thread is idle (after the early deliveries, which
+        the loop runs first: both are FIFO callbacks). The decode
+        counters are kept here, before any delivery (the loop touches them only between
+        hand-offs), so a request's last token never outruns the counts of its steps."""
+        c = self._counters
+        c["decode_handoffs"] += 1
+        c["max_decode_batch"] = max(c["max_decode_batch"], len(reqs))
         out: list[list[tuple[int, float]]] = [[] for _ in reqs]
         tokens = [r.output[-1] for r in reqs]
         generated = [len(r.output) for r in reqs]
         starts = list(starts)
+        active = list(range(len(reqs)))
         for _ in range(self.decode_steps):
-            ids, logprobs = self._forward_and_sample(reqs, [[t] for t in tokens], starts)
-            finished = False
-            for i, (tok, lp) in enumerate(zip(ids, logprobs)):
+            ids, logprobs = self._forward_and_sample([reqs[i] for i in active], [[tokens[i]] for i in active],
+                                                     [starts[i] for i in active])
+            c["forward_passes"] += 1
+            c["decode_batches"] += 1
+            finished = []
+            for i, tok, lp in zip(active, ids, logprobs):
                 out[i].append((tok, lp))
                 tokens[i] = tok
                 starts[i] += 1
                 generated[i] += 1
-                finished |= self._finish_reason(reqs[i], tok, generated[i]) is not None
-            if finished or self._could_admit():
+                if self._finish_reason(reqs[i], tok, generated[i]) is not None:
+                    finished.append(i)
+            if len(finished) == len(active):  # the burst ends with them: the caller delivers
                 break
-        return out
+            if finished:
+                self._loop.call_soon_threadsafe(self._deliver, [reqs[i] for i in finished],
+                                                [out[i] for i in finished])
+                gone = set(finished)
+                active = [i for i in active if i not in gone]
+            if self._could_admit() or self._stopping:
+                break
+        return [(reqs[i], out[i]) for i in active]
 
     def _could_admit(self) -> bool:
         return self._admissible() and any(s.owner is None for s in self._slots)
