@@ -1,6 +1,8 @@
 """Serving: our inference engine, the Dynamo worker around it, and the local stack.
 
-- :mod:`dynamo_rl.serving.engine` — batched PyTorch engine (KV cache, sampling, logprobs).
+- :mod:`dynamo_rl.serving.engine` — batched PyTorch engine (KV cache, sampling, logprobs);
+  :mod:`~dynamo_rl.serving.scheduler` decides which requests hold its KV slots,
+  :mod:`~dynamo_rl.serving.model_runner` runs its forwards.
 - :mod:`dynamo_rl.serving.worker` — ``python -m dynamo_rl.serving.worker``: a Dynamo 1.6.1
   worker (``register_model`` + ``serve_endpoint``) with ``/engine/*`` control routes; its
   docstring documents the request/response channels through the frontend.

@@ -1,7 +1,9 @@
 """The inference engine behind our Dynamo workers: continuous batching over a KV cache.
 
-Owns: scheduling of concurrent requests, the slot-based KV cache, sampling, the weights
-version, pause/resume/flush and in-place weight loading. Must not import
+Owns: the request lifecycle (streams, aborts), the scheduling loop and its hand-offs to
+the engine thread, the weights version, pause/resume/flush and weight loading (copied or
+in place). Who holds which KV slot is :mod:`dynamo_rl.serving.scheduler`'s; the forwards
+and the weights' bytes are :class:`~dynamo_rl.serving.model_runner.ModelRunner`'s. Must not import
 ``dynamo_rl.serving.worker``/``stack`` or anything below ``serving`` in the module map
 (``generation``, ``rl``, ``k8s``, ``cli``); it uses ``dynamo_rl.models`` only in
 :meth:`Engine.from_pretrained`.
@@ -17,7 +19,8 @@ How a request flows
     ``mix_prefill_decode``, the running ones decode their next token in that prefill forward).
     Forwards run on a dedicated thread (``run_in_executor``) so the event loop (Dynamo's
     uvloop in the worker) stays responsive; one hand-off runs up to ``decode_steps``
-    decode steps, ending early when a request finishes or a waiting one can be admitted.
+    decode steps, ending early when every row finished or a waiting one can be admitted;
+    a row that finishes while others go on leaves the burst, its tokens delivered at once.
     Tokens reach each request through its own ``asyncio.Queue``. What runs on the engine
     thread (the model, KV cache, forwards, sampling, the weights' bytes) is
     :class:`~dynamo_rl.serving.model_runner.ModelRunner`; the forward itself is
@@ -66,13 +69,11 @@ Pause (drain) and weights versions
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -88,45 +89,10 @@ from dynamo_rl.serving.engine_types import (
     validate_prompt,
 )
 from dynamo_rl.serving.model_runner import ModelRunner
+from dynamo_rl.serving.scheduler import Request, Scheduler
 
 __all__ = ["Engine", "EngineStoppedError", "PartialWeightsError", "SamplingParams", "TokenOutput",
            "UnsupportedModelError", "WeightsError", "validate_prompt"]
-
-
-@dataclass(eq=False)
-class _Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
-    queue: asyncio.Queue | None = None
-    generator: torch.Generator | None = None
-    slot: int = -1
-    output: list[int] = field(default_factory=list)
-    abort_requested: bool = False
-    done: bool = False
-
-
-@dataclass(eq=False)
-class _Slot:
-    tokens: list[int] = field(default_factory=list)  # ids whose keys/values the slot holds
-    owner: _Request | None = None
-    last_used: int = 0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix (list compares run in C: O(n log n), no Python loop)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 class Engine:
@@ -148,8 +114,9 @@ class Engine:
             prompts are prefilled in several (same result, bounded activation memory).
         decode_steps: decode steps per hand-off to the engine thread (fewer thread switches;
             tokens then reach the streams in bursts of up to this many). A burst ends early
-            when a request finishes or a waiting one can be admitted, so admission still
-            happens at the next step boundary.
+            when every row finished or a waiting one can be admitted, so admission still
+            happens at the next step boundary; a row that finishes before the others leaves
+            the burst and its tokens reach its stream at once.
         cuda_graphs: replay decode steps from captured CUDA graphs (default: on for CUDA).
         mix_prefill_decode: running requests decode one token in the forward that prefills
             newly admitted ones, where ``admitted x prompt width + running`` tokens fit
@@ -170,8 +137,6 @@ class Engine:
         self.device = torch.device(device)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_batch_size = int(max_batch_size)
-        self.max_prefill_tokens = int(max_prefill_tokens)
-        self.prefix_caching = prefix_caching
         self.prefill_chunk = int(prefill_chunk)
         self.decode_steps = max(1, int(decode_steps))
         self.mix_prefill_decode = bool(mix_prefill_decode)
@@ -187,10 +152,7 @@ class Engine:
         self.model = self._runner.model
         self.dtype = self._runner.dtype
         self.model_config = model.config.to_dict()
-        self._slots = [_Slot() for _ in range(self.max_batch_size)]
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._requests: dict[str, _Request] = {}
-        self._clock = 0
+        self._requests: dict[str, Request] = {}
         self._hold = 0  # >0 while load_weights drains/swaps (admission stopped)
         self._partial: str | None = None  # why the weights are partial (failed in-place load)
         self._died: str | None = None  # why the scheduling loop died (until it is started again)
@@ -198,6 +160,10 @@ class Engine:
                               max_decode_batch=0, tokens_generated=0, prompt_tokens=0,
                               prefix_cache_hit_tokens=0, prefill_shared_tokens=0, requests_finished=0,
                               loop_deaths=0, mixed_batches=0)
+        # the KV slots, the waiting queue and the admission policy
+        self._sched = Scheduler(self.max_batch_size, max_seq_len=self.max_seq_len,
+                                max_prefill_tokens=int(max_prefill_tokens), prefill_chunk=self.prefill_chunk,
+                                prefix_caching=prefix_caching, counters=self._counters)
         self._forward_seconds = 0.0  # wall time of the engine thread's forward calls (stats)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
@@ -304,7 +270,7 @@ class Engine:
         interval = check_stream_interval(stream_interval)
         return self._stream(self._new_request(prompt_ids, params, request_id), chunked=True, interval=interval)
 
-    def _new_request(self, prompt_ids, params, request_id) -> _Request:
+    def _new_request(self, prompt_ids, params, request_id) -> Request:
         params = params or SamplingParams()
         prompt = validate_prompt(prompt_ids, max_seq_len=self.max_seq_len, vocab_size=self.shape.vocab_size)
         request_id = request_id or uuid.uuid4().hex
@@ -313,9 +279,9 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.eos_token_ids)
-        return _Request(request_id, prompt, params, frozenset(stop_ids))
+        return Request(request_id, prompt, params, frozenset(stop_ids))
 
-    async def _stream(self, req: _Request, chunked: bool = False, interval: int = 1) -> AsyncIterator:
+    async def _stream(self, req: Request, chunked: bool = False, interval: int = 1) -> AsyncIterator:
         if req.id in self._requests:  # registered when iteration starts, so an unused iterator leaks nothing
             raise ValueError(f"request_id {req.id!r} is already in flight; use a unique id")
         if self._partial is not None:
@@ -328,7 +294,7 @@ class Engine:
                 req.generator = torch.Generator()  # CPU: keys for the batched noise
                 seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
                 req.generator.manual_seed(seed)
-            self._waiting.append(req)
+            self._sched.waiting.append(req)
             self._wake.set()
             held: list[TokenOutput] = []  # chunked: tokens not yet due (stream_interval)
             started = False  # chunked: the first list (the first token) went out
@@ -372,12 +338,10 @@ class Engine:
         self._abort(req)
         return True
 
-    def _abort(self, req: _Request) -> None:
+    def _abort(self, req: Request) -> None:
         if req.done:
             return
         if req.slot < 0:  # not admitted yet
-            if req in self._waiting:
-                self._waiting.remove(req)
             self._finish_unstarted(req)
         else:  # the scheduler ends it after the step in progress
             req.abort_requested = True
@@ -396,12 +360,12 @@ class Engine:
         await self.start()
         t0 = time.perf_counter()
         self.paused = True
-        running = [s.owner for s in self._slots if s.owner is not None]
+        running = self._sched.running()
         aborted = 0
         try:
             await asyncio.wait_for(self._wait_idle(), timeout_s)
         except asyncio.TimeoutError:  # builtin TimeoutError from 3.11 on
-            still = [s.owner for s in self._slots if s.owner is not None]
+            still = self._sched.running()
             for req in still:
                 req.abort_requested = True
             aborted = len(still)
@@ -415,7 +379,7 @@ class Engine:
         await self.start()
         self.paused = False
         self._wake.set()
-        return {"paused": False, "waiting": len(self._waiting)}
+        return {"paused": False, "waiting": len(self._sched.waiting)}
 
     def flush_cache(self) -> dict:
         """Drop every cached key/value; ``stats["kv_cache_tokens"]`` is 0 afterwards.
@@ -425,19 +389,11 @@ class Engine:
             RuntimeError: requests are running (their keys/values are needed); call
                 :meth:`pause` first.
         """
-        running = sum(1 for s in self._slots if s.owner is not None)
+        running = len(self._sched.running())
         if running or self._busy:
             raise RuntimeError(f"flush_cache: {running} requests are running and need their KV cache; "
                                "call pause() first (it waits for them), then flush_cache()")
-        return {"freed_tokens": self._drop_cached_slots()}
-
-    def _drop_cached_slots(self) -> int:
-        freed = 0
-        for slot in self._slots:
-            if slot.owner is None:
-                freed += len(slot.tokens)
-                slot.tokens = []
-        return freed
+        return {"freed_tokens": self._sched.drop_cached()}
 
     @property
     def stats(self) -> dict:
@@ -458,9 +414,9 @@ class Engine:
         return {
             **self._counters,
             "forward_seconds": round(self._forward_seconds, 6),
-            "requests_running": sum(1 for s in self._slots if s.owner is not None),
-            "requests_waiting": len(self._waiting),
-            "kv_cache_tokens": sum(len(s.tokens) for s in self._slots),
+            "requests_running": len(self._sched.running()),
+            "requests_waiting": len(self._sched.waiting),
+            "kv_cache_tokens": self._sched.cached_tokens(),
             "kv_cache_capacity_tokens": self.max_batch_size * self.max_seq_len,
             "kv_cache_bytes": self._runner.cache.nbytes,
             "cuda_graphs": self._runner.graph_count,
@@ -523,7 +479,7 @@ class Engine:
                     if on_error is not None:
                         on_error(exc)
                     raise
-                freed = self._drop_cached_slots()
+                freed = self._sched.drop_cached()
                 self.weights_version = version
                 self._partial = None
             finally:
@@ -592,9 +548,9 @@ class Engine:
 
     def _mark_partial(self, reason: str) -> None:
         self._partial = reason
-        self._drop_cached_slots()
+        self._sched.drop_cached()
         error = PartialWeightsError(reason)
-        for req in list(self._waiting):
+        for req in list(self._sched.waiting):
             self._fail(req, error)
 
     @property
@@ -624,7 +580,7 @@ class Engine:
     async def _wait_idle(self) -> None:
         async with self._changed:
             await self._changed.wait_for(
-                lambda: not self._busy and all(s.owner is None for s in self._slots))
+                lambda: not self._busy and not self._sched.running())
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -643,17 +599,17 @@ class Engine:
 
     async def _schedule_steps(self) -> None:
         while not self._stopping:
-            running = [s.owner for s in self._slots if s.owner is not None]
-            admitted = self._admit()
+            running = self._sched.running()
+            admitted = self._sched.admit() if self._admissible() else []
             if admitted:
                 # running requests ride along in the prefill forward (one token each) where
                 # the padded batch stays within the prefill budget: an arrival then costs no
                 # forward of its own (as vLLM's mixed prefill/decode batches)
-                ride = running if running and self._can_mix(admitted, running) else []
+                ride = running if running and self.mix_prefill_decode and self._sched.can_mix(admitted, running) else []
                 await self._step(admitted + ride, prefill=True, decoding=len(ride))
                 if ride:
                     continue
-            running = [s.owner for s in self._slots if s.owner is not None]
+            running = self._sched.running()
             if running:
                 await self._step(running, prefill=False)
             if not admitted and not running:
@@ -664,61 +620,15 @@ class Engine:
                 await self._wake.wait()
 
     def _admissible(self) -> bool:
-        return bool(self._waiting) and not self.paused and not self._hold and self._partial is None
+        return bool(self._sched.waiting) and not self.paused and not self._hold and self._partial is None
 
-    def _can_mix(self, admitted: list[_Request], running: list[_Request]) -> bool:
-        """Whether ``running`` (one new token each) fit into the prefill forward of
-        ``admitted``: the padded batch (rows x widest row) stays within ``max_prefill_tokens``
-        and no prompt is long enough to be prefilled in chunks."""
-        if not self.mix_prefill_decode:
-            return False
-        width = max(len(r.prompt) - len(self._slots[r.slot].tokens) for r in admitted)
-        return width <= self.prefill_chunk and len(admitted) * width + len(running) <= self.max_prefill_tokens
-
-    def _admit(self) -> list[_Request]:
-        """Give waiting requests (FIFO) free slots, within the prefill token budget."""
-        if not self._admissible():
-            return []
-        admitted: list[_Request] = []
-        width = 0
-        free = [i for i, s in enumerate(self._slots) if s.owner is None]
-        while self._waiting and free:
-            req = self._waiting[0]
-            index, reuse = self._choose_slot(req.prompt, free)
-            new_width = max(width, len(req.prompt) - reuse)
-            if admitted and (len(admitted) + 1) * new_width > self.max_prefill_tokens:
-                break
-            self._waiting.popleft()
-            free.remove(index)
-            slot = self._slots[index]
-            slot.tokens = slot.tokens[:reuse]
-            slot.owner = req
-            req.slot = index
-            width = new_width
-            admitted.append(req)
-            self._counters["prefix_cache_hit_tokens"] += reuse
-            self._counters["prompt_tokens"] += len(req.prompt)
-        return admitted
-
-    def _choose_slot(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
-        """Free slot for ``prompt`` and how many of its cached tokens to keep (≤ len(prompt) - 1)."""
-        best, best_len = None, 0
-        if self.prefix_caching:
-            for i in free:
-                n = min(_common_prefix(self._slots[i].tokens, prompt), len(prompt) - 1)
-                if n > best_len:
-                    best, best_len = i, n
-        if best is None:  # an empty slot, else the least recently used one
-            best = min(free, key=lambda i: (len(self._slots[i].tokens) > 0, self._slots[i].last_used))
-        return best, best_len
-
-    async def _step(self, reqs: list[_Request], prefill: bool, decoding: int = 0) -> None:
+    async def _step(self, reqs: list[Request], prefill: bool, decoding: int = 0) -> None:
         """Prefill ``reqs`` (one forward) or decode them (up to ``decode_steps`` forwards in one
         call to the engine thread, :meth:`_decode`), then deliver the tokens in order. With
         ``prefill``, the last ``decoding`` of ``reqs`` are running requests decoded in the same
         forward."""
         n_new = len(reqs) - decoding
-        starts = [len(self._slots[r.slot].tokens) for r in reqs]
+        starts = [self._sched.start_of(r) for r in reqs]
         if prefill:
             rows = [r.prompt[start:] for r, start in zip(reqs[:n_new], starts)]
             rows += [[r.output[-1]] for r in reqs[n_new:]]
@@ -740,7 +650,7 @@ class Engine:
             error = EngineStoppedError(f"forward failed: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
             for r in reqs:
-                self._slots[r.slot].tokens = []
+                self._sched.forget(r)
                 self._fail(r, error)
             self._busy = False
             await self._notify()
@@ -760,24 +670,21 @@ class Engine:
             self._deliver([r for r, _ in unfinished], [outs for _, outs in unfinished])
         await self._notify()
 
-    def _deliver(self, reqs: list[_Request], per_row: list[list[tuple[int, float]]],
+    def _deliver(self, reqs: list[Request], per_row: list[list[tuple[int, float]]],
                  fed_rows: list[list[int]] | None = None) -> None:
         """On the event loop: hand each request its new (token, logprob)s in order, record
         the tokens whose keys/values its slot now holds (``fed_rows[i]`` for the first
         token, a prefill row; else the request's last token), and release the finished."""
         c = self._counters
-        self._clock += 1
+        self._sched.tick()
         for i, (r, outs) in enumerate(zip(reqs, per_row)):
             if r.done:  # failed meanwhile (the engine stopped): its tokens are dropped
                 continue
-            slot = self._slots[r.slot]
-            slot.last_used = self._clock
             fed = fed_rows[i] if fed_rows is not None else [r.output[-1]]
             for tok, lp in outs:
-                slot.tokens.extend(fed)
-                r.output.append(tok)
+                self._sched.record(r, fed, tok)
                 c["tokens_generated"] += 1
-                reason = self._finish_reason(r, tok)
+                reason = self._sched.finish_reason(r, tok)
                 r.queue.put_nowait(TokenOutput(tok, lp, reason, self.weights_version))
                 if reason is not None:
                     self._release(r)
@@ -785,7 +692,7 @@ class Engine:
                     break  # (an abort seen here first drops the rest of this row's tokens)
                 fed = [tok]
 
-    def _decode(self, reqs: list[_Request], starts: list[int]) -> list[tuple[_Request, list[tuple[int, float]]]]:
+    def _decode(self, reqs: list[Request], starts: list[int]) -> list[tuple[Request, list[tuple[int, float]]]]:
         """Runs on the engine thread: decode steps until every row finished, a waiting
         request could be admitted, or ``decode_steps`` steps are done (fewer hand-offs
         between threads per token).
@@ -817,7 +724,7 @@ class Engine:
                 tokens[i] = tok
                 starts[i] += 1
                 generated[i] += 1
-                if self._finish_reason(reqs[i], tok, generated[i]) is not None:
+                if self._sched.finish_reason(reqs[i], tok, generated[i]) is not None:
                     finished.append(i)
             if len(finished) == len(active):  # the burst ends with them: the caller delivers
                 break
@@ -831,7 +738,7 @@ class Engine:
         return [(reqs[i], out[i]) for i in active]
 
     def _could_admit(self) -> bool:
-        return self._admissible() and any(s.owner is None for s in self._slots)
+        return self._admissible() and self._sched.has_free_slot()
 
     def _forward_and_sample(self, reqs, rows, starts, leaders=None) -> tuple[list[int], list[float]]:
         """Runs on the engine thread: one forward of ``reqs``' rows, then sampling
@@ -841,34 +748,18 @@ class Engine:
             rows, [r.slot for r in reqs], starts, [r.params.temperature for r in reqs],
             [r.params.top_k for r in reqs], [r.params.top_p for r in reqs], keys, leaders)
 
-    def _finish_reason(self, req: _Request, token: int, generated: int | None = None) -> str | None:
-        """Why ``req`` ends with ``token`` (its ``generated``-th token), or None."""
-        n = len(req.output) if generated is None else generated
-        if req.abort_requested:
-            return "abort"
-        if token in req.stop_ids:
-            return "stop"
-        if n >= req.params.max_tokens or len(req.prompt) + n >= self.max_seq_len:
-            return "length"
-        return None
-
-    def _release(self, req: _Request) -> None:
-        req.done = True
-        if req.slot >= 0:
-            self._slots[req.slot].owner = None
+    def _release(self, req: Request) -> None:
+        self._sched.release(req)
         self._requests.pop(req.id, None)
 
-    def _finish_unstarted(self, req: _Request) -> None:
-        req.done = True
-        self._requests.pop(req.id, None)
+    def _finish_unstarted(self, req: Request) -> None:
+        self._release(req)
         if req.queue is not None:
             req.queue.put_nowait(None)  # ends the consumer's iterator
 
-    def _fail(self, req: _Request, error: BaseException) -> None:
+    def _fail(self, req: Request, error: BaseException) -> None:
         if req.done:
             return
-        if req in self._waiting:
-            self._waiting.remove(req)
         self._release(req)
         if req.queue is not None:
             req.queue.put_nowait(error)
