@@ -8,7 +8,9 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
   workers get ``--worker-args`` (default ``--stream-interval 16``: what ``dynamo-rl train``
   gives its workers, ``cluster.stream_interval``; the engine runs in a process of its own,
   :mod:`dynamo_rl.serving.engine_process`), non-streaming ``/v1/completions`` with
-  token-id prompts, ``ignore_eos`` so every request yields exactly ``--max-tokens`` tokens;
+  token-id prompts, ``ignore_eos`` so every request yields exactly ``--max-tokens`` tokens
+  (with ``--max-tokens-spread s``, lengths spread over ``max_tokens x [1 - s, 1 + s]``, the same
+  per request index on every side: see :func:`lengths`);
   ``c`` requests in flight at all times, sent by aiohttp (``--client``).
 - in-process: ``Engine.from_pretrained`` of the same checkpoint in this process, same torch
   threads and event loop (uvloop) as the worker, ``c`` concurrent ``Engine.complete`` calls.
@@ -84,8 +86,23 @@ def parse_variants(text: str) -> dict[str, list[str]]:
     return out
 
 
-def _completion(i: int, p: list[int], max_tokens: int, stream: bool) -> dict:
-    body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
+def lengths(n: int, max_tokens: int, spread: float) -> list[int]:
+    """Tokens to generate per request: ``max_tokens`` each, or with ``spread`` s > 0 spread
+    evenly over ``[max_tokens (1 - s), max_tokens (1 + s)]`` (a golden-ratio sequence by request
+    index: the same lengths on every side and run, mean ~``max_tokens``), as completions of
+    an RL batch end at different lengths."""
+    if spread <= 0:
+        return [max_tokens] * n
+    return [max(1, round(max_tokens * (1 - spread + 2 * spread * ((i * 0.6180339887498949) % 1.0))))
+            for i in range(n)]
+
+
+def _tokens(max_tokens: int | list[int], i: int) -> int:
+    return max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+
+
+def _completion(i: int, p: list[int], max_tokens: int | list[int], stream: bool) -> dict:
+    body = {"model": "tiny", "prompt": p, "max_tokens": _tokens(max_tokens, i), "temperature": 1.0, "seed": i,
             "ignore_eos": True}
     if stream:
         body.update(stream=True, nvext={"extra_fields": ["completion_token_ids"]},
@@ -93,7 +110,7 @@ def _completion(i: int, p: list[int], max_tokens: int, stream: bool) -> dict:
     return body
 
 
-async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int, client: str = "aiohttp"
+async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int | list[int], client: str = "aiohttp"
                        ) -> tuple[int, float]:
     """Non-streaming completions, ``concurrency`` in flight: (generated tokens, wall seconds)."""
     sem = asyncio.Semaphore(concurrency)
@@ -125,7 +142,7 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
         return sum(counts), time.perf_counter() - t0
 
 
-async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, max_tokens: int
+async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]
                               ) -> tuple[int, float, float]:
     """Streaming completions (aiohttp): (tokens, seconds, mean time to the first token in seconds).
 
@@ -166,14 +183,14 @@ async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, m
         return sum(counts), time.perf_counter() - t0, statistics.mean(ttfts)
 
 
-async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
+async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]) -> tuple[int, float]:
     from dynamo_rl.serving.engine import SamplingParams
 
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i, p):
         async with sem:
-            out = await engine.complete(p, SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i,
+            out = await engine.complete(p, SamplingParams(max_tokens=_tokens(max_tokens, i), temperature=1.0, seed=i,
                                                           ignore_eos=True))
             return len(out)
 
@@ -182,7 +199,7 @@ async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: 
     return sum(counts), time.perf_counter() - t0
 
 
-async def run_vllm(engine, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
+async def run_vllm(engine, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]) -> tuple[int, float]:
     """vLLM's ``AsyncLLM`` in this process, ``concurrency`` requests in flight (final
     outputs only, no detokenization: the engine's own cost)."""
     import uuid
@@ -195,7 +212,7 @@ async def run_vllm(engine, ps: list[list[int]], concurrency: int, max_tokens: in
     tag = uuid.uuid4().hex[:8]
 
     async def one(i, p):
-        params = VllmSamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=True,
+        params = VllmSamplingParams(max_tokens=_tokens(max_tokens, i), temperature=1.0, seed=i, ignore_eos=True,
                                     detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
         async with sem:
             final = None
@@ -220,12 +237,12 @@ def start_vllm(model_dir: Path, max_batch_size: int, dtype: str, device: str):
         max_model_len=_max_position_embeddings(model_dir), disable_log_stats=True))
 
 
-async def run_handler(worker, ps: list[list[int]], concurrency: int, max_tokens: int) -> tuple[int, float]:
+async def run_handler(worker, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]) -> tuple[int, float]:
     """Our Dynamo handler (``Worker.generate``) called in-process: the worker's own Python cost."""
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i, p):
-        request = {"token_ids": p, "eos_token_ids": [], "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": True},
+        request = {"token_ids": p, "eos_token_ids": [], "stop_conditions": {"max_tokens": _tokens(max_tokens, i), "ignore_eos": True},
                    "sampling_options": {"temperature": 1.0, "seed": i}}
         async with sem:
             return sum([len(chunk["token_ids"]) async for chunk in worker.generate(request)])
@@ -309,6 +326,8 @@ async def main_async(args) -> dict:
         for c in levels:
             n = max(c * args.rounds, args.min_requests)
             ps = prompts(n)
+            lens = lengths(n, args.max_tokens, args.max_tokens_spread)
+            want = sum(lens)
             fe = {name: [] for name in stacks}
             ttft = {name: [] for name in stacks}
             forwards = {}
@@ -316,25 +335,26 @@ async def main_async(args) -> dict:
             for _ in range(args.repeats):
                 for name, stack in stacks.items():
                     before = await counters(stack)
-                    tok, sec = await run_frontend(stack.frontend_url, ps, c, args.max_tokens, args.client)
-                    assert tok == n * args.max_tokens, (tok, n)
+                    tok, sec = await run_frontend(stack.frontend_url, ps, c, lens, args.client)
+                    assert tok == want, (tok, want)
                     forwards[name] = work(before, await counters(stack), sec)
                     fe[name].append(tok / sec)
-                    tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, args.max_tokens)
-                    assert tok == n * args.max_tokens, (tok, n)
+                    tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, lens)
+                    assert tok == want, (tok, want)
                     ttft[name].append(first)
                 before = await counters(engine)
-                tok, sec = await run_in_process(engine, ps, c, args.max_tokens)
-                assert tok == n * args.max_tokens, (tok, n)
+                tok, sec = await run_in_process(engine, ps, c, lens)
+                assert tok == want, (tok, want)
                 forwards["in_process"] = work(before, await counters(engine), sec)
                 ip.append(tok / sec)
                 if handler is not None:
-                    tok, sec = await run_handler(handler, ps, c, args.max_tokens)
-                    assert tok == n * args.max_tokens, (tok, n)
+                    tok, sec = await run_handler(handler, ps, c, lens)
+                    assert tok == want, (tok, want)
                     hd.append(tok / sec)
             med = {name: statistics.median(v) for name, v in fe.items()}
             in_process = statistics.median(ip)
             row = {"concurrency": c, "requests": n, "tokens_per_request": args.max_tokens,
+                   "tokens_per_request_range": [min(lens), max(lens)],
                    "frontend_tokens_per_s": round(med["default"], 1),
                    "in_process_tokens_per_s": round(in_process, 1),
                    "ratio": round(med["default"] / in_process, 3),
@@ -346,8 +366,9 @@ async def main_async(args) -> dict:
                 row[f"ratio_{name}"] = round(med[name] / in_process, 3)
                 row[f"ttft_ms_streaming_{name}"] = round(1e3 * statistics.median(ttft[name]), 2)
             # c requests always in flight: mean request time = c x wall / requests (Little's law)
-            row["request_ms"] = {"in_process": round(1e3 * c * args.max_tokens / in_process, 1),
-                                 **{name: round(1e3 * c * args.max_tokens / v, 1) for name, v in med.items()}}
+            mean_len = want / n
+            row["request_ms"] = {"in_process": round(1e3 * c * mean_len / in_process, 1),
+                                 **{name: round(1e3 * c * mean_len / v, 1) for name, v in med.items()}}
             if not vllm:
                 row["engine_work_last_repeat"] = forwards
             row["ratio_runs"] = [round(f / i, 3) for f, i in zip(fe["default"], ip)]
@@ -413,6 +434,7 @@ async def main_async(args) -> dict:
         "dynamo": dynamo_version, "workers": args.workers, "torch_threads": args.threads,
         "load_average_1m": os.getloadavg()[0],
         "device": args.device, "dtype": args.dtype, "client": args.client,
+        "max_tokens": args.max_tokens, "max_tokens_spread": args.max_tokens_spread,
         "worker_args": [] if vllm else args.worker_args.split(), "variants": variants,
         "note": note,
         "levels": rows,
@@ -423,6 +445,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens-spread", type=float, default=0.0,
+                   help="s > 0: request lengths spread over max_tokens x [1 - s, 1 + s] (see lengths()); "
+                        "0: every request max_tokens long, so in-process all c start and end together")
     p.add_argument("--rounds", type=int, default=8,
                    help="requests per level = concurrency x rounds (at least --min-requests); 8: the steady state "
                         "dominates (requests reach the worker staggered, so the ramp up and down of a short "
