@@ -97,12 +97,8 @@ def lengths(n: int, max_tokens: int, spread: float) -> list[int]:
             for i in range(n)]
 
 
-def _tokens(max_tokens: int | list[int], i: int) -> int:
-    return max_tokens[i] if isinstance(max_tokens, list) else max_tokens
-
-
-def _completion(i: int, p: list[int], max_tokens: int | list[int], stream: bool) -> dict:
-    body = {"model": "tiny", "prompt": p, "max_tokens": _tokens(max_tokens, i), "temperature": 1.0, "seed": i,
+def _completion(i: int, p: list[int], max_tokens: int, stream: bool) -> dict:
+    body = {"model": "tiny", "prompt": p, "max_tokens": max_tokens, "temperature": 1.0, "seed": i,
             "ignore_eos": True}
     if stream:
         body.update(stream=True, nvext={"extra_fields": ["completion_token_ids"]},
@@ -110,7 +106,7 @@ def _completion(i: int, p: list[int], max_tokens: int | list[int], stream: bool)
     return body
 
 
-async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_tokens: int | list[int], client: str = "aiohttp"
+async def run_frontend(url: str, ps: list[list[int]], concurrency: int, lens: list[int], client: str = "aiohttp"
                        ) -> tuple[int, float]:
     """Non-streaming completions, ``concurrency`` in flight: (generated tokens, wall seconds)."""
     sem = asyncio.Semaphore(concurrency)
@@ -121,7 +117,7 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
         async with httpx.AsyncClient(timeout=600, limits=limits) as session:
             async def one(i, p):
                 async with sem:
-                    r = await session.post(f"{url}/v1/completions", json=_completion(i, p, max_tokens, False))
+                    r = await session.post(f"{url}/v1/completions", json=_completion(i, p, lens[i], False))
                     r.raise_for_status()
                     return r.json()["usage"]["completion_tokens"]
 
@@ -133,7 +129,7 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i, p):
-            async with sem, session.post(f"{url}/v1/completions", json=_completion(i, p, max_tokens, False)) as r:
+            async with sem, session.post(f"{url}/v1/completions", json=_completion(i, p, lens[i], False)) as r:
                 r.raise_for_status()
                 return (await r.json())["usage"]["completion_tokens"]
 
@@ -142,7 +138,7 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, max_toke
         return sum(counts), time.perf_counter() - t0
 
 
-async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]
+async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, lens: list[int]
                               ) -> tuple[int, float, float]:
     """Streaming completions (aiohttp): (tokens, seconds, mean time to the first token in seconds).
 
@@ -163,7 +159,7 @@ async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, m
         async def one(i, p):
             async with sem:
                 t0, first, n = time.perf_counter(), None, 0
-                async with session.post(f"{url}/v1/completions", json=_completion(i, p, max_tokens, True)) as r:
+                async with session.post(f"{url}/v1/completions", json=_completion(i, p, lens[i], True)) as r:
                     r.raise_for_status()
                     async for raw in r.content:
                         line = raw.decode().strip()
@@ -183,14 +179,14 @@ async def run_frontend_stream(url: str, ps: list[list[int]], concurrency: int, m
         return sum(counts), time.perf_counter() - t0, statistics.mean(ttfts)
 
 
-async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]) -> tuple[int, float]:
+async def run_engine(engine, ps: list[list[int]], concurrency: int, lens: list[int]) -> tuple[int, float]:
     from dynamo_rl.serving.engine import SamplingParams
 
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i, p):
         async with sem:
-            out = await engine.complete(p, SamplingParams(max_tokens=_tokens(max_tokens, i), temperature=1.0, seed=i,
+            out = await engine.complete(p, SamplingParams(max_tokens=lens[i], temperature=1.0, seed=i,
                                                           ignore_eos=True))
             return len(out)
 
@@ -199,7 +195,7 @@ async def run_engine(engine, ps: list[list[int]], concurrency: int, max_tokens: 
     return sum(counts), time.perf_counter() - t0
 
 
-async def run_vllm(engine, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]) -> tuple[int, float]:
+async def run_vllm(engine, ps: list[list[int]], concurrency: int, lens: list[int]) -> tuple[int, float]:
     """vLLM's ``AsyncLLM`` in this process, ``concurrency`` requests in flight (final
     outputs only, no detokenization: the engine's own cost)."""
     import uuid
@@ -212,7 +208,7 @@ async def run_vllm(engine, ps: list[list[int]], concurrency: int, max_tokens: in
     tag = uuid.uuid4().hex[:8]
 
     async def one(i, p):
-        params = VllmSamplingParams(max_tokens=_tokens(max_tokens, i), temperature=1.0, seed=i, ignore_eos=True,
+        params = VllmSamplingParams(max_tokens=lens[i], temperature=1.0, seed=i, ignore_eos=True,
                                     detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
         async with sem:
             final = None
@@ -237,12 +233,12 @@ def start_vllm(model_dir: Path, max_batch_size: int, dtype: str, device: str):
         max_model_len=_max_position_embeddings(model_dir), disable_log_stats=True))
 
 
-async def run_handler(worker, ps: list[list[int]], concurrency: int, max_tokens: int | list[int]) -> tuple[int, float]:
+async def run_handler(worker, ps: list[list[int]], concurrency: int, lens: list[int]) -> tuple[int, float]:
     """Our Dynamo handler (``Worker.generate``) called in-process: the worker's own Python cost."""
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i, p):
-        request = {"token_ids": p, "eos_token_ids": [], "stop_conditions": {"max_tokens": _tokens(max_tokens, i), "ignore_eos": True},
+        request = {"token_ids": p, "eos_token_ids": [], "stop_conditions": {"max_tokens": lens[i], "ignore_eos": True},
                    "sampling_options": {"temperature": 1.0, "seed": i}}
         async with sem:
             return sum([len(chunk["token_ids"]) async for chunk in worker.generate(request)])
@@ -320,9 +316,10 @@ async def main_async(args) -> dict:
     try:
         # warm-up, untimed: a full batch on every side (the first passes of a fresh engine run slower)
         warm = prompts(max(levels))
+        warm_lens = lengths(len(warm), args.max_tokens, 0.0)
         for stack in stacks.values():
-            await run_frontend(stack.frontend_url, warm, max(levels), args.max_tokens, args.client)
-        await run_in_process(engine, warm, max(levels), args.max_tokens)
+            await run_frontend(stack.frontend_url, warm, max(levels), warm_lens, args.client)
+        await run_in_process(engine, warm, max(levels), warm_lens)
         for c in levels:
             n = max(c * args.rounds, args.min_requests)
             ps = prompts(n)
