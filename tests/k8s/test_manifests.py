@@ -13,7 +13,6 @@ import yaml
 
 from dynamo_rl.k8s.errors import ManifestError, SchemaValidationError
 from dynamo_rl.k8s.manifests import (
-    deep_merge,
     dgd_components,
     driver_entrypoint,
     guess_served_model,
@@ -23,6 +22,7 @@ from dynamo_rl.k8s.manifests import (
     render_rayjob,
     stamp_recipe,
 )
+from dynamo_rl.k8s.overrides import deep_merge
 from dynamo_rl.k8s.schema import parse_infra
 from dynamo_rl.k8s.validate import validate_manifest
 
