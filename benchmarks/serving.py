@@ -70,9 +70,6 @@ def prompts(n: int) -> list[list[int]]:
 
 
 TRAIN_WORKER_ARGS = "--stream-interval 16"  # what `dynamo-rl train` gives its workers (cluster.stream_interval)
-#: the environment LocalStack gives its dynamo.vllm workers (serving/stack.py)
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_LOGGING_COLOR": "0", "DO_NOT_TRACK": "1"}
 DEFAULT_VARIANTS = ("engine_in_worker_process=--no-engine-process --stream-interval 16;"
                     "mix_prefill_decode=--stream-interval 16 --mix-prefill-decode")
 
@@ -226,11 +223,11 @@ def start_vllm(model_dir: Path, max_batch_size: int, dtype: str, device: str):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from dynamo_rl.serving.stack import _max_position_embeddings
+    from dynamo_rl.serving.worker_kinds import max_position_embeddings
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(model_dir), dtype=dtype, max_num_seqs=max_batch_size, enforce_eager=device == "cpu",
-        max_model_len=_max_position_embeddings(model_dir), disable_log_stats=True))
+        max_model_len=max_position_embeddings(model_dir), disable_log_stats=True))
 
 
 async def run_handler(worker, ps: list[list[int]], concurrency: int, lens: list[int]) -> tuple[int, float]:
@@ -249,6 +246,7 @@ async def run_handler(worker, ps: list[list[int]], concurrency: int, lens: list[
 
 
 async def main_async(args) -> dict:
+    import psutil
     import torch
 
     from dynamo_rl.models import ensure_tiny_model
@@ -265,25 +263,28 @@ async def main_async(args) -> dict:
 
         model_dir = ensure_tiny_model(tmp / "tiny", TinyModelSpec(**json.loads(args.tiny)) if args.tiny else None)
     levels = [int(c) for c in args.concurrency.split(",")]
+    slots = args.max_batch_size or max(levels)
     vllm = args.engine == "vllm"
     if vllm:
-        for key, value in VLLM_ENV.items():  # as LocalStack gives its dynamo.vllm workers
+        from dynamo_rl.serving.worker_kinds import VLLM_CPU_ENV
+
+        for key, value in VLLM_CPU_ENV.items():  # as LocalStack gives its dynamo.vllm workers
             os.environ.setdefault(key, value)
-        engine = start_vllm(model_dir, max(levels), args.dtype, args.device)
+        engine = start_vllm(model_dir, slots, args.dtype, args.device)
         run_in_process, handler = run_vllm, None
         variants = {}
         stacks = {"default": LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
-                                        run_dir=tmp / "run-default", max_batch_size=max(levels), quiet=True,
+                                        run_dir=tmp / "run-default", max_batch_size=slots, quiet=True,
                                         device=args.device, dtype=args.dtype, engine="vllm",
                                         vllm_python=sys.executable, stream_interval=args.vllm_stream_interval)}
     else:
-        engine = Engine.from_pretrained(model_dir, max_batch_size=max(levels), device=args.device, dtype=args.dtype)
+        engine = Engine.from_pretrained(model_dir, max_batch_size=slots, device=args.device, dtype=args.dtype)
         await engine.start()
         run_in_process = run_engine
         handler = Worker(engine, served_model_name="tiny", model_path=str(model_dir), message_eos_id=None)
         variants = parse_variants(args.variants)
         stacks = {name: LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
-                                   run_dir=tmp / f"run-{name}", max_batch_size=max(levels), quiet=True,
+                                   run_dir=tmp / f"run-{name}", max_batch_size=slots, quiet=True,
                                    device=args.device, dtype=args.dtype, worker_args=argv)
                   for name, argv in {"default": args.worker_args.split(), **variants}.items()}
     for stack in stacks.values():
@@ -299,6 +300,25 @@ async def main_async(args) -> dict:
 
         async with httpx.AsyncClient(timeout=30) as http:
             return (await http.get(f"{side.workers[0].system_url}/engine/info")).json()["stats"]
+
+    def cpu_seconds(stack) -> dict[str, float]:
+        """CPU seconds (user + system) so far of the stack's processes by role, and of this
+        process (the load generator; the in-process engine is idle while the frontend is measured)."""
+
+        def cpu(procs) -> float:
+            total = 0.0
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:  # exited: a worker restarted mid-level is not ours to count
+                    pass
+            return total
+
+        workers = [psutil.Process(w.pid) for w in stack.workers]
+        children = [c for w in workers for c in w.children(recursive=True)]
+        return {"frontend": cpu([psutil.Process(stack.frontend.pid)]), "worker": cpu(workers),
+                "engine_process": cpu(children), "client": cpu([psutil.Process()])}
 
     def work(before: dict | None, after: dict | None, seconds: float) -> dict | None:
         if before is None:
@@ -328,20 +348,28 @@ async def main_async(args) -> dict:
             fe = {name: [] for name in stacks}
             ttft = {name: [] for name in stacks}
             forwards = {}
+            cpu_ms = {}
             ip, hd = [], []
             for _ in range(args.repeats):
                 for name, stack in stacks.items():
-                    before = await counters(stack)
+                    before, cpu_before = await counters(stack), cpu_seconds(stack)
                     tok, sec = await run_frontend(stack.frontend_url, ps, c, lens, args.client)
                     assert tok == want, (tok, want)
+                    cpu_after = cpu_seconds(stack)
+                    cpu_ms[name] = {role: round(1e3 * (cpu_after[role] - cpu_before[role]) / n, 3)
+                                    for role in cpu_before}
+                    cpu_ms[name]["cores_used"] = round(sum(cpu_after[r] - cpu_before[r] for r in cpu_before) / sec, 2)
                     forwards[name] = work(before, await counters(stack), sec)
                     fe[name].append(tok / sec)
                     tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, lens)
                     assert tok == want, (tok, want)
                     ttft[name].append(first)
-                before = await counters(engine)
+                before, cpu_before = await counters(engine), psutil.Process().cpu_times()
                 tok, sec = await run_in_process(engine, ps, c, lens)
                 assert tok == want, (tok, want)
+                cpu_after = psutil.Process().cpu_times()
+                spent = cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system
+                cpu_ms["in_process"] = {"client_and_engine": round(1e3 * spent / n, 3), "cores_used": round(spent / sec, 2)}
                 forwards["in_process"] = work(before, await counters(engine), sec)
                 ip.append(tok / sec)
                 if handler is not None:
@@ -368,6 +396,7 @@ async def main_async(args) -> dict:
                                  **{name: round(1e3 * c * mean_len / v, 1) for name, v in med.items()}}
             if not vllm:
                 row["engine_work_last_repeat"] = forwards
+            row["cpu_ms_per_request_last_repeat"] = cpu_ms
             row["ratio_runs"] = [round(f / i, 3) for f, i in zip(fe["default"], ip)]
             row["frontend_runs"] = {name: [round(x, 1) for x in v] for name, v in fe.items()}
             row["in_process_runs"] = [round(x, 1) for x in ip]
@@ -404,7 +433,10 @@ async def main_async(args) -> dict:
             "forwards, prefill forwards, generated tokens per forward, wall ms of a forward call on the engine "
             "thread (forward_ms) and the share of the level's wall time the engine thread was in forward calls "
             "(engine_thread_busy), in the last repeat (Engine.stats, through /engine/info): in-process, all c "
-            "requests start and end together. ratio_runs = "
+            "requests start and end together. cpu_ms_per_request_last_repeat = CPU milliseconds (user + "
+            "system) per request of each process role through the frontend (frontend, worker, the worker's "
+            "engine process, this load generator), and the CPU cores they used together (cores_used), in the "
+            "last repeat; in_process: this process's (the engine and the load generator). ratio_runs = "
             "each repeat's frontend / in-process. The load generator is "
             "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
             "which put the client on the critical path (--client httpx measures it)")
@@ -419,7 +451,7 @@ async def main_async(args) -> dict:
         import vllm as vllm_module
 
         extra = {"engine": "vllm", "vllm": vllm_module.__version__,
-                 "vllm_env": {k: os.environ[k] for k in VLLM_ENV},
+                 "vllm_env": {k: os.environ[k] for k in VLLM_CPU_ENV},
                  "vllm_stream_interval": args.vllm_stream_interval,
                  "in_process": "vllm.v1.engine.async_llm.AsyncLLM (FINAL_ONLY outputs, detokenize=False)",
                  "frontend_side": "python -m dynamo.vllm --enable-rl (LocalStack engine='vllm')"}
@@ -428,7 +460,7 @@ async def main_async(args) -> dict:
         "unit": "generated tokens per second (wall clock)",
         "model": str(args.model_path) if args.model_path else
                  f"tiny Qwen3 (dynamo_rl.models.ensure_tiny_model, spec {args.tiny or 'default'})",
-        "dynamo": dynamo_version, "workers": args.workers, "torch_threads": args.threads,
+        "dynamo": dynamo_version, "workers": args.workers, "max_batch_size": slots, "torch_threads": args.threads,
         "load_average_1m": os.getloadavg()[0],
         "device": args.device, "dtype": args.dtype, "client": args.client,
         "max_tokens": args.max_tokens, "max_tokens_spread": args.max_tokens_spread,
@@ -453,6 +485,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5,
                    help="measurements per side and level, alternating the sides; the median is reported (this "
                         "machine kind is noisy: see ratio_runs)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="KV slots of each engine (both sides); default: the largest concurrency. Below the "
+                        "concurrency, requests queue in the engine, as a GRPO step's rollouts do when the whole "
+                        "batch is sent at once (e.g. --concurrency 256 --max-batch-size 32 --rounds 1)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-path", default=None)

@@ -57,7 +57,7 @@ _outcomes: dict[str, int] = {}
 
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    from dynamo_rl.serving.stack import find_vllm_python
+    from dynamo_rl.serving.worker_kinds import find_vllm_python
 
     try:
         return find_vllm_python()

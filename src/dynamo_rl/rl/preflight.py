@@ -23,7 +23,7 @@ def check_inputs(cfg: Recipe) -> None:
     check_device(cfg.policy.device, "policy.device")
     if not dyn.is_remote:
         check_device(cfg.cluster.worker_device, "cluster.worker_device")
-        from dynamo_rl.serving.stack import check_parsers
+        from dynamo_rl.serving.worker_kinds import check_parsers
 
         check_parsers(cfg.cluster.tool_call_parser, cfg.cluster.reasoning_parser,
                       ("cluster.tool_call_parser", "cluster.reasoning_parser"))
@@ -33,7 +33,7 @@ def check_inputs(cfg: Recipe) -> None:
                 "itself: drop refit.control_urls, or point the recipe at your deployment with "
                 "generation.dynamo.frontend_url (or dgd_name)")
         if "vllm" in cfg.cluster.engines():
-            from dynamo_rl.serving.stack import find_vllm_python
+            from dynamo_rl.serving.worker_kinds import find_vllm_python
 
             try:
                 find_vllm_python(cfg.cluster.vllm_python)

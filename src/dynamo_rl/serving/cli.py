@@ -77,7 +77,7 @@ def serve(
     except ValueError as e:
         console.print(f"[red]error:[/red] --dtype: {escape(str(e))}")
         raise typer.Exit(2) from None
-    from dynamo_rl.serving.stack import check_parsers
+    from dynamo_rl.serving.worker_kinds import check_parsers
 
     try:
         check_parsers(tool_call_parser, reasoning_parser, ("--tool-call-parser", "--reasoning-parser"))
@@ -90,7 +90,7 @@ def serve(
             console.print("[red]error:[/red] --worker-args: only our workers (--engine dynamo-rl) take them; "
                           "every worker here is a vLLM worker")
             raise typer.Exit(2)
-        from dynamo_rl.serving.stack import MANAGED_WORKER_FLAGS
+        from dynamo_rl.serving.worker_kinds import MANAGED_WORKER_FLAGS
         from dynamo_rl.serving.worker import parse_args as worker_parse_args
 
         clash = sorted({a.split("=", 1)[0] for a in extra_worker_args} & MANAGED_WORKER_FLAGS)
@@ -128,7 +128,7 @@ def serve(
     elif engine:
         kinds = list(engine)
         workers = len(kinds)
-    from dynamo_rl.serving.stack import check_engines
+    from dynamo_rl.serving.worker_kinds import check_engines
 
     try:  # before the tiny model is built
         _, _, vllm_python = check_engines(kinds, workers, vllm_python)

@@ -5,7 +5,7 @@
 kinds: ours (``"dynamo-rl"``: :mod:`dynamo_rl.serving.worker`) and Dynamo's stock vLLM
 worker (``"vllm"``: ``python -m dynamo.vllm --enable-rl --worker-extension-cls
 dynamo_rl.integrations.vllm.RefitWorkerExtension``, run by the Python of the vLLM
-environment, :func:`find_vllm_python`), in any mix. It waits until the model is listed in
+environment, :func:`~dynamo_rl.serving.worker_kinds.find_vllm_python`), in any mix. It waits until the model is listed in
 ``/v1/models``, every worker's system server names its instance in ``/metrics`` and
 answers ``get_weight_version``, and every instance is in the frontend's ``/health``; and it
 tears down every process it started (SIGTERM, then SIGKILL after a grace period, by PID,
@@ -66,6 +66,14 @@ from dynamo_rl.serving._process import (
     terminate,
 )
 from dynamo_rl.serving.broker import broker_url
+from dynamo_rl.serving.worker_kinds import (
+    ENGINES,
+    check_engines,
+    dynamo_rl_worker_argv,
+    find_vllm_python,
+    vllm_worker_argv,
+    vllm_worker_env,
+)
 
 log = logging.getLogger("dynamo_rl.serving.stack")
 
@@ -84,77 +92,6 @@ QUIET_DYN_LOG = ",".join([
 
 class StackError(RuntimeError):
     """The stack could not start, or one of its processes died (message holds its log tail)."""
-
-
-#: worker kinds of the stack: ours, and Dynamo's stock vLLM worker
-ENGINES = ("dynamo-rl", "vllm")
-#: the options LocalStack gives each of our workers itself (``worker_args`` must not repeat them)
-MANAGED_WORKER_FLAGS = frozenset({"--model-path", "--served-model-name", "--device", "--dtype", "--namespace",
-                                  "--component", "--max-batch-size", "--threads", "--discovery-backend",
-                                  "--record-file"})
-#: ``--worker-extension-cls`` of the vLLM workers (runs the refit receiver in vLLM)
-VLLM_EXTENSION = "dynamo_rl.integrations.vllm.RefitWorkerExtension"
-
-
-def find_vllm_python(explicit: str | None = None) -> str:
-    """The Python that runs ``python -m dynamo.vllm`` (vLLM + Dynamo + dynamo-rl installed).
-
-    Looked up in order: ``explicit``; ``$DYNAMO_RL_VLLM_PYTHON``; ``.venv-vllm/bin/python`` in
-    the current directory and in the dynamo-rl checkout (what ``make vllm`` builds).
-    vLLM runs in an environment of its own, as in a production Dynamo vLLM image: it pins its
-    own torch build and ~80 packages that the trainer must not inherit.
-
-    Raises:
-        FileNotFoundError: none of them exists (the message says how to build it).
-    """
-    if explicit:
-        if Path(explicit).is_file() and os.access(explicit, os.X_OK):
-            return explicit
-        raise FileNotFoundError(f"vllm_python {explicit!r} is not an executable file; point it at the Python of "
-                                "a vLLM environment (e.g. .venv-vllm/bin/python, built by `make vllm`)")
-    tried = []
-    for cand in (os.environ.get("DYNAMO_RL_VLLM_PYTHON"), str(Path.cwd() / ".venv-vllm/bin/python"),
-                 str(Path(__file__).resolve().parents[3] / ".venv-vllm/bin/python")):
-        if not cand or cand in tried:
-            continue
-        tried.append(cand)
-        if os.access(cand, os.X_OK) and Path(cand).is_file():
-            return cand
-    raise FileNotFoundError(
-        f"vLLM workers need the Python of a vLLM environment; none found (tried {tried}). Build it with "
-        "`make vllm` (creates .venv-vllm, about 2 minutes and 6.5 GB), or point serve's --vllm-python, a "
-        "recipe's cluster.vllm_python or $DYNAMO_RL_VLLM_PYTHON at a python where `import vllm, dynamo.vllm, "
-        "dynamo_rl` works")
-
-
-def check_engines(engine: str | list[str], workers: int, vllm_python: str | None = None
-                  ) -> tuple[list[str], str, str | None]:
-    """Check the worker kinds of a stack before anything is built.
-
-    Args:
-        engine: one kind for every worker, or a list of one kind per worker (:data:`ENGINES`).
-        workers: how many workers (>= 0).
-        vllm_python: the vLLM environment's Python, when given.
-    Returns:
-        ``(kinds, default kind, vllm_python)``: one kind per worker; the kind of workers
-        added later; the Python of the vLLM environment (:func:`find_vllm_python`) where a
-        kind is ``vllm``, else ``vllm_python`` as given.
-    Raises:
-        ValueError: an unknown kind, or a list whose length is not ``workers``.
-        FileNotFoundError: a ``vllm`` kind and no vLLM environment (the message says how to build one).
-    """
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    kinds = [engine] * workers if isinstance(engine, str) else list(engine)
-    if len(kinds) != workers:
-        raise ValueError(f"engine lists {len(kinds)} worker kinds for {workers} workers; give one kind per worker")
-    bad = sorted({k for k in kinds if k not in ENGINES})
-    if bad or (isinstance(engine, str) and engine not in ENGINES):
-        raise ValueError(f"engine {bad or engine!r} unknown; worker kinds are {list(ENGINES)}")
-    default = engine if isinstance(engine, str) else (kinds[0] if kinds else "dynamo-rl")
-    if "vllm" in kinds + [default]:
-        vllm_python = find_vllm_python(vllm_python)
-    return kinds, default, vllm_python
 
 
 def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
@@ -181,15 +118,6 @@ def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
     raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
 
 
-def _max_position_embeddings(model_dir: Path) -> int | None:
-    import json
-
-    try:
-        return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 @dataclass
 class WorkerProcess(ChildProcess):
     """A worker of the stack: ``system_url`` serves ``/engine/*``; ``instance_id`` is its Dynamo id."""
@@ -200,18 +128,6 @@ class WorkerProcess(ChildProcess):
     instance_id: int | None = None
     record_file: Path | None = None
     engine: str = "dynamo-rl"
-
-
-def check_parsers(tool_call_parser: str | None, reasoning_parser: str | None,
-                  keys: tuple[str, str] = ("tool_call_parser", "reasoning_parser")) -> None:
-    """Both names must be parsers Dynamo knows (``dynamo._core.get_tool_parser_names`` /
-    ``get_reasoning_parser_names``). Raises ValueError naming ``keys`` and the known names."""
-    from dynamo import _core
-
-    for key, name, known in ((keys[0], tool_call_parser, _core.get_tool_parser_names),
-                             (keys[1], reasoning_parser, _core.get_reasoning_parser_names)):
-        if name is not None and name not in known():
-            raise ValueError(f"{key} {name!r} is not a Dynamo parser; Dynamo 1.6.1 knows: {', '.join(sorted(known()))}")
 
 
 class LocalStack:
@@ -235,7 +151,7 @@ class LocalStack:
         engine: ``"dynamo-rl"`` (our worker), ``"vllm"`` (Dynamo's stock vLLM worker), or a
             list with one kind per worker (a mixed fleet; its length must equal ``workers``).
             :meth:`add_worker` takes a kind too (default: the first one).
-        vllm_python: the vLLM environment's Python (default: :func:`find_vllm_python`).
+        vllm_python: the vLLM environment's Python (default: :func:`~dynamo_rl.serving.worker_kinds.find_vllm_python`).
         max_model_len: vLLM's ``--max-model-len`` (default: the model's
             ``max_position_embeddings``).
         worker_args: extra command-line arguments for our workers (``python -m
@@ -512,17 +428,20 @@ class LocalStack:
                     "OMP_NUM_THREADS": str(self.worker_threads), "MKL_NUM_THREADS": str(self.worker_threads)})
         record = None
         if engine == "vllm":
-            argv = self._vllm_argv(env)
+            if self.device != "cpu" and not self.device.startswith("cuda"):
+                raise StackError(f"vLLM workers run on 'cpu' or 'cuda', not {self.device!r}")
+            env.update(vllm_worker_env(self.namespace, env))
+            argv = vllm_worker_argv(
+                self.vllm_python, self.model_dir, served_model_name=self.served_model_name, device=self.device,
+                dtype=self.dtype, max_batch_size=self.max_batch_size, max_model_len=self.max_model_len,
+                parser_args=self.parser_args, extra=self.engine_args)
         else:
             record = self.run_dir / "records" / f"worker-{i}.jsonl" if self.record else None
-            argv = [sys.executable, "-m", "dynamo_rl.serving.worker", "--model-path", str(self.model_dir),
-                    "--served-model-name", self.served_model_name, "--device", self.device, "--dtype", self.dtype,
-                    "--namespace", self.namespace, "--component", self._component(engine),
-                    "--max-batch-size", str(self.max_batch_size),
-                    "--threads", str(self.worker_threads), "--discovery-backend", "file"]
-            if record is not None:
-                argv += ["--record-file", str(record)]
-            argv += self.parser_args + self.engine_args + self.worker_args
+            argv = dynamo_rl_worker_argv(
+                self.model_dir, served_model_name=self.served_model_name, device=self.device, dtype=self.dtype,
+                namespace=self.namespace, component=self._component(engine), max_batch_size=self.max_batch_size,
+                threads=self.worker_threads, record_file=record,
+                extra=self.parser_args + self.engine_args + self.worker_args)
         w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
                         system_url=f"http://{LOOPBACK}:{port}", record_file=record, engine=engine)
         with self._lock:
@@ -538,37 +457,6 @@ class LocalStack:
         runtime config); a model may be served by several worker sets."""
         return "dynamo-rl" if engine == "dynamo-rl" and len(set(self.engines) | {self.default_engine}) > 1 \
             else "backend"
-
-    def _vllm_argv(self, env: dict[str, str]) -> list[str]:
-        """``python -m dynamo.vllm`` on loopback, CPU settings from ``../shared/notes/vllm.md``."""
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise StackError(f"vLLM workers run on 'cpu' or 'cuda', not {self.device!r}")
-        env.update({
-            "DYN_SYSTEM_ENABLED": "true",
-            "DYN_NAMESPACE": self.namespace,
-            "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),   # GiB; vLLM's default is large
-            "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),  # workers share the cores
-            "VLLM_LOGGING_COLOR": "0",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-        })
-        max_len = self.max_model_len or _max_position_embeddings(self.model_dir)
-        argv = [self.vllm_python, "-m", "dynamo.vllm", "--model", str(self.model_dir),
-                "--served-model-name", self.served_model_name, "--enable-rl",
-                "--worker-extension-cls", VLLM_EXTENSION,
-                "--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq",
-                "--dtype", self.dtype, "--max-num-seqs", str(self.max_batch_size)]
-        if max_len:
-            argv += ["--max-model-len", str(max_len)]
-        if self.device == "cpu":
-            argv += ["--enforce-eager"]
-        if self.parser_args:
-            # Dynamo 1.6.1 turns on structural-tag guided decoding for tool calls by default:
-            # vLLM then samples from a grammar-masked distribution while the logprobs (and the
-            # trainer) see the raw one, and a model trained on another tool-call layout is
-            # forced into the parser's. RL wants what the policy samples: off.
-            argv += ["--dyn-structural-tag", "false"]
-        return argv + self.parser_args + self.engine_args
 
     def _wait_ready(self, new: list[WorkerProcess], t0: float) -> None:
         import httpx
