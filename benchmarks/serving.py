@@ -83,6 +83,18 @@ def parse_variants(text: str) -> dict[str, list[str]]:
     return out
 
 
+def stack_args(argv: list[str], engine_cpus: str | None) -> dict:
+    """LocalStack arguments of a side: ``--engine-cpus X`` among a variant's worker arguments
+    becomes the stack's ``engine_cpus`` (the engine process on X, the frontend and the worker on
+    the other CPUs), else ``--engine-cpus`` of this benchmark applies."""
+    argv = list(argv)
+    if "--engine-cpus" in argv:
+        i = argv.index("--engine-cpus")
+        engine_cpus = argv[i + 1]
+        del argv[i:i + 2]
+    return {"worker_args": argv, "engine_cpus": engine_cpus}
+
+
 def lengths(n: int, max_tokens: int, spread: float) -> list[int]:
     """Tokens to generate per request: ``max_tokens`` each, or with ``spread`` s > 0 spread
     evenly over ``[max_tokens (1 - s), max_tokens (1 + s)]`` (a golden-ratio sequence by request
@@ -285,7 +297,7 @@ async def main_async(args) -> dict:
         variants = parse_variants(args.variants)
         stacks = {name: LocalStack(model_dir, workers=args.workers, worker_threads=args.threads,
                                    run_dir=tmp / f"run-{name}", max_batch_size=slots, quiet=True,
-                                   device=args.device, dtype=args.dtype, worker_args=argv)
+                                   device=args.device, dtype=args.dtype, **stack_args(argv, args.engine_cpus))
                   for name, argv in {"default": args.worker_args.split(), **variants}.items()}
     for stack in stacks.values():
         await asyncio.to_thread(stack.start)
@@ -460,7 +472,8 @@ async def main_async(args) -> dict:
         "unit": "generated tokens per second (wall clock)",
         "model": str(args.model_path) if args.model_path else
                  f"tiny Qwen3 (dynamo_rl.models.ensure_tiny_model, spec {args.tiny or 'default'})",
-        "dynamo": dynamo_version, "workers": args.workers, "max_batch_size": slots, "torch_threads": args.threads,
+        "dynamo": dynamo_version, "workers": args.workers, "max_batch_size": slots, "engine_cpus": args.engine_cpus,
+        "torch_threads": args.threads,
         "load_average_1m": os.getloadavg()[0],
         "device": args.device, "dtype": args.dtype, "client": args.client,
         "max_tokens": args.max_tokens, "max_tokens_spread": args.max_tokens_spread,
@@ -489,6 +502,9 @@ def main() -> None:
                    help="KV slots of each engine (both sides); default: the largest concurrency. Below the "
                         "concurrency, requests queue in the engine, as a GRPO step's rollouts do when the whole "
                         "batch is sent at once (e.g. --concurrency 256 --max-batch-size 32 --rounds 1)")
+    p.add_argument("--engine-cpus", default=None, metavar="CPULIST",
+                   help="the frontend side's engine processes on these CPUs, the frontend and workers on the "
+                        "others (LocalStack(engine_cpus=)); the in-process side is not pinned")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-path", default=None)

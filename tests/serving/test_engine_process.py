@@ -28,7 +28,7 @@ PROMPTS = [[1, 10, 11, 12, 13], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35, 36, 37]
 
 def config(model_dir) -> dict:
     return {"model_path": str(model_dir), "served_model_name": "tiny", "device": "cpu", "dtype": "float32",
-            "max_batch_size": 8, "weights_version": 3, "mix_prefill_decode": False, "threads": 1}
+            "max_batch_size": 8, "weights_version": 3, "mix_prefill_decode": False, "threads": 1, "cpus": None}
 
 
 @pytest_asyncio.fixture

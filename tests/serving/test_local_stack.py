@@ -106,6 +106,34 @@ def test_stream_interval_reaches_the_worker(tiny_model_dir, tmp_path):
         LocalStack(tiny_model_dir, workers=1, stream_interval=0)
 
 
+def test_engine_cpus_pin_the_engine_process_and_the_rest_elsewhere(tiny_model_dir, tmp_path):
+    """``engine_cpus``: every thread of the worker's engine process runs on those CPUs; every
+    thread of the broker, the frontend and the worker runs on the others; requests are served."""
+    from dynamo_rl.serving._process import format_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"pinning needs two CPUs; this process may use {cpus}")
+    engine_cpu, rest = cpus[-1], frozenset(cpus[:-1])
+
+    def thread_cpus(proc: psutil.Process) -> set[frozenset[int]]:
+        return {frozenset(os.sched_getaffinity(t.id)) for t in proc.threads()}
+
+    with LocalStack(tiny_model_dir, workers=1, run_dir=tmp_path / "run", quiet=True,
+                    engine_cpus=str(engine_cpu)) as stack:
+        r = httpx.post(f"{stack.frontend_url}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        worker = psutil.Process(stack.workers[0].pid)
+        engines = [c for c in worker.children() if "dynamo_rl.serving.engine_process" in c.cmdline()]
+        assert len(engines) == 1
+        assert thread_cpus(engines[0]) == {frozenset({engine_cpu})}
+        for proc in (worker, psutil.Process(stack.frontend.pid), psutil.Process(stack.broker.pid)):
+            assert thread_cpus(proc) == {rest}, proc.cmdline()[:3]
+    with pytest.raises(ValueError, match=f"engine_cpus '{format_cpus(cpus)}' takes every CPU of this process"):
+        LocalStack(tiny_model_dir, workers=1, engine_cpus=format_cpus(cpus))
+
+
 def test_bad_model_dir_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         LocalStack(tmp_path, workers=1)
@@ -214,6 +242,9 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
     (["--port", "70000"], "Invalid value for '--port'"),
     (["--stream-interval", "0"], "Invalid value for '--stream-interval'"),
     (["--max-batch-size", "0"], "Invalid value for '--max-batch-size'"),
+    (["--engine-cpus", "0-4095"], "--engine-cpus: engine_cpus '0-4095' names CPU(s)"),
+    (["--engine-cpus", "one"], "--engine-cpus: engine_cpus 'one' is not a CPU list"),
+    (["--engine", "vllm", "--engine-cpus", "0"], "--engine-cpus: engine_cpus pins the engine processes of dynamo-rl"),
     (["--worker-args", "--no-such-flag"], "--worker-args '--no-such-flag': python -m dynamo_rl.serving.worker: "
                                           "error: unrecognized arguments: --no-such-flag"),
     (["--worker-args", "--threads 2"], "--worker-args: --threads is set by serve itself"),

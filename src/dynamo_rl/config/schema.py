@@ -233,6 +233,7 @@ class ClusterConfig(_Section):
     both worker kinds (``--dyn-tool-call-parser`` / ``--dyn-reasoning-parser``).
     ``stream_interval``: tokens per streamed message after the first (``--stream-interval``;
     16: the trainer does not stream, and agents that do get the first token at once).
+    ``engine_cpus``: a CPU list for our workers' engine processes, the rest for the others.
     """
 
     workers: int = Field(2, ge=1)
@@ -252,6 +253,10 @@ class ClusterConfig(_Section):
                               "fewer, larger messages through the frontend cost nothing: 16 gave 1.5x the "
                               "tokens/s of 1 at concurrency 32 (benchmarks/serving.py). None: the workers' "
                               "default (1)")
+    engine_cpus: str | None = Field(
+        None, description="CPUs for the engine processes of our workers, as taskset -c writes them (e.g. '1' or "
+                          "'2-7'); the frontend and the workers' own processes run on the other CPUs, so forwards "
+                          "never wait for a core (LocalStack(engine_cpus=)). None: no affinity")
 
     @model_validator(mode="after")
     def _one_kind_per_worker(self):

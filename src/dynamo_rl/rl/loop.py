@@ -208,7 +208,7 @@ async def _train(cfg: Recipe, out: Path, resume=None) -> int:
                 startup_timeout_s=cfg.cluster.startup_timeout_s, engine=kinds,
                 vllm_python=cfg.cluster.vllm_python, dtype=cfg.policy.dtype,
                 tool_call_parser=cfg.cluster.tool_call_parser, reasoning_parser=cfg.cluster.reasoning_parser,
-                stream_interval=cfg.cluster.stream_interval))
+                stream_interval=cfg.cluster.stream_interval, engine_cpus=cfg.cluster.engine_cpus))
             frontend_url = local.frontend_url
             control_urls = None
             console.print(f"frontend {frontend_url}; workers " + ", ".join(w.system_url for w in local.workers))

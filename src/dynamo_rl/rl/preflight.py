@@ -27,6 +27,12 @@ def check_inputs(cfg: Recipe) -> None:
 
         check_parsers(cfg.cluster.tool_call_parser, cfg.cluster.reasoning_parser,
                       ("cluster.tool_call_parser", "cluster.reasoning_parser"))
+        from dynamo_rl.serving.stack import check_engine_cpus
+
+        try:
+            check_engine_cpus(cfg.cluster.engine_cpus, cfg.cluster.engines())
+        except ValueError as e:
+            raise ValueError(f"cluster.engine_cpus: {e}") from None
         if cfg.refit.control_urls:
             raise ValueError(
                 "refit.control_urls is set but the recipe starts the embedded stack, whose workers it finds "

@@ -1,6 +1,7 @@
 """Process plumbing shared by the stack and its entry points (no torch import here).
 
-- :func:`die_with_parent`: the ``preexec_fn`` of every child the stack or a worker starts.
+- :func:`die_with_parent`: the ``preexec_fn`` of every child the stack or a worker starts;
+  :func:`child_setup` adds a CPU affinity to it (:func:`parse_cpus`, :func:`format_cpus`).
 - :class:`ChildProcess` and :func:`terminate`: a started child, and how it is stopped
   (SIGTERM, SIGKILL after a grace period, then the processes it started itself).
 - :func:`tail`: the end of a child's log.
@@ -36,6 +37,54 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux
         pass
+
+
+def parse_cpus(text: str, what: str = "cpus", allowed=None) -> frozenset[int]:
+    """A Linux CPU list as a set of CPU ids: ``"1"``, ``"0,2-3"`` (the format of ``taskset -c``
+    and of cgroup ``cpuset.cpus``).
+
+    Raises:
+        ValueError: ``text`` is not such a list, or names a CPU outside ``allowed`` (default:
+            those this process may run on, ``os.sched_getaffinity(0)``); the message names
+            ``what`` and the allowed CPUs.
+    """
+    allowed = frozenset(os.sched_getaffinity(0) if allowed is None else allowed)
+    cpus: set[int] = set()
+    try:
+        for part in str(text).replace(" ", "").split(","):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi or lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a CPU list; write CPU ids and ranges as taskset -c does, "
+                         f"e.g. '1' or '0,2-3' (this machine's: {format_cpus(allowed)})") from None
+    if not cpus <= allowed:
+        raise ValueError(f"{what} {text!r} names CPU(s) {format_cpus(cpus - allowed)}, which this process may "
+                         f"not run on; choose among {format_cpus(allowed)}")
+    return frozenset(cpus)
+
+
+def format_cpus(cpus) -> str:
+    """The CPU list of a set of CPU ids, with ranges: ``{0, 2, 3}`` → ``"0,2-3"``."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def child_setup(cpus: frozenset[int] | None = None) -> Callable[[], None]:
+    """A ``preexec_fn``: :func:`die_with_parent`, then, with ``cpus``, this CPU affinity
+    (``sched_setaffinity``: every thread the child starts inherits it)."""
+    def setup() -> None:
+        die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 def entry_point(log_format: str) -> Callable:

@@ -51,6 +51,10 @@ def serve(
         min=1, help="tokens per streamed message after the first (sent at once), for both worker kinds (vLLM's "
                     "--stream-interval); larger: fewer messages through the frontend, burstier streams. Default: the "
                     "workers' own (1); `dynamo-rl train` gives 16 (cluster.stream_interval)")] = None,
+    engine_cpus: Annotated[Optional[str], typer.Option(
+        metavar="CPULIST", help="CPUs for our workers' engine processes, as taskset -c writes them (e.g. 1, 2-7); "
+                                "the frontend and the workers' own processes then run on the other CPUs, so the "
+                                "forwards never wait for a core. Default: no affinity")] = None,
 ) -> None:
     """Serve a model with the Dynamo frontend and N workers on 127.0.0.1 until Ctrl-C.
 
@@ -135,6 +139,13 @@ def serve(
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] --engine: {escape(str(e))}")
         raise typer.Exit(2) from None
+    from dynamo_rl.serving.stack import check_engine_cpus
+
+    try:
+        check_engine_cpus(engine_cpus, [kinds] if isinstance(kinds, str) else kinds)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] --engine-cpus: {escape(str(e))}")
+        raise typer.Exit(2) from None
     if model_path is None:
         from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
 
@@ -151,7 +162,7 @@ def serve(
                            startup_timeout_s=startup_timeout, frontend_port=port, engine=kinds,
                            vllm_python=vllm_python, tool_call_parser=tool_call_parser,
                            reasoning_parser=reasoning_parser, stream_interval=stream_interval,
-                           max_batch_size=max_batch_size, worker_args=extra_worker_args)
+                           max_batch_size=max_batch_size, worker_args=extra_worker_args, engine_cpus=engine_cpus)
     except (FileNotFoundError, ValueError) as e:  # what LocalStack checks itself
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None

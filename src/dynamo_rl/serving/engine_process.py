@@ -56,7 +56,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from dynamo_rl.serving._process import die_with_parent, entry_point
+from dynamo_rl.serving._process import child_setup, entry_point
 from dynamo_rl.serving.engine_types import (
     EngineStoppedError,
     PartialWeightsError,
@@ -71,7 +71,7 @@ log = logging.getLogger("dynamo_rl.serving.engine_process")
 HEALTH_INTERVAL_S = 0.25
 _ERRORS = {"ValueError": ValueError, "PartialWeightsError": PartialWeightsError}
 _ENGINE_KEYS = ("model_path", "served_model_name", "device", "dtype", "max_batch_size", "weights_version",
-                "mix_prefill_decode", "threads")
+                "mix_prefill_decode", "threads", "cpus")
 
 
 def _sockets(push_address: str, pull_address: str, *, bind: bool):
@@ -137,7 +137,9 @@ class EngineProcess:
             config: ``model_path`` (str), ``served_model_name`` (str), ``device`` (str),
                 ``dtype`` (str), ``max_batch_size`` (int), ``weights_version`` (int),
                 ``mix_prefill_decode`` (bool), ``threads`` (torch
-                intra-op threads): see :class:`~dynamo_rl.serving.engine.Engine`.
+                intra-op threads): see :class:`~dynamo_rl.serving.engine.Engine`; ``cpus``
+                (list of CPU ids, or None): the engine process's CPU affinity, set before
+                it starts, so its forwards do not share these cores with the worker.
         Raises:
             ValueError: ``config`` misses a key or has one it does not know.
             RuntimeError: the engine process exited before it was ready (its exit code;
@@ -151,7 +153,8 @@ class EngineProcess:
         push, pull = _sockets(to_engine, from_engine, bind=True)
         argv = [sys.executable, "-m", "dynamo_rl.serving.engine_process", "--to-engine", to_engine,
                 "--from-engine", from_engine, "--parent-pid", str(os.getpid()), "--config", json.dumps(config)]
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)  # noqa: PLW1509
+        cpus = frozenset(config["cpus"]) if config["cpus"] else None
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=child_setup(cpus))  # noqa: PLW1509
         log.info("engine process pid=%s starting (%s on %s)", popen.pid, config["model_path"], config["device"])
         try:
             recv = asyncio.ensure_future(pull.recv())

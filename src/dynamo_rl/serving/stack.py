@@ -58,8 +58,10 @@ from typing import Callable
 from dynamo_rl.refit.control import worker_id_from_metrics
 from dynamo_rl.serving._process import (
     ChildProcess,
-    die_with_parent,
+    child_setup,
+    format_cpus,
     kill_descendants,
+    parse_cpus,
     record_descendants,
     send_signal,
     tail,
@@ -118,6 +120,30 @@ def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
     raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
 
 
+def check_engine_cpus(text: str | None, kinds: list[str]) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """``(engine CPUs, the CPUs of the stack's other children)`` for ``engine_cpus`` = ``text``
+    (a CPU list, as ``taskset -c``), or ``(None, None)`` without it.
+
+    Raises:
+        ValueError: naming ``engine_cpus``: not a CPU list, CPUs this process may not use,
+            every one of them (none left for the frontend), or ``vllm`` among ``kinds``.
+    """
+    if not text:
+        return None, None
+    cpus = parse_cpus(text, "engine_cpus")
+    if "vllm" in kinds:
+        raise ValueError("engine_cpus pins the engine processes of dynamo-rl workers; vllm workers bind their "
+                         "own threads (set VLLM_CPU_OMP_THREADS_BIND in the environment instead)")
+    allowed = frozenset(os.sched_getaffinity(0))
+    if not allowed - cpus:
+        raise ValueError(f"engine_cpus {text!r} takes every CPU of this process ({format_cpus(allowed)}); leave at "
+                         f"least one for the frontend and the workers, e.g. engine_cpus "
+                         f"{format_cpus(sorted(allowed)[1:])!r}" if len(allowed) > 1 else
+                         f"engine_cpus {text!r}: this process may use one CPU only ({format_cpus(allowed)}); "
+                         "pinning needs two")
+    return cpus, allowed - cpus
+
+
 @dataclass
 class WorkerProcess(ChildProcess):
     """A worker of the stack: ``system_url`` serves ``/engine/*``; ``instance_id`` is its Dynamo id."""
@@ -161,6 +187,12 @@ class LocalStack:
             of both worker kinds, e.g. ``"hermes"`` / ``"qwen3"``); None: off.
         stream_interval: tokens per streamed message after the first (``--stream-interval``
             of both worker kinds, vLLM's option); None: the workers' default (1).
+        engine_cpus: a CPU list (``"1"``, ``"2-7"``, as ``taskset -c``) for the engine processes
+            of our workers (``--engine-cpus``); the broker, the frontend and the workers' own
+            processes then run on the other CPUs, so forwards never wait for a core. None: no
+            affinity. On a machine of few cores it keeps the engine's forwards as fast as
+            in-process (benchmarks/serving.py ``--engine-cpus``). Not for ``vllm`` workers
+            (vLLM binds its own threads: ``VLLM_CPU_OMP_THREADS_BIND``).
 
     Attributes:
         frontend_url: ``http://127.0.0.1:PORT``.
@@ -179,7 +211,7 @@ class LocalStack:
                  engine: str | list[str] = "dynamo-rl", vllm_python: str | None = None,
                  max_model_len: int | None = None, worker_args: list[str] | None = None,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                 stream_interval: int | None = None):
+                 stream_interval: int | None = None, engine_cpus: str | None = None):
         self.model_dir = Path(model_dir).resolve()
         if not (self.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"model_dir {str(self.model_dir)!r} holds no config.json; pass an HF "
@@ -196,6 +228,7 @@ class LocalStack:
             raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1 (or None)")
         # the same flag on both kinds (ours mirrors vLLM's)
         self.engine_args = [] if stream_interval is None else ["--stream-interval", str(int(stream_interval))]
+        self.engine_cpus, self._other_cpus = check_engine_cpus(engine_cpus, self.engines + [self.default_engine])
         self.served_model_name = served_model_name
         self.num_workers = workers
         self._run_dir_arg = run_dir
@@ -380,7 +413,7 @@ class LocalStack:
                 self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dynamo-rl-stack-spawn")
             p = self._spawner.submit(
                 subprocess.Popen, argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                cwd=str(self.run_dir), start_new_session=True, preexec_fn=die_with_parent).result()
+                cwd=str(self.run_dir), start_new_session=True, preexec_fn=child_setup(self._other_cpus)).result()
         finally:
             f.close()
         child = cls(name=name, popen=p, log_path=log_path, **kw)
@@ -441,7 +474,8 @@ class LocalStack:
                 self.model_dir, served_model_name=self.served_model_name, device=self.device, dtype=self.dtype,
                 namespace=self.namespace, component=self._component(engine), max_batch_size=self.max_batch_size,
                 threads=self.worker_threads, record_file=record,
-                extra=self.parser_args + self.engine_args + self.worker_args)
+                extra=self.parser_args + self.engine_args + self.worker_args
+                + (["--engine-cpus", format_cpus(self.engine_cpus)] if self.engine_cpus else []))
         w = self._popen(f"worker-{i}", argv, env, cls=WorkerProcess, index=i, system_port=port,
                         system_url=f"http://{LOOPBACK}:{port}", record_file=record, engine=engine)
         with self._lock:

@@ -392,7 +392,8 @@ async def amain(args: argparse.Namespace) -> int:
     config = {"model_path": args.model_path, "served_model_name": served, "device": args.device,
               "dtype": args.dtype, "max_batch_size": args.max_batch_size,
               "weights_version": _checkpoint_version(args.model_path),
-              "mix_prefill_decode": args.mix_prefill_decode, "threads": args.threads}
+              "mix_prefill_decode": args.mix_prefill_decode, "threads": args.threads,
+              "cpus": sorted(args.engine_cpus) if args.engine_cpus else None}
     if args.engine_process:
         from dynamo_rl.serving.engine_process import EngineProcess
 
@@ -468,6 +469,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cpu_list(text: str) -> frozenset[int]:
+    from dynamo_rl.serving._process import parse_cpus
+
+    try:
+        # the machine's CPUs, not this process's: LocalStack pins this process away from them
+        return parse_cpus(text, "--engine-cpus", allowed=range(os.cpu_count() or 1))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -515,6 +526,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "do; this process serves the routes and forwards each call) in a process of its own, so "
                         "that Dynamo's request handling here does not slow its forwards (see "
                         "dynamo_rl.serving.engine_process)")
+    p.add_argument("--engine-cpus", type=_cpu_list, default=None, metavar="CPULIST",
+                   help="the CPUs of the engine process, as taskset -c writes them (e.g. 1 or 2-7): its forwards "
+                        "then run on cores of their own, apart from this process and the frontend (pin those to "
+                        "the other cores, as LocalStack(engine_cpus=) does); as vLLM's VLLM_CPU_OMP_THREADS_BIND. "
+                        "Default: no affinity")
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM, seconds in-flight requests get before they are ended")
     p.add_argument("--health-interval-s", type=_positive_seconds, default=0.5,
@@ -522,7 +538,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--discovery-backend", default=os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
                    choices=["file", "etcd", "kubernetes", "mem"],
                    help="how the frontend finds this worker (Dynamo's discovery backend; env DYN_DISCOVERY_BACKEND)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.engine_cpus and not args.engine_process:
+        p.error("--engine-cpus pins the engine process; it needs --engine-process (drop --no-engine-process, "
+                "or pin this whole worker with taskset -c instead)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
