@@ -20,9 +20,17 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
 - variants (``--variants``): more stacks of the same worker with other arguments, measured
   alternately with the first: ``engine_in_worker_process`` (``--no-engine-process
   --stream-interval 16``: the engine's forwards share the worker's process, and its GIL,
-  with Dynamo) and ``mix_prefill_decode`` (``--mix-prefill-decode``: running requests
-  decode in the prefill forward of arrivals). E.g. ``--variants
+  with Dynamo), ``mix_prefill_decode`` (``--mix-prefill-decode``: running requests
+  decode in the prefill forward of arrivals) and ``engine_pinned`` (``--engine-cpus <last
+  CPU>``: the engine process on a core of its own, the frontend and the worker on the others;
+  see :func:`stack_args`). E.g. ``--variants
   "worker_defaults=;one_token_per_message=--tokens-per-message 1"``.
+- ``--max-batch-size`` below the concurrency: requests queue in the engine, as the rollouts
+  of a GRPO step sent at once do (``--concurrency 256 --max-batch-size 32 --rounds 1``:
+  ``serving_rl_batch.json``); by default the engine has as many KV slots as requests in
+  flight, so through the frontend each slot waits one client round trip between requests.
+- ``cpu_ms_per_request_last_repeat``: CPU time per request of each process (frontend,
+  worker, engine process, this load generator) and the cores they used together.
   Every stack also serves streamed requests for the time to the first token (TTFT).
 - ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
   (both sides' engine on it), with a larger model of the tiny family.
@@ -41,7 +49,7 @@ processes (frontend, worker) while the in-process side is one process; on a smal
 machine the figures are noisy (``load_average_1m`` is recorded), so read the ratios, not
 single runs.
 
-Run: ``python benchmarks/serving.py`` (about 7 minutes on 2 CPU cores) → JSON in
+Run: ``python benchmarks/serving.py`` (about 7 minutes on 2 CPU cores, 9 repeats) → JSON in
 ``benchmarks/results/serving.json``; ``.venv-vllm/bin/python benchmarks/serving.py --engine
 vllm`` (about 4 minutes) → ``benchmarks/results/serving_vllm.json``.
 """
@@ -71,7 +79,10 @@ def prompts(n: int) -> list[list[int]]:
 
 TRAIN_WORKER_ARGS = "--stream-interval 16"  # what `dynamo-rl train` gives its workers (cluster.stream_interval)
 DEFAULT_VARIANTS = ("engine_in_worker_process=--no-engine-process --stream-interval 16;"
-                    "mix_prefill_decode=--stream-interval 16 --mix-prefill-decode")
+                    "mix_prefill_decode=--stream-interval 16 --mix-prefill-decode"
+                    # the engine process on this machine's last CPU, the frontend and the worker on the others
+                    + (f";engine_pinned=--stream-interval 16 --engine-cpus {max(os.sched_getaffinity(0))}"
+                       if len(os.sched_getaffinity(0)) > 1 else ""))
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:
@@ -410,6 +421,8 @@ async def main_async(args) -> dict:
                 row["engine_work_last_repeat"] = forwards
             row["cpu_ms_per_request_last_repeat"] = cpu_ms
             row["ratio_runs"] = [round(f / i, 3) for f, i in zip(fe["default"], ip)]
+            # each repeat's two sides ran next to each other: their ratio is blind to the machine's drift
+            row["ratio_runs_median"] = round(statistics.median(f / i for f, i in zip(fe["default"], ip)), 3)
             row["frontend_runs"] = {name: [round(x, 1) for x in v] for name, v in fe.items()}
             row["in_process_runs"] = [round(x, 1) for x in ip]
             print(f"c={c:>3}: in-process {in_process:>8.1f} tok/s; through the frontend: " + "; ".join(
@@ -449,7 +462,7 @@ async def main_async(args) -> dict:
             "system) per request of each process role through the frontend (frontend, worker, the worker's "
             "engine process, this load generator), and the CPU cores they used together (cores_used), in the "
             "last repeat; in_process: this process's (the engine and the load generator). ratio_runs = "
-            "each repeat's frontend / in-process. The load generator is "
+            "each repeat's frontend / in-process (measured next to each other), ratio_runs_median their median. The load generator is "
             "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
             "which put the client on the critical path (--client httpx measures it)")
     extra = {}
@@ -495,7 +508,7 @@ def main() -> None:
                         "dominates (requests reach the worker staggered, so the ramp up and down of a short "
                         "level weighs on the frontend side only)")
     p.add_argument("--min-requests", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5,
+    p.add_argument("--repeats", type=int, default=9,
                    help="measurements per side and level, alternating the sides; the median is reported (this "
                         "machine kind is noisy: see ratio_runs)")
     p.add_argument("--max-batch-size", type=int, default=None,
