@@ -13,6 +13,19 @@ def test_overrides_and_plus_overrides(tmp_path):
     assert cfg.generation.dynamo.is_remote
 
 
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("cluster:\n  engine_cpus: 1\n", [], "1"),
+    ("name: t\n", ["cluster.engine_cpus=1"], "1"),
+    ("name: t\n", ["cluster.engine_cpus=[0,2]"], "0,2"),
+    ("name: t\n", ["cluster.engine_cpus='2-7'"], "2-7"),
+    ("name: t\n", [], None),
+])
+def test_engine_cpus_is_a_cpu_list_however_yaml_reads_it(tmp_path, text, overrides, expected):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    assert load_recipe(p, overrides).cluster.engine_cpus == expected
+
+
 @pytest.mark.parametrize(
     "text, overrides, expected",
     [

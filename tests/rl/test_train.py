@@ -114,7 +114,7 @@ def test_multiturn_run_keeps_token_contiguity(tmp_path):
          "max_tokens=100000 does not fit the model's context of 256 tokens"),
         (["cluster.engine=vllm", "cluster.vllm_python=/nonexistent/python"],
          "cluster.engine: vllm_python '/nonexistent/python' is not an executable file"),
-        (["cluster.engine_cpus=0-4095"], "cluster.engine_cpus: engine_cpus '0-4095' names CPU(s)"),
+        (["cluster.engine_cpus=0-4095"], "cluster.engine_cpus '0-4095' names CPU(s) outside the allowed ones"),
     ],
 )
 def test_bad_recipes_fail_fast_and_leave_nothing_behind(tmp_path, args, message):

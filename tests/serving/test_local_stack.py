@@ -130,8 +130,12 @@ def test_engine_cpus_pin_the_engine_process_and_the_rest_elsewhere(tiny_model_di
         assert thread_cpus(engines[0]) == {frozenset({engine_cpu})}
         for proc in (worker, psutil.Process(stack.frontend.pid), psutil.Process(stack.broker.pid)):
             assert thread_cpus(proc) == {rest}, proc.cmdline()[:3]
-    with pytest.raises(ValueError, match=f"engine_cpus '{format_cpus(cpus)}' takes every CPU of this process"):
+    with pytest.raises(ValueError, match=f"engine_cpus '{format_cpus(cpus)}' takes every CPU this process may use"):
         LocalStack(tiny_model_dir, workers=1, engine_cpus=format_cpus(cpus))
+    with pytest.raises(ValueError, match="engine_cpus '0-99999999999' names CPU"):  # at once, not expanded
+        LocalStack(tiny_model_dir, workers=1, engine_cpus="0-99999999999")
+    with pytest.raises(ValueError, match="but the worker arguments hold --no-engine-process"):
+        LocalStack(tiny_model_dir, workers=1, engine_cpus=str(engine_cpu), worker_args=["--no-engine-process"])
 
 
 def test_bad_model_dir_is_refused(tmp_path):
@@ -242,9 +246,14 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
     (["--port", "70000"], "Invalid value for '--port'"),
     (["--stream-interval", "0"], "Invalid value for '--stream-interval'"),
     (["--max-batch-size", "0"], "Invalid value for '--max-batch-size'"),
-    (["--engine-cpus", "0-4095"], "--engine-cpus: engine_cpus '0-4095' names CPU(s)"),
-    (["--engine-cpus", "one"], "--engine-cpus: engine_cpus 'one' is not a CPU list"),
-    (["--engine", "vllm", "--engine-cpus", "0"], "--engine-cpus: engine_cpus pins the engine processes of dynamo-rl"),
+    (["--engine-cpus", "0-4095"], "--engine-cpus '0-4095' names CPU(s) outside the allowed ones"),
+    (["--engine-cpus", "one"], "--engine-cpus 'one' is not a CPU list"),
+    (["--engine-cpus", "1-"], "--engine-cpus '1-' is not a CPU list"),
+    (["--engine-cpus", "1 2"], "--engine-cpus '1 2' is not a CPU list"),
+    (["--engine-cpus", ""], "--engine-cpus '' is not a CPU list"),
+    (["--engine", "vllm", "--engine-cpus", "0"], "--engine-cpus pins the engine processes of dynamo-rl"),
+    (["--engine-cpus", "1", "--worker-args", "--no-engine-process"], "but the worker arguments hold --no-engine-process"),
+    (["--worker-args", "--engine-cpus 1"], "--worker-args: --engine-cpus is set by serve itself"),
     (["--worker-args", "--no-such-flag"], "--worker-args '--no-such-flag': python -m dynamo_rl.serving.worker: "
                                           "error: unrecognized arguments: --no-such-flag"),
     (["--worker-args", "--threads 2"], "--worker-args: --threads is set by serve itself"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -257,6 +257,16 @@ class ClusterConfig(_Section):
         None, description="CPUs for the engine processes of our workers, as taskset -c writes them (e.g. '1' or "
                           "'2-7'); the frontend and the workers' own processes run on the other CPUs, so forwards "
                           "never wait for a core (LocalStack(engine_cpus=)). None: no affinity")
+
+    @field_validator("engine_cpus", mode="before")
+    @classmethod
+    def _cpu_list_as_text(cls, v):
+        """``engine_cpus: 1`` (YAML reads an int) and ``[0, 2]`` mean ``"1"`` and ``"0,2"``."""
+        if isinstance(v, int) and not isinstance(v, bool):
+            return str(v)
+        if isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in v):
+            return ",".join(map(str, v))
+        return v
 
     @model_validator(mode="after")
     def _one_kind_per_worker(self):

@@ -29,10 +29,7 @@ def check_inputs(cfg: Recipe) -> None:
                       ("cluster.tool_call_parser", "cluster.reasoning_parser"))
         from dynamo_rl.serving.stack import check_engine_cpus
 
-        try:
-            check_engine_cpus(cfg.cluster.engine_cpus, cfg.cluster.engines())
-        except ValueError as e:
-            raise ValueError(f"cluster.engine_cpus: {e}") from None
+        check_engine_cpus(cfg.cluster.engine_cpus, cfg.cluster.engines(), what="cluster.engine_cpus")
         if cfg.refit.control_urls:
             raise ValueError(
                 "refit.control_urls is set but the recipe starts the embedded stack, whose workers it finds "

@@ -39,31 +39,35 @@ def die_with_parent() -> None:
         pass
 
 
+_CPU_RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", re.ASCII)
+
+
 def parse_cpus(text: str, what: str = "cpus", allowed=None) -> frozenset[int]:
     """A Linux CPU list as a set of CPU ids: ``"1"``, ``"0,2-3"`` (the format of ``taskset -c``
-    and of cgroup ``cpuset.cpus``).
+    and of cgroup ``cpuset.cpus``; ASCII digits, spaces only around items and dashes).
 
     Raises:
         ValueError: ``text`` is not such a list, or names a CPU outside ``allowed`` (default:
             those this process may run on, ``os.sched_getaffinity(0)``); the message names
-            ``what`` and the allowed CPUs.
+            ``what`` and the allowed CPUs. Ranges are checked before they are expanded, so a
+            huge one fails at once.
     """
     allowed = frozenset(os.sched_getaffinity(0) if allowed is None else allowed)
-    cpus: set[int] = set()
-    try:
-        for part in str(text).replace(" ", "").split(","):
-            lo, _, hi = part.partition("-")
-            first, last = int(lo), int(hi or lo)
-            if first < 0 or last < first:
-                raise ValueError(part)
-            cpus.update(range(first, last + 1))
-    except ValueError:
-        raise ValueError(f"{what} {text!r} is not a CPU list; write CPU ids and ranges as taskset -c does, "
-                         f"e.g. '1' or '0,2-3' (this machine's: {format_cpus(allowed)})") from None
-    if not cpus <= allowed:
-        raise ValueError(f"{what} {text!r} names CPU(s) {format_cpus(cpus - allowed)}, which this process may "
-                         f"not run on; choose among {format_cpus(allowed)}")
-    return frozenset(cpus)
+    ranges = []
+    for part in str(text).split(","):
+        m = _CPU_RANGE.fullmatch(part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"{what} {text!r} is not a CPU list; write CPU ids and ranges as taskset -c does, "
+                             f"e.g. '1' or '0,2-3' (allowed here: {format_cpus(allowed)})")
+        first = int(m.group(1))
+        ranges.append((first, int(m.group(2) or first)))
+    top = max(allowed, default=-1)
+    outside = [(a, b) for a, b in ranges if b > top or not set(range(a, b + 1)) <= allowed]
+    if outside:
+        named = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in outside)
+        raise ValueError(f"{what} {text!r} names CPU(s) outside the allowed ones ({named}); choose among "
+                         f"{format_cpus(allowed)}")
+    return frozenset(c for a, b in ranges for c in range(a, b + 1))
 
 
 def format_cpus(cpus) -> str:

@@ -142,9 +142,10 @@ def serve(
     from dynamo_rl.serving.stack import check_engine_cpus
 
     try:
-        check_engine_cpus(engine_cpus, [kinds] if isinstance(kinds, str) else kinds)
+        check_engine_cpus(engine_cpus, [kinds] if isinstance(kinds, str) else kinds, extra_worker_args,
+                          "--engine-cpus")
     except ValueError as e:
-        console.print(f"[red]error:[/red] --engine-cpus: {escape(str(e))}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     if model_path is None:
         from dynamo_rl.models import TinyModelSpec, ensure_tiny_model

@@ -120,27 +120,33 @@ def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
     raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
 
 
-def check_engine_cpus(text: str | None, kinds: list[str]) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+def check_engine_cpus(text: str | int | None, kinds: list[str], worker_args: list[str] = (),
+                      what: str = "engine_cpus") -> tuple[frozenset[int] | None, frozenset[int] | None]:
     """``(engine CPUs, the CPUs of the stack's other children)`` for ``engine_cpus`` = ``text``
-    (a CPU list, as ``taskset -c``), or ``(None, None)`` without it.
+    (a CPU list, as ``taskset -c``; an int is one CPU), or ``(None, None)`` for None.
 
     Raises:
-        ValueError: naming ``engine_cpus``: not a CPU list, CPUs this process may not use,
-            every one of them (none left for the frontend), or ``vllm`` among ``kinds``.
+        ValueError: naming ``what`` (the option or key the user wrote): not a CPU list, CPUs
+            this process may not use, every one of them (none left for the frontend), this
+            process may use one CPU only, ``vllm`` among ``kinds``, or ``--no-engine-process``
+            among ``worker_args`` (no engine process to pin).
     """
-    if not text:
+    if text is None:
         return None, None
-    cpus = parse_cpus(text, "engine_cpus")
-    if "vllm" in kinds:
-        raise ValueError("engine_cpus pins the engine processes of dynamo-rl workers; vllm workers bind their "
-                         "own threads (set VLLM_CPU_OMP_THREADS_BIND in the environment instead)")
     allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise ValueError(f"{what} {str(text)!r}: this process may use one CPU only ({format_cpus(allowed)}); "
+                         "pinning the engine apart needs two")
+    cpus = parse_cpus(str(text), what)
+    if "vllm" in kinds:
+        raise ValueError(f"{what} pins the engine processes of dynamo-rl workers; vllm workers bind their own "
+                         "threads (set VLLM_CPU_OMP_THREADS_BIND in the environment instead)")
+    if "--no-engine-process" in worker_args:
+        raise ValueError(f"{what} pins the workers' engine processes, but the worker arguments hold "
+                         "--no-engine-process; drop one of the two")
     if not allowed - cpus:
-        raise ValueError(f"engine_cpus {text!r} takes every CPU of this process ({format_cpus(allowed)}); leave at "
-                         f"least one for the frontend and the workers, e.g. engine_cpus "
-                         f"{format_cpus(sorted(allowed)[1:])!r}" if len(allowed) > 1 else
-                         f"engine_cpus {text!r}: this process may use one CPU only ({format_cpus(allowed)}); "
-                         "pinning needs two")
+        raise ValueError(f"{what} {str(text)!r} takes every CPU this process may use ({format_cpus(allowed)}); "
+                         f"leave at least one for the frontend and the workers, e.g. {format_cpus(sorted(allowed)[1:])!r}")
     return cpus, allowed - cpus
 
 
@@ -228,7 +234,8 @@ class LocalStack:
             raise ValueError(f"stream_interval={stream_interval}: give a number of tokens >= 1 (or None)")
         # the same flag on both kinds (ours mirrors vLLM's)
         self.engine_args = [] if stream_interval is None else ["--stream-interval", str(int(stream_interval))]
-        self.engine_cpus, self._other_cpus = check_engine_cpus(engine_cpus, self.engines + [self.default_engine])
+        self.engine_cpus, self._other_cpus = check_engine_cpus(engine_cpus, self.engines + [self.default_engine],
+                                                               list(worker_args or []))
         self.served_model_name = served_model_name
         self.num_workers = workers
         self._run_dir_arg = run_dir

@@ -26,7 +26,7 @@ ENGINES = ("dynamo-rl", "vllm")
 #: the options LocalStack gives each of our workers itself (``worker_args`` must not repeat them)
 MANAGED_WORKER_FLAGS = frozenset({"--model-path", "--served-model-name", "--device", "--dtype", "--namespace",
                                   "--component", "--max-batch-size", "--threads", "--discovery-backend",
-                                  "--record-file"})
+                                  "--record-file", "--engine-cpus"})
 #: ``--worker-extension-cls`` of the vLLM workers (runs the refit receiver in vLLM)
 VLLM_EXTENSION = "dynamo_rl.integrations.vllm.RefitWorkerExtension"
 
