@@ -5,8 +5,8 @@
 kinds: ours (``"dynamo-rl"``: :mod:`dynamo_rl.serving.worker`) and Dynamo's stock vLLM
 worker (``"vllm"``: ``python -m dynamo.vllm --enable-rl --worker-extension-cls
 dynamo_rl.integrations.vllm.RefitWorkerExtension``, run by the Python of the vLLM
-environment, :func:`~dynamo_rl.serving.worker_kinds.find_vllm_python`), in any mix. It waits until the model is listed in
-``/v1/models``, every worker's system server names its instance in ``/metrics`` and
+environment; :mod:`dynamo_rl.serving.worker_kinds` builds both kinds' command lines), in any
+mix. It waits until the model is listed in ``/v1/models``, every worker's system server names its instance in ``/metrics`` and
 answers ``get_weight_version``, and every instance is in the frontend's ``/health``; and it
 tears down every process it started (SIGTERM, then SIGKILL after a grace period, by PID,
 grandchildren included: a vLLM worker's ``EngineCore`` child too).
