@@ -155,6 +155,32 @@ async def test_an_engine_process_that_cannot_start_is_reported(tmp_path):
         await EngineProcess.launch({k: v for k, v in config(tmp_path).items() if k != "threads"})
 
 
+def test_sigterm_while_the_model_loads_leaves_no_socket_directory(tiny_model_dir, tmp_path):
+    """A stack torn down during start-up SIGTERMs the engine process while it still loads:
+    it exits 143 (128 + SIGTERM) and removes the directory of its IPC sockets."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ipc = tmp_path / "ipc"
+    ipc.mkdir()
+    (ipc / "in").touch()
+    p = subprocess.Popen([sys.executable, "-m", "dynamo_rl.serving.engine_process", "--to-engine", f"ipc://{ipc}/in",
+                          "--from-engine", f"ipc://{ipc}/out", "--parent-pid", str(os.getpid()),
+                          "--config", json.dumps(config(tiny_model_dir))], stderr=subprocess.PIPE)
+    # inside serve(): torch is being imported (after main's handler, before the loop's own)
+    deadline = time.monotonic() + 60
+    while b"libtorch" not in Path(f"/proc/{p.pid}/maps").read_bytes():
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err.decode()[-2000:]
+    assert not ipc.exists()
+    assert b"Traceback" not in err
+
+
 def test_the_engine_process_goes_with_its_worker(tiny_model_dir):
     """The worker is SIGKILLed (no cleanup): PR_SET_PDEATHSIG takes its engine process along."""
     import json

@@ -472,6 +472,10 @@ async def serve(config: dict, to_engine: str, from_engine: str, parent_pid: int)
         shutil.rmtree(os.path.dirname(to_engine.removeprefix("ipc://")), ignore_errors=True)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dynamo_rl.serving.engine_process",
                                 description="the engine process of a dynamo-rl worker (started by the worker)")
@@ -481,13 +485,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", required=True, help="JSON: see EngineProcess.launch")
     args = p.parse_args(argv)
     run = entry_point("%(asctime)s %(levelname)s %(name)s[engine pid %(process)d]: %(message)s")
+    # until serve() takes SIGTERM over (it stops the engine then): unwind, so that a stack torn
+    # down while the model still loads leaves no socket directory behind
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     code = 0
     try:
         run(serve(json.loads(args.config), args.to_engine, args.from_engine, args.parent_pid))
+    except SystemExit as e:  # SIGTERM before serving began
+        code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - report, then exit without waiting on ZMQ's teardown
         log.exception("the engine process failed")
         code = 1
     finally:
+        shutil.rmtree(os.path.dirname(args.to_engine.removeprefix("ipc://")), ignore_errors=True)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
