@@ -324,20 +324,20 @@ async def main_async(args) -> dict:
         async with httpx.AsyncClient(timeout=30) as http:
             return (await http.get(f"{side.workers[0].system_url}/engine/info")).json()["stats"]
 
+    def cpu(procs) -> float:
+        """CPU seconds (user + system) so far of ``procs`` (psutil processes) together."""
+        total = 0.0
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # exited: a worker restarted mid-level is not ours to count
+                pass
+        return total
+
     def cpu_seconds(stack) -> dict[str, float]:
-        """CPU seconds (user + system) so far of the stack's processes by role, and of this
-        process (the load generator; the in-process engine is idle while the frontend is measured)."""
-
-        def cpu(procs) -> float:
-            total = 0.0
-            for proc in procs:
-                try:
-                    t = proc.cpu_times()
-                    total += t.user + t.system
-                except psutil.Error:  # exited: a worker restarted mid-level is not ours to count
-                    pass
-            return total
-
+        """CPU seconds so far of the stack's processes by role, and of this process (the load
+        generator; the in-process engine is idle while the frontend is measured)."""
         workers = [psutil.Process(w.pid) for w in stack.workers]
         children = [c for w in workers for c in w.children(recursive=True)]
         return {"frontend": cpu([psutil.Process(stack.frontend.pid)]), "worker": cpu(workers),
@@ -387,11 +387,10 @@ async def main_async(args) -> dict:
                     tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, lens)
                     assert tok == want, (tok, want)
                     ttft[name].append(first)
-                before, cpu_before = await counters(engine), psutil.Process().cpu_times()
+                before, cpu_before = await counters(engine), cpu([psutil.Process()])
                 tok, sec = await run_in_process(engine, ps, c, lens)
                 assert tok == want, (tok, want)
-                cpu_after = psutil.Process().cpu_times()
-                spent = cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system
+                spent = cpu([psutil.Process()]) - cpu_before
                 cpu_ms["in_process"] = {"client_and_engine": round(1e3 * spent / n, 3), "cores_used": round(spent / sec, 2)}
                 forwards["in_process"] = work(before, await counters(engine), sec)
                 ip.append(tok / sec)

@@ -468,8 +468,6 @@ async def serve(config: dict, to_engine: str, from_engine: str, parent_pid: int)
         control.close()
         push.close()
         pull.close()
-        # the worker removes the socket directory too; this covers a worker that was killed
-        shutil.rmtree(os.path.dirname(to_engine.removeprefix("ipc://")), ignore_errors=True)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -497,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         log.exception("the engine process failed")
         code = 1
     finally:
+        # the worker removes the socket directory too; this covers a worker that was killed
         shutil.rmtree(os.path.dirname(args.to_engine.removeprefix("ipc://")), ignore_errors=True)
         logging.shutdown()
         sys.stdout.flush()
