@@ -53,13 +53,17 @@ def test_scale_up_kill_crash_and_teardown(tiny_model_dir, tmp_path):
         assert stack.failure is None
         stack.check()
 
-        os.kill(first.pid, signal.SIGKILL)         # a crash
+        frontend = stack.frontend
+        os.kill(first.pid, signal.SIGKILL)         # a crash, and the frontend down with it
+        os.kill(frontend.pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while stack.failure is None:
             assert time.monotonic() < deadline, "the crash was not detected"
             time.sleep(0.2)
-        assert "worker-0" in stack.failure and str(first.pid) in stack.failure
-        assert "worker-0.log" in stack.failure     # the report points at (and quotes) its log
+        # both are named, each with its exit code and (once) its log's last lines
+        for name, pid in (("worker-0", first.pid), ("frontend", frontend.pid)):
+            assert stack.failure.count(f"{name} (pid {pid}) exited with code -9; last lines of ") == 1, stack.failure
+            assert stack.failure.count(f"{name}.log:\n") == 1
         with pytest.raises(StackError, match="worker-0"):
             stack.check()
         deadline = time.monotonic() + 60

@@ -366,6 +366,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
     agent = None
     figure_names: set[str] = set()   # what the task reports beside the reward (first/last in summary.json)
     agent_clock, backlog = [0.0], [0]   # task.name agent: last collection's time; sessions dropped as backlog
+    pending: asyncio.Task | None = None   # the next step's rollouts, generating in the background
     try:
         if resume is None:
             if cfg.policy.warm_start.steps:
@@ -480,6 +481,7 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
     finally:
         if bar is not None:
             bar.close()
+        await _discard(pending)
         # an update still running (Ctrl-C during a step) finishes first: the policy saved
         # below is never half-updated
         updates.shutdown(wait=True)
@@ -506,6 +508,20 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
                 console.print(f"[yellow]reward.png not drawn:[/] {e}")
     _print_summary(summary, out)
     return ExitCode.OK
+
+
+async def _discard(task: asyncio.Task | None, grace_s: float = 5.0) -> None:
+    """Cancel the next step's rollouts when the run ends before it awaits them (a failure
+    in training, refit or eval). Their own error, a consequence of the one being reported
+    (e.g. the frontend stopped with a crashed stack), is retrieved and dropped here, so asyncio
+    does not print it as "Task exception was never retrieved" when the run exits."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=grace_s)
+    if task.done() and not task.cancelled():
+        task.exception()
 
 
 class _progress_bar:

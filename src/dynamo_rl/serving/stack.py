@@ -346,9 +346,8 @@ class LocalStack:
         """Raise :class:`StackError` if a child of the stack crashed."""
         if self.failure:
             raise StackError(self.failure)
-        for c in list(self._children):
-            if not c.expected_exit and c.popen.poll() is not None:
-                raise StackError(self._crash_report(c))
+        if crashed := self._crashed(list(self._children)):
+            raise StackError(self._crash_report(*crashed))
 
     def stop(self) -> None:
         """Terminate every child (SIGTERM, SIGKILL after ``stop_grace_s``). Idempotent."""
@@ -560,10 +559,20 @@ class LocalStack:
             return None
         return iid, body.get("version")
 
-    def _crash_report(self, c: ChildProcess) -> str:
-        rc = c.popen.poll()
-        return (f"{c.name} (pid {c.pid}) exited with code {rc}; last lines of {c.log_path}:\n"
-                f"{tail(c.log_path, 30)}")
+    @staticmethod
+    def _crashed(children: list[ChildProcess]) -> list[ChildProcess]:
+        return [c for c in children if not c.expected_exit and c.popen.poll() is not None]
+
+    @staticmethod
+    def _exit_line(c: ChildProcess) -> str:
+        return f"{c.name} (pid {c.pid}) exited with code {c.popen.poll()}"
+
+    def _crash_report(self, *crashed: ChildProcess) -> str:
+        """Each child that exited, with its exit code and its log's last lines. Several are
+        named when they were seen dead together (e.g. a killed worker and the frontend that
+        went down with it): which one was first cannot be told from the outside."""
+        return "\n".join(f"{self._exit_line(c)}; last lines of {c.log_path}:\n{tail(c.log_path, 30)}"
+                         for c in crashed)
 
     def _start_watcher(self) -> None:
         self._watch_stop.clear()
@@ -576,22 +585,24 @@ class LocalStack:
                 children = list(self._children)
             for c in children:
                 record_descendants(c)
-                if not c.expected_exit and c.popen.poll() is not None and not self._stopping:
-                    self.failure = self._crash_report(c)
-                    # one line here; the log tail is in `failure` (StackError), printed once by its reader
-                    short = (f"{c.name} (pid {c.pid}) exited with code {c.popen.poll()}; stopping the stack "
-                             f"(log: {c.log_path})")
-                    if self.quiet:
-                        log.error("stack child crashed: %s", short)
-                    else:
-                        print(f"[dynamo-rl stack] CRASH: {short}", file=sys.stderr, flush=True)
-                    if self.on_crash is not None:
-                        try:
-                            self.on_crash(self.failure)
-                        except Exception:  # noqa: BLE001
-                            log.exception("on_crash callback failed")
-                    self.stop()
-                    return
+            if (crashed := self._crashed(children)) and not self._stopping:
+                # those going down with it (a frontend whose worker was killed) are named too
+                time.sleep(0.25)
+                crashed += [c for c in self._crashed(children) if c not in crashed]
+                self.failure = self._crash_report(*crashed)
+                # one line here; the log tails are in `failure` (StackError), printed once by its reader
+                short = "; ".join(f"{self._exit_line(c)} (log: {c.log_path})" for c in crashed)
+                if self.quiet:
+                    log.error("stack child crashed: %s; stopping the stack", short)
+                else:
+                    print(f"[dynamo-rl stack] CRASH: {short}; stopping the stack", file=sys.stderr, flush=True)
+                if self.on_crash is not None:
+                    try:
+                        self.on_crash(self.failure)
+                    except Exception:  # noqa: BLE001
+                        log.exception("on_crash callback failed")
+                self.stop()
+                return
 
     def _terminate(self, children: list[ChildProcess]) -> None:
         terminate(children, self.stop_grace_s)
