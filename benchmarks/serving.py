@@ -31,6 +31,10 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
   flight, so through the frontend each slot waits one client round trip between requests.
 - ``cpu_ms_per_request_last_repeat``: CPU time per request of each process (frontend,
   worker, engine process, this load generator) and the cores they used together.
+- ``request_ms_by_layer_last_repeat``: where a request's time through the frontend goes, as
+  the mean time of a request seen by each layer: this client, the frontend and the worker's
+  handler (Dynamo's own ``/metrics``), our engine (``Engine.stats`` ``request_seconds``),
+  and the differences between neighbours (see :func:`hops`).
   Every stack also serves streamed requests for the time to the first token (TTFT).
 - ``--device cuda --dtype bfloat16 --tiny '{"hidden_size": 1024, ...}'``: the same on a GPU
   (both sides' engine on it), with a larger model of the tiny family.
@@ -126,10 +130,12 @@ def _completion(i: int, p: list[int], max_tokens: int, stream: bool) -> dict:
     return body
 
 
-async def run_frontend(url: str, ps: list[list[int]], concurrency: int, lens: list[int], client: str = "aiohttp"
-                       ) -> tuple[int, float]:
-    """Non-streaming completions, ``concurrency`` in flight: (generated tokens, wall seconds)."""
+async def run_frontend(url: str, ps: list[list[int]], concurrency: int, lens: list[int], client: str = "aiohttp",
+                       times: list[float] | None = None) -> tuple[int, float]:
+    """Non-streaming completions, ``concurrency`` in flight: (generated tokens, wall seconds).
+    ``times``: each request's seconds from sending it to its whole response are appended."""
     sem = asyncio.Semaphore(concurrency)
+    times = [] if times is None else times
     if client == "httpx":
         import httpx
 
@@ -137,8 +143,10 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, lens: li
         async with httpx.AsyncClient(timeout=600, limits=limits) as session:
             async def one(i, p):
                 async with sem:
+                    t = time.perf_counter()
                     r = await session.post(f"{url}/v1/completions", json=_completion(i, p, lens[i], False))
                     r.raise_for_status()
+                    times.append(time.perf_counter() - t)
                     return r.json()["usage"]["completion_tokens"]
 
             t0 = time.perf_counter()
@@ -149,9 +157,13 @@ async def run_frontend(url: str, ps: list[list[int]], concurrency: int, lens: li
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 4),
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
         async def one(i, p):
-            async with sem, session.post(f"{url}/v1/completions", json=_completion(i, p, lens[i], False)) as r:
-                r.raise_for_status()
-                return (await r.json())["usage"]["completion_tokens"]
+            async with sem:
+                t = time.perf_counter()
+                async with session.post(f"{url}/v1/completions", json=_completion(i, p, lens[i], False)) as r:
+                    r.raise_for_status()
+                    body = await r.json()
+                times.append(time.perf_counter() - t)
+                return body["usage"]["completion_tokens"]
 
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
@@ -268,6 +280,66 @@ async def run_handler(worker, ps: list[list[int]], concurrency: int, lens: list[
     return sum(counts), time.perf_counter() - t0
 
 
+def prometheus_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of series ``name`` whose labels include ``labels``, in Prometheus
+    text (what Dynamo's ``/metrics`` serve)."""
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        series, _, rest = head.partition("{")
+        if series == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+async def request_times(stack, engine_stats: list[dict]) -> dict[str, float]:
+    """Sums (seconds) and counts of the request times that Dynamo measures itself: the
+    frontend's (``dynamo_frontend_request_duration_seconds``: the HTTP request in the
+    frontend), the workers' handlers (``dynamo_component_request_duration_seconds`` of
+    ``generate``) and the frontend→worker request transit
+    (``dynamo_work_handler_network_transit_seconds``); and our engines' (``request_seconds``,
+    ``queue_seconds``, ``requests_finished`` of ``engine_stats``)."""
+    import httpx
+
+    out = dict.fromkeys(("frontend", "frontend_n", "worker", "worker_n", "transit", "transit_n"), 0.0)
+    async with httpx.AsyncClient(timeout=30) as http:
+        text = (await http.get(f"{stack.frontend_url}/metrics")).text
+        out["frontend"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_sum")
+        out["frontend_n"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_count")
+        for w in stack.workers:
+            text = (await http.get(f"{w.system_url}/metrics")).text
+            out["worker"] += prometheus_sum(text, "dynamo_component_request_duration_seconds_sum", dynamo_endpoint="generate")
+            out["worker_n"] += prometheus_sum(text, "dynamo_component_request_duration_seconds_count",
+                                              dynamo_endpoint="generate")
+            out["transit"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_sum")
+            out["transit_n"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_count")
+    for key, stat in (("engine", "request_seconds"), ("queue", "queue_seconds"), ("engine_n", "requests_finished")):
+        out[key] = sum(s.get(stat, 0) for s in engine_stats)
+    return out
+
+
+def hops(client_times: list[float], before: dict, after: dict) -> dict[str, float | None]:
+    """Mean milliseconds of a request at each layer (the last repeat), outermost first, and the
+    differences between neighbours: where a request's time through the frontend goes. None
+    where a layer measured nothing (no engine figures for vLLM)."""
+    def mean(key: str, count: str | None = None) -> float | None:
+        n = after[count or f"{key}_n"] - before[count or f"{key}_n"]
+        return 1e3 * (after[key] - before[key]) / n if n else None
+
+    def minus(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    client = 1e3 * statistics.mean(client_times)
+    frontend, worker, engine = mean("frontend"), mean("worker"), mean("engine")
+    out = {"client": client, "frontend": frontend, "worker_handler": worker, "engine": engine,
+           "engine_queued": mean("queue", "engine_n"),
+           "http_and_client": minus(client, frontend),
+           "frontend_to_worker_and_back": minus(frontend, worker),
+           "frontend_to_worker_transit": mean("transit"),
+           "worker_to_engine_and_back": minus(worker, engine)}
+    return {k: None if v is None else round(v, 2) for k, v in out.items()}
+
+
 async def main_async(args) -> dict:
     import psutil
     import torch
@@ -313,16 +385,27 @@ async def main_async(args) -> dict:
     for stack in stacks.values():
         await asyncio.to_thread(stack.start)
 
-    async def counters(side) -> dict | None:
-        """Our engine's counters (``stats`` of ``/engine/info``, or of the in-process engine)."""
+    async def engine_stats(side) -> list[dict]:
+        """Our engines' ``stats``: the in-process engine's, or each worker's (``/engine/info``;
+        an engine process reports them with its health messages, so a fresh one is awaited)."""
         if vllm:
-            return None
+            return []
         if side is engine:
-            return dict(engine.stats)
+            return [dict(engine.stats)]
         import httpx
 
+        from dynamo_rl.serving.engine_process import HEALTH_INTERVAL_S
+
+        await asyncio.sleep(2 * HEALTH_INTERVAL_S)
         async with httpx.AsyncClient(timeout=30) as http:
-            return (await http.get(f"{side.workers[0].system_url}/engine/info")).json()["stats"]
+            return [(await http.get(f"{w.system_url}/engine/info")).json()["stats"] for w in side.workers]
+
+    async def counters(side) -> tuple[dict | None, dict | None]:
+        """Our engines' counters summed over the side's engines (None for vLLM), and, for a
+        stack, the request times of :func:`request_times`."""
+        stats = await engine_stats(side)
+        summed = {k: sum(s[k] for s in stats) for k in stats[0]} if stats else None
+        return summed, (await request_times(side, stats) if side is not engine else None)
 
     def cpu(procs) -> float:
         """CPU seconds (user + system) so far of ``procs`` (psutil processes) together."""
@@ -343,7 +426,8 @@ async def main_async(args) -> dict:
         return {"frontend": cpu([psutil.Process(stack.frontend.pid)]), "worker": cpu(workers),
                 "engine_process": cpu(children), "client": cpu([psutil.Process()])}
 
-    def work(before: dict | None, after: dict | None, seconds: float) -> dict | None:
+    def work(before: tuple, after: tuple, seconds: float) -> dict | None:
+        (before, _), (after, _) = before, after
         if before is None:
             return None
         d = {k: after[k] - before[k] for k in ("forward_passes", "prefill_batches", "tokens_generated",
@@ -372,17 +456,21 @@ async def main_async(args) -> dict:
             ttft = {name: [] for name in stacks}
             forwards = {}
             cpu_ms = {}
+            where = {}
             ip, hd = [], []
             for _ in range(args.repeats):
                 for name, stack in stacks.items():
                     before, cpu_before = await counters(stack), cpu_seconds(stack)
-                    tok, sec = await run_frontend(stack.frontend_url, ps, c, lens, args.client)
+                    client_times = []
+                    tok, sec = await run_frontend(stack.frontend_url, ps, c, lens, args.client, client_times)
                     assert tok == want, (tok, want)
                     cpu_after = cpu_seconds(stack)
                     cpu_ms[name] = {role: round(1e3 * (cpu_after[role] - cpu_before[role]) / n, 3)
                                     for role in cpu_before}
                     cpu_ms[name]["cores_used"] = round(sum(cpu_after[r] - cpu_before[r] for r in cpu_before) / sec, 2)
-                    forwards[name] = work(before, await counters(stack), sec)
+                    after = await counters(stack)
+                    forwards[name] = work(before, after, sec)
+                    where[name] = hops(client_times, before[1], after[1])
                     fe[name].append(tok / sec)
                     tok, sec, first = await run_frontend_stream(stack.frontend_url, ps, c, lens)
                     assert tok == want, (tok, want)
@@ -392,7 +480,12 @@ async def main_async(args) -> dict:
                 assert tok == want, (tok, want)
                 spent = cpu([psutil.Process()]) - cpu_before
                 cpu_ms["in_process"] = {"client_and_engine": round(1e3 * spent / n, 3), "cores_used": round(spent / sec, 2)}
-                forwards["in_process"] = work(before, await counters(engine), sec)
+                after = await counters(engine)
+                forwards["in_process"] = work(before, after, sec)
+                if after[0] is not None:
+                    done = after[0]["requests_finished"] - before[0]["requests_finished"]
+                    where["in_process"] = {k: round(1e3 * (after[0][f"{k}_seconds"] - before[0][f"{k}_seconds"]) / done, 2)
+                                           for k in ("request", "queue")}
                 ip.append(tok / sec)
                 if handler is not None:
                     tok, sec = await run_handler(handler, ps, c, lens)
@@ -419,6 +512,7 @@ async def main_async(args) -> dict:
             if not vllm:
                 row["engine_work_last_repeat"] = forwards
             row["cpu_ms_per_request_last_repeat"] = cpu_ms
+            row["request_ms_by_layer_last_repeat"] = where
             row["ratio_runs"] = [round(f / i, 3) for f, i in zip(fe["default"], ip)]
             # each repeat's two sides ran next to each other: their ratio is blind to the machine's drift
             row["ratio_runs_median"] = round(statistics.median(f / i for f, i in zip(fe["default"], ip)), 3)
@@ -460,7 +554,15 @@ async def main_async(args) -> dict:
             "requests start and end together. cpu_ms_per_request_last_repeat = CPU milliseconds (user + "
             "system) per request of each process role through the frontend (frontend, worker, the worker's "
             "engine process, this load generator), and the CPU cores they used together (cores_used), in the "
-            "last repeat; in_process: this process's (the engine and the load generator). ratio_runs = "
+            "last repeat; in_process: this process's (the engine and the load generator). "
+            "request_ms_by_layer_last_repeat = a request's mean milliseconds as each layer sees it, outermost "
+            "first: client (this load generator, send to whole response), frontend "
+            "(dynamo_frontend_request_duration_seconds), worker_handler (the worker's "
+            "dynamo_component_request_duration_seconds of generate), engine (Engine.stats request_seconds: "
+            "queued to last token; engine_queued: to its KV slot), and the differences between neighbours: "
+            "http_and_client, frontend_to_worker_and_back (of which frontend_to_worker_transit, Dynamo's "
+            "dynamo_work_handler_network_transit_seconds), worker_to_engine_and_back; in_process: the "
+            "engine's request and queue ms. ratio_runs = "
             "each repeat's frontend / in-process (measured next to each other), ratio_runs_median their median. The load generator is "
             "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
             "which put the client on the critical path (--client httpx measures it)")

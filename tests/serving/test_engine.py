@@ -5,6 +5,7 @@ A CUDA variant of the numerics test runs on a GPU machine (``-m gpu``)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import pytest_asyncio
@@ -324,9 +325,16 @@ async def test_more_requests_than_slots_all_complete(model_a):
     eng = Engine(fresh(model_a), eos_token_ids=[EOS], max_batch_size=4)
     try:
         params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        t0 = time.perf_counter()
         results = await asyncio.gather(*[eng.complete(PROMPTS[i % 4], params) for i in range(10)])
+        wall = time.perf_counter() - t0
         assert [len(r) for r in results] == [5] * 10
-        assert eng.stats["max_decode_batch"] == 4
+        stats = eng.stats
+        assert stats["max_decode_batch"] == 4
+        # 6 of the 10 waited for a slot: time queued, within each request's time in the engine
+        assert stats["requests_finished"] == 10
+        assert 0 < stats["queue_seconds"] < stats["request_seconds"] <= 10 * wall
+        assert stats["request_seconds"] >= 10 * 5 * stats["forward_seconds"] / stats["forward_passes"] / 4
     finally:
         await eng.stop()
 

@@ -165,6 +165,7 @@ class Engine:
                                 max_prefill_tokens=int(max_prefill_tokens), prefill_chunk=self.prefill_chunk,
                                 prefix_caching=prefix_caching, counters=self._counters)
         self._forward_seconds = 0.0  # wall time of the engine thread's forward calls (stats)
+        self._request_seconds = self._queue_seconds = 0.0  # of the finished requests (stats)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -294,6 +295,7 @@ class Engine:
                 req.generator = torch.Generator()  # CPU: keys for the batched noise
                 seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
                 req.generator.manual_seed(seed)
+            req.arrived = time.perf_counter()
             self._sched.waiting.append(req)
             self._wake.set()
             held: list[TokenOutput] = []  # chunked: tokens not yet due (stream_interval)
@@ -410,10 +412,16 @@ class Engine:
         cuda_graphs (decode graphs captured now); and forward_seconds (float, seconds): the
         wall time of the engine thread's forward calls (forwards and sampling, with their
         synchronization), so that ``forward_seconds / forward_passes`` is the time of a forward
-        and the rest of a period's wall time is the scheduling loop between them."""
+        and the rest of a period's wall time is the scheduling loop between them;
+        request_seconds and queue_seconds (floats, seconds, summed over the finished requests:
+        from :meth:`generate` queuing it to its last token, and to its admission into a KV
+        slot), so that ``request_seconds / requests_finished`` is a request's mean time in
+        the engine, as vLLM's e2e and queued request times."""
         return {
             **self._counters,
             "forward_seconds": round(self._forward_seconds, 6),
+            "request_seconds": round(self._request_seconds, 6),
+            "queue_seconds": round(self._queue_seconds, 6),
             "requests_running": len(self._sched.running()),
             "requests_waiting": len(self._sched.waiting),
             "kv_cache_tokens": self._sched.cached_tokens(),
@@ -602,6 +610,9 @@ class Engine:
             running = self._sched.running()
             admitted = self._sched.admit() if self._admissible() else []
             if admitted:
+                now = time.perf_counter()
+                for r in admitted:
+                    r.admitted = now
                 # running requests ride along in the prefill forward (one token each) where
                 # the padded batch stays within the prefill budget: an arrival then costs no
                 # forward of its own (as vLLM's mixed prefill/decode batches)
@@ -689,6 +700,8 @@ class Engine:
                 if reason is not None:
                     self._release(r)
                     c["requests_finished"] += 1
+                    self._request_seconds += time.perf_counter() - r.arrived
+                    self._queue_seconds += r.admitted - r.arrived
                     break  # (an abort seen here first drops the rest of this row's tokens)
                 fed = [tok]
 

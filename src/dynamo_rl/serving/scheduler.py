@@ -32,7 +32,9 @@ class Request:
 
     ``queue`` (an ``asyncio.Queue`` of the engine's) and ``generator`` (the request's CPU
     ``torch.Generator``, None when greedy) belong to the engine; ``slot`` is the index of
-    the KV slot it holds (-1 while waiting); ``output`` its generated ids so far."""
+    the KV slot it holds (-1 while waiting); ``output`` its generated ids so far;
+    ``arrived`` and ``admitted`` the engine's ``time.perf_counter()`` (seconds) when it was
+    queued and when it got its slot (0.0 before)."""
 
     id: str
     prompt: list[int]
@@ -44,6 +46,8 @@ class Request:
     output: list[int] = field(default_factory=list)
     abort_requested: bool = False
     done: bool = False
+    arrived: float = 0.0
+    admitted: float = 0.0
 
 
 @dataclass(eq=False)
