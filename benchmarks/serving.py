@@ -23,7 +23,7 @@ concurrency 1, 8 and 32, in ONE run (same machine state, levels interleaved).
   with Dynamo), ``mix_prefill_decode`` (``--mix-prefill-decode``: running requests
   decode in the prefill forward of arrivals) and ``engine_pinned`` (``--engine-cpus <last
   CPU>``: the engine process on a core of its own, the frontend and the worker on the others;
-  see :func:`stack_args`). E.g. ``--variants
+  see :func:`stack_args`), and ``engine_pinned_mix`` (both). E.g. ``--variants
   "worker_defaults=;one_token_per_message=--tokens-per-message 1"``.
 - ``--max-batch-size`` below the concurrency: requests queue in the engine, as the rollouts
   of a GRPO step sent at once do (``--concurrency 256 --max-batch-size 32 --rounds 1``:
@@ -53,7 +53,7 @@ processes (frontend, worker) while the in-process side is one process; on a smal
 machine the figures are noisy (``load_average_1m`` is recorded), so read the ratios, not
 single runs.
 
-Run: ``python benchmarks/serving.py`` (about 7 minutes on 2 CPU cores, 9 repeats) → JSON in
+Run: ``python benchmarks/serving.py`` (about 6 minutes on 2 CPU cores, 9 repeats) → JSON in
 ``benchmarks/results/serving.json``; ``.venv-vllm/bin/python benchmarks/serving.py --engine
 vllm`` (about 4 minutes) → ``benchmarks/results/serving_vllm.json``.
 """
@@ -86,6 +86,8 @@ DEFAULT_VARIANTS = ("engine_in_worker_process=--no-engine-process --stream-inter
                     "mix_prefill_decode=--stream-interval 16 --mix-prefill-decode"
                     # the engine process on this machine's last CPU, the frontend and the worker on the others
                     + (f";engine_pinned=--stream-interval 16 --engine-cpus {max(os.sched_getaffinity(0))}"
+                       f";engine_pinned_mix=--stream-interval 16 --engine-cpus {max(os.sched_getaffinity(0))}"
+                       " --mix-prefill-decode"
                        if len(os.sched_getaffinity(0)) > 1 else ""))
 
 
