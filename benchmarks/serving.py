@@ -298,12 +298,14 @@ async def request_times(stack, engine_stats: list[dict]) -> dict[str, float]:
     """Sums (seconds) and counts of the request times that Dynamo measures itself: the
     frontend's (``dynamo_frontend_request_duration_seconds``: the HTTP request in the
     frontend), the workers' handlers (``dynamo_component_request_duration_seconds`` of
-    ``generate``) and the frontend→worker request transit
-    (``dynamo_work_handler_network_transit_seconds``); and our engines' (``request_seconds``,
+    ``generate``), the frontend→worker request transit
+    (``dynamo_work_handler_network_transit_seconds``) and the wait for a permit of the
+    worker's handler pool (``dynamo_work_handler_permit_wait_seconds``); and our engines' (``request_seconds``,
     ``queue_seconds``, ``requests_finished`` of ``engine_stats``)."""
     import httpx
 
-    out = dict.fromkeys(("frontend", "frontend_n", "worker", "worker_n", "transit", "transit_n"), 0.0)
+    out = dict.fromkeys(("frontend", "frontend_n", "worker", "worker_n", "transit", "transit_n", "permit",
+                         "permit_n"), 0.0)
     async with httpx.AsyncClient(timeout=30) as http:
         text = (await http.get(f"{stack.frontend_url}/metrics")).text
         out["frontend"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_sum")
@@ -315,6 +317,8 @@ async def request_times(stack, engine_stats: list[dict]) -> dict[str, float]:
                                               dynamo_endpoint="generate")
             out["transit"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_sum")
             out["transit_n"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_count")
+            out["permit"] += prometheus_sum(text, "dynamo_work_handler_permit_wait_seconds_sum")
+            out["permit_n"] += prometheus_sum(text, "dynamo_work_handler_permit_wait_seconds_count")
     for key, stat in (("engine", "request_seconds"), ("queue", "queue_seconds"), ("engine_n", "requests_finished")):
         out[key] = sum(s.get(stat, 0) for s in engine_stats)
     return out
@@ -338,6 +342,7 @@ def hops(client_times: list[float], before: dict, after: dict) -> dict[str, floa
            "http_and_client": minus(client, frontend),
            "frontend_to_worker_and_back": minus(frontend, worker),
            "frontend_to_worker_transit": mean("transit"),
+           "worker_permit_wait": mean("permit"),
            "worker_to_engine_and_back": minus(worker, engine)}
     return {k: None if v is None else round(v, 2) for k, v in out.items()}
 
@@ -563,7 +568,8 @@ async def main_async(args) -> dict:
             "dynamo_component_request_duration_seconds of generate), engine (Engine.stats request_seconds: "
             "queued to last token; engine_queued: to its KV slot), and the differences between neighbours: "
             "http_and_client, frontend_to_worker_and_back (of which frontend_to_worker_transit, Dynamo's "
-            "dynamo_work_handler_network_transit_seconds), worker_to_engine_and_back; in_process: the "
+            "dynamo_work_handler_network_transit_seconds; worker_permit_wait: dynamo_work_handler_permit_wait_seconds, "
+            "the wait for a slot of the worker's handler pool), worker_to_engine_and_back; in_process: the "
             "engine's request and queue ms. ratio_runs = "
             "each repeat's frontend / in-process (measured next to each other), ratio_runs_median their median. The load generator is "
             "aiohttp (as vLLM's benchmark_serving.py); httpx costs ~1.6 ms of CPU per request here, "
