@@ -98,9 +98,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         ``[..., D]`` in ``x.dtype`` (``weight.dtype`` when they differ, as in HF).
     """
     dtype = x.dtype
-    x32 = x.to(torch.float32)
+    fp32 = dtype == torch.float32   # (no .to() calls then: ~2 us each, 9 norms a forward)
+    x32 = x if fp32 else x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return weight * (x32 if fp32 else x32.to(dtype))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -188,10 +189,10 @@ class Batch:
 def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
     """Right-pad ``rows`` (token ids) into one ``[B, T]`` tensor and build the index tensors."""
     width_t = max(len(r) for r in rows)
-    tokens = torch.zeros((len(rows), width_t), dtype=torch.long)
+    # one tensor from the padded lists (a tensor per row costs ~6 us each: 0.2 ms at 32 rows)
+    tokens = torch.tensor([r + [0] * (width_t - len(r)) for r in rows], dtype=torch.long)
     write_rows, write_slots, write_pos = [], [], []
     for i, (r, slot, start) in enumerate(zip(rows, slots, starts)):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         write_rows.extend(range(i * width_t, i * width_t + len(r)))
         write_slots.extend([slot] * len(r))
         write_pos.extend(range(start, start + len(r)))
