@@ -588,6 +588,8 @@ class LocalStack:
             if (crashed := self._crashed(children)) and not self._stopping:
                 # those going down with it (a frontend whose worker was killed) are named too
                 time.sleep(0.25)
+                if self._stopping:   # stop() began meanwhile: its exits are not crashes
+                    return
                 crashed += [c for c in self._crashed(children) if c not in crashed]
                 self.failure = self._crash_report(*crashed)
                 # one line here; the log tails are in `failure` (StackError), printed once by its reader
