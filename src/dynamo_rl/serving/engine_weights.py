@@ -30,7 +30,6 @@ __all__ = ["EngineWeights"]
 class EngineWeights:
     """Weight loading for :class:`~dynamo_rl.serving.engine.Engine` (see the module docstring)."""
 
-
     def param_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """HF parameter names → ``(shape, dtype)`` of this engine's weights (tied ``lm_head`` omitted)."""
         return self._runner.param_specs()
