@@ -294,31 +294,29 @@ def prometheus_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def request_times(stack, engine_stats: list[dict]) -> dict[str, float]:
+async def request_times(http, stack, engine_stats: list[dict]) -> dict[str, float]:
     """Sums (seconds) and counts of the request times that Dynamo measures itself: the
     frontend's (``dynamo_frontend_request_duration_seconds``: the HTTP request in the
     frontend), the workers' handlers (``dynamo_component_request_duration_seconds`` of
     ``generate``), the frontend→worker request transit
     (``dynamo_work_handler_network_transit_seconds``) and the wait for a permit of the
     worker's handler pool (``dynamo_work_handler_permit_wait_seconds``); and our engines' (``request_seconds``,
-    ``queue_seconds``, ``requests_finished`` of ``engine_stats``)."""
-    import httpx
-
+    ``queue_seconds``, ``requests_finished`` of ``engine_stats``). ``http``: an
+    ``httpx.AsyncClient``."""
     out = dict.fromkeys(("frontend", "frontend_n", "worker", "worker_n", "transit", "transit_n", "permit",
                          "permit_n"), 0.0)
-    async with httpx.AsyncClient(timeout=30) as http:
-        text = (await http.get(f"{stack.frontend_url}/metrics")).text
-        out["frontend"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_sum")
-        out["frontend_n"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_count")
-        for w in stack.workers:
-            text = (await http.get(f"{w.system_url}/metrics")).text
-            out["worker"] += prometheus_sum(text, "dynamo_component_request_duration_seconds_sum", dynamo_endpoint="generate")
-            out["worker_n"] += prometheus_sum(text, "dynamo_component_request_duration_seconds_count",
-                                              dynamo_endpoint="generate")
-            out["transit"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_sum")
-            out["transit_n"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_count")
-            out["permit"] += prometheus_sum(text, "dynamo_work_handler_permit_wait_seconds_sum")
-            out["permit_n"] += prometheus_sum(text, "dynamo_work_handler_permit_wait_seconds_count")
+    text = (await http.get(f"{stack.frontend_url}/metrics")).text
+    out["frontend"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_sum")
+    out["frontend_n"] = prometheus_sum(text, "dynamo_frontend_request_duration_seconds_count")
+    for w in stack.workers:
+        text = (await http.get(f"{w.system_url}/metrics")).text
+        out["worker"] += prometheus_sum(text, "dynamo_component_request_duration_seconds_sum", dynamo_endpoint="generate")
+        out["worker_n"] += prometheus_sum(text, "dynamo_component_request_duration_seconds_count",
+                                          dynamo_endpoint="generate")
+        out["transit"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_sum")
+        out["transit_n"] += prometheus_sum(text, "dynamo_work_handler_network_transit_seconds_count")
+        out["permit"] += prometheus_sum(text, "dynamo_work_handler_permit_wait_seconds_sum")
+        out["permit_n"] += prometheus_sum(text, "dynamo_work_handler_permit_wait_seconds_count")
     for key, stat in (("engine", "request_seconds"), ("queue", "queue_seconds"), ("engine_n", "requests_finished")):
         out[key] = sum(s.get(stat, 0) for s in engine_stats)
     return out
@@ -391,6 +389,9 @@ async def main_async(args) -> dict:
                   for name, argv in {"default": args.worker_args.split(), **variants}.items()}
     for stack in stacks.values():
         await asyncio.to_thread(stack.start)
+    import httpx
+
+    http = httpx.AsyncClient(timeout=30)   # the stacks' /metrics and /engine/info, between levels
 
     async def engine_stats(side) -> list[dict]:
         """Our engines' ``stats``: the in-process engine's, or each worker's (``/engine/info``;
@@ -399,20 +400,17 @@ async def main_async(args) -> dict:
             return []
         if side is engine:
             return [dict(engine.stats)]
-        import httpx
-
         from dynamo_rl.serving.engine_process import HEALTH_INTERVAL_S
 
         await asyncio.sleep(2 * HEALTH_INTERVAL_S)
-        async with httpx.AsyncClient(timeout=30) as http:
-            return [(await http.get(f"{w.system_url}/engine/info")).json()["stats"] for w in side.workers]
+        return [(await http.get(f"{w.system_url}/engine/info")).json()["stats"] for w in side.workers]
 
     async def counters(side) -> tuple[dict | None, dict | None]:
         """Our engines' counters summed over the side's engines (None for vLLM), and, for a
         stack, the request times of :func:`request_times`."""
         stats = await engine_stats(side)
         summed = {k: sum(s[k] for s in stats) for k in stats[0]} if stats else None
-        return summed, (await request_times(side, stats) if side is not engine else None)
+        return summed, (await request_times(http, side, stats) if side is not engine else None)
 
     def cpu(procs) -> float:
         """CPU seconds (user + system) so far of ``procs`` (psutil processes) together."""
@@ -530,6 +528,7 @@ async def main_async(args) -> dict:
                 f"{1e3 * statistics.median(ttft[name]):.1f} ms)" for name in stacks), flush=True)
             rows.append(row)
     finally:
+        await http.aclose()
         for stack in stacks.values():
             await asyncio.to_thread(stack.stop)
         if vllm:
