@@ -42,34 +42,29 @@ its ``generation.dynamo.model`` must equal the single DGD's ``servedModelName``.
 are bounded loops with a deadline and a poll interval in seconds (``Timing``).
 
 What a command would send is rendered and validated first (:mod:`dynamo_rl.k8s.plan`,
-whose names are re-exported here). Imports every other ``k8s`` module except ``cli``.
+whose names are re-exported here); the driver is submitted and followed by
+:mod:`dynamo_rl.k8s.driver`. Imports every other ``k8s`` module except ``cli``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
-import httpx
-
-from .api import Applied, Kube, in_pod
-from .errors import CRDMissingError, JobFailed, K8sError, KubeApiError, ManifestError, WaitTimeout
+from .api import Applied, Kube
+from .driver import Progress, follow_dashboard_job, follow_rayjob, log_progress, submit_driver, wait_rayjob_cluster
+from .errors import CRDMissingError, K8sError, KubeApiError, ManifestError, WaitTimeout
 from .manifests import RAY_API, ObjRef, owner_reference, render_companions, render_deployment, render_dgd
 from .plan import Plan, load_recipe_dict, parse_targets, policy_graph, render_plan, validate_recipe
 from .readiness import Readiness, wait_dgd_ready
 from .schema import Infra
-from .status import JobOutcome, raycluster_provisioned, rayjob_cluster_name, rayjob_outcome
+from .status import JobOutcome, raycluster_provisioned, rayjob_outcome
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
-
-DASHBOARD_PORT = 8265  # KubeRay head service port name "dashboard"
 
 
 @dataclass
@@ -135,59 +130,6 @@ class Rollback:
         return done
 
 
-# ------------------------------------------------------------------ dashboard
-
-
-def dashboard(kube: Kube, namespace: str, cluster: str, method: str, path: str,
-              body: dict | None = None, *, in_cluster: bool | None = None) -> tuple[int, dict | str]:
-    """Call the Ray dashboard of ``cluster`` (Service ``<cluster>-head-svc:8265``, KubeRay naming)
-    in-cluster or through the API server proxy. Returns ``(status, JSON or text)``."""
-    svc = f"{cluster}-head-svc"
-    if in_cluster if in_cluster is not None else in_pod():
-        url = f"http://{svc}.{namespace}.svc.cluster.local:{DASHBOARD_PORT}/{path.lstrip('/')}"
-        try:
-            r = httpx.request(method, url, json=body, timeout=30)
-            status, text = r.status_code, r.text
-        except httpx.HTTPError as e:
-            return 0, str(e)
-    else:
-        status, text = kube.proxy(method, namespace, svc, DASHBOARD_PORT, path, body, timeout_s=30)
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
-def submit_driver(kube: Kube, namespace: str, cluster: str, entrypoint: str, submission_id: str,
-                  env: dict[str, str] | None = None) -> str:
-    """Submit the driver through the Ray Jobs REST API (``POST /api/jobs/``) with ``submission_id``.
-
-    Idempotent: an existing job with that id counts as submitted. Raises :class:`KubeApiError`.
-    """
-    body: dict = {"entrypoint": entrypoint, "submission_id": submission_id}
-    if env:
-        body["runtime_env"] = {"env_vars": dict(env)}
-    status, data = dashboard(kube, namespace, cluster, "POST", "api/jobs/", body)
-    if 200 <= status < 300:
-        return submission_id
-    st, _ = dashboard(kube, namespace, cluster, "GET", f"api/jobs/{submission_id}")
-    if st == 200:
-        return submission_id
-    raise KubeApiError(f"submitting the driver to RayCluster {cluster}'s dashboard failed: HTTP {status}: {str(data)[:300]}", status)
-
-
-def dashboard_outcome(info: dict) -> JobOutcome:
-    """A Ray Jobs API job record (``status``, ``message``, ``driver_exit_code``) as a :class:`JobOutcome`."""
-    st = info.get("status") or ""
-    code = info.get("driver_exit_code")
-    summary = f"job {info.get('submission_id') or info.get('job_id')}: {st}" + (f" ({info.get('message')})" if info.get("message") else "")
-    if st == "SUCCEEDED":
-        return JobOutcome(True, True, 0, summary)
-    if st in ("FAILED", "STOPPED"):
-        return JobOutcome(True, False, code if isinstance(code, int) and code != 0 else 1, summary)
-    return JobOutcome(False, False, 1, summary)
-
-
 # ------------------------------------------------------------------ flows
 
 
@@ -205,10 +147,6 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return 0 if self.outcome is None else self.outcome.exit_code
-
-
-def _log(msg: str) -> None:
-    log.info("%s", msg)
 
 
 def _with_owner(dgd: dict, owner: dict) -> dict:
@@ -323,7 +261,7 @@ def _wait_dgds(kube: Kube, plan: Plan, refs: dict[str, ObjRef], timing: Timing, 
 
 
 def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recreate: bool = False,
-       wait: bool = True, timing: Timing | None = None, progress: Progress = _log) -> Plan:
+       wait: bool = True, timing: Timing | None = None, progress: Progress = log_progress) -> Plan:
     """Bring up the targeted RayClusters, then the targeted DGDs (owned by the
     ``launch.role`` RayCluster when it exists), and wait for readiness unless ``wait`` is False.
 
@@ -358,7 +296,7 @@ def up(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, recrea
 
 
 def down(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, wait: bool = True,
-         timing: Timing | None = None, progress: Progress = _log) -> list[str]:
+         timing: Timing | None = None, progress: Progress = log_progress) -> list[str]:
     """Delete the targeted Deployments and DGDs, then the RayJobs/RayClusters of the targeted roles
     (reverse of creation). Absent objects are skipped. With ``wait``, blocks until each is
     gone (``Timing.gone_timeout_s``). Returns what was deleted."""
@@ -393,7 +331,7 @@ def down(kube: Kube, infra: Infra, *, targets: Iterable[str] | None = None, wait
 
 def run(kube: Kube, infra: Infra, recipe_path: str | Path | None, *, mode: str | None = None,
         recipe_overrides: Iterable[str] = (), recreate: bool = False, wait: bool = True,
-        timing: Timing | None = None, progress: Progress = _log) -> RunResult:
+        timing: Timing | None = None, progress: Progress = log_progress) -> RunResult:
     """Launch inference and training in the order of ``mode`` (default ``launch.mode``).
 
     Returns a :class:`RunResult`; with ``wait`` its ``exit_code`` is the driver's. Any
@@ -443,25 +381,6 @@ def _run_raycluster(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: 
     return result
 
 
-def follow_dashboard_job(kube: Kube, namespace: str, cluster: str, submission_id: str,
-                         timeout_s: float, poll_s: float, progress: Progress = _log) -> JobOutcome:
-    """Poll ``GET /api/jobs/<id>`` until the job ends. Raises :class:`WaitTimeout`."""
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while True:
-        status, info = dashboard(kube, namespace, cluster, "GET", f"api/jobs/{submission_id}")
-        if status == 200 and isinstance(info, dict):
-            out = dashboard_outcome(info)
-            if out.summary != last:
-                progress(out.summary)
-                last = out.summary
-            if out.terminal:
-                return out
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"driver {submission_id} on {cluster} still running after {timeout_s:.0f}s", last=last)
-        time.sleep(poll_s)
-
-
 def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool,
                 timing: Timing, progress: Progress) -> RunResult:
     infra = plan.infra
@@ -478,7 +397,7 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
     a = rb.record(kube.apply(plan.rayjob, recreate=recreate, gone_timeout_s=timing.gone_timeout_s, poll_s=timing.poll_s))
     job_ref = ObjRef.of(a.obj)
     progress(f"kuberay.{infra.launch.role}: {job_ref} {a.action}")
-    cluster, job = _wait_rayjob_cluster(kube, job_ref, infra.launch.cluster_ready_timeout_s, timing.poll_s)
+    cluster, job = wait_rayjob_cluster(kube, job_ref, infra.launch.cluster_ready_timeout_s, timing.poll_s)
     rc = kube.get(ObjRef(RAY_API, "RayCluster", infra.namespace, cluster))
     if rc is None:
         raise KubeApiError(f"RayJob {job_ref.name} names cluster {cluster}, which does not exist", 404)
@@ -495,75 +414,6 @@ def _run_rayjob(kube: Kube, plan: Plan, rb: Rollback, recreate: bool, wait: bool
                                        infra.launch.job_timeout_s, timing.poll_s, progress)
         result.job_id = result.job_id or ((kube.get(job_ref) or {}).get("status") or {}).get("jobId")
     return result
-
-
-def _wait_rayjob_cluster(kube: Kube, ref: ObjRef, timeout_s: float, poll_s: float) -> tuple[str, dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = kube.get(ref)
-        if job is None:
-            raise KubeApiError(f"{ref} vanished while waiting for its RayCluster", 404)
-        name = rayjob_cluster_name(kube, job)
-        if name:
-            return name, job
-        out = rayjob_outcome(job)
-        if out.terminal:
-            raise JobFailed(f"{ref} ended before its RayCluster appeared: {out.summary}")
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"{ref}: KubeRay set no status.rayClusterName within {timeout_s:.0f}s "
-                              f"({out.summary}); is the KubeRay operator running?")
-        time.sleep(poll_s)
-
-
-def _with_driver_exit_code(kube: Kube, namespace: str, st: dict, out: JobOutcome) -> JobOutcome:
-    """RayJob status carries no exit code: ask the dashboard (if the cluster still exists)."""
-    if out.succeeded or not st.get("rayClusterName") or not st.get("jobId"):
-        return out
-    code, info = dashboard(kube, namespace, st["rayClusterName"], "GET", f"api/jobs/{st['jobId']}")
-    exit_code = info.get("driver_exit_code") if code == 200 and isinstance(info, dict) else None
-    if isinstance(exit_code, int) and exit_code != 0:
-        out.exit_code = exit_code
-    return out
-
-
-def follow_rayjob(kube: Kube, ref: ObjRef, grace_s: float, timeout_s: float, poll_s: float,
-                  progress: Progress = _log) -> JobOutcome:
-    """Poll a RayJob until :func:`status.rayjob_outcome` says terminal.
-
-    Fallback: once the job's cluster is provisioned, if ``grace_s`` seconds pass with no
-    ``jobStatus`` and the dashboard has no job ``status.jobId``, submit
-    ``spec.entrypoint`` through the dashboard with ``submission_id = jobId`` (once) — the
-    operator's submitter then finds the job and follows it. On failure the driver's exit
-    code is read from the dashboard while the cluster still exists (else 1).
-    Raises :class:`WaitTimeout`.
-    """
-    deadline = time.monotonic() + timeout_s
-    provisioned_at: float | None = None
-    fallback_done = False
-    last = ""
-    while True:
-        job = kube.get(ref)
-        if job is None:
-            raise KubeApiError(f"{ref} was deleted while the driver ran", 404)
-        out = rayjob_outcome(job)
-        if out.summary != last:
-            progress(f"{ref.name}: {out.summary}")
-            last = out.summary
-        st = job.get("status") or {}
-        if out.terminal:
-            return _with_driver_exit_code(kube, ref.namespace, st, out)
-        if provisioned_at is None and raycluster_provisioned(st.get("rayClusterStatus") or {}):
-            provisioned_at = time.monotonic()
-        if (not fallback_done and provisioned_at is not None and not st.get("jobStatus") and st.get("jobId")
-                and st.get("rayClusterName") and time.monotonic() - provisioned_at >= grace_s):
-            fallback_done = True
-            code, _ = dashboard(kube, ref.namespace, st["rayClusterName"], "GET", f"api/jobs/{st['jobId']}")
-            if code == 404:
-                progress(f"{ref.name}: the operator has not submitted {st['jobId']} after {grace_s:.0f}s; submitting it through the dashboard")
-                submit_driver(kube, ref.namespace, st["rayClusterName"], job["spec"]["entrypoint"], st["jobId"])
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"{ref} not finished after {timeout_s:.0f}s ({out.summary})", last=out.summary)
-        time.sleep(poll_s)
 
 
 INSTALL_HINTS = {
