@@ -1,22 +1,24 @@
-"""Client overhead of :class:`~dynamo_rl.generation.DynamoGeneration` vs raw httpx, one run.
+"""The rollout client at RL batch sizes: :class:`~dynamo_rl.generation.DynamoGeneration` on
+aiohttp (what it uses) against the same client on httpx (what it used until 2026-12-07) and
+against bare POSTs of the same bodies, side by side in one run.
 
-Claim measured: what our client adds per request on top of a bare ``httpx.AsyncClient``
-POST + ``.json()`` of the same body to the same Dynamo frontend (request building, the
-semaphore, retries bookkeeping, exact int64/float32 tensors, Sample objects).
+Claim measured: at the hundreds of requests an RL step keeps in flight, the HTTP client's
+connection pool is a cost of its own on the trainer's event loop. httpx 0.28–0.29 (httpcore
+1.x) rescans every pooled connection for every request (encode/httpx#3215); aiohttp's
+connector does not.
 
-- ``frontend``: a :class:`~dynamo_rl.serving.stack.LocalStack` (tiny model, 1 worker).
-  Both sides send identical ``/v1/completions`` bodies (token-id prompt, ``max_tokens``,
-  seed, ``logprobs``, ``nvext.extra_fields``). Sequential (one request in flight):
-  per-request latency, median over requests; concurrent (``--concurrency`` in flight):
-  wall seconds per request. Sides alternate every round (``--rounds``) in the same
-  process; medians over rounds are reported. On a small shared machine the frontend
-  latency is noisy (``load_average_1m`` is recorded): the in-memory figures below are the
-  stable measure of the client's own cost.
-- ``in_memory``: the same two code paths over ``httpx.MockTransport`` that returns a
-  response captured from the real frontend, so the difference is the client's CPU cost
-  alone (no network, no engine); minimum over rounds (the least disturbed, as ``timeit``).
+- ``canned``: a loopback HTTP server in a process of its own answers every request at once
+  with a response captured from the real frontend, so the client's process time per request
+  (``time.process_time``, this process only) is the client's own CPU cost: request building,
+  the pool, JSON, exact tensors. Batches of ``--batches`` requests, all in flight
+  (``max_concurrency`` = the batch); minimum over rounds (the least disturbed, as ``timeit``).
+- ``frontend``: the same clients against a real :class:`~dynamo_rl.serving.stack.LocalStack`
+  (tiny model, ``--workers`` of our workers), a batch of ``--frontend-batch`` requests of
+  ``--max-tokens`` tokens as one GRPO step of ``examples/grpo_tiny.yaml`` sends them
+  (16 prompts x 8 samples). Wall seconds per batch and client CPU per request; sides
+  alternate every round, medians over rounds.
 
-Run: ``python benchmarks/generation.py`` (one to two minutes on 2 CPU cores) → JSON in
+Run: ``python benchmarks/generation.py`` (about two minutes on 2 CPU cores) → JSON in
 ``benchmarks/results/generation.json``.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -49,144 +52,182 @@ def body(model: str, prompt: list[int], seed: int, max_tokens: int) -> dict:
             "nvext": {"extra_fields": ["worker_id", "completion_token_ids", "engine_data"]}}
 
 
-async def raw_sequential(client, url, model, ps, max_tokens) -> list[float]:
-    lat = []
-    for i, p in enumerate(ps):
-        t0 = time.perf_counter()
-        r = await client.post(f"{url}/v1/completions", json=body(model, p, i, max_tokens))
-        r.raise_for_status()
-        r.json()
-        lat.append(time.perf_counter() - t0)
-    return lat
+def httpx_generation(cfg):
+    """DynamoGeneration with the httpx transport it had before (same limits, same timeout)."""
+    import httpx
+
+    from dynamo_rl.generation import DynamoGeneration
+    from dynamo_rl.generation.client import _Reply
+
+    class HttpxGeneration(DynamoGeneration):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self._httpx = httpx.AsyncClient(timeout=httpx.Timeout(cfg.request_timeout_s),
+                                            limits=httpx.Limits(max_connections=cfg.max_concurrency,
+                                                                max_keepalive_connections=cfg.max_concurrency))
+
+        async def _fetch(self, method, url, body, timeout_s=None):
+            r = await self._httpx.request(method, url, json=body)
+            return _Reply(r.status_code, r.content, r.reason_phrase)
+
+        async def aclose(self):
+            await self._httpx.aclose()
+            await super().aclose()
+
+    return HttpxGeneration(cfg)
 
 
-async def client_sequential(gen, ps, sampling) -> list[float]:
-    lat = []
-    for i, p in enumerate(ps):
-        t0 = time.perf_counter()
-        await gen.generate([p], sampling=sampling, seed=i)
-        lat.append(time.perf_counter() - t0)
-    return lat
-
-
-async def raw_concurrent(client, url, model, ps, max_tokens, c) -> float:
-    sem = asyncio.Semaphore(c)
-
+async def bare_batch(kind: str, session, url: str, model: str, ps, max_tokens: int) -> None:
+    """POST every body at once and parse the JSON (no client of ours)."""
     async def one(i, p):
-        async with sem:
-            r = await client.post(f"{url}/v1/completions", json=body(model, p, i, max_tokens))
-            r.raise_for_status()
-            return r.json()
+        if kind == "aiohttp":
+            async with session.post(url, json=body(model, p, i, max_tokens)) as r:
+                return await r.json()
+        r = await session.post(url, json=body(model, p, i, max_tokens))
+        return r.json()
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
-    return (time.perf_counter() - t0) / len(ps)
 
 
-async def client_concurrent(gen, ps, sampling) -> float:
-    t0 = time.perf_counter()
-    await gen.generate(ps, sampling=sampling, seed=0)
-    return (time.perf_counter() - t0) / len(ps)
+class Sides:
+    """The four clients of one concurrency: ``ours_aiohttp``, ``ours_httpx``, ``bare_aiohttp``,
+    ``bare_httpx``; :meth:`batch` runs one batch on one side and returns (wall s, CPU s)."""
+
+    def __init__(self, base_url: str, model: str | None, concurrency: int):
+        import aiohttp
+        import httpx
+
+        from dynamo_rl.config import DynamoConfig, GenerationConfig
+        from dynamo_rl.generation import DynamoGeneration
+
+        cfg = GenerationConfig(dynamo=DynamoConfig(frontend_url=base_url, model=model), max_concurrency=concurrency)
+        self.url = base_url + "/v1/completions"
+        self.ours = {"ours_aiohttp": DynamoGeneration(cfg), "ours_httpx": httpx_generation(cfg)}
+        self.bare = {"bare_aiohttp": aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)),
+                     "bare_httpx": httpx.AsyncClient(timeout=60, limits=httpx.Limits(
+                         max_connections=concurrency, max_keepalive_connections=concurrency))}
+
+    names = ("ours_aiohttp", "ours_httpx", "bare_aiohttp", "bare_httpx")
+
+    async def batch(self, side: str, model: str, ps, sampling) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if side in self.ours:
+            await self.ours[side].generate(ps, sampling=sampling, seed=0)
+        else:
+            await bare_batch(side.removeprefix("bare_"), self.bare[side], self.url, model, ps, sampling.max_tokens)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    async def close(self) -> None:
+        for g in self.ours.values():
+            await g.aclose()
+        await self.bare["bare_aiohttp"].close()
+        await self.bare["bare_httpx"].aclose()
 
 
-def us(x: float) -> float:
-    return round(x * 1e6, 1)
+def _serve_canned(port: int, payload: bytes, ready) -> None:
+    """A loopback server (own process) that answers every POST with ``payload``."""
+    from aiohttp import web
+
+    async def reply(request):
+        await request.read()
+        return web.Response(body=payload, content_type="application/json")
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": json.loads(payload)["model"]}]})
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", reply)
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def ms(x: float) -> float:
+    return round(x * 1e3, 3)
 
 
 async def measure(args) -> dict:
-    import httpx
-
-    from dynamo_rl.config import DynamoConfig, GenerationConfig, SamplingConfig
-    from dynamo_rl.generation import DynamoGeneration
+    from dynamo_rl.config import SamplingConfig
     from dynamo_rl.models import ensure_tiny_model
-    from dynamo_rl.serving.stack import LocalStack
+    from dynamo_rl.serving.stack import LocalStack, free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench-generation-"))
     model_dir = ensure_tiny_model(work / "tiny")
     sampling = SamplingConfig(temperature=1.0, max_tokens=args.max_tokens)
-    ps = prompts(args.requests)
-    seq_ps = ps[: args.sequential_requests]
     res: dict = {}
-    with LocalStack(model_dir, workers=1, quiet=True, run_dir=work / "stack") as stack:
-        url = stack.frontend_url
-        cfg = GenerationConfig(dynamo=DynamoConfig(frontend_url=url), max_concurrency=args.concurrency)
-        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as raw, DynamoGeneration(cfg) as gen:
-            model = await gen.model()
-            captured = (await raw.post(f"{url}/v1/completions", json=body(model, ps[0], 0, args.max_tokens))).json()
-            await client_sequential(gen, seq_ps[:2], sampling)  # warm-up both paths
-            await raw_sequential(raw, url, model, seq_ps[:2], args.max_tokens)
-            rows = []
+    with LocalStack(model_dir, workers=args.workers, quiet=True, run_dir=work / "stack") as stack:
+        sides = Sides(stack.frontend_url, None, args.frontend_batch)
+        model = await sides.ours["ours_aiohttp"].model()
+        import httpx
+
+        captured = httpx.post(sides.url, json=body(model, prompts(1)[0], 0, args.max_tokens), timeout=60).content
+        ps = prompts(args.frontend_batch)
+        rows = {s: [] for s in Sides.names}
+        try:
+            for s in Sides.names:  # warm-up: connections open, engines warm
+                await sides.batch(s, model, ps, sampling)
             for _ in range(args.rounds):
-                rs = await raw_sequential(raw, url, model, seq_ps, args.max_tokens)
-                cs = await client_sequential(gen, seq_ps, sampling)
-                rc = await raw_concurrent(raw, url, model, ps, args.max_tokens, args.concurrency)
-                cc = await client_concurrent(gen, ps, sampling)
-                rows.append({"raw_seq_median_s": statistics.median(rs), "client_seq_median_s": statistics.median(cs),
-                             "raw_conc_per_req_s": rc, "client_conc_per_req_s": cc})
+                for s in Sides.names:
+                    rows[s].append(await sides.batch(s, model, ps, sampling))
+        finally:
+            await sides.close()
+        res["frontend"] = {
+            "batch": args.frontend_batch, "workers": args.workers, "max_tokens": args.max_tokens,
+            "estimator": "median over rounds",
+            "batch_seconds": {s: round(statistics.median(w for w, _ in rows[s]), 4) for s in Sides.names},
+            "client_cpu_ms_per_request": {s: ms(statistics.median(c for _, c in rows[s]) / len(ps))
+                                          for s in Sides.names},
+            "rounds": {s: [[round(w, 4), round(c, 4)] for w, c in rows[s]] for s in Sides.names},
+        }
         load = os.getloadavg()[0]
 
-    def med(key):
-        return statistics.median(r[key] for r in rows)
-
-    res["frontend"] = {
-        "sequential": {"raw_httpx_latency_us": us(med("raw_seq_median_s")),
-                       "client_latency_us": us(med("client_seq_median_s")),
-                       "overhead_us": us(med("client_seq_median_s") - med("raw_seq_median_s"))},
-        "concurrent": {"concurrency": args.concurrency,
-                       "raw_httpx_wall_per_request_us": us(med("raw_conc_per_req_s")),
-                       "client_wall_per_request_us": us(med("client_conc_per_req_s")),
-                       "overhead_us": us(med("client_conc_per_req_s") - med("raw_conc_per_req_s"))},
-        "rounds": rows,
-    }
-
-    # pure client cost: the same two paths over an in-memory transport with the captured reply
-    payload = json.dumps(captured).encode()
-
-    def reply(request):
-        return httpx.Response(200, content=payload, headers={"content-type": "application/json"})
-
-    n_mem = args.in_memory_requests
-    async with httpx.AsyncClient(transport=httpx.MockTransport(reply)) as raw:
-        cfg = GenerationConfig(dynamo=DynamoConfig(frontend_url="http://bench.invalid:1", model=captured["model"]),
-                               max_concurrency=args.concurrency)
-        gen = DynamoGeneration(cfg)
-        await gen._client.aclose()
-        gen._client = httpx.AsyncClient(transport=httpx.MockTransport(reply))
-        gen._model = captured["model"]
-        mem_ps = [ps[0]] * n_mem
-        rows_mem = []
-        async def raw_one(i, p):
-            r = await raw.post("http://bench.invalid:1/v1/completions", json=body(captured["model"], p, i, args.max_tokens))
-            return r.json()
-
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            await asyncio.gather(*(raw_one(i, p) for i, p in enumerate(mem_ps)))
-            t_raw = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            await gen.generate(mem_ps, sampling=sampling, seed=0)
-            t_cli = time.perf_counter() - t0
-            rows_mem.append((t_raw / n_mem, t_cli / n_mem))
-        await gen.aclose()
-    # CPU cost on a shared machine: the minimum over rounds is the least disturbed figure (as timeit)
-    raw_us = min(r[0] for r in rows_mem)
-    cli_us = min(r[1] for r in rows_mem)
-    res["in_memory"] = {"requests_per_round": n_mem, "estimator": "min over rounds",
-                        "raw_httpx_per_request_us": us(raw_us), "client_per_request_us": us(cli_us),
-                        "overhead_us": us(cli_us - raw_us),
-                        "rounds_us": [[us(a), us(b)] for a, b in rows_mem]}
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=_serve_canned, args=(port, captured, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("the canned-response server did not start")
+        res["canned"] = {"estimator": "min over rounds", "client_cpu_ms_per_request": {},
+                         "requests_per_s": {}}
+        for n in args.batches:
+            sides = Sides(f"http://127.0.0.1:{port}", model, n)
+            ps = prompts(1) * n  # the captured response echoes this prompt's ids
+            rows = {s: [] for s in Sides.names}
+            try:
+                for s in Sides.names:
+                    await sides.batch(s, model, ps, sampling)
+                for _ in range(args.rounds):
+                    for s in Sides.names:
+                        rows[s].append(await sides.batch(s, model, ps, sampling))
+            finally:
+                await sides.close()
+            res["canned"]["client_cpu_ms_per_request"][str(n)] = {
+                s: ms(min(c for _, c in rows[s]) / n) for s in Sides.names}
+            res["canned"]["requests_per_s"][str(n)] = {
+                s: round(n / min(w for w, _ in rows[s])) for s in Sides.names}
+    finally:
+        server.terminate()
+        server.join(10)
     res["load_average_1m"] = round(load, 2)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=128, help="requests per concurrent round")
-    ap.add_argument("--sequential-requests", type=int, default=32)
-    ap.add_argument("--in-memory-requests", type=int, default=512)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--frontend-batch", type=int, default=128,
+                    help="requests per batch against the real frontend, all in flight (grpo_tiny: 16 x 8)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 128, 256],
+                    help="batch sizes (= requests in flight) against the canned-response server")
+    ap.add_argument("--max-tokens", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -196,7 +237,7 @@ def main() -> None:
     res = asyncio.run(measure(args))
     res["config"] = vars(args)
     write_result("generation", res, args.out)
-    print(json.dumps({k: v for k, v in res.items() if k != "config"} | {"frontend": {
+    print(json.dumps({k: v for k, v in res.items() if k not in ("config",)} | {"frontend": {
         k: v for k, v in res["frontend"].items() if k != "rounds"}}, indent=2))
 
 

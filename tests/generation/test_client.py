@@ -217,7 +217,7 @@ async def test_connection_refused_retries_until_the_deadline_then_names_url_and_
         took = time.monotonic() - t0
     assert 1.5 <= took < 10.0
     msg = str(e.value)
-    assert f"{url}/v1/completions" in msg and "ConnectError" in msg and "retry_deadline_s=1.5" in msg
+    assert f"{url}/v1/completions" in msg and "connect error" in msg and "retry_deadline_s=1.5" in msg
     assert e.value.last_status is None and e.value.url == f"{url}/v1/completions"
     assert sorted(e.value.missing) == [(0, 0), (0, 1), (1, 0), (1, 1)] and e.value.completed == []
 
@@ -300,7 +300,7 @@ async def test_read_timeouts_are_retried_then_reported(fake):
     async with DynamoGeneration(_cfg(fake.url, retry_deadline_s=0.5, request_timeout_s=0.3)) as gen:
         with pytest.raises(FrontendUnavailableError) as e:
             await gen.generate([[1]])
-    assert "ReadTimeout" in e.value.last_error and e.value.last_status is None
+    assert "timeout: no whole response within generation.request_timeout_s=0.3" in e.value.last_error and e.value.last_status is None
     assert len(calls) >= 2 and e.value.missing == [(0, 0)]
 
 

@@ -168,7 +168,7 @@ async def test_frontend_killed_mid_batch_retries_then_clear_error_nothing_droppe
     assert len(err.missing) == len(set(err.missing)) and not set(keys) & set(err.missing)
     assert sorted(keys + err.missing) == [(i, k) for i in range(32) for k in range(4)]
     assert err.url == f"{stack.frontend_url}/v1/completions" and stack.frontend_url in str(err)
-    assert err.last_status is None and "ConnectError" in err.last_error
+    assert err.last_status is None and "connect error" in err.last_error
     assert deadline <= err.waited_s < deadline + cfg.request_timeout_s
     records = read_records(stack)
     for s in got:

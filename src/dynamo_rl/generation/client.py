@@ -1,7 +1,11 @@
 """``DynamoGeneration``: token-in/token-out rollouts through a Dynamo frontend.
 
-Owns the data plane of ``shared/DESIGN.md``: one ``httpx.AsyncClient`` per backend, a
+Owns the data plane of ``shared/DESIGN.md``: one ``aiohttp.ClientSession`` per backend, a
 semaphore bounding requests in flight, exact tensors per sample, retries with backoff.
+aiohttp, not httpx: httpx 0.28–0.29's connection pool rescans every connection for every
+request (encode/httpx#3215), which at the hundreds of requests an RL batch keeps in flight
+costs milliseconds of CPU per request on the trainer's event loop
+(``benchmarks/generation.py``).
 Must not import ``dynamo_rl.rl``, ``dynamo_rl.k8s`` or ``dynamo_rl.serving`` (the worker
 is reached only over HTTP).
 
@@ -51,13 +55,14 @@ worker's record, but once in the result.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import torch
 
 from dynamo_rl.config import GenerationConfig, SamplingConfig
@@ -75,7 +80,7 @@ from dynamo_rl.generation.errors import (
 #: HTTP statuses that mean "the frontend (or its upstream) is briefly unavailable".
 RETRY_STATUSES = frozenset({502, 503, 504})
 #: Transport errors worth retrying (refused, reset, timeouts, a connection dropped mid-response).
-_RETRY_EXC = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+_RETRY_EXC = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 EXTRA_FIELDS = ["worker_id", "completion_token_ids", "engine_data"]
 #: Dynamo 1.6.1 rejects unknown body and ``nvext`` keys but passes ``nvext.annotations``
 #: (strings) to the worker: the verbatim history ids travel as one annotation
@@ -167,11 +172,8 @@ class DynamoGeneration:
         self._model_lock: asyncio.Lock | None = None
         self._sem: asyncio.Semaphore | None = None
         self._health = _Health()
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(cfg.request_timeout_s),
-            limits=httpx.Limits(max_connections=cfg.max_concurrency,
-                                max_keepalive_connections=cfg.max_concurrency),
-        )
+        self._http: aiohttp.ClientSession | None = None  # made on first use, inside the event loop
+        self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------
     async def __aenter__(self) -> DynamoGeneration:
@@ -181,8 +183,25 @@ class DynamoGeneration:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP client (idempotent)."""
-        await self._client.aclose()
+        """Close the HTTP session and its connections (idempotent)."""
+        self._closed = True
+        if self._http is not None:
+            await self._http.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("this DynamoGeneration is closed")
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s))
+        return self._http
+
+    async def _fetch(self, method: str, url: str, body: dict | None, timeout_s: float | None = None) -> _Reply:
+        """One HTTP exchange, the whole body read. Raises the ``_RETRY_EXC`` transport errors."""
+        kw = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+        async with self._session().request(method, url, json=body, **kw) as resp:
+            return _Reply(resp.status, await resp.read(), resp.reason or "")
 
     @property
     def stats(self) -> dict:
@@ -424,9 +443,9 @@ class DynamoGeneration:
         while True:
             h.counts["requests"] += 1
             try:
-                resp = await self._client.request(method, url, json=body)
+                resp = await self._fetch(method, url, body)
             except _RETRY_EXC as e:
-                status, err = None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                status, err = None, _transport_error(e, self.cfg.request_timeout_s)
             else:
                 if resp.status_code < 400:
                     h.down_since = None
@@ -477,14 +496,41 @@ class DynamoGeneration:
         """The model ids ``/v1/models`` lists now, or None when it does not answer with a
         list (a short probe: it runs inside the retry deadline)."""
         try:
-            r = await self._client.get(self.base_url + "/v1/models", timeout=min(5.0, self.cfg.request_timeout_s))
-            r.raise_for_status()
-            return [str(m["id"]) for m in r.json()["data"]]
+            r = await self._fetch("GET", self.base_url + "/v1/models", None, min(5.0, self.cfg.request_timeout_s))
+            return [str(m["id"]) for m in r.json()["data"]] if r.status_code == 200 else None
         except Exception:  # noqa: BLE001 - unknown: the caller retries
             return None
 
 
-def _server_message(resp: httpx.Response) -> str:
+@dataclass
+class _Reply:
+    """A whole HTTP response: ``status_code``, the raw ``content`` and the ``reason_phrase``."""
+
+    status_code: int
+    content: bytes
+    reason_phrase: str
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body as JSON. Raises ValueError when it is not."""
+        return json.loads(self.content)
+
+
+def _transport_error(e: BaseException, timeout_s: float) -> str:
+    """A transport failure in words, with the exception's type: "connect error", "timeout"
+    or "connection dropped"."""
+    detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if isinstance(e, asyncio.TimeoutError):
+        return f"timeout: no whole response within generation.request_timeout_s={timeout_s} ({detail})"
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return f"connect error ({detail})"
+    return f"connection dropped ({detail})"
+
+
+def _server_message(resp: _Reply) -> str:
     try:
         body = resp.json()
     except ValueError:
