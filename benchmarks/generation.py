@@ -124,6 +124,21 @@ class Sides:
         await self.bare["bare_httpx"].aclose()
 
 
+async def alternate(sides: Sides, model: str, ps, sampling, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """A warm-up batch on every side (connections open, engines warm), then ``rounds``
+    rounds of one batch per side in turn; closes the sides. Returns (wall s, CPU s) per round."""
+    rows: dict[str, list[tuple[float, float]]] = {s: [] for s in Sides.names}
+    try:
+        for s in Sides.names:
+            await sides.batch(s, model, ps, sampling)
+        for _ in range(rounds):
+            for s in Sides.names:
+                rows[s].append(await sides.batch(s, model, ps, sampling))
+    finally:
+        await sides.close()
+    return rows
+
+
 def _serve_canned(port: int, payload: bytes, ready) -> None:
     """A loopback server (own process) that answers every POST with ``payload``."""
     from aiohttp import web
@@ -168,15 +183,7 @@ async def measure(args) -> dict:
 
         captured = httpx.post(sides.url, json=body(model, prompts(1)[0], 0, args.max_tokens), timeout=60).content
         ps = prompts(args.frontend_batch)
-        rows = {s: [] for s in Sides.names}
-        try:
-            for s in Sides.names:  # warm-up: connections open, engines warm
-                await sides.batch(s, model, ps, sampling)
-            for _ in range(args.rounds):
-                for s in Sides.names:
-                    rows[s].append(await sides.batch(s, model, ps, sampling))
-        finally:
-            await sides.close()
+        rows = await alternate(sides, model, ps, sampling, args.rounds)
         res["frontend"] = {
             "batch": args.frontend_batch, "workers": args.workers, "max_tokens": args.max_tokens,
             "estimator": "median over rounds",
@@ -200,15 +207,7 @@ async def measure(args) -> dict:
         for n in args.batches:
             sides = Sides(f"http://127.0.0.1:{port}", model, n)
             ps = prompts(1) * n  # the captured response echoes this prompt's ids
-            rows = {s: [] for s in Sides.names}
-            try:
-                for s in Sides.names:
-                    await sides.batch(s, model, ps, sampling)
-                for _ in range(args.rounds):
-                    for s in Sides.names:
-                        rows[s].append(await sides.batch(s, model, ps, sampling))
-            finally:
-                await sides.close()
+            rows = await alternate(sides, model, ps, sampling, args.rounds)
             res["canned"]["client_cpu_ms_per_request"][str(n)] = {
                 s: ms(min(c for _, c in rows[s]) / n) for s in Sides.names}
             res["canned"]["requests_per_s"][str(n)] = {
