@@ -192,9 +192,10 @@ class DynamoGeneration:
         if self._closed:
             raise RuntimeError("this DynamoGeneration is closed")
         if self._http is None:
+            # trust_env: HTTP(S)_PROXY / NO_PROXY are honoured, as httpx did before
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency),
-                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s))
+                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s), trust_env=True)
         return self._http
 
     async def _fetch(self, method: str, url: str, body: dict | None, timeout_s: float | None = None) -> _Reply:
