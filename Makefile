@@ -52,6 +52,7 @@ bench: install vllm
 
 # On a machine with a CUDA GPU (results under benchmarks/results/*_gpu*.json)
 bench-gpu: install
+	$(BIN)/python benchmarks/e2e_gpu.py
 	$(BIN)/python benchmarks/step_gpu.py
 	$(BIN)/python benchmarks/refit_gpu.py
 	$(BIN)/python benchmarks/refit_multigpu.py   # skips without 2 GPUs
