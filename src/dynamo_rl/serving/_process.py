@@ -1,7 +1,8 @@
 """Process plumbing shared by the stack and its entry points (no torch import here).
 
 - :func:`die_with_parent`: the ``preexec_fn`` of every child the stack or a worker starts;
-  :func:`child_setup` adds a CPU affinity to it (:func:`parse_cpus`, :func:`format_cpus`).
+  :func:`child_setup` adds a CPU affinity to it (:func:`parse_cpus`, :func:`format_cpus`;
+  :func:`check_engine_cpus` checks the ``engine_cpus`` a user gave, before anything starts).
 - :class:`ChildProcess` and :func:`terminate`: a started child, and how it is stopped
   (SIGTERM, SIGKILL after a grace period, then the processes it started itself).
 - :func:`tail`: the end of a child's log.
@@ -79,6 +80,36 @@ def format_cpus(cpus) -> str:
         else:
             runs.append([c])
     return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def check_engine_cpus(text: str | int | None, kinds: list[str], worker_args: list[str] = (),
+                      what: str = "engine_cpus") -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """``(engine CPUs, the CPUs of the stack's other children)`` for ``engine_cpus`` = ``text``
+    (a CPU list, as ``taskset -c``; an int is one CPU), or ``(None, None)`` for None.
+
+    Raises:
+        ValueError: naming ``what`` (the option or key the user wrote): not a CPU list, CPUs
+            this process may not use, every one of them (none left for the frontend), this
+            process may use one CPU only, ``vllm`` among ``kinds``, or ``--no-engine-process``
+            among ``worker_args`` (no engine process to pin).
+    """
+    if text is None:
+        return None, None
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise ValueError(f"{what} {str(text)!r}: this process may use one CPU only ({format_cpus(allowed)}); "
+                         "pinning the engine apart needs two")
+    cpus = parse_cpus(str(text), what)
+    if "vllm" in kinds:
+        raise ValueError(f"{what} pins the engine processes of dynamo-rl workers; vllm workers bind their own "
+                         "threads (set VLLM_CPU_OMP_THREADS_BIND in the environment instead)")
+    if "--no-engine-process" in worker_args:
+        raise ValueError(f"{what} pins the workers' engine processes, but the worker arguments hold "
+                         "--no-engine-process; drop one of the two")
+    if not allowed - cpus:
+        raise ValueError(f"{what} {str(text)!r} takes every CPU this process may use ({format_cpus(allowed)}); "
+                         f"leave at least one for the frontend and the workers, e.g. {format_cpus(sorted(allowed)[1:])!r}")
+    return cpus, allowed - cpus
 
 
 def child_setup(cpus: frozenset[int] | None = None) -> Callable[[], None]:

@@ -58,10 +58,10 @@ from typing import Callable
 from dynamo_rl.refit.control import worker_id_from_metrics
 from dynamo_rl.serving._process import (
     ChildProcess,
+    check_engine_cpus,
     child_setup,
     format_cpus,
     kill_descendants,
-    parse_cpus,
     record_descendants,
     send_signal,
     tail,
@@ -118,36 +118,6 @@ def free_port(host: str = LOOPBACK, *, below: int | None = None) -> int:
                 continue
             return port
     raise StackError(f"no free TCP port below {below} on {host} after 200 tries")
-
-
-def check_engine_cpus(text: str | int | None, kinds: list[str], worker_args: list[str] = (),
-                      what: str = "engine_cpus") -> tuple[frozenset[int] | None, frozenset[int] | None]:
-    """``(engine CPUs, the CPUs of the stack's other children)`` for ``engine_cpus`` = ``text``
-    (a CPU list, as ``taskset -c``; an int is one CPU), or ``(None, None)`` for None.
-
-    Raises:
-        ValueError: naming ``what`` (the option or key the user wrote): not a CPU list, CPUs
-            this process may not use, every one of them (none left for the frontend), this
-            process may use one CPU only, ``vllm`` among ``kinds``, or ``--no-engine-process``
-            among ``worker_args`` (no engine process to pin).
-    """
-    if text is None:
-        return None, None
-    allowed = frozenset(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        raise ValueError(f"{what} {str(text)!r}: this process may use one CPU only ({format_cpus(allowed)}); "
-                         "pinning the engine apart needs two")
-    cpus = parse_cpus(str(text), what)
-    if "vllm" in kinds:
-        raise ValueError(f"{what} pins the engine processes of dynamo-rl workers; vllm workers bind their own "
-                         "threads (set VLLM_CPU_OMP_THREADS_BIND in the environment instead)")
-    if "--no-engine-process" in worker_args:
-        raise ValueError(f"{what} pins the workers' engine processes, but the worker arguments hold "
-                         "--no-engine-process; drop one of the two")
-    if not allowed - cpus:
-        raise ValueError(f"{what} {str(text)!r} takes every CPU this process may use ({format_cpus(allowed)}); "
-                         f"leave at least one for the frontend and the workers, e.g. {format_cpus(sorted(allowed)[1:])!r}")
-    return cpus, allowed - cpus
 
 
 @dataclass
