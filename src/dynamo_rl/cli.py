@@ -50,8 +50,8 @@ def train(
     recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="recipe YAML, e.g. examples/grpo_tiny.yaml", show_default=False)],
     overrides: Annotated[Optional[list[str]], typer.Argument(metavar="OVERRIDES",
         help="dotted overrides, section.key=value (e.g. grpo.num_steps=20)", show_default=False)] = None,
-    run_dir: Annotated[Optional[str], typer.Option(help="output directory (default runs/<name>-<time>)")] = None,
-    resume: Annotated[Optional[str], typer.Option(
+    run_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="output directory (default runs/<name>-<time>)")] = None,
+    resume: Annotated[Optional[str], typer.Option(metavar="PATH",
         help="go on from a checkpoint: a run directory (its latest) or its checkpoints/step-N; the run continues "
              "in that directory (weights, optimizer, step, RNG and weights version restored; metrics append) up to "
              "grpo.num_steps")] = None,

@@ -37,16 +37,16 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 console = Console(stderr=True)
 
 InfraArg = Annotated[Path, typer.Argument(metavar="INFRA", help="infra YAML (see examples/k8s/infra.yaml)")]
-NamespaceOpt = Annotated[Optional[str], typer.Option("--namespace", "-n", help="override the infra file's namespace")]
-KubeconfigOpt = Annotated[Optional[str], typer.Option(help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
-ContextOpt = Annotated[Optional[str], typer.Option(help="kubeconfig context")]
+NamespaceOpt = Annotated[Optional[str], typer.Option("--namespace", "-n", metavar="NAMESPACE", help="override the infra file's namespace")]
+KubeconfigOpt = Annotated[Optional[str], typer.Option(metavar="FILE", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")]
+ContextOpt = Annotated[Optional[str], typer.Option(metavar="NAME", help="kubeconfig context")]
 TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", metavar="TARGET", help="dynamo.<key>, kuberay.<role> or deployments.<key> (repeatable; default all)")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print every manifest as YAML and send nothing")]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every object is provisioned/ready")]
 DownWaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait until every deleted object is gone")]
 RunWaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="follow the driver to its end and exit with its exit code")]
 RecreateOpt = Annotated[bool, typer.Option("--recreate", help="delete and recreate objects that exist")]
-PollOpt = Annotated[float, typer.Option(help="poll interval of every wait, seconds")]
+PollOpt = Annotated[float, typer.Option(metavar="SECONDS", help="poll interval of every wait, seconds")]
 
 
 def _fail(e: Exception, code: int) -> typer.Exit:
@@ -103,7 +103,7 @@ def _kube(kubeconfig: str | None, context: str | None):
 @app.command(short_help='Validate every manifest against the CRDs and probe the cluster.', epilog=EXIT_CODES)
 def check(
     infra_file: InfraArg,
-    recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML, to render the RayJob entrypoint with it")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(metavar="FILE", help="recipe YAML, to render the RayJob entrypoint with it")] = None,
     offline: Annotated[bool, typer.Option(help="render and validate only; do not contact the cluster")] = False,
     namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
 ) -> None:
@@ -163,7 +163,7 @@ def check(
 @app.command(short_help='Print every manifest as YAML.', epilog=EXIT_CODES)
 def render(
     infra_file: InfraArg,
-    recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML (run mode: stamped into the entrypoint)")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(metavar="FILE", help="recipe YAML (run mode: stamped into the entrypoint)")] = None,
     raycluster: Annotated[bool, typer.Option("--raycluster", help="render `run --raycluster`")] = False,
     rayjob: Annotated[bool, typer.Option("--rayjob", help="render `run --rayjob`")] = False,
     target: TargetOpt = None, namespace: NamespaceOpt = None,

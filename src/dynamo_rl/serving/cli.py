@@ -17,37 +17,37 @@ import typer
 
 
 def serve(
-    workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="number of workers")] = 1,
-    model_path: Annotated[Optional[str], typer.Option(
+    workers: Annotated[int, typer.Option("--workers", "-n", metavar="N", min=1, help="number of workers")] = 1,
+    model_path: Annotated[Optional[str], typer.Option(metavar="DIR",
         help="HF checkpoint directory; default: the tiny model, built once in <run-dir>/model-tiny "
              "(with --run-dir) or ~/.cache/dynamo-rl/model-tiny (model-tiny-tools, with JSON characters and "
              "Qwen3's tool tags, when a parser is given)")] = None,
-    port: Annotated[int, typer.Option(min=0, max=65535, help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
-    served_model_name: Annotated[str, typer.Option(help="model name in /v1/models")] = "tiny",
-    threads: Annotated[int, typer.Option(min=1, help="torch threads per worker")] = 1,
-    device: Annotated[str, typer.Option(help="engine device: cpu, cuda, cuda:1 ...")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="engine dtype: float32, bfloat16, float16")] = "float32",
-    run_dir: Annotated[Optional[str], typer.Option(help="logs/, kv/, home/, records/ (default: a temp dir)")] = None,
+    port: Annotated[int, typer.Option(metavar="PORT", min=0, max=65535, help="frontend HTTP port on 127.0.0.1 (0: a free port)")] = 0,
+    served_model_name: Annotated[str, typer.Option(metavar="NAME", help="model name in /v1/models")] = "tiny",
+    threads: Annotated[int, typer.Option(metavar="N", min=1, help="torch threads per worker")] = 1,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="engine device: cpu, cuda, cuda:1 ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="engine dtype: float32, bfloat16, float16")] = "float32",
+    run_dir: Annotated[Optional[str], typer.Option(metavar="DIR", help="logs/, kv/, home/, records/ (default: a temp dir)")] = None,
     record: Annotated[bool, typer.Option(help="workers append every finished request to records/*.jsonl")] = False,
-    startup_timeout: Annotated[float, typer.Option(help="seconds to wait for readiness")] = 180.0,
+    startup_timeout: Annotated[float, typer.Option(metavar="SECONDS", help="seconds to wait for readiness")] = 180.0,
     engine: Annotated[Optional[list[str]], typer.Option(
         "--engine", metavar="KIND", help="worker kind: dynamo-rl (ours) or vllm (Dynamo's stock `python -m dynamo.vllm "
                          "--enable-rl` with the refit extension; needs `make vllm`). Once: every worker; "
                          "repeated: one kind per worker, e.g. --engine vllm --engine dynamo-rl")] = None,
-    vllm_python: Annotated[Optional[str], typer.Option(
+    vllm_python: Annotated[Optional[str], typer.Option(metavar="PATH",
         help="Python of the vLLM environment (default: $DYNAMO_RL_VLLM_PYTHON, else .venv-vllm/bin/python)")] = None,
-    tool_call_parser: Annotated[Optional[str], typer.Option(
+    tool_call_parser: Annotated[Optional[str], typer.Option(metavar="NAME",
         help="Dynamo's tool-call parser for chat answers (the workers' --dyn-tool-call-parser), e.g. hermes: "
              "<tool_call>{...}</tool_call> becomes OpenAI tool_calls")] = None,
-    reasoning_parser: Annotated[Optional[str], typer.Option(
+    reasoning_parser: Annotated[Optional[str], typer.Option(metavar="NAME",
         help="Dynamo's reasoning parser (--dyn-reasoning-parser), e.g. qwen3: <think> text becomes "
              "reasoning_content")] = None,
-    max_batch_size: Annotated[int, typer.Option(
+    max_batch_size: Annotated[int, typer.Option(metavar="N",
         min=1, help="KV slots per worker: the most requests each decodes at once (vLLM workers: --max-num-seqs)")] = 64,
-    worker_args: Annotated[Optional[str], typer.Option(
+    worker_args: Annotated[Optional[str], typer.Option(metavar="ARGS",
         help="more arguments for our workers, one string, e.g. '--no-engine-process' or '--mix-prefill-decode' "
              "(see python -m dynamo_rl.serving.worker --help); checked before anything starts")] = None,
-    stream_interval: Annotated[Optional[int], typer.Option(
+    stream_interval: Annotated[Optional[int], typer.Option(metavar="N",
         min=1, help="tokens per streamed message after the first (sent at once), for both worker kinds (vLLM's "
                     "--stream-interval); larger: fewer messages through the frontend, burstier streams. Default: the "
                     "workers' own (1); `dynamo-rl train` gives 16 (cluster.stream_interval)")] = None,
