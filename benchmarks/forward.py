@@ -15,6 +15,9 @@ that one run on the GPU machine says which call it is.
   synchronisation the engine's sampling does); ``new_shape_first_call`` against
   ``new_shape_second_call``: prompt lengths not used before, each run twice (a cost per new
   shape, such as a kernel plan built on first use, shows in the first call only).
+- prefill_masked: the same prefill with ``Batch.fresh`` off: attention over the slots'
+  cached keys/values under a mask, as a prefill after a cached prefix runs (and every
+  prefill before the fresh path), against the one fused causal call of a fresh batch.
 - decode: ``ModelRunner.forward_and_sample`` of ``k`` one-token rows (the CUDA graph on
   CUDA, as the engine; greedy).
 
@@ -26,6 +29,7 @@ of ``serving_gpu_*.json``) → ``benchmarks/results/forward[_<device>].json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -67,7 +71,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
-    from dynamo_rl.serving import _sampling
+    from dynamo_rl.serving import _qwen3, _sampling
     from dynamo_rl.serving.engine import Engine
 
     rows = [int(x) for x in args.rows.split(",")]
@@ -87,6 +91,14 @@ def main() -> None:
         with torch.no_grad():  # as the engine (ModelRunner.forward_and_sample)
             runner.prefill(prompts(k, length), list(range(k)), [0] * k).float().cpu()
 
+    def prefill_masked(k: int, length: int) -> None:
+        # the same forward with fresh=False: attention over the slots' cached keys/values with
+        # a mask (the path of every prefill before the fresh-batch path)
+        batch = dataclasses.replace(_qwen3.make_batch(prompts(k, length), list(range(k)), [0] * k, engine.device),
+                                    fresh=False)
+        with torch.no_grad():
+            _qwen3.forward(runner.model, runner.cache, batch, runner._cos, runner._sin).float().cpu()
+
     def decode(k: int, start: int) -> None:
         runner.forward_and_sample([[5]] * k, list(range(k)), [start] * k, [0.0] * k, [0] * k, [1.0] * k,
                                   _sampling.draw_keys([None] * k))
@@ -100,10 +112,12 @@ def main() -> None:
         lengths = [next(fresh) for _ in range(min(args.repeats, 5))]
         first = [_ms(lambda: prefill(k, n), sync) for n in lengths]
         again = [_ms(lambda: prefill(k, n), sync) for n in lengths]
+        masked = [_ms(lambda: prefill_masked(k, args.prompt_len), sync) for _ in range(args.repeats)]
         dec = [_ms(lambda: decode(k, args.prompt_len), sync) for _ in range(args.repeats)]
         row = {"rows": k, "prefill_same_shape_ms": round(statistics.median(same), 3),
                "prefill_new_shape_first_call_ms": round(statistics.median(first), 3),
                "prefill_new_shape_second_call_ms": round(statistics.median(again), 3),
+               "prefill_masked_ms": round(statistics.median(masked), 3),
                "decode_step_ms": round(statistics.median(dec), 3)}
         row["prefill_over_decode"] = round(row["prefill_same_shape_ms"] / row["decode_step_ms"], 2)
         results.append(row)

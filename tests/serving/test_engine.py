@@ -726,3 +726,29 @@ def test_engine_runs_under_uvloop(model_a):
 
     got = uvloop.run(main())
     assert got == [hf_greedy(model_a, p, 6) for p in PROMPTS]
+
+
+def test_a_fresh_prefill_attends_causally_to_its_own_keys_as_the_masked_path_does(model_a):
+    """A prefill whose rows all start at position 0 (``Batch.fresh``) runs one causal SDPA
+    over the batch's own keys/values; the masked path over the slots' cache gives the same
+    last-token logits (right-padded rows of different lengths) and leaves the same keys and
+    values in the slots."""
+    import dataclasses
+
+    from dynamo_rl.serving import _qwen3
+    from dynamo_rl.serving.model_runner import ModelRunner
+
+    results = []
+    for fresh_path in (True, False):
+        runner = ModelRunner(fresh(model_a), device=torch.device("cpu"), slots=4, max_seq_len=64,
+                             prefill_chunk=2048, cuda_graphs=False)
+        batch = _qwen3.make_batch(PROMPTS, [0, 1, 2, 3], [0, 0, 0, 0], runner.device)
+        assert batch.fresh
+        batch = dataclasses.replace(batch, fresh=fresh_path)
+        with torch.no_grad():
+            logits = _qwen3.forward(runner.model, runner.cache, batch, runner._cos, runner._sin)
+        results.append((logits, torch.stack(runner.cache.k), torch.stack(runner.cache.v)))
+    (a, ka, va), (b, kb, vb) = results
+    assert (a - b).abs().max().item() < 1e-5
+    assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert not _qwen3.make_batch(PROMPTS[:2], [0, 1], [0, 3], torch.device("cpu")).fresh

@@ -173,6 +173,8 @@ class Batch:
     ``write_pos`` int64 ``[N]``: for each valid token, its index in the flattened ``[B*T]``
     batch, its slot and its position. ``slot_range``: ``(lo, hi)`` when ``slots`` is
     exactly ``lo, lo+1, .., hi-1`` (the cache is then read as a view, without a gather).
+    ``fresh``: every row starts at position 0 (a prefill without cached prefix): attention
+    then needs only the batch's own keys/values, causally (:func:`attend`).
     """
 
     tokens: torch.Tensor
@@ -184,6 +186,7 @@ class Batch:
     write_slots: torch.Tensor
     write_pos: torch.Tensor
     slot_range: tuple[int, int] | None
+    fresh: bool = False
 
 
 def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], device) -> Batch:
@@ -211,6 +214,7 @@ def make_batch(rows: list[list[int]], slots: list[int], starts: list[int], devic
         write_slots=put(write_slots),
         write_pos=put(write_pos),
         slot_range=(slots[0], slots[0] + len(slots)) if contiguous else None,
+        fresh=not any(starts),
     )
 
 
@@ -255,6 +259,13 @@ def attend(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCa
     v_new = v.transpose(1, 2).reshape(B * T, n_kv, head_dim).index_select(0, batch.write_rows)
     k_cache[batch.write_slots, :, batch.write_pos] = k_new
     v_cache[batch.write_slots, :, batch.write_pos] = v_new
+    scale = getattr(attn, "scaling", head_dim ** -0.5)
+    if batch.fresh:
+        # no cached prefix: each row attends to its own new keys/values, causally (a right-padded
+        # row's valid tokens see only valid ones); one fused kernel, no mask, no cache read
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).reshape(B, T, -1)
     width = batch.width
     if batch.slot_range is not None:  # the rows' slots are consecutive: read a view
         lo, hi = batch.slot_range
@@ -263,7 +274,7 @@ def attend(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCa
         keys = k_cache[:, :, :width].index_select(0, batch.slots)
         values = v_cache[:, :, :width].index_select(0, batch.slots)
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=getattr(attn, "scaling", head_dim ** -0.5),
+        q, keys, values, attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != keys.shape[1],
     )  # [B, H, T, D]
     return out.transpose(1, 2).reshape(B, T, -1)
