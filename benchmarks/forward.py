@@ -104,12 +104,12 @@ def main() -> None:
                                   _sampling.draw_keys([None] * k))
 
     results = []
-    fresh = iter(range(args.prompt_len + 1, engine.max_seq_len // 2))
+    unused_lengths = iter(range(args.prompt_len + 1, engine.max_seq_len // 2))
     for k in rows:
         prefill(k, args.prompt_len)  # warm-up (and the cache holds the prompts for decode)
         decode(k, args.prompt_len)
         same = [_ms(lambda: prefill(k, args.prompt_len), sync) for _ in range(args.repeats)]
-        lengths = [next(fresh) for _ in range(min(args.repeats, 5))]
+        lengths = [next(unused_lengths) for _ in range(min(args.repeats, 5))]
         first = [_ms(lambda: prefill(k, n), sync) for n in lengths]
         again = [_ms(lambda: prefill(k, n), sync) for n in lengths]
         masked = [_ms(lambda: prefill_masked(k, args.prompt_len), sync) for _ in range(args.repeats)]
@@ -129,9 +129,7 @@ def main() -> None:
         for _ in range(3):
             prefill(k, args.prompt_len)
             sync()
-    payload = {
-        "benchmark": "forward",
-        "command": "python benchmarks/forward.py " + " ".join(sys.argv[1:]),
+    payload = {  # write_result adds the benchmark's name, the date, the command and the machine
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "dtype": args.dtype, "tiny": json.loads(args.tiny), "prompt_len": args.prompt_len,
         "repeats": args.repeats, "cuda_graphs": runner.graph_count,

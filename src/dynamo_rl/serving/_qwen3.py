@@ -236,13 +236,14 @@ def project_qkv(layer, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, to
 
 
 def attend(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, index: int, batch: Batch,
-           cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+           cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """RoPE, the cache write of the rows' keys/values, and attention over their slots.
 
     Args:
         q, k, v: ``[B, T, heads, head_dim]`` from :func:`project_qkv`.
         cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
-        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j.
+        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j
+            (None for a fresh batch: causal over its own keys/values).
     Returns:
         ``[B, T, heads * head_dim]``, before ``o_proj``.
     """
@@ -281,13 +282,14 @@ def attend(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCa
 
 
 def attention(layer, x: torch.Tensor, cache: KVCache, index: int, batch: Batch,
-              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+              cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Self-attention of one layer; writes the rows' keys/values into their slots.
 
     Args:
         x: ``[B, T, hidden]`` normalized hidden states.
         cos, sin: ``[B, T, head_dim]`` RoPE at the rows' absolute positions.
-        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j.
+        mask: bool ``[B, 1, T, batch.width]``; True where query t may attend to cache position j
+            (None for a fresh batch).
 
     Returns:
         ``[B, T, hidden]`` after ``o_proj``.
@@ -303,14 +305,16 @@ def mlp(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope_and_mask(batch: Batch, cos_table: torch.Tensor, sin_table: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """cos, sin ``[B, T, head_dim]`` at the rows' positions and the causal mask
-    ``[B, 1, T, width]`` of ``batch``."""
+    ``[B, 1, T, width]`` of ``batch`` (None for a fresh batch: :func:`attend` needs none)."""
     B, T = batch.tokens.shape
     device = batch.tokens.device
     t = torch.arange(T, device=device)
     positions = batch.starts[:, None] + t[None]  # [B, T]
     lookup = positions.clamp(max=cos_table.shape[0] - 1)
+    if batch.fresh:
+        return cos_table[lookup], sin_table[lookup], None
     j = torch.arange(batch.width, device=device)
     ends = (batch.starts + batch.n_new)[:, None, None]  # [B, 1, 1]
     mask = (j[None, None, :] <= positions[:, :, None]) & (j[None, None, :] < ends)
