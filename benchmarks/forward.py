@@ -15,6 +15,10 @@ that one run on the GPU machine says which call it is.
   synchronisation the engine's sampling does); ``new_shape_first_call`` against
   ``new_shape_second_call``: prompt lengths not used before, each run twice (a cost per new
   shape, such as a kernel plan built on first use, shows in the first call only).
+- prefill_default_order: the same prefill with ``scaled_dot_product_attention``'s backends
+  in torch's default order (cuDNN first on an H100) instead of the engine's
+  (:data:`~dynamo_rl.serving.model_runner.PREFILL_SDPA_ORDER`, flash attention first), same
+  and new shapes: cuDNN builds a plan per new shape (on CPU both orders are the same call).
 - prefill_masked: the same prefill with ``Batch.fresh`` off: attention over the slots'
   cached keys/values under a mask, as a prefill after a cached prefix runs (and every
   prefill before the fresh path), against the one fused causal call of a fresh batch.
@@ -73,6 +77,8 @@ def main() -> None:
     from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
     from dynamo_rl.serving import _qwen3, _sampling
     from dynamo_rl.serving.engine import Engine
+    from dynamo_rl.serving.model_runner import PREFILL_SDPA_ORDER
+    from torch.nn.attention import SDPBackend
 
     rows = [int(x) for x in args.rows.split(",")]
     model_dir = ensure_tiny_model(Path(tempfile.mkdtemp(prefix="forward-")) / "model",
@@ -91,12 +97,18 @@ def main() -> None:
         with torch.no_grad():  # as the engine (ModelRunner.forward_and_sample)
             runner.prefill(prompts(k, length), list(range(k)), [0] * k).float().cpu()
 
+    def prefill_default_order(k: int, length: int) -> None:
+        # runner.prefill's forward without its attention-backend order: torch's default
+        batch = _qwen3.make_batch(prompts(k, length), list(range(k)), [0] * k, engine.device)
+        with torch.no_grad():
+            _qwen3.forward(runner.model, runner.cache, batch, runner._cos, runner._sin).float().cpu()
+
     def prefill_masked(k: int, length: int) -> None:
         # the same forward with fresh=False: attention over the slots' cached keys/values with
-        # a mask (the path of every prefill before the fresh-batch path)
+        # a mask (the path of every prefill before the fresh-batch path), in the engine's order
         batch = dataclasses.replace(_qwen3.make_batch(prompts(k, length), list(range(k)), [0] * k, engine.device),
                                     fresh=False)
-        with torch.no_grad():
+        with torch.no_grad(), runner._attention_order():
             _qwen3.forward(runner.model, runner.cache, batch, runner._cos, runner._sin).float().cpu()
 
     def decode(k: int, start: int) -> None:
@@ -112,11 +124,18 @@ def main() -> None:
         lengths = [next(unused_lengths) for _ in range(min(args.repeats, 5))]
         first = [_ms(lambda: prefill(k, n), sync) for n in lengths]
         again = [_ms(lambda: prefill(k, n), sync) for n in lengths]
+        same_default = [_ms(lambda: prefill_default_order(k, args.prompt_len), sync) for _ in range(args.repeats)]
+        lengths = [next(unused_lengths) for _ in range(min(args.repeats, 5))]
+        first_default = [_ms(lambda: prefill_default_order(k, n), sync) for n in lengths]
+        again_default = [_ms(lambda: prefill_default_order(k, n), sync) for n in lengths]
         masked = [_ms(lambda: prefill_masked(k, args.prompt_len), sync) for _ in range(args.repeats)]
         dec = [_ms(lambda: decode(k, args.prompt_len), sync) for _ in range(args.repeats)]
         row = {"rows": k, "prefill_same_shape_ms": round(statistics.median(same), 3),
                "prefill_new_shape_first_call_ms": round(statistics.median(first), 3),
                "prefill_new_shape_second_call_ms": round(statistics.median(again), 3),
+               "prefill_default_order_same_shape_ms": round(statistics.median(same_default), 3),
+               "prefill_default_order_new_shape_first_call_ms": round(statistics.median(first_default), 3),
+               "prefill_default_order_new_shape_second_call_ms": round(statistics.median(again_default), 3),
                "prefill_masked_ms": round(statistics.median(masked), 3),
                "decode_step_ms": round(statistics.median(dec), 3)}
         row["prefill_over_decode"] = round(row["prefill_same_shape_ms"] / row["decode_step_ms"], 2)
@@ -133,7 +152,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "dtype": args.dtype, "tiny": json.loads(args.tiny), "prompt_len": args.prompt_len,
         "repeats": args.repeats, "cuda_graphs": runner.graph_count,
-        "sdp_priority_order": [int(b) for b in torch._C._get_sdp_priority_order()],
+        "sdp_default_order": [SDPBackend(int(b)).name for b in torch._C._get_sdp_priority_order()],
+        "sdp_engine_order": [b.name for b in PREFILL_SDPA_ORDER] if on_cuda else "torch's default",
         "unit": "milliseconds of wall time per call, synchronised",
         "levels": results,
         "prefill_profile_rows": k,
