@@ -15,10 +15,11 @@ that one run on the GPU machine says which call it is.
   synchronisation the engine's sampling does); ``new_shape_first_call`` against
   ``new_shape_second_call``: prompt lengths not used before, each run twice (a cost per new
   shape, such as a kernel plan built on first use, shows in the first call only).
-- prefill_default_order: the same prefill with ``scaled_dot_product_attention``'s backends
-  in torch's default order (cuDNN first on an H100) instead of the engine's
-  (:data:`~dynamo_rl.serving.model_runner.PREFILL_SDPA_ORDER`, flash attention first), same
-  and new shapes: cuDNN builds a plan per new shape (on CPU both orders are the same call).
+- prefill_default_order: the same prefill with every ``scaled_dot_product_attention``
+  backend enabled, in torch's default order (cuDNN first on an H100), instead of the
+  engine's (:data:`~dynamo_rl.serving.model_runner.PREFILL_SDPA_BACKENDS`: cuDNN's off, so
+  flash attention runs), same and new shapes: cuDNN builds a plan per new shape (on CPU
+  both are the same call).
 - prefill_masked: the same prefill with ``Batch.fresh`` off: attention over the slots'
   cached keys/values under a mask, as a prefill after a cached prefix runs (and every
   prefill before the fresh path), against the one fused causal call of a fresh batch.
@@ -77,7 +78,7 @@ def main() -> None:
     from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
     from dynamo_rl.serving import _qwen3, _sampling
     from dynamo_rl.serving.engine import Engine
-    from dynamo_rl.serving.model_runner import PREFILL_SDPA_ORDER
+    from dynamo_rl.serving.model_runner import PREFILL_SDPA_BACKENDS
     from torch.nn.attention import SDPBackend
 
     rows = [int(x) for x in args.rows.split(",")]
@@ -98,7 +99,7 @@ def main() -> None:
             runner.prefill(prompts(k, length), list(range(k)), [0] * k).float().cpu()
 
     def prefill_default_order(k: int, length: int) -> None:
-        # runner.prefill's forward without its attention-backend order: torch's default
+        # runner.prefill's forward without its choice of attention backends: torch's default
         batch = _qwen3.make_batch(prompts(k, length), list(range(k)), [0] * k, engine.device)
         with torch.no_grad():
             _qwen3.forward(runner.model, runner.cache, batch, runner._cos, runner._sin).float().cpu()
@@ -108,7 +109,7 @@ def main() -> None:
         # a mask (the path of every prefill before the fresh-batch path), in the engine's order
         batch = dataclasses.replace(_qwen3.make_batch(prompts(k, length), list(range(k)), [0] * k, engine.device),
                                     fresh=False)
-        with torch.no_grad(), runner._attention_order():
+        with torch.no_grad(), runner._attention_backends():
             _qwen3.forward(runner.model, runner.cache, batch, runner._cos, runner._sin).float().cpu()
 
     def decode(k: int, start: int) -> None:
@@ -153,7 +154,7 @@ def main() -> None:
         "dtype": args.dtype, "tiny": json.loads(args.tiny), "prompt_len": args.prompt_len,
         "repeats": args.repeats, "cuda_graphs": runner.graph_count,
         "sdp_default_order": [SDPBackend(int(b)).name for b in torch._C._get_sdp_priority_order()],
-        "sdp_engine_order": [b.name for b in PREFILL_SDPA_ORDER] if on_cuda else "torch's default",
+        "sdp_engine_backends": [b.name for b in PREFILL_SDPA_BACKENDS] if on_cuda else "all",
         "unit": "milliseconds of wall time per call, synchronised",
         "levels": results,
         "prefill_profile_rows": k,

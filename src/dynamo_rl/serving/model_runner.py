@@ -23,17 +23,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dynamo_rl.serving import _graphs, _qwen3, _sampling
 from dynamo_rl.serving.engine_types import WeightsError
 
-__all__ = ["PREFILL_SDPA_ORDER", "ModelRunner"]
+__all__ = ["PREFILL_SDPA_BACKENDS", "ModelRunner"]
 
-#: The order in which an eager forward on CUDA tries ``scaled_dot_product_attention``'s
-#: backends (each call takes the first that supports it). Flash attention comes first
-#: because its kernels need nothing per shape; torch's default order puts cuDNN first, whose
-#: attention builds an execution plan for every new (rows, length) shape on its first call:
-#: on an H100 (``benchmarks/results/forward_h100.json``), a prefill of a new shape then took
-#: 37 ms against 9 ms for its second call, and the staggered arrivals of requests through a
-#: frontend bring new shapes all the time.
-PREFILL_SDPA_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+#: The ``scaled_dot_product_attention`` backends an eager forward on CUDA may use: all but
+#: cuDNN's, which torch 2.11 tries first on an H100 and which builds an execution plan for
+#: every new (rows, length) shape on its first call. On an H100
+#: (``benchmarks/results/forward_h100.json``) a prefill of a new shape took 37 ms through
+#: cuDNN against 9 ms for its second call, and the staggered arrivals of requests through a
+#: frontend bring new shapes all the time; flash attention (then first) needs nothing per
+#: shape. Set per forward with ``torch.nn.attention.sdpa_kernel`` (its enable flags are
+#: restored on exit; the priority order is left alone).
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ModelRunner:
@@ -70,10 +70,9 @@ class ModelRunner:
         self.graphs = (_graphs.DecodeGraphs(model, self.cache, self._cos, self._sin, slots, scratch_slot=slots)
                        if cuda_graphs else None)
         self._views = None  # FrozenTensors of detached parameter views, for in-place loads
-        # eager forwards on CUDA take the attention backends in PREFILL_SDPA_ORDER
-        self._attention_order = (
-            (lambda: sdpa_kernel(PREFILL_SDPA_ORDER, set_priority=True)) if device.type == "cuda"
-            else contextlib.nullcontext)
+        # eager forwards on CUDA use the attention backends of PREFILL_SDPA_BACKENDS
+        self._attention_backends = (
+            (lambda: sdpa_kernel(PREFILL_SDPA_BACKENDS)) if device.type == "cuda" else contextlib.nullcontext)
 
     # ------------------------------------------------------------------ forwards
 
@@ -112,8 +111,8 @@ class ModelRunner:
     def prefill(self, rows: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         """Eager forward of the rows in chunks of ``prefill_chunk`` tokens (bounded activation
         memory for long prompts); returns each row's last logits ``[B, vocab]`` in the model's
-        dtype. On CUDA, attention takes its backends in :data:`PREFILL_SDPA_ORDER`."""
-        with self._attention_order():
+        dtype. On CUDA, attention uses the backends of :data:`PREFILL_SDPA_BACKENDS`."""
+        with self._attention_backends():
             return self._prefill(rows, slots, starts)
 
     def _prefill(self, rows: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
