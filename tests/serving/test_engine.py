@@ -136,6 +136,33 @@ async def test_logprobs_and_greedy_match_hf_cuda(model_a, model_b, cuda_graphs):
         await eng.stop()
 
 
+def _sdpa_settings() -> tuple:
+    b = torch.backends.cuda
+    return (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(), b.cudnn_sdp_enabled(),
+            list(torch._C._get_sdp_priority_order()))
+
+
+@pytest.mark.gpu
+def test_a_cuda_prefill_leaves_cudnn_attention_out_and_torch_settings_as_found(model_a):
+    # cuDNN's attention builds a plan per new shape (37 against 9 ms for a new prefill shape on
+    # an H100, benchmarks/results/forward_h100.json): the engine's eager forwards turn it off
+    # for their own calls only
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch.profiler import ProfilerActivity, profile
+
+    before = _sdpa_settings()
+    eng = Engine(fresh(model_a).to(dtype=torch.bfloat16), eos_token_ids=[EOS], device="cuda", max_batch_size=4,
+                 cuda_graphs=False)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        logits = eng._runner.prefill([PROMPTS[0], PROMPTS[1]], [0, 1], [0, 0])
+    assert logits.shape == (2, eng.shape.vocab_size)
+    ops = [e.key for e in prof.key_averages()]
+    assert any("scaled_dot_product" in k for k in ops)
+    assert not [k for k in ops if "cudnn_attention" in k]
+    assert _sdpa_settings() == before
+
+
 @pytest.mark.asyncio
 async def test_from_pretrained_reads_eos_and_serves(tiny_model_dir, model_a):
     eng = Engine.from_pretrained(tiny_model_dir, max_batch_size=4)
