@@ -73,13 +73,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from torch.nn.attention import SDPBackend
     from torch.profiler import ProfilerActivity, profile
 
     from dynamo_rl.models import TinyModelSpec, ensure_tiny_model
     from dynamo_rl.serving import _qwen3, _sampling
     from dynamo_rl.serving.engine import Engine
     from dynamo_rl.serving.model_runner import PREFILL_SDPA_BACKENDS
-    from torch.nn.attention import SDPBackend
 
     rows = [int(x) for x in args.rows.split(",")]
     model_dir = ensure_tiny_model(Path(tempfile.mkdtemp(prefix="forward-")) / "model",

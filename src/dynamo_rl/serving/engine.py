@@ -6,9 +6,8 @@ scheduling loop, what each step runs and its hand-offs to the engine thread are
 version's rules are :mod:`dynamo_rl.serving.engine_weights`' (both mixins of
 :class:`Engine`). Who holds which KV slot is :mod:`dynamo_rl.serving.scheduler`'s; the
 forwards and the weights' bytes are :class:`~dynamo_rl.serving.model_runner.ModelRunner`'s.
-Must not import
-``dynamo_rl.serving.worker``/``stack`` or anything below ``serving`` in the module map
-(``generation``, ``rl``, ``k8s``, ``cli``); it uses ``dynamo_rl.models`` only in
+Must not import ``dynamo_rl.serving.worker``/``stack`` or anything below ``serving`` in the
+module map (``generation``, ``rl``, ``k8s``, ``cli``); it uses ``dynamo_rl.models`` only in
 :meth:`Engine.from_pretrained`.
 
 How a request flows
