@@ -62,13 +62,26 @@ class JSONServer:
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="refit-http", daemon=True)
+        self.httpd.timeout = self.POLL_S  # handle_request() returns at least this often
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="refit-http", daemon=True)
         self.thread.start()
         h, p = self.httpd.server_address[:2]
         self.url = f"http://{h}:{p}"
 
-    def close(self):
-        self.httpd.shutdown()
+    POLL_S = 0.2
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self.httpd.handle_request()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving and close the socket (idempotent). Waits at most ``timeout_s`` for the
+        serving thread, unlike ``BaseServer.shutdown()``, which waits without a bound (a daemon
+        thread that has not stopped by then goes with the process)."""
+        self._stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout_s)
         self.httpd.server_close()
 
 

@@ -109,8 +109,16 @@ def _run(cfg: Recipe, out: Path, resume=None) -> int:
     torch.manual_seed(cfg.grpo.seed)
     _quiet_libraries()
 
-    def _sigterm(*_):
-        raise KeyboardInterrupt
+    def _sigterm(_signum, frame):
+        # handled as Ctrl-C: inside asyncio.run that is the runner's SIGINT handler, which
+        # cancels the main task, so that the run's cleanup (its `finally`s, the ExitStack of the
+        # stack and the publisher) runs on the event loop. A KeyboardInterrupt raised wherever
+        # the signal lands could leave the coroutine to be closed during garbage collection,
+        # where that cleanup can deadlock (seen: a server's shutdown() waiting forever).
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)  # the runner's returns (a second one raises); the default raises
 
     previous = signal.signal(signal.SIGTERM, _sigterm)
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job ignores it
