@@ -216,11 +216,17 @@ def test_serve_command_runs_until_ctrl_c(tiny_model_dir, tmp_path):
         out = "".join(lines)
         assert "Ctrl-C to stop" in out, out[-3000:]
         url = re.search(r"http://127\.0\.0\.1:\d+(?=\s)", out.split("frontend (OpenAI API)")[1]).group(0)
-        control = re.search(r"(http://127\.0\.0\.1:\d+)/engine/get_weight_version", out).group(1)
+        # each worker's control URL as refit.control_urls takes it, in a train command to paste
+        train = re.search(r"train against it: dynamo-rl train RECIPE generation\.dynamo\.frontend_url=(\S+) "
+                          r"'refit\.control_urls=\[(http://127\.0\.0\.1:\d+)\]'", out.replace("\n", ""))
+        assert train is not None, out[-3000:]
+        control = train.group(2)
+        assert control in out.split("worker-0 (dynamo-rl) control")[1].splitlines()[0]
         info = httpx.get(f"{control}/engine/info", timeout=30).json()
         max_seq_len = min(json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"], 4096)
         assert info["stats"]["kv_cache_capacity_tokens"] == 4 * max_seq_len
         assert "engine_pid" not in info and info["pid"] > 0
+        assert train.group(1) == url
         r = httpx.post(f"{url}/v1/completions", timeout=60,
                        json={"model": "tiny", "prompt": [1, 5, 6], "max_tokens": 2})
         assert r.status_code == 200, r.text

@@ -190,15 +190,18 @@ def serve(
         table.add_column("pid", justify="right")
         table.add_column("URL", overflow="fold")   # never cut: the URLs are what to copy
         table.add_row("frontend (OpenAI API)", str(stack.frontend.pid), stack.frontend_url)
-        for w in stack.workers:
-            table.add_row(f"worker-{w.index} ({w.engine}) control", str(w.pid),
-                          f"{w.system_url}/engine/get_weight_version")
+        for w in stack.workers:  # the control URL as refit.control_urls takes it (routes under /engine/)
+            table.add_row(f"worker-{w.index} ({w.engine}) control", str(w.pid), w.system_url)
         console.print(table)
         console.print(
-            f"try: curl -s {stack.frontend_url}/v1/completions -H 'content-type: application/json' -d "
-            f"'{{\"model\": \"{served_model_name}\", \"prompt\": \"rev 472\", \"max_tokens\": 8, "
-            f"\"nvext\": {{\"extra_fields\": [\"engine_data\", \"completion_token_ids\"]}}}}'",
+            f"try: curl -s {stack.frontend_url}/v1/chat/completions -H 'content-type: application/json' -d "
+            f"'{{\"model\": \"{served_model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+            f"\"rev 472\"}}], \"max_tokens\": 8, \"nvext\": {{\"extra_fields\": [\"engine_data\", "
+            f"\"completion_token_ids\"]}}}}'",
             soft_wrap=True, highlight=False, markup=False)
+        urls = ", ".join(w.system_url for w in stack.workers)
+        console.print(f"train against it: dynamo-rl train RECIPE generation.dynamo.frontend_url={stack.frontend_url} "
+                      f"'refit.control_urls=[{urls}]'", soft_wrap=True, highlight=False, markup=False)
         console.print(f"run dir: {stack.run_dir} (logs in logs/)   Ctrl-C to stop")
         while stack.failure is None:
             time.sleep(0.5)
