@@ -72,6 +72,7 @@ def test_checkpoints_serve_and_resume(tmp_path):
     # resume from step 2: steps 3 and 4 again, versions go on, the optimizer is the saved one
     uninterrupted = _metrics(run)
     saved2 = json.loads((run / "trainer_state" / "step-000002" / "state.json").read_text())
+    first_logs = {f.name: f.read_bytes() for f in (run / "stack" / "logs").iterdir()}
     out = _train("--resume", str(run / "checkpoints" / "step-000002"), "grpo.num_steps=4", *ONE_WORKER)
     lines = _metrics(run)
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
@@ -84,6 +85,11 @@ def test_checkpoints_serve_and_resume(tmp_path):
     aside = list((run / "checkpoints").glob("superseded-*/step-000004"))
     assert len(aside) == 1 and "kept" in out
     assert weights_sha256(load_model(aside[0]).named_parameters()) == state["weights_sha256"]
+    # so were the first run's stack logs: byte for byte in stack/logs-<time>/, the resumed run's in logs/
+    kept = list((run / "stack").glob("logs-*"))
+    assert len(kept) == 1 and {f.name: f.read_bytes() for f in kept[0].iterdir()} == first_logs
+    assert b"route request completed" in first_logs["frontend.log"]
+    assert (run / "stack" / "logs" / "frontend.log").read_bytes() != first_logs["frontend.log"]
     # same seeds, one worker: steps 3 and 4 repeat the uninterrupted run's figures. Token
     # sampling uses a per-request seed, and the one worker batches the same requests in the
     # same order, so the rollouts and hence the update are the same.

@@ -92,6 +92,20 @@ QUIET_DYN_LOG = ",".join([
 ])
 
 
+def _keep_earlier_logs(logs: Path) -> Path | None:
+    """An earlier start's logs in this run directory (a resumed training run, a reused
+    ``--run-dir``) move to ``logs-<time>/`` beside it, so that a new start never truncates
+    them. Returns where they went (None: there were none)."""
+    if not logs.is_dir() or not any(logs.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(logs.stat().st_mtime))
+    dest, n = logs.with_name(f"logs-{stamp}"), 1
+    while dest.exists():
+        n += 1
+        dest = logs.with_name(f"logs-{stamp}-{n}")
+    logs.rename(dest)
+    return dest
+
 class StackError(RuntimeError):
     """The stack could not start, or one of its processes died (message holds its log tail)."""
 
@@ -352,6 +366,7 @@ class LocalStack:
         if rd == self.model_dir or self.model_dir in rd.parents:
             raise StackError(f"run_dir {rd} lies inside the model directory {self.model_dir}; the frontend "
                              "refuses a model directory that changes. Choose a run_dir elsewhere")
+        _keep_earlier_logs(rd / "logs")
         for sub in ("logs", "kv", "home", "records"):
             (rd / sub).mkdir(parents=True, exist_ok=True)
         self.run_dir = rd
