@@ -197,6 +197,24 @@ def test_a_refit_failure_mid_run_exits_1_not_2(tmp_path, tiny_model_dir):
     assert (run / "recipe.json").exists()   # a run that began keeps its directory
 
 
+def test_control_urls_that_leave_out_a_worker_are_bad_input_before_the_warm_start(tmp_path, tiny_model_dir):
+    """A deployment of 2 workers and refit.control_urls naming 1: the worker left out would
+    serve old weights, so the run stops at its preflight (exit 2), naming the instance."""
+    from dynamo_rl.serving.stack import LocalStack
+
+    run = tmp_path / "run"
+    with LocalStack(tiny_model_dir, workers=2, run_dir=tmp_path / "stack", quiet=True) as stack:
+        p, _ = _run(["examples/grpo_tiny.yaml", f"logging.run_dir={run}",
+                     f"generation.dynamo.frontend_url={stack.frontend_url}",
+                     f"refit.control_urls=[{stack.workers[0].system_url}]"], tmp_path)
+        left_out = stack.workers[1].instance_id
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert "refit.control_urls (1 given) does not cover the workers the frontend at" in out, out[-3000:]
+    assert f"{left_out}: 'no control URL'" in out.replace("\n", ""), out[-3000:]
+    assert "warm start" not in out.lower() and "Traceback" not in out
+
+
 def test_a_killed_worker_ends_the_run_with_1_and_its_log_tail_once(tmp_path):
     """Issue 18, defects 1 and 9: a worker SIGKILLed mid-run is a runtime failure (exit 1),
     reported with the worker's log tail exactly once."""

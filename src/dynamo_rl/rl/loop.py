@@ -345,6 +345,20 @@ async def _preflight(cfg: Recipe, deadline_s: float = 5.0) -> None:
         except GenerationError as e:
             raise ValueError(f"generation.dynamo: {e}") from None
     console.print(f"deployment at {probe.base_url} serves {name!r}")
+    urls = list(cfg.refit.control_urls)
+    if urls:  # every instance the frontend routes to must get the new weights: check it now
+        from dynamo_rl.refit.control import RefitTimeouts
+        from dynamo_rl.refit.discovery import DiscoveryError, discover_instances
+
+        try:
+            await discover_instances(probe.base_url, lambda: urls,
+                                     timeouts=RefitTimeouts(health_s=deadline_s, info_s=deadline_s, resolve_grace_s=0.0))
+        except DiscoveryError as e:
+            why = str(e).removesuffix("; fix the resolver")
+            raise ValueError(
+                f"refit.control_urls ({len(urls)} given) does not cover the workers the frontend at "
+                f"{probe.base_url} routes to: {why}. List every worker's system server (`dynamo-rl serve` "
+                "prints a train command with all of them); a worker left out would serve old weights") from None
 
 
 async def _evaluate(gen, tokenizer, cfg: Recipe, problems: list[Problem]) -> float:
