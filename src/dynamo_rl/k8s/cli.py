@@ -122,6 +122,7 @@ def check(
     except K8sError as e:
         raise _fail(e, _code(e)) from None
 
+    report = Console()  # the report on stdout (`> file` keeps it); warnings and errors on stderr
     roles = Table(title=f"KubeRay roles (namespace {infra.namespace}, launch.mode {infra.launch.mode}, launch.role {infra.launch.role})")
     for col in ("role", "RayCluster", "head image", "worker groups"):
         roles.add_column(col, overflow="fold")
@@ -129,7 +130,7 @@ def check(
         head = m["spec"].get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0]
         groups = ", ".join(f"{g.get('groupName')}×{g.get('replicas', 1)}" for g in m["spec"].get("workerGroupSpecs") or []) or "none"
         roles.add_row(role, m["metadata"]["name"], head.get("image", ""), groups)
-    console.print(roles)
+    report.print(roles)
     dgds = Table(title="Dynamo graphs")
     for col in ("key", "DGD", "api", "service", "type", "replicas", "image"):
         dgds.add_column(col, overflow="fold")
@@ -137,12 +138,12 @@ def check(
         for i, c in enumerate(dgd_components(m)):
             dgds.add_row(key if i == 0 else "", m["metadata"]["name"] if i == 0 else "", dgd_api(m) if i == 0 else "",
                          c["name"], c["type"], str(c["replicas"]), c["image"])
-    console.print(dgds)
+    report.print(dgds)
     for key, m in rep.plan.deployments.items():
-        console.print(f"deployments.{key}: Deployment/{m['metadata']['name']} ×{m['spec'].get('replicas', 1)} "
+        report.print(f"deployments.{key}: Deployment/{m['metadata']['name']} ×{m['spec'].get('replicas', 1)} "
                       "(apps/v1: no CRD here, the API server validates it)", highlight=False)
     for key, comps in rep.plan.companions.items():
-        console.print(f"dynamo.{key} also applies, before its DGD: "
+        report.print(f"dynamo.{key} also applies, before its DGD: "
                       + ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in comps), highlight=False)
     t = Table(title="Readiness and timeouts (seconds)")
     for col in ("what", "value"):
@@ -154,10 +155,10 @@ def check(
     t.add_row("launch", f"clusterReadyTimeoutS {lc.cluster_ready_timeout_s:g}, submissionGraceS {lc.submission_grace_s:g}, jobTimeoutS {lc.job_timeout_s:g}")
     for crd, state in rep.crds.items():
         t.add_row(f"CRD {crd}", state)
-    console.print(t)
+    report.print(t)
     for w in rep.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
-    console.print("[green]ok[/green]: every custom resource validates against its CRD schema" + ("" if offline else "; CRDs installed"))
+    report.print("[green]ok[/green]: every custom resource validates against its CRD schema" + ("" if offline else "; CRDs installed"))
 
 
 @app.command(short_help='Print every manifest as YAML.', epilog=EXIT_CODES)
