@@ -35,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_result  # noqa: E402
 
 
 def config_for(size_gb: float, dtype: torch.dtype) -> dict:
@@ -216,9 +219,7 @@ def main(argv=None):
         results["reshard_run"] = resh
         results["resharding_overhead_ratio"] = (resh["median_s"] / resh["bytes"]) / (same["median_s"] / same["bytes"])
         print(json.dumps({"ceiling": results["ceiling"], "resharding_overhead_ratio": results["resharding_overhead_ratio"]}), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {a.out}")
+    write_result("refit", results, a.out)  # with the date, the command and the machine
 
 
 if __name__ == "__main__":
