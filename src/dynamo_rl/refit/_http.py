@@ -22,6 +22,8 @@ class JSONServer:
     """``routes[(method, path)] = fn(query: dict, body: dict | None) -> dict``; raise
     :class:`HTTPStatus` for non-200 answers. Runs in a daemon thread."""
 
+    POLL_S = 0.2  # the serving thread checks for close() at least this often (seconds)
+
     def __init__(self, host: str, port: int, routes: dict):
         routes_ = routes
 
@@ -68,8 +70,6 @@ class JSONServer:
         self.thread.start()
         h, p = self.httpd.server_address[:2]
         self.url = f"http://{h}:{p}"
-
-    POLL_S = 0.2
 
     def _serve(self) -> None:
         while not self._stop.is_set():

@@ -106,6 +106,7 @@ def _keep_earlier_logs(logs: Path) -> Path | None:
     logs.rename(dest)
     return dest
 
+
 class StackError(RuntimeError):
     """The stack could not start, or one of its processes died (message holds its log tail)."""
 
