@@ -73,6 +73,7 @@ def test_checkpoints_serve_and_resume(tmp_path):
     uninterrupted = _metrics(run)
     saved2 = json.loads((run / "trainer_state" / "step-000002" / "state.json").read_text())
     first_logs = {f.name: f.read_bytes() for f in (run / "stack" / "logs").iterdir()}
+    first_metrics, first_summary = (run / "metrics.jsonl").read_bytes(), (run / "summary.json").read_bytes()
     out = _train("--resume", str(run / "checkpoints" / "step-000002"), "grpo.num_steps=4", *ONE_WORKER)
     lines = _metrics(run)
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
@@ -90,6 +91,11 @@ def test_checkpoints_serve_and_resume(tmp_path):
     assert len(kept) == 1 and {f.name: f.read_bytes() for f in kept[0].iterdir()} == first_logs
     assert b"route request completed" in first_logs["frontend.log"]
     assert (run / "stack" / "logs" / "frontend.log").read_bytes() != first_logs["frontend.log"]
+    # and the first run's metrics (steps 3, 4 are run again) and summary, as they were
+    aside = list(run.glob("metrics-superseded-*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_bytes() == first_metrics
+    earlier = list(run.glob("summary-*.json"))
+    assert len(earlier) == 1 and earlier[0].read_bytes() == first_summary
     # same seeds, one worker: steps 3 and 4 repeat the uninterrupted run's figures. Token
     # sampling uses a per-request seed, and the one worker batches the same requests in the
     # same order, so the rollouts and hence the update are the same.

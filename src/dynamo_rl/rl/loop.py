@@ -382,6 +382,12 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
     extra: dict = dict(resume.state.get("extra", {})) if resume is not None else {}
     if resume is not None:
         extra.update(resumed_from=str(resume.policy), resumed_optimizer_sha256=resume.optimizer_sha256)
+        if log.superseded is not None:
+            console.print(f"kept {log.superseded} (metrics.jsonl as it was: its steps after {first - 1} are run again)")
+        earlier = out / "summary.json"
+        if earlier.exists():  # the run before the resume is summarized there: keep it beside the new one
+            kept = earlier.rename(out / f"summary-{time.strftime('%Y%m%d-%H%M%S', time.localtime(earlier.stat().st_mtime))}.json")
+            console.print(f"kept {kept} (the summary of the run before this resume)")
     version = 0
     completed = False
     bar = None

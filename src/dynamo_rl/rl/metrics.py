@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,21 @@ class MetricsLogger:
                  wandb_project: str = "dynamo-rl", config: dict | None = None, keep_until: int | None = None):
         """``keep_until``: a resumed run's last checkpointed step: the file's records up to it
         are kept (and summarized with the new ones); later ones, from the part of the old run
-        that the checkpoint does not hold, are dropped."""
+        that the checkpoint does not hold, leave ``metrics.jsonl``: the whole file as it was
+        is kept as ``metrics-superseded-<time>.jsonl`` first (:attr:`superseded`)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
+        self.superseded: Path | None = None
         if keep_until is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
+            text = self.path.read_text()
+            for line in text.splitlines():
                 if line.strip() and int((rec := json.loads(line))["step"]) <= keep_until:
                     self.records.append(rec)
+            if len(self.records) < sum(1 for line in text.splitlines() if line.strip()):
+                self.superseded = self.run_dir / f"metrics-superseded-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+                self.superseded.write_text(text)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self._file = self.path.open("a")
         self._tb = None
