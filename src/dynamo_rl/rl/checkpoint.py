@@ -215,12 +215,16 @@ def find(path: str | Path) -> Resume:
 
 def set_aside_after(run_dir: Path, step: int) -> list[Path]:
     """Move the run's checkpoints (and trainer states) of steps after ``step`` into
-    ``<dir>/superseded-<time>/``: a run resumed from an earlier checkpoint writes those step
-    numbers anew, and what was trained before is never overwritten. Returns the new paths."""
+    ``<dir>/superseded-<time>/``, and its ``summary.json`` to ``summary-<time>.json``: a run
+    resumed from an earlier checkpoint writes those anew, and what was trained before is
+    never overwritten. Returns the new paths."""
     import time as _time
 
     stamp = _time.strftime("%Y%m%d-%H%M%S")
     moved = []
+    summary = Path(run_dir) / "summary.json"
+    if summary.exists():  # the run before this resume is summarized there
+        moved.append(summary.rename(summary.with_name(f"summary-{stamp}.json")))
     for sub in (CHECKPOINTS, TRAINER_STATE):
         base = Path(run_dir) / sub
         for d in sorted(base.glob("step-*")) if base.is_dir() else []:

@@ -187,7 +187,7 @@ async def _train(cfg: Recipe, out: Path, resume=None) -> int:
 
         resume.optimizer_sha256 = resume.restore(trainer, rng)
         for moved in set_aside_after(out, resume.step):
-            console.print(f"kept {moved} (it came after the checkpoint this run resumes from)")
+            console.print(f"kept {moved} (from the run before this resume: never overwritten)")
         console.print(f"resumed from {resume.policy} (step {resume.step}, weights version "
                       f"{resume.state['weights_version']})")
 
@@ -384,10 +384,6 @@ async def _grpo(cfg, out, trainer, tokenizer, gen, refit, rng, t_start, resume=N
         extra.update(resumed_from=str(resume.policy), resumed_optimizer_sha256=resume.optimizer_sha256)
         if log.superseded is not None:
             console.print(f"kept {log.superseded} (metrics.jsonl as it was: its steps after {first - 1} are run again)")
-        earlier = out / "summary.json"
-        if earlier.exists():  # the run before the resume is summarized there: keep it beside the new one
-            kept = earlier.rename(out / f"summary-{time.strftime('%Y%m%d-%H%M%S', time.localtime(earlier.stat().st_mtime))}.json")
-            console.print(f"kept {kept} (the summary of the run before this resume)")
     version = 0
     completed = False
     bar = None

@@ -37,10 +37,9 @@ class MetricsLogger:
         self.superseded: Path | None = None
         if keep_until is not None and self.path.exists():
             text = self.path.read_text()
-            for line in text.splitlines():
-                if line.strip() and int((rec := json.loads(line))["step"]) <= keep_until:
-                    self.records.append(rec)
-            if len(self.records) < sum(1 for line in text.splitlines() if line.strip()):
+            every = [json.loads(line) for line in text.splitlines() if line.strip()]
+            self.records = [rec for rec in every if int(rec["step"]) <= keep_until]
+            if len(self.records) < len(every):
                 self.superseded = self.run_dir / f"metrics-superseded-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
                 self.superseded.write_text(text)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
